@@ -1,0 +1,32 @@
+# make demo   installs if needed, trains a small cGAN on digits, generates a folder, prints where and its scores
+# make test   installs if needed, runs the test suite
+# make bench  runs the benchmark scripts (printed tables)
+PYTHON ?= python3
+export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+DEMO_DIR ?= demo_out
+
+.PHONY: install demo test test-all bench clean
+
+# Installs (editable, with the dev extras and the known-good pins) unless this checkout is
+# already the importable imgaug_gen with its dependencies present.
+install:
+	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, albumentations, hydra, sklearn, pytest, nbclient; assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
+	  || $(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m imgaug_gen.demo --out $(DEMO_DIR)
+
+test: install
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+test-all: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) benchmarks/bench_cgan_step.py
+	$(PYTHON) benchmarks/bench_generate.py
+
+clean:
+	rm -rf $(DEMO_DIR) outputs multirun .pytest_cache

@@ -1,0 +1,146 @@
+"""Lightning callbacks shared by every generator kind.
+
+They talk to the LightningModule only through ``pl_module.to_generator()`` (the
+generator contract) and to the data only through ``trainer.datamodule``, so a
+new kind gets sample grids, validation FID/KID, generator export and exact
+resume for free. Only global rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _due(trainer: pl.Trainer, every: int, last: int) -> bool:
+    step = trainer.global_step
+    return every > 0 and step != last and step % every == 0
+
+
+class RNGStateCallback(pl.Callback):
+    """Save and restore the Python, NumPy and torch (CPU and CUDA) RNG states in
+    the checkpoint, so a resumed run draws the same noise and augmentations as an
+    uninterrupted one. States are stored as tensors and lists (loadable with
+    ``weights_only=True``)."""
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        state = {
+            "python": list(random.getstate()[1]),
+            "python_pos": random.getstate()[2],
+            "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate((3, tuple(int(v) for v in state["python"]), state["python_pos"]))
+        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                             int(state["numpy_pos"]), 0, 0.0))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SampleGridCallback(pl.Callback):
+    """Fixed-seed class grids (rows = classes) saved as ``samples/step_XXXXXXX.png``
+    so progress is comparable across steps and runs."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 500, n_per_class: int = 8, seed: int = 1234):
+        self.dirpath, self.every, self.n_per_class, self.seed = Path(dirpath), every_n_steps, n_per_class, seed
+        self._last = -1
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        from imgaug_gen.visual import class_grid
+
+        self._last = trainer.global_step
+        if not trainer.is_global_zero:
+            return None
+        gen = pl_module.to_generator()
+        labels = np.repeat(np.arange(gen.num_classes), self.n_per_class)
+        images = gen.sample(labels, seeds=self.seed)
+        path = self.dirpath / f"step_{trainer.global_step:07d}.png"
+        class_grid(images, labels, gen.class_names, path)
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if _due(trainer, self.every, self._last):
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last:
+            self.write(trainer, pl_module)
+
+
+class FidelityCallback(pl.Callback):
+    """Validation FID/KID of the (EMA) generator against the real reference images,
+    logged as ``val/fid``, ``val/kid`` every ``every_n_steps`` and at the end."""
+
+    def __init__(self, every_n_steps: int = 1000, n_per_class: int = 50, seed: int = 4321, metrics=None):
+        self.every, self.n_per_class, self.seed = every_n_steps, n_per_class, seed
+        self.metrics_cfg = metrics or {}
+        self.evaluator = None
+        self._last = -1
+        self.history: list[dict] = []
+
+    def setup(self, trainer, pl_module, stage=None) -> None:
+        if self.evaluator is not None or trainer.datamodule is None:
+            return
+        from imgaug_gen.metrics import FidelityEvaluator, build_feature_extractor
+
+        dm = trainer.datamodule
+        images, labels = dm.reference_arrays()
+        extractor = build_feature_extractor(self.metrics_cfg, images, labels, dm.num_classes)
+        self.evaluator = FidelityEvaluator(extractor, images)
+
+    def evaluate(self, trainer, pl_module) -> dict:
+        self._last = trainer.global_step
+        gen = pl_module.to_generator()
+        labels = np.repeat(np.arange(gen.num_classes), self.n_per_class)
+        scores = self.evaluator.evaluate(gen.sample(labels, seeds=self.seed))
+        values = {"val/fid": scores["fid"], "val/kid": scores["kid_mean"]}
+        self.history.append({"step": trainer.global_step, **values})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        return scores
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self.evaluator is not None and _due(trainer, self.every, self._last):
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.evaluator is not None and trainer.global_step != self._last:
+            self.evaluate(trainer, pl_module)
+
+
+class ExportGeneratorCallback(pl.Callback):
+    """Save ``RUN/generator/`` (config.json + safetensors) every ``every_n_steps``
+    and at the end of training, so a run killed late still leaves a usable generator."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, extra_config: dict | None = None):
+        self.dirpath, self.every, self.extra = Path(dirpath), every_n_steps, extra_config or {}
+        self._last = -1
+
+    def export(self, trainer, pl_module) -> None:
+        self._last = trainer.global_step
+        if trainer.is_global_zero:
+            gen = pl_module.to_generator()
+            gen.config.update({"trained_steps": trainer.global_step, **self.extra})
+            gen.save_pretrained(self.dirpath)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if _due(trainer, self.every, self._last):
+            self.export(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.export(trainer, pl_module)

@@ -1,0 +1,26 @@
+"""Compose the project's Hydra configs from Python (notebooks, tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(name: str = "train", overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -> DictConfig:
+    """The config ``train.py``/``generate.py`` would build for these overrides.
+
+    ``run_dir``/``out_dir`` (Hydra's run folder) must be given as overrides, since no
+    Hydra run is active: ``compose_config("train", ["run_dir=/tmp/run", "data.shots=10"])``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    conf_dir = Path(conf_dir or CONF_DIR).resolve()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))

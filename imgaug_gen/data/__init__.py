@@ -1,0 +1,18 @@
+"""Labelled few-shot image data: validated, decoded once, split and served to Lightning.
+
+``DigitsDataModule`` (sklearn's embedded digits) and ``LabeledFolderDataModule``
+(``root/<class_name>/<image>``) share the :class:`ImageDataModule` contract; training
+batches come from the resumable :class:`StepBatchSampler` / :class:`ResumableDataLoader`.
+"""
+
+from imgaug_gen.data.base import ImageDataModule, ResumableDataLoader, StepBatchSampler
+from imgaug_gen.data.digits import DigitsDataModule
+from imgaug_gen.data.folder import LabeledFolderDataModule
+
+__all__ = [
+    "ImageDataModule",
+    "DigitsDataModule",
+    "LabeledFolderDataModule",
+    "StepBatchSampler",
+    "ResumableDataLoader",
+]

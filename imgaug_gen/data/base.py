@@ -1,0 +1,413 @@
+"""Shared machinery of the image DataModules.
+
+An :class:`ImageDataModule` holds a small labelled image set in memory as uint8
+``[N, H, W, C]`` arrays. Subclasses only *load* images (:meth:`_load`); this base
+class validates the common arguments, makes the fixed stratified test split
+(``split_seed``), draws the few-shot training subset (``shots`` per class,
+``seed``) and builds the dataloaders.
+
+Training batches come from :class:`StepBatchSampler`, a pure function of the
+batch index, wrapped in a :class:`ResumableDataLoader` whose ``state_dict`` Lightning
+stores in its checkpoints, so a resumed run sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset
+
+from imgaug_gen.errors import ConfigError, require
+
+log = logging.getLogger("imgaug_gen.data")
+
+DEFAULT_NUM_BATCHES = 10**7
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StepBatchSampler(BatchSampler):
+    """Deterministic, resumable, endless batch sampler.
+
+    The stream of item indices is the concatenation of permutations
+    ``perm(seed, 0), perm(seed, 1), ...`` of ``range(n_items)``; global batch ``b`` is
+    positions ``[b * B, (b + 1) * B)`` of that stream with ``B = batch_size * world_size``
+    (so batch ``b`` lies in epoch ``(b * B) // n_items``, and batches wrap across epochs:
+    nothing is dropped and any ``batch_size`` works, even one larger than ``n_items``).
+    Rank ``r`` takes the disjoint slice ``[r * batch_size, (r + 1) * batch_size)`` of
+    each global batch, so ``batch_size`` is per rank.
+
+    Iteration starts at batch ``start_batch`` and runs to the end of the pass
+    (``num_batches`` batches per pass) that contains it; ``len()`` is always
+    ``num_batches``. A ``start_batch`` beyond ``num_batches`` continues in a later pass
+    (fresh permutations), which is how :class:`ResumableDataLoader` keeps going across
+    Lightning epochs.
+
+    ``rank``/``world_size`` default to ``torch.distributed`` when it is initialised,
+    else ``0``/``1``. ``sampler`` exists only so that Lightning can inject its
+    ``DistributedSampler`` under DDP (``use_distributed_sampler=True``): its ``rank``
+    and ``num_replicas`` are adopted, its order is not used.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        batch_size: int,
+        seed: int = 0,
+        num_batches: int = DEFAULT_NUM_BATCHES,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        sampler: Any = None,
+        drop_last: bool = False,
+    ) -> None:
+        # BatchSampler.__init__ is not called on purpose: there is no inner sampler.
+        if n_items < 1:
+            raise ValueError(f"`n_items` must be >= 1, got {n_items}")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        if num_batches < 1:
+            raise ValueError(f"`num_batches` must be >= 1, got {num_batches}")
+        if sampler is not None and hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
+            rank, world_size = int(sampler.rank), int(sampler.num_replicas)
+        if rank is None or world_size is None:
+            d_rank, d_world = _dist_rank_world()
+            rank = d_rank if rank is None else rank
+            world_size = d_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank}")
+        self.n_items = int(n_items)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_batches = int(num_batches)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.sampler = sampler
+        self.drop_last = False  # nothing is ever dropped; kept for BatchSampler look-alikes
+        self.start_batch = 0
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        perm = self._perm_cache.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+            if len(self._perm_cache) >= 4:
+                self._perm_cache.pop(next(iter(self._perm_cache)))
+            self._perm_cache[epoch] = perm
+        return perm
+
+    def batch(self, b: int) -> list[int]:
+        """Item indices of (this rank's slice of) global batch ``b``."""
+        start = b * self.batch_size * self.world_size + self.rank * self.batch_size
+        pos = np.arange(start, start + self.batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(pos, self.n_items)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for e in np.unique(epochs):
+            mask = epochs == e
+            out[mask] = self._perm(int(e))[offsets[mask]]
+        return out.tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = int(self.start_batch)
+        end = (start // self.num_batches + 1) * self.num_batches
+        for b in range(start, end):
+            yield self.batch(b)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`StepBatchSampler` that knows how far it got.
+
+    It counts the batches its iterators actually yielded (in the main process, so
+    worker prefetching does not count) and exposes ``state_dict()`` /
+    ``load_state_dict()``; Lightning (``_Stateful`` protocol: both methods) saves that
+    state in ``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]`` and
+    restores it before the first ``iter()`` of a resumed run. Every new ``iter()``
+    continues from the batch after the last one yielded.
+    """
+
+    def __init__(self, dataset: Dataset, batch_sampler: StepBatchSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self._batches_done = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.batch_sampler.start_batch = self._batches_done
+        return self._counting(super().__iter__())
+
+    def _counting(self, it: Iterator[Any]) -> Iterator[Any]:
+        for batch in it:
+            self._batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": int(self._batches_done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._batches_done = int(state_dict["batches_done"])
+        self.batch_sampler.start_batch = self._batches_done
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 ``[N, H, W, C]`` images + int64 labels -> ``(float32 [C, H, W] in [-1, 1], int64)``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
+        return x, self.labels[i]
+
+
+# --------------------------------------------------------------------------- data module
+
+
+@dataclass
+class LoadedImages:
+    """What a subclass's :meth:`ImageDataModule._load` returns."""
+
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+    ids: list[str]  # stable, unique, filename-safe
+    paths: list[Optional[str]]
+
+
+def class_seed(name: str) -> int:
+    """A stable 32-bit number for a class name (independent of the other classes)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def sanitize_id(text: str) -> str:
+    """Make ``text`` usable as one file name: no separators, spaces or control characters."""
+    out = re.sub(r"[^\w.\-]+", "_", text).strip("._")
+    return out or "x"
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base DataModule: in-memory uint8 images, fixed test split, seeded few-shot subset.
+
+    After :meth:`setup` (idempotent; all validation happens there) it exposes
+    ``num_classes``, ``class_names``, ``image_shape`` ``(C, H, W)`` and the array
+    accessors. Arrays returned by the accessors are copies.
+    """
+
+    #: batches per Lightning epoch of ``train_dataloader``; large so one epoch spans a run.
+    train_num_batches: int = DEFAULT_NUM_BATCHES
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        channels: Optional[int] = 3,
+        shots: Optional[int] = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.channels = channels
+        self.shots = shots
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self._ready = False
+
+    # ---- to implement -----------------------------------------------------------
+    def _check_args(self) -> None:
+        """Subclass-specific argument checks (run before any loading)."""
+
+    def _load(self) -> LoadedImages:
+        raise NotImplementedError
+
+    # ---- setup --------------------------------------------------------------------
+    def _check_common_args(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        require(
+            is_int(self.image_size) and self.image_size >= 8,
+            f"`data.image_size` must be an integer >= 8, got {self.image_size!r}; "
+            "set e.g. `data.image_size=32`.",
+        )
+        require(
+            self.channels in (1, 3) and not isinstance(self.channels, bool),
+            f"`data.channels` must be 1 (grayscale) or 3 (RGB), got {self.channels!r}.",
+        )
+        require(
+            self.shots is None or (is_int(self.shots) and self.shots >= 1),
+            f"`data.shots` must be a positive integer (images per class) or null for all "
+            f"images, got {self.shots!r}.",
+        )
+        require(is_int(self.seed), f"`data.seed` must be an integer, got {self.seed!r}.")
+        require(is_int(self.split_seed), f"`data.split_seed` must be an integer, got {self.split_seed!r}.")
+        require(
+            is_int(self.batch_size) and self.batch_size >= 1,
+            f"`data.batch_size` must be a positive integer, got {self.batch_size!r}.",
+        )
+        require(
+            is_int(self.num_workers) and self.num_workers >= 0,
+            f"`data.num_workers` must be an integer >= 0, got {self.num_workers!r}.",
+        )
+        tf = self.test_fraction
+        require(
+            isinstance(tf, (int, float)) and not isinstance(tf, bool) and 0.0 <= float(tf) < 1.0,
+            f"`data.test_fraction` must be a number in [0, 1), got {tf!r}; e.g. `data.test_fraction=0.2`.",
+        )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._ready:
+            return
+        # 1. Check arguments (cheap, before touching any file)
+        self._check_common_args()
+        self._check_args()
+        # 2. Load every labelled image (subclass)
+        data = self._load()
+        require(
+            len(data.class_names) >= 2,
+            f"Found {len(data.class_names)} class(es) {data.class_names}; at least 2 classes are "
+            "needed for class-conditional generation. Add another class folder.",
+        )
+        # 3. Fixed stratified test split, then the few-shot subset of the rest
+        test_idx, train_idx = self._split(data)
+        shot_idx = self._subsample(data, train_idx)
+
+        self.class_names = list(data.class_names)
+        self.num_classes = len(self.class_names)
+        self.image_shape = (int(self.channels), int(self.image_size), int(self.image_size))
+        self._data = data
+        self._test_idx = test_idx
+        self._ref_idx = train_idx
+        self._train_idx = shot_idx
+        self._ready = True
+        counts = np.bincount(data.labels[shot_idx], minlength=self.num_classes)
+        log.info(
+            "%s: %d classes, %d training images (%s per class), %d reference, %d test, shape %s",
+            type(self).__name__,
+            self.num_classes,
+            len(shot_idx),
+            "all" if self.shots is None else self.shots,
+            len(train_idx),
+            len(test_idx),
+            self.image_shape,
+        )
+        if len(test_idx) == 0:
+            log.warning(
+                "The test split is empty (`data.test_fraction`=%s; each class gives floor(n * fraction) "
+                "images); validation metrics will be skipped.",
+                self.test_fraction,
+            )
+        log.debug("training images per class: %s", dict(zip(self.class_names, counts.tolist())))
+
+    def _split(self, data: LoadedImages) -> tuple[np.ndarray, np.ndarray]:
+        test, train = [], []
+        for c, name in enumerate(data.class_names):
+            idx = np.flatnonzero(data.labels == c)
+            rng = np.random.default_rng([int(self.split_seed), class_seed(name)])
+            perm = idx[rng.permutation(len(idx))]
+            n_test = int(np.floor(len(idx) * float(self.test_fraction)))
+            test.append(np.sort(perm[:n_test]))
+            train.append(np.sort(perm[n_test:]))
+        return np.concatenate(test).astype(np.int64), np.concatenate(train).astype(np.int64)
+
+    def _subsample(self, data: LoadedImages, train_idx: np.ndarray) -> np.ndarray:
+        if self.shots is None:
+            return train_idx
+        out = []
+        for c, name in enumerate(data.class_names):
+            idx = train_idx[data.labels[train_idx] == c]
+            require(
+                len(idx) >= self.shots,
+                f"`data.shots`={self.shots} but class {name!r} has only {len(idx)} training "
+                f"image(s) after holding out the test split (`data.test_fraction`="
+                f"{self.test_fraction}). Lower `data.shots` to at most {len(idx)}, set "
+                "`data.shots=null` to use all images, or add images to that class.",
+            )
+            # A permutation prefix: with the same seed, shots=5 is a subset of shots=10.
+            rng = np.random.default_rng([int(self.seed), class_seed(name)])
+            out.append(np.sort(idx[rng.permutation(len(idx))[: self.shots]]))
+        return np.concatenate(out).astype(np.int64)
+
+    # ---- accessors ----------------------------------------------------------------
+    def _require_setup(self) -> None:
+        if not self._ready:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called first")
+
+    def _arrays(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._require_setup()
+        return self._data.images[idx], self._data.labels[idx].astype(np.int64)
+
+    def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The few-shot training set: uint8 ``[N, H, W, C]`` and int64 labels ``[N]``."""
+        return self._arrays(self._train_idx)
+
+    def reference_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All labelled non-test images (ignores ``shots``)."""
+        return self._arrays(self._ref_idx)
+
+    def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed held-out test split (``test_fraction``, ``split_seed``)."""
+        return self._arrays(self._test_idx)
+
+    def train_records(self) -> list[dict]:
+        """One record per training image, in the order of :meth:`train_arrays`."""
+        self._require_setup()
+        d = self._data
+        return [
+            {
+                "id": d.ids[i],
+                "label": int(d.labels[i]),
+                "class_name": d.class_names[int(d.labels[i])],
+                "path": d.paths[i],
+            }
+            for i in self._train_idx.tolist()
+        ]
+
+    # ---- dataloaders --------------------------------------------------------------
+    def train_dataloader(self) -> ResumableDataLoader:
+        self._require_setup()
+        images, labels = self.train_arrays()
+        sampler = StepBatchSampler(
+            len(labels), self.batch_size, seed=int(self.seed), num_batches=self.train_num_batches
+        )
+        return ResumableDataLoader(
+            ImageArrayDataset(images, labels),
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        images, labels = self.test_arrays()
+        return DataLoader(
+            ImageArrayDataset(images, labels),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

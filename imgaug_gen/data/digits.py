@@ -1,0 +1,65 @@
+"""sklearn's embedded 8x8 digits (1797 images, 10 classes) as an :class:`ImageDataModule`.
+
+Needs no download: the default data set for quick runs and tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from imgaug_gen.data.base import ImageDataModule, LoadedImages
+
+
+class DigitsDataModule(ImageDataModule):
+    """``sklearn.datasets.load_digits`` scaled to uint8, resized (bilinear) to ``image_size``.
+
+    ``channels=1`` by default; ``channels=3`` replicates the gray channel. Record ids
+    are ``digits_<index in load_digits>`` (e.g. ``digits_00017``); ``path`` is None.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        channels: Optional[int] = 1,
+        shots: Optional[int] = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            channels=channels,
+            shots=shots,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+        )
+
+    def _load(self) -> LoadedImages:
+        from sklearn.datasets import load_digits  # heavy import, only when needed
+
+        digits = load_digits()
+        raw = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
+        size = int(self.image_size)
+        if size != raw.shape[1]:
+            raw = np.stack(
+                [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BILINEAR)) for im in raw]
+            )
+        images = np.repeat(raw[..., None], int(self.channels), axis=-1)
+        labels = digits.target.astype(np.int64)
+        n = len(labels)
+        return LoadedImages(
+            images=np.ascontiguousarray(images),
+            labels=labels,
+            class_names=[str(i) for i in range(10)],
+            ids=[f"digits_{i:05d}" for i in range(n)],
+            paths=[None] * n,
+        )

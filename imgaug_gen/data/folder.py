@@ -1,0 +1,280 @@
+"""A labelled image folder ``root/<class_name>/**/<image>`` as an :class:`ImageDataModule`.
+
+The folder is validated and every image decoded once in :meth:`setup` (few-shot data
+is small), converted to ``channels`` (any PIL mode, EXIF orientation applied) and
+resized to a square ``image_size`` (``resize`` / ``center_crop`` / ``pad``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+import zlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from imgaug_gen.data.base import ImageDataModule, LoadedImages, sanitize_id
+from imgaug_gen.errors import ConfigError, require
+
+log = logging.getLogger("imgaug_gen.data")
+
+RESIZE_MODES = ("resize", "center_crop", "pad")
+ON_CORRUPT = ("error", "skip")
+
+#: Files with these extensions must decode; a failure is a corrupt file. Files with any
+#: other extension are included only if PIL can open them and are otherwise ignored.
+IMAGE_EXTENSIONS = frozenset(
+    ".png .apng .jpg .jpeg .jpe .jfif .bmp .dib .gif .tif .tiff .webp .ppm .pgm .pbm .pnm "
+    ".tga .ico .avif .qoi .jp2 .j2k .jpx .pcx .psd .heic .heif".split()
+)
+
+_RESAMPLE = Image.Resampling.BICUBIC
+
+
+class _Unreadable(Exception):
+    """A file PIL cannot decode (internal; turned into ConfigError or a skip)."""
+
+
+class LabeledFolderDataModule(ImageDataModule):
+    """Images in ``root/<class_name>/...``; classes are the sorted sub-folder names.
+
+    Args (besides the common ones, see :class:`ImageDataModule`):
+        root: the folder holding one sub-folder per class.
+        resize: ``resize`` (squash to a square), ``center_crop`` (scale the short side,
+            crop the centre) or ``pad`` (letterbox on black).
+        on_corrupt: ``error`` (default) stops at the first unreadable image file;
+            ``skip`` logs and skips it.
+        extensions: only files with these extensions are read (e.g. ``[".png", "jpg"]``);
+            by default every file PIL can open. Hidden files and folders are ignored.
+
+    Record ids are ``<class>__<path inside the class folder, without extension>``,
+    sanitized to one file name (unique; a short hash is appended on collisions).
+    """
+
+    def __init__(
+        self,
+        *,
+        root: Optional[str] = None,
+        image_size: int = 32,
+        channels: Optional[int] = 3,
+        shots: Optional[int] = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        resize: str = "resize",
+        on_corrupt: str = "error",
+        extensions: Optional[Sequence[str]] = None,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            channels=channels,
+            shots=shots,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+        )
+        self.root = root
+        self.resize = resize
+        self.on_corrupt = on_corrupt
+        self.extensions = extensions
+
+    # ---- 1. arguments -------------------------------------------------------------
+    def _check_args(self) -> None:
+        require(
+            self.resize in RESIZE_MODES,
+            f"`data.resize` must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}.",
+        )
+        require(
+            self.on_corrupt in ON_CORRUPT,
+            f"`data.on_corrupt` must be `error` or `skip`, got {self.on_corrupt!r}.",
+        )
+        if self.extensions is not None:
+            ok = not isinstance(self.extensions, str) and all(
+                isinstance(e, str) and e.strip(". ") for e in self.extensions
+            )
+            require(
+                ok and len(self.extensions) > 0,
+                f"`data.extensions` must be null (every image) or a non-empty list like "
+                f"[.png, .jpg], got {self.extensions!r}.",
+            )
+        require(
+            self.root is not None and str(self.root).strip() != "",
+            "`data.root` is not set; pass the image folder, e.g. `data.root=/path/to/images` "
+            "(one sub-folder per class).",
+        )
+        root = Path(os.path.expanduser(str(self.root)))
+        require(
+            root.exists(),
+            f"`data.root` does not exist: {str(self.root)!r} (resolved to {str(root.absolute())!r}); "
+            "pass an existing folder with one sub-folder per class.",
+        )
+        require(
+            root.is_dir(),
+            f"`data.root` is not a directory: {str(root)!r}; pass the folder that holds one "
+            "sub-folder per class (root/<class_name>/<image>).",
+        )
+
+    # ---- 2. listing ---------------------------------------------------------------
+    def _wanted_exts(self) -> Optional[set[str]]:
+        if self.extensions is None:
+            return None
+        return {"." + e.strip().lstrip(".").lower() for e in self.extensions}
+
+    def _class_files(self, class_dir: Path) -> list[tuple[Path, bool]]:
+        """(file, must_decode) for every candidate file under ``class_dir``, sorted."""
+        wanted = self._wanted_exts()
+        out = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if fn.startswith("."):
+                    continue
+                ext = os.path.splitext(fn)[1].lower()
+                if wanted is not None:
+                    if ext in wanted:
+                        out.append((Path(dirpath) / fn, True))
+                else:
+                    out.append((Path(dirpath) / fn, ext in IMAGE_EXTENSIONS))
+        return out
+
+    # ---- 3. decoding --------------------------------------------------------------
+    def _decode(self, path: Path) -> np.ndarray:
+        """One file -> uint8 ``[H, W, C]`` at the target size; raises :class:`_Unreadable`."""
+        try:
+            with warnings.catch_warnings():
+                # keep PIL's decompression-bomb limit, and treat its warning as a failure too
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    im.load()
+                    im = ImageOps.exif_transpose(im)
+                    im = to_mode(im, "L" if self.channels == 1 else "RGB")
+                    im = fit_square(im, int(self.image_size), self.resize)
+                    arr = np.asarray(im, dtype=np.uint8)
+        except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
+            kind = type(e).__name__
+            raise _Unreadable(f"{kind}: {e}") from e
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        return arr
+
+    def _load(self) -> LoadedImages:
+        root = Path(os.path.expanduser(str(self.root))).absolute()  # records keep absolute paths
+        class_dirs = sorted(
+            (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.name,
+        )
+        if not class_dirs:
+            loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+            hint = f" It holds {len(loose)} loose file(s) (e.g. {loose[0]!r})." if loose else ""
+            raise ConfigError(
+                f"`data.root` {str(root)!r} has no class sub-folders.{hint} Put each class's images "
+                "in its own folder: root/<class_name>/<image>."
+            )
+
+        images: list[np.ndarray] = []
+        labels: list[int] = []
+        ids: list[str] = []
+        paths: list[Optional[str]] = []
+        used_ids: set[str] = set()
+        skipped: list[str] = []
+        for c, class_dir in enumerate(class_dirs):
+            n_before = len(labels)
+            n_skipped_before = len(skipped)
+            for path, must_decode in self._class_files(class_dir):
+                try:
+                    arr = self._decode(path)
+                except _Unreadable as e:
+                    if not must_decode:
+                        log.debug("ignoring non-image file %s (%s)", path, e)
+                        continue
+                    if self.on_corrupt == "skip":
+                        log.warning("skipping unreadable image %s (%s)", path, e)
+                        skipped.append(str(path))
+                        continue
+                    raise ConfigError(
+                        f"Cannot read image file {str(path)!r} ({e}). Fix or remove it, or set "
+                        "`data.on_corrupt=skip` to skip such files."
+                    ) from None
+                images.append(arr)
+                labels.append(c)
+                paths.append(str(path))
+                rel = path.relative_to(class_dir).with_suffix("").as_posix()
+                ids.append(self._unique_id(class_dir.name, rel, path, used_ids))
+            if len(labels) == n_before:
+                n_skip = len(skipped) - n_skipped_before
+                why = f" ({n_skip} unreadable file(s) were skipped)" if n_skip else ""
+                exts = "" if self.extensions is None else f" with extension in `data.extensions`={list(self.extensions)}"
+                raise ConfigError(
+                    f"Class folder {str(class_dir)!r} has no images{exts}{why}. Add images to it or "
+                    f"remove the folder from `data.root`."
+                )
+        if skipped:
+            log.warning("skipped %d unreadable image file(s) under %s (`data.on_corrupt=skip`)", len(skipped), root)
+        return LoadedImages(
+            images=np.stack(images).astype(np.uint8, copy=False),
+            labels=np.asarray(labels, dtype=np.int64),
+            class_names=[p.name for p in class_dirs],
+            ids=ids,
+            paths=paths,
+        )
+
+    @staticmethod
+    def _unique_id(class_name: str, rel: str, path: Path, used: set[str]) -> str:
+        base = f"{sanitize_id(class_name)}__{sanitize_id(rel.replace('/', '__'))}"
+        uid = base
+        if uid in used:
+            uid = f"{base}-{zlib.crc32(str(path).encode('utf-8')):08x}"
+            k = 1
+            while uid in used:
+                uid = f"{base}-{k}"
+                k += 1
+        used.add(uid)
+        return uid
+
+
+# --------------------------------------------------------------------------- image helpers
+
+
+def to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image to 8-bit ``mode`` (``"L"`` or ``"RGB"``).
+
+    16/32-bit integer images are scaled by 65535 (what PIL produces for 16-bit PNG/TIFF),
+    float images are clipped to [0, 255], transparency is composited on black.
+    """
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(a, 0, 65535) * (255.0 / 65535.0)
+        im = Image.fromarray(np.round(a).astype(np.uint8))
+    elif im.mode == "F":
+        im = Image.fromarray(np.round(np.clip(np.asarray(im), 0, 255)).astype(np.uint8))
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    elif im.mode in ("LA", "La", "RGBa") or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, im).convert("RGB")
+    if im.mode != mode:
+        im = im.convert(mode)
+    return im
+
+
+def fit_square(im: Image.Image, size: int, how: str) -> Image.Image:
+    """Make ``im`` a ``size`` x ``size`` image: ``resize`` (squash), ``center_crop`` or ``pad``."""
+    if im.size == (size, size):
+        return im
+    if how == "resize":
+        return im.resize((size, size), _RESAMPLE)
+    if how == "center_crop":
+        return ImageOps.fit(im, (size, size), method=_RESAMPLE, centering=(0.5, 0.5))
+    if how == "pad":
+        return ImageOps.pad(im, (size, size), method=_RESAMPLE, color=0, centering=(0.5, 0.5))
+    raise ValueError(f"unknown resize mode {how!r}")

@@ -1,0 +1,170 @@
+"""The output folder: ``OUT/train/<class_name>/<id>.png`` plus ``OUT/manifest.jsonl``.
+
+The layout loads with ``torchvision.datasets.ImageFolder(OUT/"train")`` and with
+the Hugging Face ``imagefolder`` builder (``load_dataset("imagefolder",
+data_dir=OUT)``: split folder ``train``, labels from the class folder names).
+
+Writes are atomic and resumable: each PNG goes to a temp name and is renamed,
+then its manifest line is appended. On open, the manifest is read back, lines
+whose file is missing (or a torn last line from a killed run) are dropped, and
+orphan PNGs with no manifest line are removed, so a re-run of the same job
+continues exactly where the last one stopped. A folder holding a different job's
+output is refused unless ``overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from imgaug_gen.errors import ConfigError
+from imgaug_gen.io import atomic_save_image, atomic_write_json, atomic_write_text
+
+SPLIT = "train"
+MANIFEST = "manifest.jsonl"
+JOB_FILE = "job.json"
+
+
+def safe_class_dir(name: str) -> str:
+    """A class name as a folder name: refuse anything that could leave ``out_dir``."""
+    name = unicodedata.normalize("NFC", str(name))
+    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+           or name.startswith("."))
+    if bad:
+        raise ConfigError(
+            f"class name {name!r} cannot be a folder name inside `out_dir` (empty, '.', '..', a path "
+            "separator or a leading dot). Rename the class (e.g. in `class_names`) to a plain name."
+        )
+    return name
+
+
+def manifest_shard_name(shard: int, num_shards: int) -> str:
+    return MANIFEST if num_shards == 1 else f"manifest.shard{shard:03d}-of-{num_shards:03d}.jsonl"
+
+
+class FolderWriter:
+    """Atomic, resumable writer of one job's images and manifest lines."""
+
+    def __init__(self, out_dir: str | os.PathLike, class_names: list[str], job: dict[str, Any],
+                 overwrite: bool = False, shard: int = 0, num_shards: int = 1):
+        self.out_dir = Path(out_dir)
+        self.class_dirs = [safe_class_dir(c) for c in class_names]
+        self.class_names = list(class_names)
+        self.job = job
+        self.manifest_path = self.out_dir / manifest_shard_name(shard, num_shards)
+        self._claim(overwrite)
+        self.records: dict[str, dict] = self._recover()
+        self._fh = None
+
+    # -- opening -------------------------------------------------------------------
+    def _claim(self, overwrite: bool) -> None:
+        job_file = self.out_dir / JOB_FILE
+        if job_file.is_file():
+            try:
+                previous = json.loads(job_file.read_text())
+            except json.JSONDecodeError:
+                previous = None
+            if previous != self.job:
+                if not overwrite:
+                    raise ConfigError(
+                        f"`out_dir` = {str(self.out_dir)!r} already holds the output of a different job "
+                        f"(see {job_file}). Choose another `out_dir`, or pass `overwrite=true` to replace it."
+                    )
+                self._clear()
+        elif self.out_dir.is_dir() and any(self.out_dir.iterdir()):
+            theirs = [p.name for p in self.out_dir.iterdir() if p.name not in (".hydra", "generate.log")]
+            if theirs and not overwrite:
+                raise ConfigError(
+                    f"`out_dir` = {str(self.out_dir)!r} is not empty and was not written by imgaug_gen "
+                    f"(holds {sorted(theirs)[:5]}). Choose an empty or new `out_dir`, or pass `overwrite=true`."
+                )
+            if theirs:
+                self._clear()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(job_file, self.job)
+
+    def _clear(self) -> None:
+        for p in self.out_dir.iterdir():
+            if p.name in (".hydra", "generate.log"):
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    def _recover(self) -> dict[str, dict]:
+        records: dict[str, dict] = {}
+        if self.manifest_path.is_file():
+            for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a killed run
+                if (self.out_dir / rec["file"]).is_file():
+                    records[rec["id"]] = rec
+        # Rewrite the manifest cleanly (atomically) and drop orphan files of this shard.
+        atomic_write_text(self.manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
+        return records
+
+    def remove_orphans(self, planned_ids: Iterable[str]) -> int:
+        """Delete PNGs of planned ids that have no manifest line (written, then killed)."""
+        removed = 0
+        for rec_id, cls_dir in planned_ids:
+            if rec_id not in self.records:
+                path = self.out_dir / SPLIT / cls_dir / f"{rec_id}.png"
+                if path.exists():
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    # -- writing -------------------------------------------------------------------
+    def relpath(self, rec_id: str, label: int) -> str:
+        return f"{SPLIT}/{self.class_dirs[label]}/{rec_id}.png"
+
+    def write(self, record: dict[str, Any], image: np.ndarray) -> dict:
+        """Write one image and append its manifest line (``record`` needs ``id`` and ``label``)."""
+        rel = self.relpath(record["id"], int(record["label"]))
+        path = self.out_dir / rel
+        if Path(os.path.abspath(path)).parent.parent != Path(os.path.abspath(self.out_dir / SPLIT)):
+            raise ConfigError(f"refusing to write {path!s} outside `out_dir`/{SPLIT}.")
+        atomic_save_image(path, image)
+        record = {"file": rel, "class_name": self.class_names[int(record["label"])], **record}
+        if self._fh is None:
+            self._fh = open(self.manifest_path, "a", encoding="utf-8")
+        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self._fh.flush()
+        self.records[record["id"]] = record
+        return record
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:
+    """Merge shard manifests into ``manifest.jsonl`` (sorted by id), once all shards are done."""
+    out_dir = Path(out_dir)
+    records = []
+    for s in range(num_shards):
+        p = out_dir / manifest_shard_name(s, num_shards)
+        if not p.is_file():
+            raise ConfigError(f"shard manifest {p} is missing; run `shard={s} num_shards={num_shards}` first.")
+        records += [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records.sort(key=lambda r: r["id"])
+    atomic_write_text(out_dir / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return records
+
+
+def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
+    path = Path(out_dir) / MANIFEST
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,145 @@
+"""Class-conditional GAN: the saved generator and its LightningModule.
+
+Training recipe: hinge loss, a projection discriminator with spectral norm,
+DiffAugment on real and fake images before the discriminator (on by default:
+the data-efficient GAN result for small data sets), Adam with beta1 = 0, and an
+EMA copy of the generator that is used for every sample, grid and saved model.
+Manual optimisation: one discriminator step and one generator step per batch,
+so Lightning's ``global_step`` (and ``trainer.max_steps``) counts 2 per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from imgaug_gen.generators.base import ConditionalGenerator, register_generator, to_uint8_nhwc
+from imgaug_gen.nets.cgan import CGANGenerator as _GeneratorNet
+from imgaug_gen.nets.cgan import ProjectionDiscriminator
+from imgaug_gen.nets.diffaug import POLICIES, diff_augment
+
+
+def _noise(seeds: Sequence[int], z_dim: int, device) -> torch.Tensor:
+    """One noise vector per image, each from its own seed (batch-independent)."""
+    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(device)
+
+
+@register_generator("cgan")
+class GANGenerator(ConditionalGenerator):
+    """The EMA generator network of a cGAN run, behind the generator contract."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        c, h, _ = self.image_shape
+        self.net = _GeneratorNet(self.num_classes, image_size=h, channels=c,
+                                 z_dim=config["z_dim"], width=config["width"])
+
+    def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **_) -> np.ndarray:
+        z = _noise(seeds, self.config["z_dim"], self.device)
+        return to_uint8_nhwc(self.net(z, labels))
+
+    @classmethod
+    def from_net(cls, net: _GeneratorNet, *, num_classes: int, class_names: Sequence[str],
+                 image_shape: Sequence[int], extra: dict | None = None) -> "GANGenerator":
+        config = {"num_classes": num_classes, "class_names": list(class_names),
+                  "image_shape": list(image_shape), "z_dim": net.z_dim, "width": net.width, **(extra or {})}
+        gen = cls(config)
+        gen.net = net  # share weights: no copy
+        return gen
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.mean()
+
+
+class CGANModule(pl.LightningModule):
+    """Training logic only; networks are plain modules from :mod:`imgaug_gen.nets`."""
+
+    def __init__(self, num_classes: int, class_names: Sequence[str], image_shape: Sequence[int],
+                 z_dim: int = 64, g_width: int = 32, d_width: int = 32, lr_g: float = 2e-4,
+                 lr_d: float = 2e-4, betas: Sequence[float] = (0.0, 0.999),
+                 diffaug: Sequence[str] | None = POLICIES, ema_decay: float = 0.999,
+                 ema_start_step: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        c, h, w = image_shape
+        if h != w:
+            raise ValueError(f"`image_shape` must be square for the cGAN, got {tuple(image_shape)}.")
+        unknown = set(diffaug or ()) - set(POLICIES)
+        if unknown:
+            raise ValueError(f"`model.diffaug` has unknown ops {sorted(unknown)}; allowed: {list(POLICIES)}.")
+        self.generator = _GeneratorNet(num_classes, image_size=h, channels=c, z_dim=z_dim, width=g_width)
+        self.discriminator = ProjectionDiscriminator(num_classes, image_size=h, channels=c, width=d_width)
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.iteration = 0  # GAN iterations (one D + one G step)
+
+    # -- what the rest of the framework needs ---------------------------------------
+    def to_generator(self) -> GANGenerator:
+        hp = self.hparams
+        return GANGenerator.from_net(self.ema, num_classes=hp.num_classes, class_names=hp.class_names,
+                                     image_shape=hp.image_shape)
+
+    # -- training -------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas))
+        return [opt_d, opt_g]
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.hparams.diffaug) if self.hparams.diffaug else x
+
+    def training_step(self, batch, batch_idx):
+        real, labels = batch
+        opt_d, opt_g = self.optimizers()
+        z = torch.randn(real.shape[0], self.hparams.z_dim, device=self.device)
+
+        # 1. Discriminator step: real vs fake of the same labels.
+        self.toggle_optimizer(opt_d)
+        with torch.no_grad():
+            fake = self.generator(z, labels)
+        d_loss = hinge_d_loss(self.discriminator(self._augment(real), labels),
+                              self.discriminator(self._augment(fake), labels))
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_loss)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        # 2. Generator step.
+        self.toggle_optimizer(opt_g)
+        g_loss = hinge_g_loss(self.discriminator(self._augment(self.generator(z, labels)), labels))
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        # 3. EMA of the generator (weights and batch-norm statistics).
+        self.iteration += 1
+        self._update_ema()
+        self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()},
+                      prog_bar=True, on_step=True, on_epoch=False)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.hparams.ema_decay if self.iteration > self.hparams.ema_start_step else 0.0
+        for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.generator.buffers()):
+            b_ema.copy_(b)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["gan_iteration"] = self.iteration
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.iteration = int(checkpoint.get("gan_iteration", 0))

@@ -1,0 +1,116 @@
+"""``train(cfg)``: the whole training job behind ``train.py``, callable from tests
+and notebooks with a composed config.
+
+Steps: 1. check the config, 2. build and validate the data (fails on bad input
+before anything heavy), 3. build the model with the data's facts, 4. build
+callbacks, loggers and the Trainer, 5. fit (optionally resuming exactly from a
+checkpoint, loaded with ``weights_only=True``), 6. save the generator and report.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from imgaug_gen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Checks that need no data or model: run before anything heavy."""
+    if cfg.get("run_dir") in (None, ""):
+        raise ConfigError("`run_dir` is not set; pass `run_dir=PATH` (train.py sets it to the Hydra run folder).")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise ConfigError(f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "
+                          "to resume, or leave `ckpt_path` unset to start fresh.")
+    if cfg.trainer.get("max_steps", -1) in (None, 0):
+        raise ConfigError(f"`trainer.max_steps` = {cfg.trainer.max_steps!r}; give a positive number of steps.")
+
+
+def _instantiate_all(node, **kwargs) -> list:
+    from hydra.utils import instantiate
+
+    if node is None:
+        return []
+    return [instantiate(c, **kwargs) for c in node.values() if c is not None and "_target_" in c]
+
+
+def _build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, c in (cfg.get("logger") or {}).items():
+        if c is None:
+            continue
+        if name == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                log.warning("logger=wandb asked for but wandb is not installed; logging to CSV only.")
+                continue
+        loggers.extend(_instantiate_all({name: c}))
+    return loggers
+
+
+def build_datamodule(cfg: DictConfig):
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    return dm
+
+
+def build_module(cfg: DictConfig, dm) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
+                       image_shape=list(dm.image_shape), _convert_="all")
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train a generator as configured; returns (metrics, objects)."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from imgaug_gen.callbacks import ExportGeneratorCallback, FidelityCallback
+    from imgaug_gen.io import atomic_write_text
+
+    # 1. Check the config.
+    check_train_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    # 2. Data: validated here, before any network is built.
+    dm = build_datamodule(cfg)
+
+    # 3. Model, with the data's facts.
+    module = build_module(cfg, dm)
+
+    # 4. Callbacks, loggers, trainer.
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not any(isinstance(c, ExportGeneratorCallback) for c in callbacks):
+        callbacks.append(ExportGeneratorCallback(str(run_dir / "generator"), every_n_steps=0))
+    extra = {"run_dir": str(run_dir.resolve()), "data": OmegaConf.to_container(cfg.data, resolve=True)}
+    for c in callbacks:
+        if isinstance(c, ExportGeneratorCallback):
+            c.extra.update(extra)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    # 5. Fit (exact resume from a checkpoint if given).
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+
+    # 6. Report.
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    for c in callbacks:
+        if isinstance(c, FidelityCallback) and c.history:
+            metrics.update({k: v for k, v in c.history[-1].items() if k != "step"})
+    metrics["global_step"] = trainer.global_step
+    return metrics, {"trainer": trainer, "module": module, "datamodule": dm,
+                     "generator_dir": run_dir / "generator"}

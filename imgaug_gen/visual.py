@@ -1,0 +1,77 @@
+"""Pictures: class grids, contact sheets and training-progress plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _as_rgb(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    return np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images
+
+
+def tile(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile a ragged list of rows of HWC uint8 images (same size) into one image."""
+    cells = [_as_rgb(np.stack(r)) for r in rows if len(r)]
+    h, w = cells[0].shape[1:3]
+    ncol = max(len(r) for r in cells)
+    out = np.full((len(cells) * (h + pad) + pad, ncol * (w + pad) + pad, 3), fill, np.uint8)
+    for i, row in enumerate(cells):
+        for j, img in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y:y + h, x:x + w] = img
+    return out
+
+
+def class_grid(images: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
+               path: str | Path | None = None, scale: int | None = None) -> np.ndarray:
+    """One row per class (in label order). Saved to ``path`` if given."""
+    labels = np.asarray(labels)
+    rows = [[images[i] for i in np.flatnonzero(labels == c)] for c in range(len(class_names))]
+    grid = tile([r for r in rows if r])
+    if scale is None:
+        scale = max(1, 64 // images.shape[1])
+    grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid
+    if path is not None:
+        from imgaug_gen.io import atomic_save_image
+
+        atomic_save_image(path, grid)
+    return grid
+
+
+def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequence[str],
+                  per_group: int = 6, path: str | Path | None = None) -> Path:
+    """``OUT/preview.png``: one row per class; real | synthetic (sample) | synthetic (img2img)
+    | augmented copies, ``per_group`` of each, separated by blank cells."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    groups = [("real", lambda r: r["source"] == "real" and not r.get("augment")),
+              ("sample", lambda r: r["source"] == "synthetic" and r.get("mode") == "sample" and not r.get("augment")),
+              ("img2img", lambda r: r["source"] == "synthetic" and r.get("mode") == "img2img" and not r.get("augment")),
+              ("augmented", lambda r: bool(r.get("augment")))]
+    rows, blank = [], None
+    for name in class_names:
+        row: list[np.ndarray] = []
+        for _, keep in groups:
+            picked = [r for r in records if r["class_name"] == name and keep(r)][:per_group]
+            imgs = [np.asarray(Image.open(out_dir / r["file"]).convert("RGB")) for r in picked]
+            if imgs:
+                if blank is None:
+                    blank = np.full_like(imgs[0], 255)
+                row += imgs + [blank]
+        if row:
+            rows.append(row[:-1])
+    grid = tile(rows)
+    scale = max(1, 64 // (blank.shape[0] if blank is not None else 64))
+    grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid
+    from imgaug_gen.io import atomic_save_image
+
+    path = Path(path or out_dir / "preview.png")
+    atomic_save_image(path, grid)
+    return path

@@ -1,0 +1,84 @@
+"""Shared tiny configs: the real conf/ composed with overrides that shrink everything
+(16 px, narrow nets, a few steps, outputs in tmp_path)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tiny data + metrics, shared by every kind.
+TINY_DATA = ["data=digits", "data.image_size=16", "data.shots=6", "data.batch_size=16"]
+TINY_METRICS = ["metrics.domain_steps=60"]
+TINY_CALLBACKS = ["callbacks.checkpoint.every_n_train_steps=4", "callbacks.samples.every_n_steps=4",
+                  "callbacks.samples.n_per_class=2", "callbacks.fidelity.every_n_steps=8",
+                  "callbacks.fidelity.n_per_class=5", "callbacks.export.every_n_steps=0"]
+TINY_MODELS = {
+    "cgan": ["model=cgan", "model.g_width=8", "model.d_width=8", "model.z_dim=16", "trainer.max_steps=8"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """One feature cache per test session (the domain network trains once), never in $HOME."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("IMGAUG_GEN_CACHE", str(cache))
+
+
+def train_overrides(kind: str, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY_MODELS[kind], *TINY_DATA, *TINY_METRICS, *TINY_CALLBACKS, "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", f"run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_cgan(tmp_path_factory):
+    """A tiny cGAN run folder shared by the tests that only read it."""
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.training import train
+
+    run_dir = tmp_path_factory.mktemp("cgan_run")
+    os.environ.setdefault("IMGAUG_GEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    train(compose_config("train", train_overrides("cgan", run_dir)))
+    return run_dir
+
+
+def digits_images(n_per_class: int = 10, classes=(0, 1, 2), size: int = 20, channels: int = 3, seed: int = 0):
+    """Real digit images as uint8 NHWC (for folder fixtures)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    out, labels = [], []
+    for c in classes:
+        idx = rng.choice(np.flatnonzero(d.target == c), n_per_class, replace=False)
+        for i in idx:
+            img = Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+            img = img.convert("RGB" if channels == 3 else "L")
+            out.append(np.asarray(img))
+            labels.append(c)
+    return out, labels
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """root/<class>/*.png: 3 classes x 10 RGB 20x20 images, class names with a space and unicode."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    names = {0: "zero", 1: "one one", 2: "zwei_ü"}
+    images, labels = digits_images()
+    for k, (img, c) in enumerate(zip(images, labels)):
+        d = root / names[c]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"img_{k:03d}.png")
+    return root
