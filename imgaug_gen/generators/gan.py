@@ -132,7 +132,9 @@ class CGANModule(pl.LightningModule):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.hparams.ema_decay if self.iteration > self.hparams.ema_start_step else 0.0
+        # Warm-up: a short run must not average in its first, random weights.
+        t = self.iteration - self.hparams.ema_start_step
+        decay = min(self.hparams.ema_decay, (1 + t) / (10 + t)) if t > 0 else 0.0
         for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
             p_ema.lerp_(p.detach(), 1.0 - decay)
         for b_ema, b in zip(self.ema.buffers(), self.generator.buffers()):

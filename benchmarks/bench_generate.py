@@ -1,0 +1,110 @@
+"""generate.py end to end vs the bare generator forward, for the same image count.
+
+Each variant runs in its own process (so peak RSS is its own):
+  bare-forward  the generator network alone on noise, batches of 64 (no seeds, no uint8, no files)
+  sample()      the generator contract: per-image seeds -> uint8 images, no files
+  generate      the whole job (plan, generate, write PNGs + manifest atomically), score=false
+  generate+score  the same plus per-image confidence and FID/KID of the folder (metrics.json)
+Target: generate / bare-forward <= 1.5 in time. The generator is the demo's cGAN
+(16 px, width 32); weights are random (speed does not depend on them).
+
+python benchmarks/bench_generate.py [--n-per-class 2000] [--size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401
+from _common import peak_rss_mib, print_table
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_run(run_dir: Path, size: int) -> None:
+    import torch
+
+    from imgaug_gen.generators.gan import CGANModule
+
+    torch.manual_seed(0)
+    m = CGANModule(num_classes=10, class_names=[str(i) for i in range(10)], image_shape=[1, size, size])
+    gen = m.to_generator()
+    gen.config["data"] = {"_target_": "imgaug_gen.data.DigitsDataModule", "image_size": size, "shots": 50}
+    gen.save_pretrained(run_dir / "generator")
+
+
+def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
+    import torch
+
+    from imgaug_gen.generators.base import load_generator
+
+    n = 10 * n_per_class
+    if mode in ("bare-forward", "sample()"):
+        gen = load_generator(Path(run_dir) / "generator")
+        labels = torch.arange(n) % 10
+        t = time.perf_counter()
+        if mode == "bare-forward":
+            with torch.no_grad():
+                for i in range(0, n, 64):
+                    gen.net(torch.randn(len(labels[i:i + 64]), gen.config["z_dim"]), labels[i:i + 64])
+        else:
+            gen.sample(labels.numpy(), seeds=0, batch_size=64)
+        seconds = time.perf_counter() - t
+    else:
+        from imgaug_gen.config import compose_config
+        from imgaug_gen.pipeline import generate
+
+        cfg = compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", f"n_per_class={n_per_class}",
+                                          "include_real=false", "progress=false",
+                                          f"score={'true' if mode == 'generate+score' else 'false'}"])
+        t = time.perf_counter()
+        generate(cfg)
+        seconds = time.perf_counter() - t
+    return {"mode": mode, "images": n, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--n-per-class", type=int, default=2000)
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--worker", nargs=4, metavar=("MODE", "RUN", "OUT", "N"))
+    args = p.parse_args()
+    if args.worker:
+        mode, run_dir, out_dir, n = args.worker
+        print("RESULT " + json.dumps(worker(mode, run_dir, out_dir, int(n))))
+        return
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_run(tmp / "run", args.size)
+        env = {**os.environ, "IMGAUG_GEN_CACHE": str(tmp / "cache")}
+        for mode in ("bare-forward", "sample()", "generate", "generate+score"):
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--worker", mode, str(tmp / "run"),
+                                  str(tmp / f"out_{len(results)}"), str(args.n_per_class)],
+                                 capture_output=True, text=True, env=env, cwd=HERE.parent)
+            wall = time.perf_counter() - t
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[0][7:])
+            results[mode] = r
+            rows.append([mode, r["images"], r["seconds"], r["images"] / r["seconds"], wall, r["peak_rss_mib"]])
+    base = results["bare-forward"]["seconds"]
+    for row in rows:
+        row.insert(4, row[2] / base)
+    print_table(f"Generation of {10 * args.n_per_class} images ({args.size}px cGAN, CPU)",
+                ["variant", "images", "job s", "images/s", "time / bare", "process wall s", "peak RSS MiB"], rows)
+    print(f"\ngenerate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
+          f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

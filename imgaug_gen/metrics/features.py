@@ -1,0 +1,610 @@
+"""Feature extractors for the fidelity metrics (FID / KID).
+
+Every extractor is a :class:`FeatureExtractor`: an ``nn.Module`` that takes
+``uint8`` images ``[N, C, H, W]`` (``C`` = 1 or 3, values 0..255, any size) and
+returns ``float32`` features ``[N, num_features]``. That is the contract of a
+custom ``feature`` module in torchmetrics' ``FrechetInceptionDistance`` /
+``KernelInceptionDistance`` with ``normalize=False``, so an extractor can be
+handed to them directly. Extractors are frozen: ``train()`` is a no-op and
+their parameters need no gradient.
+
+Two kinds, chosen with ``metrics.features``:
+
+* ``domain`` (the offline default): :class:`DomainFeatures`, a small CNN
+  classifier trained on the real training images by
+  :func:`fit_domain_features`; its 128-d penultimate activations are the
+  features. The trained weights are cached on disk by a hash of the data and
+  the training recipe, so every run on the same data uses the same features.
+* ``inception``: :class:`InceptionFeatures`, torchvision's Inception-v3 pool
+  features (2048-d) from a *local* weights file (``metrics.inception_weights``);
+  nothing is downloaded at run time.
+
+Scores computed with different extractors are not comparable; every result
+names its extractor (``FeatureExtractor.name``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgaug_gen.errors import ConfigError, require
+
+__all__ = [
+    "DOMAIN_CODE_VERSION",
+    "FEATURE_KINDS",
+    "DomainFeatures",
+    "FeatureExtractor",
+    "InceptionFeatures",
+    "build_feature_extractor",
+    "fit_domain_features",
+    "images_to_tensor",
+    "validate_images",
+]
+
+#: Bump when the domain network or its training recipe changes, so that cached
+#: weights trained by older code are not reused.
+DOMAIN_CODE_VERSION = "domain-cnn-v1"
+
+#: Allowed values of ``metrics.features``.
+FEATURE_KINDS = ("domain", "inception")
+
+#: Training recipe of the domain classifier (part of the cache key).
+DEFAULT_DOMAIN_STEPS = 300
+DEFAULT_DOMAIN_BATCH_SIZE = 64
+DEFAULT_DOMAIN_LR = 3e-3
+DEFAULT_DOMAIN_WEIGHT_DECAY = 1e-4
+DEFAULT_DOMAIN_MAX_SHIFT = 2
+DOMAIN_INPUT_SIZE = 32
+DOMAIN_WIDTHS = (32, 64, 128)
+DOMAIN_FEATURE_DIM = 128
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------- #
+# Input handling
+# --------------------------------------------------------------------------- #
+def validate_images(images: Any, name: str = "images") -> np.ndarray:
+    """Check that ``images`` is a uint8 array ``[N, H, W, C]`` with ``C`` in (1, 3)."""
+    require(
+        isinstance(images, np.ndarray),
+        f"`{name}` must be a numpy uint8 array [N, H, W, C], got {type(images).__name__}.",
+    )
+    require(
+        images.dtype == np.uint8,
+        f"`{name}` must have dtype uint8 (values 0..255), got dtype {images.dtype}; "
+        "convert with `(x * 255).round().clip(0, 255).astype(np.uint8)` for floats in [0, 1].",
+    )
+    require(
+        images.ndim == 4 and images.shape[-1] in (1, 3),
+        f"`{name}` must have shape [N, H, W, C] with C = 1 or 3, got shape {tuple(images.shape)}.",
+    )
+    require(images.shape[0] > 0, f"`{name}` is empty (shape {tuple(images.shape)}); pass at least one image.")
+    return images
+
+
+def _validate_labels(labels: Any, n: int, num_classes: int, name: str = "labels") -> np.ndarray:
+    require(isinstance(num_classes, (int, np.integer)) and num_classes >= 2,
+            f"`num_classes` must be an int >= 2, got {num_classes!r}.")
+    labels = np.asarray(labels)
+    require(
+        labels.ndim == 1 and labels.shape[0] == n and np.issubdtype(labels.dtype, np.integer),
+        f"`{name}` must be an integer array of shape [{n}] (one label per image), "
+        f"got dtype {labels.dtype} and shape {tuple(labels.shape)}.",
+    )
+    lo, hi = int(labels.min()), int(labels.max())
+    require(
+        lo >= 0 and hi < num_classes,
+        f"`{name}` must lie in [0, {num_classes - 1}] for num_classes={num_classes}, got values in [{lo}, {hi}].",
+    )
+    return labels.astype(np.int64)
+
+
+def images_to_tensor(images_nhwc: np.ndarray) -> torch.Tensor:
+    """uint8 ``[N, H, W, C]`` numpy -> uint8 ``[N, C, H, W]`` tensor (what the extractors take)."""
+    images_nhwc = validate_images(images_nhwc)
+    return torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
+
+
+def _to_float01(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` -> float ``[N, channels, size, size]`` in [0, 1].
+
+    Grayscale inputs are replicated to 3 channels; RGB inputs to a 1-channel
+    network are converted to luminance (ITU-R 601 weights).
+    """
+    if x.dtype != torch.uint8:
+        raise ConfigError(
+            f"feature extractors take uint8 images [N, C, H, W] with values 0..255, got dtype {x.dtype}; "
+            "pass `normalize=False` uint8 tensors (see `imgaug_gen.metrics.images_to_tensor`)."
+        )
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ConfigError(
+            f"feature extractors take images [N, C, H, W] with C = 1 or 3, got shape {tuple(x.shape)}."
+        )
+    x = x.float() / 255.0
+    if x.shape[1] != channels:
+        if channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        else:
+            w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            x = (x * w).sum(dim=1, keepdim=True)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+# --------------------------------------------------------------------------- #
+# Base class
+# --------------------------------------------------------------------------- #
+class FeatureExtractor(nn.Module):
+    """uint8 ``[N, C, H, W]`` -> float32 ``[N, num_features]``; frozen, always in eval mode.
+
+    Subclasses set ``name`` and ``num_features`` and implement :meth:`forward`.
+    """
+
+    name: str = "feature-extractor"
+    num_features: int = 0
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        # Frozen: BatchNorm/Dropout must never switch to training behaviour,
+        # even when a parent module (a torchmetrics Metric, a LightningModule)
+        # is put in training mode.
+        return super().train(False)
+
+    def _freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @torch.no_grad()
+    def features(self, images_uint8_nhwc: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """Features of uint8 images ``[N, H, W, C]`` as a float32 CPU tensor ``[N, num_features]``."""
+        x = images_to_tensor(images_uint8_nhwc)
+        require(isinstance(batch_size, int) and batch_size > 0, f"`batch_size` must be a positive int, got {batch_size!r}.")
+        out = [self(x[i : i + batch_size].to(self.device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
+        return torch.cat(out, dim=0)
+
+    def fingerprint(self) -> str:
+        """sha256 of the name and weights: identifies the feature space (used in cache keys)."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            h = hashlib.sha256(self.name.encode())
+            for key, t in sorted(self.state_dict().items()):
+                h.update(key.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            cached = h.hexdigest()
+            self._fingerprint = cached
+        return cached
+
+
+# --------------------------------------------------------------------------- #
+# Domain features: a small CNN trained on the real images
+# --------------------------------------------------------------------------- #
+class DomainFeatures(FeatureExtractor):
+    """Small CNN classifier whose penultimate activations are the features.
+
+    Inputs are converted to the training channel count (``in_channels``: 1->3
+    replication or RGB->luminance) and resized to ``input_size`` (bilinear,
+    antialiased) inside the module, so any uint8 image size works.
+
+    Attributes set by :func:`fit_domain_features`: ``cache_key`` (content
+    hash), ``loaded_from_cache`` (True when the weights came from disk),
+    ``train_accuracy``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 1,
+        input_size: int = DOMAIN_INPUT_SIZE,
+        widths: tuple[int, ...] = DOMAIN_WIDTHS,
+        feature_dim: int = DOMAIN_FEATURE_DIM,
+    ) -> None:
+        super().__init__()
+        require(in_channels in (1, 3), f"`in_channels` must be 1 or 3, got {in_channels!r}.")
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.input_size = int(input_size)
+        self.widths = tuple(int(w) for w in widths)
+        self.num_features = int(feature_dim)
+        self.name = f"domain-cnn-{self.num_features}"
+        self.cache_key: str | None = None
+        self.loaded_from_cache = False
+        self.train_accuracy: float | None = None
+
+        blocks: list[nn.Module] = []
+        c_in = self.in_channels
+        for i, w in enumerate(self.widths):
+            blocks += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < len(self.widths) - 1:
+                blocks.append(nn.MaxPool2d(2))
+            c_in = w
+        self.body = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.embed = nn.Sequential(nn.Linear(c_in, self.num_features), nn.ReLU(inplace=True))
+        self.head = nn.Linear(self.num_features, self.num_classes)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "input_size": self.input_size,
+            "widths": list(self.widths),
+            "feature_dim": self.num_features,
+        }
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, C, H, W]`` -> normalised float input of the network."""
+        return (_to_float01(x, self.in_channels, self.input_size) - 0.5) / 0.5
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.body(x))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._embed(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embed(self.preprocess(x))
+
+    @torch.no_grad()
+    def predict_proba(self, images_nhwc: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities ``[N, num_classes]`` (float32) of uint8 images ``[N, H, W, C]``."""
+        x = images_to_tensor(images_nhwc)
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            logits = self._logits(self.preprocess(x[i : i + batch_size].to(self.device)))
+            out.append(torch.softmax(logits.float(), dim=-1).cpu())
+        return torch.cat(out).numpy()
+
+
+def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by an integer offset in [-max_shift, max_shift] (zero/background fill)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    # inputs are normalised to [-1, 1]: pad with the border value -1 (black background).
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen)
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offs.tolist())])
+
+
+def _train_domain_classifier(
+    model: DomainFeatures,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    max_shift: int,
+) -> float:
+    """Train ``model`` in place (fixed seed, fixed steps); return its accuracy on the training set."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x_all = torch.cat([model.preprocess(b) for b in images_to_tensor(images).split(512)])
+    y_all = torch.from_numpy(labels)
+    n = x_all.shape[0]
+    bs = min(batch_size, n)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    # The extractor's own train() is pinned to eval; switch the layers directly.
+    for m in model.modules():
+        nn.Module.train(m, True)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        xb = _random_shift(x_all[idx], max_shift, gen)
+        loss = F.cross_entropy(model._logits(xb), y_all[idx], label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model._freeze()
+    with torch.no_grad():
+        pred = torch.cat([model._logits(b).argmax(-1) for b in x_all.split(512)])
+    return float((pred == y_all).float().mean())
+
+
+def _domain_cache_key(images: np.ndarray, labels: np.ndarray, recipe: Mapping[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(DOMAIN_CODE_VERSION.encode())
+    h.update(json.dumps(dict(recipe), sort_keys=True).encode())
+    h.update(f"{images.shape}|{images.dtype}".encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_domain(model: DomainFeatures, cache_dir: Path, key: str, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # weights first, then the json: a present json means a complete entry.
+    _atomic_write_bytes(cache_dir / f"{key}.safetensors", save(tensors, metadata={"key": key}))
+    _atomic_write_bytes(cache_dir / f"{key}.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+
+
+def _load_domain(cache_dir: Path, key: str) -> DomainFeatures | None:
+    from safetensors.torch import load_file
+
+    meta_path, weights_path = cache_dir / f"{key}.json", cache_dir / f"{key}.safetensors"
+    if not (meta_path.is_file() and weights_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = meta["config"]
+        model = DomainFeatures(
+            num_classes=cfg["num_classes"],
+            in_channels=cfg["in_channels"],
+            input_size=cfg["input_size"],
+            widths=tuple(cfg["widths"]),
+            feature_dim=cfg["feature_dim"],
+        )
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+    except Exception:  # a corrupt or stale entry: retrain and overwrite it
+        return None
+    model._freeze()
+    model.cache_key = key
+    model.loaded_from_cache = True
+    model.train_accuracy = meta.get("train_accuracy")
+    return model
+
+
+def fit_domain_features(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    cache_dir: str | os.PathLike | None,
+    seed: int = 0,
+    steps: int = DEFAULT_DOMAIN_STEPS,
+    *,
+    batch_size: int = DEFAULT_DOMAIN_BATCH_SIZE,
+    lr: float = DEFAULT_DOMAIN_LR,
+    weight_decay: float = DEFAULT_DOMAIN_WEIGHT_DECAY,
+    max_shift: int = DEFAULT_DOMAIN_MAX_SHIFT,
+) -> DomainFeatures:
+    """Train (or load from ``cache_dir``) the domain feature network on real images.
+
+    The cache key is the sha256 of the image bytes and shape, the labels, the
+    training recipe and :data:`DOMAIN_CODE_VERSION`; entries are
+    ``<key>.safetensors`` (weights) + ``<key>.json`` (network config, recipe,
+    train accuracy), each written to a temporary name and renamed. A hit loads
+    without training (``model.loaded_from_cache`` is True). ``cache_dir=None``
+    disables the disk cache. Training is deterministic for a given seed.
+    """
+    images = validate_images(images)
+    labels = _validate_labels(labels, images.shape[0], num_classes)
+    require(isinstance(steps, int) and steps > 0, f"`metrics.domain_steps` must be a positive int, got {steps!r}.")
+    require(images.shape[0] >= 2, f"`images` needs at least 2 images to train the domain features, got {images.shape[0]}.")
+    in_channels = int(images.shape[-1])
+    arch = {
+        "num_classes": int(num_classes),
+        "in_channels": in_channels,
+        "input_size": DOMAIN_INPUT_SIZE,
+        "widths": list(DOMAIN_WIDTHS),
+        "feature_dim": DOMAIN_FEATURE_DIM,
+    }
+    recipe = {
+        **arch,
+        "seed": int(seed),
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "max_shift": int(max_shift),
+    }
+    key = _domain_cache_key(images, labels, recipe)
+    cache_path = Path(cache_dir).expanduser() / "domain_features" if cache_dir is not None else None
+    if cache_path is not None:
+        hit = _load_domain(cache_path, key)
+        if hit is not None:
+            return hit
+
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DomainFeatures(num_classes=num_classes, in_channels=in_channels)
+        acc = _train_domain_classifier(
+            model, images, labels, seed=seed, steps=steps, batch_size=batch_size,
+            lr=lr, weight_decay=weight_decay, max_shift=max_shift,
+        )
+    model.cache_key = key
+    model.loaded_from_cache = False
+    model.train_accuracy = acc
+    if cache_path is not None:
+        meta = {
+            "key": key,
+            "code_version": DOMAIN_CODE_VERSION,
+            "name": model.name,
+            "config": model.config(),
+            "recipe": recipe,
+            "n_images": int(images.shape[0]),
+            "image_shape": list(images.shape[1:]),
+            "train_accuracy": acc,
+            "train_seconds": round(time.perf_counter() - t0, 3),
+        }
+        _save_domain(model, cache_path, key, meta)
+    return model
+
+
+# --------------------------------------------------------------------------- #
+# Inception-v3 features from a local weights file
+# --------------------------------------------------------------------------- #
+_INCEPTION_HELP = (
+    "the Inception-v3 weights cannot be downloaded at run time; pass a local torchvision "
+    "inception_v3 state dict (.pth/.pt/.safetensors) as `metrics.inception_weights=/path/to/file`, "
+    "or use the offline default `metrics.features=domain`"
+)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - reported as a user error
+        raise ConfigError(
+            f"`metrics.inception_weights` = {str(path)!r} could not be read as a state dict "
+            f"({type(e).__name__}: {e}); {_INCEPTION_HELP}."
+        ) from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    require(
+        isinstance(sd, Mapping) and all(isinstance(v, torch.Tensor) for v in sd.values()),
+        f"`metrics.inception_weights` = {str(path)!r} does not hold a state dict (name -> tensor); "
+        f"{_INCEPTION_HELP}.",
+    )
+    return dict(sd)
+
+
+class InceptionFeatures(FeatureExtractor):
+    """torchvision Inception-v3 2048-d pool features from a local weights file.
+
+    Inputs: uint8 ``[N, C, H, W]``; grayscale is replicated to RGB, images are
+    resized to 299x299 (bilinear) and ImageNet-normalised; the network is built
+    with ``transform_input=True`` as torchvision does for its ImageNet weights.
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights_path: str | os.PathLike | None) -> None:
+        super().__init__()
+        from torchvision.models import inception_v3
+
+        require(
+            weights_path is not None and str(weights_path).strip() not in ("", "None", "null"),
+            f"`metrics.inception_weights` is {weights_path!r} but `metrics.features=inception` needs it: "
+            f"{_INCEPTION_HELP}.",
+        )
+        path = Path(str(weights_path)).expanduser()
+        require(path.is_file(), f"`metrics.inception_weights` = {str(path)!r} is not a file; {_INCEPTION_HELP}.")
+        sd = _load_state_dict(path)
+        require(
+            "fc.weight" in sd,
+            f"`metrics.inception_weights` = {str(path)!r} is not a torchvision inception_v3 state dict "
+            f"(no `fc.weight`; first keys: {list(sd)[:5]}); {_INCEPTION_HELP}.",
+        )
+        has_aux = any(k.startswith("AuxLogits.") for k in sd)
+        net = inception_v3(
+            weights=None, aux_logits=has_aux, init_weights=False,
+            transform_input=True, num_classes=int(sd["fc.weight"].shape[0]),
+        )
+        try:
+            net.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"`metrics.inception_weights` = {str(path)!r} does not match torchvision's inception_v3 "
+                f"({str(e).splitlines()[0]} ...); {_INCEPTION_HELP}."
+            ) from e
+        net.AuxLogits = None
+        net.aux_logits = False
+        net.fc = nn.Identity()  # forward now returns the 2048-d pool features (dropout is off in eval)
+        self.net = net
+        self.weights_path = str(path)
+        self.name = "inception-v3-torchvision-pool3"
+        self.register_buffer("_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _to_float01(x.to(self._mean.device) if x.device != self._mean.device else x, 3, 299)
+        return self.net((x - self._mean) / self._std).float()
+
+
+# --------------------------------------------------------------------------- #
+# Config dispatch
+# --------------------------------------------------------------------------- #
+def _as_dict(cfg_like: Any) -> dict[str, Any]:
+    if cfg_like is None:
+        return {}
+    if isinstance(cfg_like, Mapping):
+        return dict(cfg_like)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        DictConfig = None  # type: ignore[assignment]
+    if DictConfig is not None and isinstance(cfg_like, DictConfig):
+        return OmegaConf.to_container(cfg_like, resolve=True)  # type: ignore[return-value]
+    raise ConfigError(f"`metrics` must be a mapping (dict or DictConfig), got {type(cfg_like).__name__}.")
+
+
+def build_feature_extractor(
+    cfg_like: Any,
+    reference_images: np.ndarray | None = None,
+    reference_labels: np.ndarray | None = None,
+    num_classes: int | None = None,
+) -> FeatureExtractor:
+    """Build the extractor named by ``cfg_like["features"]`` (the ``metrics`` config group).
+
+    Keys used: ``features`` (``domain`` | ``inception``), ``inception_weights``,
+    ``cache_dir``, ``domain_steps``, ``seed``. ``domain`` needs the real
+    reference images, labels and ``num_classes`` to train on (or to find its
+    cached weights); ``inception`` ignores them.
+    """
+    cfg = _as_dict(cfg_like)
+    kind = cfg.get("features", "domain")
+    require(
+        kind in FEATURE_KINDS,
+        f"`metrics.features` = {kind!r} is not a known feature extractor; allowed: "
+        f"{', '.join(FEATURE_KINDS)} (`domain` is the offline default).",
+    )
+    if kind == "inception":
+        return InceptionFeatures(cfg.get("inception_weights"))
+
+    require(
+        reference_images is not None and reference_labels is not None and num_classes is not None,
+        "`metrics.features=domain` trains its feature network on the real images: pass "
+        "`reference_images`, `reference_labels` and `num_classes` to `build_feature_extractor`.",
+    )
+    steps = cfg.get("domain_steps", DEFAULT_DOMAIN_STEPS)
+    require(
+        isinstance(steps, int) and not isinstance(steps, bool) and steps > 0,
+        f"`metrics.domain_steps` must be a positive int, got {steps!r}.",
+    )
+    seed = cfg.get("seed", 0)
+    require(isinstance(seed, int) and not isinstance(seed, bool), f"`metrics.seed` must be an int, got {seed!r}.")
+    return fit_domain_features(
+        reference_images, reference_labels, int(num_classes), cfg.get("cache_dir"), seed=seed, steps=steps
+    )

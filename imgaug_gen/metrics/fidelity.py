@@ -1,0 +1,264 @@
+"""FID and KID between real and generated images, on torchmetrics.
+
+The math and the metric states are torchmetrics' ``FrechetInceptionDistance``
+and ``KernelInceptionDistance``. Features are extracted once per image set by
+the :class:`~imgaug_gen.metrics.features.FeatureExtractor` and fed to both
+metrics through a pass-through feature module (so FID and KID do not run the
+network twice).
+
+Real statistics (the features of the real set plus FID's running sums) are
+cached by a content hash of the real images and the extractor's weights: in
+memory (a small LRU shared by :func:`compute_fidelity` and
+:class:`FidelityEvaluator`) and, when ``cache_dir`` is given, on disk as
+``<cache_dir>/real_stats/<hash>.safetensors``. Scoring many generated sets
+against the same reals therefore extracts real features once.
+
+Both entry points compute locally in the calling process
+(``sync_on_compute=False``): under DDP, call them on one rank or gather the
+images first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from imgaug_gen.errors import require
+from imgaug_gen.metrics.features import FeatureExtractor, validate_images
+
+__all__ = ["FidelityEvaluator", "RealStats", "compute_fidelity", "images_hash", "clear_real_stats_cache"]
+
+_MEMORY_CACHE_SIZE = 4
+_memory_cache: OrderedDict[str, RealStats] = OrderedDict()
+
+
+def images_hash(images: np.ndarray) -> str:
+    """sha256 of a uint8 image array's shape, dtype and bytes."""
+    h = hashlib.sha256(f"{images.shape}|{images.dtype}".encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return h.hexdigest()
+
+
+def clear_real_stats_cache() -> None:
+    """Forget the in-memory real statistics (the disk cache is untouched)."""
+    _memory_cache.clear()
+
+
+class _PrecomputedFeatures(nn.Module):
+    """Identity feature module for torchmetrics: ``update`` receives features, not images."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+class RealStats:
+    """Features of a real image set and FID's sufficient statistics over them."""
+
+    def __init__(self, key: str, features: torch.Tensor) -> None:
+        self.key = key
+        self.features = features.float().contiguous()
+        f64 = self.features.double()
+        self.sum = f64.sum(dim=0)
+        self.cov_sum = f64.t().mm(f64)
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"features": self.features, "sum": self.sum, "cov_sum": self.cov_sum}
+
+    @classmethod
+    def from_tensors(cls, key: str, tensors: dict[str, torch.Tensor]) -> RealStats:
+        obj = cls.__new__(cls)
+        obj.key, obj.features, obj.sum, obj.cov_sum = key, tensors["features"], tensors["sum"], tensors["cov_sum"]
+        return obj
+
+
+def _real_stats_key(extractor: FeatureExtractor, real_images: np.ndarray) -> str:
+    return hashlib.sha256(f"{extractor.fingerprint()}|{images_hash(real_images)}".encode()).hexdigest()
+
+
+def _load_or_compute_real_stats(
+    extractor: FeatureExtractor, real_images: np.ndarray, cache_dir: str | os.PathLike | None, batch_size: int
+) -> RealStats:
+    key = _real_stats_key(extractor, real_images)
+    if key in _memory_cache:
+        _memory_cache.move_to_end(key)
+        return _memory_cache[key]
+
+    stats = None
+    path = Path(cache_dir).expanduser() / "real_stats" / f"{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+            if tensors["features"].shape == (real_images.shape[0], extractor.num_features):
+                stats = RealStats.from_tensors(key, tensors)
+        except Exception:  # corrupt entry: recompute and overwrite
+            stats = None
+    if stats is None:
+        stats = RealStats(key, extractor.features(real_images, batch_size=batch_size))
+        if path is not None:
+            from safetensors.torch import save
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(save(stats.to_tensors(), metadata={"key": key, "features": extractor.name}))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+    _memory_cache[key] = stats
+    while len(_memory_cache) > _MEMORY_CACHE_SIZE:
+        _memory_cache.popitem(last=False)
+    return stats
+
+
+def _fidelity_from_features(
+    real: RealStats,
+    fake_features: torch.Tensor,
+    *,
+    num_features: int,
+    kid_subset_size: int,
+    kid_subsets: int,
+    seed: int,
+) -> tuple[float, float, float]:
+    """(fid, kid_mean, kid_std) from real statistics and fake features, via torchmetrics."""
+    feat = _PrecomputedFeatures(num_features)
+    fid = FrechetInceptionDistance(feature=feat, normalize=False, reset_real_features=False, sync_on_compute=False)
+    subset = min(kid_subset_size, real.n, int(fake_features.shape[0]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(
+            feature=feat, subsets=kid_subsets, subset_size=subset, normalize=False,
+            reset_real_features=False, sync_on_compute=False,
+        )
+    # Real side: load the cached sufficient statistics instead of re-running update().
+    fid.real_features_sum = real.sum.clone()
+    fid.real_features_cov_sum = real.cov_sum.clone()
+    fid.real_features_num_samples = torch.tensor(real.n, dtype=torch.long)
+    kid.real_features.append(real.features.double())
+    # Fake side, in float64 (torchmetrics returns FID in the dtype of the features).
+    fake64 = fake_features.double()
+    fid.update(fake64, real=False)
+    kid.update(fake64, real=False)
+    fid_value = float(fid.compute())
+    with torch.random.fork_rng(devices=[]):  # KID draws subsets from the global RNG
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    # FID is a squared distance; tiny negatives are round-off of sqrtm(eigvals).
+    return max(fid_value, 0.0), float(kid_mean), float(kid_std)
+
+
+def _check_sets(real_images: np.ndarray, fake_images: np.ndarray) -> None:
+    for name, x in (("real_images", real_images), ("fake_images", fake_images)):
+        validate_images(x, name)
+        require(x.shape[0] >= 2, f"`{name}` needs at least 2 images for FID/KID, got {x.shape[0]}.")
+
+
+def _check_kid_args(kid_subset_size: int, kid_subsets: int) -> None:
+    require(
+        isinstance(kid_subset_size, int) and kid_subset_size >= 2,
+        f"`metrics.kid_subset_size` must be an int >= 2, got {kid_subset_size!r}.",
+    )
+    require(
+        isinstance(kid_subsets, int) and kid_subsets >= 1,
+        f"`metrics.kid_subsets` must be a positive int, got {kid_subsets!r}.",
+    )
+
+
+class FidelityEvaluator:
+    """Scores generated sets against one fixed real set; real features are extracted once.
+
+    >>> ev = FidelityEvaluator(extractor, real_images)          # doctest: +SKIP
+    >>> ev.evaluate(fake_images)["fid"]                         # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        real_images: np.ndarray,
+        *,
+        kid_subset_size: int = 100,
+        kid_subsets: int = 50,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        validate_images(real_images, "real_images")
+        require(real_images.shape[0] >= 2, f"`real_images` needs at least 2 images for FID/KID, got {real_images.shape[0]}.")
+        _check_kid_args(kid_subset_size, kid_subsets)
+        self.extractor = extractor
+        self.kid_subset_size = kid_subset_size
+        self.kid_subsets = kid_subsets
+        self.seed = seed
+        self.batch_size = batch_size
+        self.real = _load_or_compute_real_stats(extractor, real_images, cache_dir, batch_size)
+
+    @property
+    def n_real(self) -> int:
+        return self.real.n
+
+    def evaluate(self, fake_images: np.ndarray) -> dict[str, Any]:
+        """``{"fid", "kid_mean", "kid_std", "n_real", "n_fake", "features", "num_features"}``."""
+        validate_images(fake_images, "fake_images")
+        require(fake_images.shape[0] >= 2, f"`fake_images` needs at least 2 images for FID/KID, got {fake_images.shape[0]}.")
+        fake = self.extractor.features(fake_images, batch_size=self.batch_size)
+        fid, kid_mean, kid_std = _fidelity_from_features(
+            self.real, fake, num_features=self.extractor.num_features,
+            kid_subset_size=self.kid_subset_size, kid_subsets=self.kid_subsets, seed=self.seed,
+        )
+        return {
+            "fid": fid,
+            "kid_mean": kid_mean,
+            "kid_std": kid_std,
+            "n_real": self.real.n,
+            "n_fake": int(fake_images.shape[0]),
+            "features": self.extractor.name,
+            "num_features": int(self.extractor.num_features),
+        }
+
+
+def compute_fidelity(
+    real_images: np.ndarray,
+    fake_images: np.ndarray,
+    extractor: FeatureExtractor,
+    *,
+    kid_subset_size: int = 100,
+    kid_subsets: int = 50,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """FID and KID of ``fake_images`` against ``real_images`` (uint8 ``[N, H, W, C]``).
+
+    The KID subset size is clipped to the smaller set; KID subsets are drawn
+    with ``seed`` (the global RNG is left untouched). Returns
+    ``{"fid", "kid_mean", "kid_std", "n_real", "n_fake", "features", "num_features"}``.
+    """
+    _check_sets(real_images, fake_images)
+    _check_kid_args(kid_subset_size, kid_subsets)
+    return FidelityEvaluator(
+        extractor, real_images, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+        seed=seed, cache_dir=cache_dir, batch_size=batch_size,
+    ).evaluate(fake_images)
