@@ -100,18 +100,24 @@ class FidelityCallback(pl.Callback):
 
         dm = trainer.datamodule
         images, labels = dm.reference_arrays()
-        extractor = build_feature_extractor(self.metrics_cfg, images, labels, dm.num_classes)
-        self.evaluator = FidelityEvaluator(extractor, images)
+        # Fitting (or loading) the feature network must not move the global RNG: training
+        # randomness must not depend on whether the feature cache was warm.
+        with torch.random.fork_rng(devices=[]):
+            extractor = build_feature_extractor(self.metrics_cfg, images, labels, dm.num_classes)
+            self.evaluator = FidelityEvaluator(extractor, images)
 
     def evaluate(self, trainer, pl_module) -> dict:
         self._last = trainer.global_step
         gen = pl_module.to_generator()
         labels = np.repeat(np.arange(gen.num_classes), self.n_per_class)
-        scores = self.evaluator.evaluate(gen.sample(labels, seeds=self.seed))
+        with torch.random.fork_rng(devices=[]):
+            scores = self.evaluator.evaluate(gen.sample(labels, seeds=self.seed))
         values = {"val/fid": scores["fid"], "val/kid": scores["kid_mean"]}
         self.history.append({"step": trainer.global_step, **values})
+        # Lightning logs with the count of batches (not optimiser steps): keep one step axis.
+        log_step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+            logger.log_metrics({**values, "global_step": float(trainer.global_step)}, step=log_step)
         return scores
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:

@@ -399,6 +399,9 @@ class ImageDataModule(pl.LightningDataModule):
             batch_sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # Its own generator: creating an iterator must not draw from the global RNG,
+            # or a resumed run would continue with a shifted random stream.
+            generator=torch.Generator().manual_seed(int(self.seed)),
         )
 
     def val_dataloader(self) -> DataLoader:
