@@ -7,6 +7,8 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
+from imgaug_gen.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -24,3 +26,17 @@ def compose_config(name: str = "train", overrides: Sequence[str] = (), conf_dir:
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
+
+
+def instantiate_checked(node, **kwargs):
+    """``hydra.utils.instantiate`` that lets our own ``ConfigError`` through unwrapped
+    (Hydra wraps constructor errors in ``InstantiationException``)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise

@@ -78,7 +78,7 @@ def _device(name: str) -> str:
 # -- 3. real data ------------------------------------------------------------------------
 def rebuild_datamodule(gen_config: dict, data_override: Any = None):
     """The run's data module (from the generator's saved data config, or an override)."""
-    from hydra.utils import instantiate
+    from imgaug_gen.config import instantiate_checked as instantiate
 
     data_cfg = data_override if data_override is not None else gen_config.get("data")
     if data_cfg is None:
@@ -207,6 +207,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                            "scores": {"confidence": float(conf[k])} if conf is not None else {}}
                     if it.strength is not None:
                         rec["strength"] = it.strength
+                    if it.source == "synthetic" and hasattr(gen, "prompt_for"):
+                        rec["prompt"] = gen.prompt_for(it.label)
                     if it.real_index is not None:
                         src = real_records[it.real_index]
                         rec["source_id"] = src["id"]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from imgaug_gen.config import instantiate_checked
 from imgaug_gen.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,14 @@ def _build_loggers(cfg: DictConfig) -> list:
 
 
 def build_datamodule(cfg: DictConfig):
-    from hydra.utils import instantiate
-
-    dm = instantiate(cfg.data)
+    dm = instantiate_checked(cfg.data)
     dm.setup("fit")
     return dm
 
 
 def build_module(cfg: DictConfig, dm) -> Any:
-    from hydra.utils import instantiate
-
-    return instantiate(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
-                       image_shape=list(dm.image_shape), _convert_="all")
+    return instantiate_checked(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
+                               image_shape=list(dm.image_shape), _convert_="all")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -28,7 +28,9 @@ def make_cgan():
     return module.to_generator()
 
 
-FACTORIES = {"cgan": make_cgan}
+from tiny_sd import make_generator as make_sd_lora  # noqa: E402
+
+FACTORIES = {"cgan": make_cgan, "sd_lora": make_sd_lora}
 
 
 @pytest.fixture(params=sorted(FACTORIES))
