@@ -5,7 +5,7 @@ Needs no download: the default data set for quick runs and tests.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -20,28 +20,9 @@ class DigitsDataModule(ImageDataModule):
     are ``digits_<index in load_digits>`` (e.g. ``digits_00017``); ``path`` is None.
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int = 32,
-        channels: Optional[int] = 1,
-        shots: Optional[int] = None,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
-    ) -> None:
-        super().__init__(
-            image_size=image_size,
-            channels=channels,
-            shots=shots,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            test_fraction=test_fraction,
-            split_seed=split_seed,
-        )
+    def __init__(self, *, channels: Optional[int] = 1, **kwargs: Any) -> None:
+        """Arguments as :class:`ImageDataModule` (``image_size``, ``shots``, ``seed``, ...)."""
+        super().__init__(channels=channels, **kwargs)
 
     def _load(self) -> LoadedImages:
         from sklearn.datasets import load_digits  # heavy import, only when needed

@@ -12,7 +12,7 @@ import os
 import warnings
 import zlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -59,28 +59,14 @@ class LabeledFolderDataModule(ImageDataModule):
         self,
         *,
         root: Optional[str] = None,
-        image_size: int = 32,
         channels: Optional[int] = 3,
-        shots: Optional[int] = None,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
         resize: str = "resize",
         on_corrupt: str = "error",
         extensions: Optional[Sequence[str]] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            channels=channels,
-            shots=shots,
-            seed=seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            test_fraction=test_fraction,
-            split_seed=split_seed,
-        )
+        """``root/<class_name>/*``; other arguments as :class:`ImageDataModule`."""
+        super().__init__(channels=channels, **kwargs)
         self.root = root
         self.resize = resize
         self.on_corrupt = on_corrupt
