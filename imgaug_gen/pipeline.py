@@ -152,7 +152,10 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     gen_dir = _generator_dir(run_dir)
     gen_config = read_run_config(gen_dir)  # kind and format version, before loading weights
 
-    # 2. Load the generator.
+    # 2. Load the generator (denormal floats flushed: see training.py).
+    import torch
+
+    torch.set_flush_denormal(True)
     gen = load_generator(gen_dir, device=_device(cfg.device))
     if cfg.mode == "img2img" and not gen.supports_edit:
         gen.edit(np.zeros((0, 1, 1, 1), np.uint8), [])  # raises the kind's clear error
