@@ -3,6 +3,8 @@
 Each variant runs in its own process (so peak RSS is its own):
   bare-forward  the generator network alone on noise, batches of 64 (no seeds, no uint8, no files)
   sample()      the generator contract: per-image seeds -> uint8 images, no files
+  files only    the folder writer alone: the same count of PNGs + manifest lines, no generator
+                (the floor set by this machine's filesystem: each file costs a create and a rename)
   generate      the whole job (plan, generate, write PNGs + manifest atomically), score=false
   generate+score  the same plus per-image confidence and FID/KID of the folder (metrics.json)
 Target: generate / bare-forward <= 1.5 in time. The generator is the demo's cGAN
@@ -46,7 +48,18 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
     from imgaug_gen.generators.base import load_generator
 
     n = 10 * n_per_class
-    if mode in ("bare-forward", "sample()"):
+    if mode == "files only":
+        import numpy as np
+
+        from imgaug_gen.export import FolderWriter
+
+        images = np.random.default_rng(0).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
+        t = time.perf_counter()
+        with FolderWriter(out_dir, [str(i) for i in range(10)], {"bench": True}) as w:
+            for i, img in enumerate(images):
+                w.write({"id": f"f_{i:07d}", "label": i % 10, "source": "synthetic"}, img)
+        seconds = time.perf_counter() - t
+    elif mode in ("bare-forward", "sample()"):
         gen = load_generator(Path(run_dir) / "generator")
         labels = torch.arange(n) % 10
         t = time.perf_counter()
@@ -85,7 +98,7 @@ def main():
         tmp = Path(tmp)
         make_run(tmp / "run", args.size)
         env = {**os.environ, "IMGAUG_GEN_CACHE": str(tmp / "cache")}
-        for mode in ("bare-forward", "sample()", "generate", "generate+score"):
+        for mode in ("bare-forward", "sample()", "files only", "generate", "generate+score"):
             t = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, "--worker", mode, str(tmp / "run"),
                                   str(tmp / f"out_{len(results)}"), str(args.n_per_class)],

@@ -14,11 +14,13 @@ output is refused unless ``overwrite=true``.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
 import unicodedata
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
@@ -52,7 +54,8 @@ class FolderWriter:
     """Atomic, resumable writer of one job's images and manifest lines."""
 
     def __init__(self, out_dir: str | os.PathLike, class_names: list[str], job: dict[str, Any],
-                 overwrite: bool = False, shard: int = 0, num_shards: int = 1):
+                 overwrite: bool = False, shard: int = 0, num_shards: int = 1, io_workers: int = 4,
+                 max_pending: int = 256):
         self.out_dir = Path(out_dir)
         self.class_dirs = [safe_class_dir(c) for c in class_names]
         self.class_names = list(class_names)
@@ -61,6 +64,11 @@ class FolderWriter:
         self._claim(overwrite)
         self.records: dict[str, dict] = self._recover()
         self._fh = None
+        # PNG encoding and file writes run on threads (they release the GIL), overlapping the
+        # generator; a manifest line is appended only once its file is in place.
+        self._pool = ThreadPoolExecutor(max_workers=io_workers) if io_workers > 0 else None
+        self._pending: collections.deque = collections.deque()
+        self.max_pending = max_pending
 
     # -- opening -------------------------------------------------------------------
     def _claim(self, overwrite: bool) -> None:
@@ -125,21 +133,51 @@ class FolderWriter:
         return f"{SPLIT}/{self.class_dirs[label]}/{rec_id}.png"
 
     def write(self, record: dict[str, Any], image: np.ndarray) -> dict:
-        """Write one image and append its manifest line (``record`` needs ``id`` and ``label``)."""
+        """Write one image, then append its manifest line (``record`` needs ``id`` and ``label``).
+
+        The file is written in the background; its manifest line follows once it is in
+        place (at the latest on :meth:`flush` / :meth:`close`)."""
         rel = self.relpath(record["id"], int(record["label"]))
         path = self.out_dir / rel
         if Path(os.path.abspath(path)).parent.parent != Path(os.path.abspath(self.out_dir / SPLIT)):
             raise ConfigError(f"refusing to write {path!s} outside `out_dir`/{SPLIT}.")
-        atomic_save_image(path, image)
         record = {"file": rel, "class_name": self.class_names[int(record["label"])], **record}
+        if self._pool is None:
+            atomic_save_image(path, image)
+            self._append(record)
+        else:
+            self._pending.append((record, self._pool.submit(atomic_save_image, path, np.array(image))))
+            self._drain(self.max_pending)
+        return record
+
+    def _append(self, record: dict) -> None:
         if self._fh is None:
             self._fh = open(self.manifest_path, "a", encoding="utf-8")
         self._fh.write(json.dumps(record, sort_keys=True) + "\n")
-        self._fh.flush()
         self.records[record["id"]] = record
-        return record
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            record, future = self._pending.popleft()
+            future.result()  # re-raises a failed write
+            self._append(record)
+
+    def flush(self) -> None:
+        """Wait for every pending file and write out its manifest line."""
+        self._drain(0)
+        if self._fh is not None:
+            self._fh.flush()
 
     def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._close_manifest()
+
+    def _close_manifest(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+@functools.lru_cache(maxsize=1)
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -174,7 +174,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
            "img2img": OmegaConf.to_container(cfg.img2img, resolve=True), "num_shards": int(cfg.num_shards),
            "num_items": len(items)}
     writer = FolderWriter(out_dir, gen.class_names, job, overwrite=cfg.overwrite,
-                          shard=cfg.shard, num_shards=cfg.num_shards)
+                          shard=cfg.shard, num_shards=cfg.num_shards, io_workers=int(cfg.io_workers))
     writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in mine)
     todo = [it for it in mine if it.id not in writer.records]
     log.info("%d images planned for this shard, %d already written, %d to go", len(mine), len(mine) - len(todo),
