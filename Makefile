@@ -27,6 +27,8 @@ test-all: install
 bench: install
 	$(PYTHON) benchmarks/bench_cgan_step.py
 	$(PYTHON) benchmarks/bench_generate.py
+	$(PYTHON) benchmarks/bench_ddpm.py
+	$(PYTHON) benchmarks/bench_sd_lora.py
 
 clean:
 	rm -rf $(DEMO_DIR) outputs multirun .pytest_cache

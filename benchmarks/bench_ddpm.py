@@ -10,7 +10,7 @@
    (digits data, batch 64, the default ``conf/model/ddpm.yaml`` UNet) at 16 and 32 px, and
    peak memory (``torch.cuda.max_memory_allocated`` on GPU, else the process's peak RSS).
 
-    python benchmarks/bench_ddpm.py [--device cpu|cuda] [--threads N] [--repeats 5]
+    python benchmarks/bench_ddpm.py [--device cpu|cuda] [--threads N (default 1 on CPU)] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -168,12 +168,16 @@ def bench_training(device: str, sizes: tuple[int, ...], steps: int, threads: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; default 1 on CPU (these small nets gain nothing from intra-op threads, "
+                        "and on a shared 2-core machine extra threads stall), 0 = torch's own default")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=12)
     args = p.parse_args()
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

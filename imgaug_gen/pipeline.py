@@ -1,20 +1,23 @@
 """``generate(cfg)``: the job behind ``generate.py``, as numbered steps.
 
-1. Check inputs          (before anything heavy)
+1. Check inputs          (before anything heavy; the augmenter is built here so a bad transform fails first)
 2. Load the generator    (any registered kind, from safetensors)
 3. Rebuild the real data (the run's own data config)
-4. Plan the images       (deterministic ids and per-image seeds; shard; skip done)
-5. Build the scorer      (feature extractor for per-image scores and FID/KID)
-6. Generate and write    (batches, atomic PNGs, manifest lines, progress bar)
-7. Copy real images      (``include_real=true``)
-8. Score the folder      (``metrics.json``), preview, config
+4. Plan the images       (mixing policy -> per-class / per-source counts; deterministic ids and seeds; shard; skip done)
+5. Build the scorer      (feature extractor for per-image scores, the quality filter and FID/KID)
+6. Generate and write    (batches; with ``filter.enabled`` over-generate per class until enough pass;
+                          classical augmentation after filtering; atomic PNGs, manifest lines, progress bar)
+7. Copy real images      (``include_real=true``; augmented copies with ``augment.apply_to=all``)
+8. Score the folder      (``metrics.json``: counts, FID/KID, precision/recall, per class; filter summary), preview, config
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from imgaug_gen.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MODES = ("sample", "img2img")
+#: Offset of the classical-augmentation seed stream from ``cfg.seed`` (independent of the generator's).
+AUGMENT_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -35,15 +40,35 @@ class Item:
     id: str
     label: int
     source: str  # "synthetic" | "real"
-    mode: str  # "sample" | "img2img" | "real"
+    mode: str  # "sample" | "img2img" | "real" | "augment"
     seed: int | None = None
     strength: float | None = None
     real_index: int | None = None  # index into the real training set (img2img source, or the copy)
     extra: dict = field(default_factory=dict)
+    aug_seed: int | None = None  # classical augmentation seed (None: not augmented)
 
 
 # -- 1. check ------------------------------------------------------------------------
-def check_generate_config(cfg: DictConfig) -> None:
+def _mix_sources(cfg: DictConfig) -> list[dict]:
+    """``mix.sources`` as plain dicts (default: ``[{mode: <mode>, fraction: 1.0}]``)."""
+    mix = cfg.get("mix")
+    sources = mix.get("sources") if mix is not None else None
+    if sources is None:
+        return [{"mode": str(cfg.mode), "fraction": 1.0}]
+    if OmegaConf.is_config(sources):
+        sources = OmegaConf.to_container(sources, resolve=True)
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise ConfigError(f"`mix.sources` = {sources!r}; give a list of {{mode: sample|img2img, fraction: f}}.")
+    return [dict(s) for s in sources]
+
+
+def _filter_cfg(cfg: DictConfig) -> dict:
+    f = cfg.get("filter")
+    return dict(OmegaConf.to_container(f, resolve=True)) if f is not None else {"enabled": False}
+
+
+def check_generate_config(cfg: DictConfig):
+    """Validate ``cfg``; return the classical augmenter (or None) so a bad transform fails here."""
     for key in ("run_dir", "out_dir"):
         if cfg.get(key) in (None, "", "???"):
             raise ConfigError(f"`{key}` is required: python generate.py run_dir=RUN out_dir=OUT ...")
@@ -55,12 +80,52 @@ def check_generate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"`n_per_class` = {cfg.n_per_class}; give a count >= 0.")
     if not (cfg.num_shards >= 1 and 0 <= cfg.shard < cfg.num_shards):
         raise ConfigError(f"`shard` = {cfg.shard}, `num_shards` = {cfg.num_shards}: need 0 <= shard < num_shards.")
-    if cfg.mode == "img2img":
+    sources = _mix_sources(cfg)
+    if not sources:
+        raise ConfigError("`mix.sources` is empty; give e.g. [{mode: sample, fraction: 1.0}].")
+    for j, s in enumerate(sources):
+        if s.get("mode") not in MODES:
+            raise ConfigError(f"`mix.sources[{j}].mode` = {s.get('mode')!r}; allowed: {list(MODES)}.")
+        fr = s.get("fraction")
+        if not isinstance(fr, (int, float)) or isinstance(fr, bool) or fr < 0:
+            raise ConfigError(f"`mix.sources[{j}].fraction` = {fr!r}; give a number >= 0.")
+    if len({s["mode"] for s in sources}) != len(sources):
+        raise ConfigError(f"`mix.sources` = {sources} names a mode twice; give each mode once.")
+    if abs(sum(float(s["fraction"]) for s in sources) - 1.0) > 1e-6:
+        raise ConfigError(f"`mix.sources` fractions sum to {sum(float(s['fraction']) for s in sources)}; "
+                          "they must sum to 1.")
+    mix = cfg.get("mix") or {}
+    ratio, target = mix.get("synthetic_ratio"), mix.get("target_per_class")
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio < 0):
+        raise ConfigError(f"`mix.synthetic_ratio` = {ratio!r}; give a number >= 0 or null.")
+    if target is not None and (not isinstance(target, int) or isinstance(target, bool) or target < 0):
+        raise ConfigError(f"`mix.target_per_class` = {target!r}; give an int >= 0 or null.")
+    if ratio is not None and target is not None:
+        raise ConfigError(f"`mix.synthetic_ratio` = {ratio} and `mix.target_per_class` = {target} are both set; "
+                          "set one of them (the other null).")
+    if any(s["mode"] == "img2img" for s in sources):
         s = list(cfg.img2img.strengths)
         if not s or min(s) <= 0 or max(s) > 1:
             raise ConfigError(f"`img2img.strengths` = {s}; give values in (0, 1].")
         if cfg.img2img.edits_per_image < 1:
             raise ConfigError(f"`img2img.edits_per_image` = {cfg.img2img.edits_per_image}; give a count >= 1.")
+    f = _filter_cfg(cfg)
+    if f.get("enabled"):
+        mf = f.get("max_factor", 3.0)
+        if not isinstance(mf, (int, float)) or isinstance(mf, bool) or mf < 1:
+            raise ConfigError(f"`filter.max_factor` = {mf!r}; give a number >= 1 (1 = no over-generation).")
+        tau, delta = f.get("tau"), f.get("delta")
+        if tau is not None and (not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
+            raise ConfigError(f"`filter.tau` = {tau!r}; give a number in [0, 1] or null to disable.")
+        if not (delta is None or delta == "auto" or (isinstance(delta, (int, float)) and 0 <= delta <= 2)):
+            raise ConfigError(f"`filter.delta` = {delta!r}; give a distance in [0, 2], 'auto' or null to disable.")
+        if f.get("metric", "cosine") not in ("cosine", "l2"):
+            raise ConfigError(f"`filter.metric` = {f.get('metric')!r}; allowed: ['cosine', 'l2'].")
+        if f.get("space", "features") not in ("features", "pixels"):
+            raise ConfigError(f"`filter.space` = {f.get('space')!r}; allowed: ['features', 'pixels'].")
+    from imgaug_gen.augment.classical import build_augmenter
+
+    return build_augmenter(cfg.get("augment"))
 
 
 def _generator_dir(run_dir: Path) -> Path:
@@ -92,31 +157,114 @@ def rebuild_datamodule(gen_config: dict, data_override: Any = None):
 
 
 # -- 4. plan -----------------------------------------------------------------------------
-def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_ids: list[str]) -> list[Item]:
-    """Every image of the job, in a fixed order, with its id and seed."""
+def split_counts(total: int, fractions: Sequence[float]) -> list[int]:
+    """Split ``total`` into integer parts proportional to ``fractions`` (largest remainder).
+
+    Parts sum to ``total`` exactly; leftover units go to the largest fractional parts, ties
+    to the earlier entry, so the split is deterministic.
+    """
+    total = int(total)
+    f = np.asarray(fractions, dtype=np.float64)
+    if total < 0 or f.ndim != 1 or f.size == 0 or (f < 0).any() or f.sum() <= 0:
+        raise ConfigError(f"cannot split {total} by fractions {list(fractions)}: need a count >= 0 and "
+                          "non-negative fractions with a positive sum.")
+    quotas = total * f / f.sum()
+    parts = np.floor(quotas + 1e-9).astype(np.int64)
+    rest = total - int(parts.sum())
+    order = sorted(range(f.size), key=lambda j: (-(quotas[j] - parts[j]), j))
+    for j in order[:max(rest, 0)]:
+        parts[j] += 1
+    return [int(p) for p in parts]
+
+
+def synthetic_counts(cfg: DictConfig, num_classes: int, real_labels: np.ndarray) -> dict[int, dict[str, int]]:
+    """The mixing policy: ``{class: {mode: synthetic images to write}}``.
+
+    Per class: ``mix.target_per_class`` tops up to that total (``max(0, target - real)``);
+    else ``mix.synthetic_ratio`` gives ``round(ratio * real)``; else ``n_per_class``
+    (``mode=sample``) or ``img2img.edits_per_image * real`` (``mode=img2img``). Each class's
+    count is split across ``mix.sources`` by :func:`split_counts`.
+    """
+    sources = _mix_sources(cfg)
+    mix = cfg.get("mix") or {}
+    ratio, target = mix.get("synthetic_ratio"), mix.get("target_per_class")
+    real_counts = np.bincount(np.asarray(real_labels, dtype=np.int64), minlength=num_classes)
+    out: dict[int, dict[str, int]] = {}
+    for c in range(num_classes):
+        real_c = int(real_counts[c])
+        if target is not None:
+            n = max(0, int(target) - real_c)
+        elif ratio is not None:
+            n = int(round(float(ratio) * real_c))
+        elif cfg.mode == "img2img":
+            n = int(cfg.img2img.edits_per_image) * real_c
+        else:
+            n = int(cfg.n_per_class)
+        parts = split_counts(n, [float(s["fraction"]) for s in sources])
+        out[c] = {s["mode"]: p for s, p in zip(sources, parts)}
+    return out
+
+
+def _candidates(n: int, cfg: DictConfig) -> int:
+    f = _filter_cfg(cfg)
+    return int(math.ceil(n * float(f.get("max_factor", 3.0)) - 1e-9)) if f.get("enabled") else int(n)
+
+
+def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_ids: list[str],
+               augmenter: Any = None) -> list[Item]:
+    """Every image of the job (with ``filter.enabled``: every candidate), in a fixed order, with id and seeds.
+
+    Sample ids ``syn_{i}`` number the classes' (candidate) counts one after the other; img2img
+    ids ``edit_{r * M + k}`` are edit ``k`` of real image ``r`` (each class's edits go round-robin
+    over its real images), which with the default policy are exactly ``img2img.edits_per_image``
+    edits of every real image. Seeds come from ``(seed, id number)``; augmentation seeds from
+    a separate stream ``(seed + 1_000_003, position in the plan)``.
+    """
     from imgaug_gen.generators.base import per_image_seeds
 
+    counts = synthetic_counts(cfg, num_classes, real_labels)
+    real_labels = np.asarray(real_labels, dtype=np.int64)
     items: list[Item] = []
-    if cfg.mode == "sample":
-        n = int(cfg.n_per_class)
-        seeds = per_image_seeds(cfg.seed, 0, n * num_classes)
-        for c in range(num_classes):
-            for j in range(n):
-                i = c * n + j
-                items.append(Item(f"syn_{i:07d}", c, "synthetic", "sample", seed=seeds[i]))
-    else:
-        m = int(cfg.img2img.edits_per_image)
+    # sample: classes one after the other
+    n_sample = [_candidates(counts[c].get("sample", 0), cfg) for c in range(num_classes)]
+    seeds = per_image_seeds(cfg.seed, 0, int(sum(n_sample)))
+    i = 0
+    for c in range(num_classes):
+        for _ in range(n_sample[c]):
+            items.append(Item(f"syn_{i:07d}", c, "synthetic", "sample", seed=seeds[i]))
+            i += 1
+    # img2img: edit k of real image r, round-robin over the class's real images
+    n_edit = [_candidates(counts[c].get("img2img", 0), cfg) for c in range(num_classes)]
+    if sum(n_edit):
         strengths = list(cfg.img2img.strengths)
-        seeds = per_image_seeds(cfg.seed, 0, m * len(real_labels))
-        for r, label in enumerate(real_labels):
-            for k in range(m):
-                i = r * m + k
-                strength = float(strengths[np.random.default_rng(seeds[i]).integers(len(strengths))])
-                items.append(Item(f"edit_{i:07d}", int(label), "synthetic", "img2img", seed=seeds[i],
-                                  strength=strength, real_index=r, extra={"source_id": real_ids[r]}))
+        by_class = [np.flatnonzero(real_labels == c) for c in range(num_classes)]
+        per_real = max([math.ceil(n_edit[c] / len(by_class[c])) for c in range(num_classes) if len(by_class[c])],
+                       default=0)
+        edits = []
+        for c in range(num_classes):
+            if n_edit[c] and not len(by_class[c]):
+                log.warning("class %d has no real images to edit; its %d img2img images are skipped", c, n_edit[c])
+                continue
+            for j in range(n_edit[c]):
+                r, k = int(by_class[c][j % len(by_class[c])]), j // len(by_class[c])
+                edits.append((r * per_real + k, r))
+        for idx, r in sorted(edits):
+            seed = per_image_seeds(cfg.seed, idx, 1)[0]
+            strength = float(strengths[np.random.default_rng(seed).integers(len(strengths))])
+            items.append(Item(f"edit_{idx:07d}", int(real_labels[r]), "synthetic", "img2img", seed=seed,
+                              strength=strength, real_index=r, extra={"source_id": real_ids[r]}))
     if cfg.include_real:
         for r, label in enumerate(real_labels):
             items.append(Item(f"real_{real_ids[r]}", int(label), "real", "real", real_index=r))
+    if augmenter is not None and augmenter.apply_to == "all":
+        for r, label in enumerate(real_labels):
+            for k in range(augmenter.copies_per_image):
+                items.append(Item(f"aug_{real_ids[r]}_{k}", int(label), "real", "augment", real_index=r,
+                                  extra={"source_id": real_ids[r]}))
+    if augmenter is not None:
+        for g, it in enumerate(items):
+            if it.source == "synthetic" or it.mode == "augment":
+                it.aug_seed = per_image_seeds(cfg.seed + AUGMENT_SEED_OFFSET, g, 1)[0]
     return items
 
 
@@ -138,16 +286,86 @@ def _render(gen, batch: list[Item], real_images: np.ndarray, cfg: DictConfig) ->
     return real_images[[it.real_index for it in batch]]
 
 
+def kept_records(records: list[dict]) -> list[dict]:
+    """Manifest lines of images in the folder (drops the filter's ``"kept": false`` lines)."""
+    return [r for r in records if r.get("kept", True) and r.get("file")]
+
+
+def _writer_class():
+    from concurrent.futures import Future
+
+    from imgaug_gen.export import FolderWriter
+
+    class _Writer(FolderWriter):
+        """FolderWriter that also keeps file-less ``"kept": false`` lines (rejected candidates) on resume."""
+
+        def _recover(self) -> dict[str, dict]:
+            import json
+
+            from imgaug_gen.io import atomic_write_text
+
+            records: dict[str, dict] = {}
+            if self.manifest_path.is_file():
+                for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if rec.get("kept", True) is False or (rec.get("file") and (self.out_dir / rec["file"]).is_file()):
+                        records[rec["id"]] = rec
+            atomic_write_text(self.manifest_path,
+                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
+            return records
+
+        def write_rejected(self, record: dict) -> dict:
+            """A manifest line with no file, in order after the pending writes."""
+            record = {"class_name": self.class_names[int(record["label"])], **record, "kept": False}
+            if self._pool is None:
+                self._append(record)
+            else:
+                done: Future = Future()
+                done.set_result(None)
+                self._pending.append((record, done))
+                self._drain(self.max_pending)
+            return record
+
+    return _Writer
+
+
+def _base_record(it: Item, gen, generator_info: dict, real_records: list[dict]) -> dict:
+    rec = {"id": it.id, "label": it.label, "source": it.source, "mode": it.mode, "seed": it.seed,
+           "generator": generator_info if it.source == "synthetic" else None, "scores": {}}
+    if it.strength is not None:
+        rec["strength"] = it.strength
+    if it.source == "synthetic" and hasattr(gen, "prompt_for"):
+        rec["prompt"] = gen.prompt_for(it.label)
+    if it.real_index is not None:
+        src = real_records[it.real_index]
+        rec["source_id"] = src["id"]
+        rec["source_path"] = src.get("path")
+    return rec
+
+
+def _augment(augmenter, it: Item, img: np.ndarray, rec: dict) -> np.ndarray:
+    if augmenter is None or it.aug_seed is None:
+        return img
+    img, applied = augmenter.apply(np.asarray(img), it.aug_seed)
+    rec["augment"] = applied
+    return img
+
+
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run a generation job as configured; returns the metrics dict (also in metrics.json)."""
     from tqdm.auto import tqdm
 
-    from imgaug_gen.export import FolderWriter, merge_manifests, read_manifest
+    from imgaug_gen.export import merge_manifests, read_manifest
     from imgaug_gen.generators.base import load_generator, read_run_config
     from imgaug_gen.io import atomic_write_json, atomic_write_text
 
-    # 1. Check inputs.
-    check_generate_config(cfg)
+    # 1. Check inputs (and build the classical augmenter: a bad transform fails here).
+    augmenter = check_generate_config(cfg)
+    fcfg = _filter_cfg(cfg)
+    filtering = bool(fcfg.get("enabled"))
     run_dir, out_dir = Path(cfg.run_dir), Path(cfg.out_dir)
     gen_dir = _generator_dir(run_dir)
     gen_config = read_run_config(gen_dir)  # kind and format version, before loading weights
@@ -157,32 +375,56 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
     torch.set_flush_denormal(True)
     gen = load_generator(gen_dir, device=_device(cfg.device))
-    if cfg.mode == "img2img" and not gen.supports_edit:
+    if any(s["mode"] == "img2img" for s in _mix_sources(cfg)) and not gen.supports_edit:
         gen.edit(np.zeros((0, 1, 1, 1), np.uint8), [])  # raises the kind's clear error
 
     # 3. Rebuild the real data.
     dm = rebuild_datamodule(gen_config, cfg.get("data"))
     real_images, real_labels = dm.train_arrays()
-    real_ids = [r["id"] for r in dm.train_records()]
     real_records = dm.train_records()
+    real_ids = [r["id"] for r in real_records]
+    if augmenter is not None:
+        augmenter.check(real_images.shape[1:])
 
     # 4. Plan: ids and seeds fixed by the config; this shard's share; skip what is done.
-    items = plan_items(cfg, gen.num_classes, real_labels, real_ids)
-    mine = items[cfg.shard::cfg.num_shards]
+    counts = synthetic_counts(cfg, gen.num_classes, real_labels)
+    real_counts = np.bincount(np.asarray(real_labels, dtype=np.int64), minlength=gen.num_classes)
+    for c, name in enumerate(gen.class_names):
+        log.info("class %s: %d real, synthetic %s", name, int(real_counts[c]), counts[c])
+    items = plan_items(cfg, gen.num_classes, real_labels, real_ids, augmenter)
+    targets = {(c, m): n for c, per in counts.items() for m, n in per.items()}
+    if filtering:
+        # whole (class, source) candidate groups per shard, so each shard keeps the first n accepted in order
+        groups: dict[tuple[int, str], list[Item]] = {}
+        for it in items:
+            if it.source == "synthetic":
+                groups.setdefault((it.label, it.mode), []).append(it)
+        group_keys = sorted(groups, key=lambda k: (k[0], MODES.index(k[1])))
+        my_groups = {k: groups[k] for g, k in enumerate(group_keys) if g % cfg.num_shards == cfg.shard}
+        plain = [it for it in items if it.source != "synthetic"][cfg.shard::cfg.num_shards]
+        mine = plain + [it for g in my_groups.values() for it in g]
+    else:
+        my_groups = {}
+        mine = items[cfg.shard::cfg.num_shards]
+        plain = mine
     job = {"run_dir": str(run_dir.resolve()), "kind": gen.kind, "mode": cfg.mode, "seed": int(cfg.seed),
            "n_per_class": int(cfg.n_per_class), "include_real": bool(cfg.include_real),
            "img2img": OmegaConf.to_container(cfg.img2img, resolve=True), "num_shards": int(cfg.num_shards),
-           "num_items": len(items)}
-    writer = FolderWriter(out_dir, gen.class_names, job, overwrite=cfg.overwrite,
-                          shard=cfg.shard, num_shards=cfg.num_shards, io_workers=int(cfg.io_workers))
+           "num_items": len(items), "augment": augmenter.to_dict() if augmenter is not None else None,
+           "mix": {"synthetic_ratio": (cfg.get("mix") or {}).get("synthetic_ratio"),
+                   "target_per_class": (cfg.get("mix") or {}).get("target_per_class"),
+                   "sources": _mix_sources(cfg)},
+           "filter": fcfg if filtering else None}
+    writer = _writer_class()(out_dir, gen.class_names, job, overwrite=cfg.overwrite,
+                             shard=cfg.shard, num_shards=cfg.num_shards, io_workers=int(cfg.io_workers))
     writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in mine)
-    todo = [it for it in mine if it.id not in writer.records]
-    log.info("%d images planned for this shard, %d already written, %d to go", len(mine), len(mine) - len(todo),
-             len(todo))
+    todo = [it for it in plain if it.id not in writer.records]
+    log.info("%d images planned for this shard, %d already written, %d to go", len(plain),
+             len(plain) - len(todo), len(todo))
 
-    # 5. Scorer: per-image confidence of the intended label, and FID/KID at the end.
-    scorer = None
-    if cfg.score:
+    # 5. Scorer: per-image confidence of the intended label, the quality filter, FID/KID at the end.
+    scorer = confidence = qf = None
+    if cfg.score or filtering:
         from imgaug_gen.metrics import build_feature_extractor
 
         ref_images, ref_labels = dm.reference_arrays()
@@ -190,49 +432,93 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         confidence = scorer if hasattr(scorer, "predict_proba") else build_feature_extractor(
             {**OmegaConf.to_container(cfg.metrics, resolve=True), "features": "domain"},
             ref_images, ref_labels, dm.num_classes)
+    if filtering:
+        from imgaug_gen.filtering import QualityFilter
+
+        qf = QualityFilter(confidence, real_images, tau=fcfg.get("tau"), delta=fcfg.get("delta", "auto"),
+                           metric=fcfg.get("metric", "cosine"), space=fcfg.get("space", "features"))
+    if not cfg.score:
+        scorer = None  # the filter's extractor only; no per-image confidence / FID for unfiltered images
 
     # 6.-7. Generate (or copy) and write, batch by batch.
     t0 = time.perf_counter()
+    written = 0
     generator_info = {"kind": gen.kind, "run_dir": str(run_dir.resolve())}
-    with writer, tqdm(total=len(todo), desc=f"generate ({cfg.mode})", unit="img", dynamic_ncols=True,
+    to_go = len(todo) + sum(max(0, targets.get(k, 0) - sum(1 for it in g if writer.records.get(it.id, {}).get("kept")))
+                            for k, g in my_groups.items())
+    with writer, tqdm(total=to_go, desc=f"generate ({cfg.mode})", unit="img", dynamic_ncols=True,
                       disable=not cfg.progress) as bar:
         for batch in _batches(todo, int(cfg.batch_size)):
-            groups: dict[str, list[Item]] = {}
+            by_mode: dict[str, list[Item]] = {}
             for it in batch:
-                groups.setdefault(it.mode, []).append(it)
-            for group in groups.values():
+                by_mode.setdefault(it.mode, []).append(it)
+            for group in by_mode.values():
                 images = _render(gen, group, real_images, cfg)
                 conf = (confidence.predict_proba(images)[np.arange(len(group)), [it.label for it in group]]
                         if scorer is not None else None)
                 for k, (it, img) in enumerate(zip(group, images)):
-                    rec = {"id": it.id, "label": it.label, "source": it.source, "mode": it.mode,
-                           "seed": it.seed, "generator": generator_info if it.source == "synthetic" else None,
-                           "scores": {"confidence": float(conf[k])} if conf is not None else {}}
-                    if it.strength is not None:
-                        rec["strength"] = it.strength
-                    if it.source == "synthetic" and hasattr(gen, "prompt_for"):
-                        rec["prompt"] = gen.prompt_for(it.label)
-                    if it.real_index is not None:
-                        src = real_records[it.real_index]
-                        rec["source_id"] = src["id"]
-                        rec["source_path"] = src.get("path")
-                    writer.write(rec, img)
+                    rec = _base_record(it, gen, generator_info, real_records)
+                    if conf is not None:
+                        rec["scores"] = {"confidence": float(conf[k])}
+                    writer.write(rec, _augment(augmenter, it, img, rec))
+                    written += 1
                 bar.update(len(group))
+        # Filtered synthetic images: candidates in plan order until `n` pass (first n accepted, resumable).
+        for key, cands in my_groups.items():
+            n = targets.get(key, 0)
+            accepted = sum(1 for it in cands if writer.records.get(it.id, {}).get("kept", False))
+            pending = [it for it in cands if it.id not in writer.records]
+            done_n = len(cands) - len(pending)
+            while accepted < n and pending:
+                est = max(accepted / done_n if done_n else 1.0, 1.0 / float(fcfg.get("max_factor", 3.0)))
+                size = min(len(pending), int(cfg.batch_size), max(1, math.ceil((n - accepted) / est)))
+                chunk, pending = pending[:size], pending[size:]
+                images = _render(gen, chunk, real_images, cfg)
+                scores = qf.score(images, np.asarray([it.label for it in chunk]))
+                keep = qf.keep(scores)
+                for k, (it, img) in enumerate(zip(chunk, images)):
+                    if accepted >= n:
+                        break
+                    rec = _base_record(it, gen, generator_info, real_records)
+                    rec["scores"] = QualityFilter.record(scores, k)
+                    done_n += 1
+                    if keep[k]:
+                        rec["kept"] = True
+                        writer.write(rec, _augment(augmenter, it, img, rec))
+                        accepted += 1
+                        written += 1
+                        bar.update(1)
+                    else:
+                        writer.write_rejected(rec)
+            if accepted < n:
+                log.warning("filter: class %s (%s) has %d of %d images after %d candidates "
+                            "(raise `filter.max_factor` or relax `filter.tau` / `filter.delta`)",
+                            gen.class_names[key[0]], key[1], accepted, n, len(cands))
     elapsed = time.perf_counter() - t0
 
     # 8. Score the whole folder, write metrics.json, preview and config.
-    metrics: dict[str, Any] = {"images_written_now": len(todo), "seconds": round(elapsed, 3),
-                               "images_per_second": round(len(todo) / elapsed, 2) if elapsed > 0 else None}
+    metrics: dict[str, Any] = {"images_written_now": written, "seconds": round(elapsed, 3),
+                               "images_per_second": round(written / elapsed, 2) if elapsed > 0 else None}
     if cfg.num_shards > 1:
         # A shard marks itself done; whichever shard finishes last merges the manifests and scores.
         atomic_write_json(out_dir / f"shard{cfg.shard:03d}-of-{cfg.num_shards:03d}.done", {"items": len(mine)})
         if not all((out_dir / f"shard{s:03d}-of-{cfg.num_shards:03d}.done").is_file() for s in range(cfg.num_shards)):
             return metrics
         merge_manifests(out_dir, cfg.num_shards)
-    records = read_manifest(out_dir)
-    metrics.update(score_folder(out_dir, records, gen.class_names, scorer, dm if scorer is not None else None))
+    all_records = read_manifest(out_dir)
+    records = kept_records(all_records)
+    metrics.update(score_folder(out_dir, records, gen.class_names, scorer, dm if scorer is not None else None,
+                                k=int(cfg.get("precision_recall_k", 3) or 3)))
+    metrics["planned"] = {name: {"real": int(real_counts[c]) if cfg.include_real else 0, **counts[c]}
+                          for c, name in enumerate(gen.class_names)}
+    if filtering:
+        metrics["filter"] = filter_summary(all_records, qf, gen.class_names, targets)
+    for name in gen.class_names:
+        log.info("class %s: %s", name, metrics["counts_by_mode"][name])
     atomic_write_json(out_dir / "metrics.json", metrics)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["augment_resolved"] = augmenter.to_dict() if augmenter is not None else None
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     try:
         from imgaug_gen.visual import preview_sheet
 
@@ -240,6 +526,30 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     except Exception as e:  # a picture must never fail the job
         log.warning("could not draw preview.png: %s", e)
     return metrics
+
+
+def filter_summary(records: list[dict], qf, class_names: list[str], targets: dict) -> dict:
+    """Acceptance per class and overall, memorisation rate and shortfalls, from the manifest's candidate lines."""
+    from imgaug_gen.filtering import summarise
+
+    cands = [r for r in records if "kept" in r and r.get("source") == "synthetic"]
+    labels = np.asarray([r["label"] for r in cands], dtype=np.int64)
+    keep = np.asarray([bool(r["kept"]) for r in cands], dtype=bool)
+    scores = {}
+    for key in ("confidence", "nearest_real_distance"):
+        if cands and all(key in r.get("scores", {}) for r in cands):
+            scores[key] = np.asarray([r["scores"][key] for r in cands], dtype=np.float64)
+    out = summarise(scores, keep, labels, class_names, tau=qf.tau, delta=qf.delta)
+    out.update({"metric": qf.metric, "space": qf.space,
+                "features": getattr(qf.extractor, "name", None) if qf.space == "features" else "pixels"})
+    short = {}
+    for c, name in enumerate(class_names):
+        want = sum(n for (cc, _), n in targets.items() if cc == c)
+        got = int(keep[labels == c].sum())
+        if got < want:
+            short[str(name)] = {"target": int(want), "kept": got}
+    out["short"] = short
+    return out
 
 
 def load_folder_images(out_dir: Path, records: list[dict]) -> np.ndarray:
@@ -252,20 +562,26 @@ def load_folder_images(out_dir: Path, records: list[dict]) -> np.ndarray:
     return a[..., None] if a.ndim == 3 else a
 
 
-def score_folder(out_dir: Path, records: list[dict], class_names: list[str], extractor=None, dm=None) -> dict:
-    """Counts per class and source; FID/KID of the synthetic images against the real reference."""
+def score_folder(out_dir: Path, records: list[dict], class_names: list[str], extractor=None, dm=None,
+                 k: int = 3) -> dict:
+    """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
+    images against the real reference, overall and per class. Lines with ``"kept": false`` are ignored."""
+    records = kept_records(records)
     counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
+    by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
     for r in records:
         counts[r["class_name"]][r["source"]] += 1
-    out: dict[str, Any] = {"counts": counts,
+        mode = r.get("mode") or r["source"]
+        by_mode[r["class_name"]][mode] = by_mode[r["class_name"]].get(mode, 0) + 1
+    out: dict[str, Any] = {"counts": counts, "counts_by_mode": by_mode,
                            "n_synthetic": sum(v["synthetic"] for v in counts.values()),
                            "n_real": sum(v["real"] for v in counts.values())}
     syn = [r for r in records if r["source"] == "synthetic"]
     if extractor is None or not syn:
         return out
-    from imgaug_gen.metrics import compute_fidelity
+    from imgaug_gen.metrics import compute_fidelity, per_class_fidelity, precision_recall_images
 
-    ref_images, _ = dm.reference_arrays()
+    ref_images, ref_labels = dm.reference_arrays()
     fake = load_folder_images(out_dir, syn)
     fid = compute_fidelity(ref_images, fake, extractor)
     conf = [r["scores"]["confidence"] for r in syn if "confidence" in r.get("scores", {})]
@@ -273,4 +589,12 @@ def score_folder(out_dir: Path, records: list[dict], class_names: list[str], ext
                 "features": fid["features"], "num_features": fid["num_features"],
                 "n_reference": fid["n_real"], "reference": "real images of the run's data (all but the test split)",
                 "mean_confidence": float(np.mean(conf)) if conf else None})
+    out["precision"] = out["recall"] = None
+    if len(ref_images) > k and len(fake) > k:
+        pr = precision_recall_images(ref_images, fake, extractor, k=k)
+        out.update(precision=pr["precision"], recall=pr["recall"])
+    out["precision_recall_k"] = int(k)
+    fake_labels = np.asarray([r["label"] for r in syn], dtype=np.int64)
+    out["per_class"] = {str(name): v for name, v in per_class_fidelity(
+        ref_images, ref_labels, fake, fake_labels, extractor, class_names=list(class_names), k=k).items()}
     return out

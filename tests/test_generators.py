@@ -28,9 +28,10 @@ def make_cgan():
     return module.to_generator()
 
 
+from factories_ddpm import make_generator as make_ddpm  # noqa: E402
 from tiny_sd import make_generator as make_sd_lora  # noqa: E402
 
-FACTORIES = {"cgan": make_cgan, "sd_lora": make_sd_lora}
+FACTORIES = {"cgan": make_cgan, "ddpm": make_ddpm, "sd_lora": make_sd_lora}
 
 
 @pytest.fixture(params=sorted(FACTORIES))

@@ -15,6 +15,25 @@ from imgaug_gen.metrics.features import (
     images_to_tensor,
 )
 from imgaug_gen.metrics.fidelity import FidelityEvaluator, clear_real_stats_cache, compute_fidelity, images_hash
+from imgaug_gen.metrics.precision_recall import per_class_fidelity, precision_recall, precision_recall_images
+
+#: Loaded on first use (the downstream classifier is not needed to score images).
+_LAZY = {
+    "train_and_test": "imgaug_gen.metrics.downstream",
+    "compare_methods": "imgaug_gen.metrics.downstream",
+    "classification_accuracy_score": "imgaug_gen.metrics.downstream",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FEATURE_KINDS",
@@ -23,9 +42,15 @@ __all__ = [
     "FidelityEvaluator",
     "InceptionFeatures",
     "build_feature_extractor",
+    "classification_accuracy_score",
     "clear_real_stats_cache",
+    "compare_methods",
     "compute_fidelity",
     "fit_domain_features",
     "images_hash",
     "images_to_tensor",
+    "per_class_fidelity",
+    "precision_recall",
+    "precision_recall_images",
+    "train_and_test",
 ]

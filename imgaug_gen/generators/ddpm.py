@@ -1,0 +1,501 @@
+"""Class-conditional diffusion (DDPM) trained from scratch: the saved generator and its LightningModule.
+
+Training recipe: a diffusers ``UNet2DModel`` with a class embedding of
+``num_classes + 1`` entries (the last one is the "null" class), the standard
+noise-prediction MSE loss at uniformly drawn timesteps of ``train_scheduler``
+(a diffusers ``DDPMScheduler``), labels replaced by the null class with
+probability ``cond_drop_prob`` so that one network is both conditional and
+unconditional (classifier-free guidance), AdamW with an optional linear LR
+warmup, and an EMA copy of the UNet that is used for every sample, grid and
+saved model. Automatic optimisation: ``trainer.max_steps`` counts iterations.
+
+Sampling (:class:`DDPMGenerator`) runs ``sample_scheduler`` (DDIM by default,
+DPM-Solver++ or DDPM by name) with ``guidance_scale``; every random number of
+image ``i`` comes from a ``torch.Generator`` seeded with its own seed, so an
+image depends only on its label and seed, never on its batch. img2img is
+SDEdit: noise a real image to the sampling step matching ``strength`` and
+denoise it with its label.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from imgaug_gen.errors import ConfigError
+from imgaug_gen.generators.base import (
+    ConditionalGenerator,
+    from_uint8_nhwc,
+    register_generator,
+    to_uint8_nhwc,
+)
+
+log = logging.getLogger(__name__)
+
+# UNet2DModel arguments that come from the data, not from `model.unet`.
+_DATA_UNET_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "class_embed_type")
+# Scheduler settings that define the noise schedule: sampling must use the one it was trained with.
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "prediction_type", "rescale_betas_zero_snr")
+# Samplers selectable by name at generation time (`sample_kwargs.scheduler=...`).
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+SAMPLE_KWARGS = ("num_inference_steps", "guidance_scale", "eta", "scheduler")
+
+
+# -- schedulers as config ------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """diffusers config values -> JSON-able plain Python (lists, dicts, numbers, strings)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def scheduler_spec(scheduler: SchedulerMixin) -> dict[str, Any]:
+    """What config.json (and the checkpoint's hparams) hold for a scheduler."""
+    return {"class_name": type(scheduler).__name__, "config": _plain(scheduler.config)}
+
+
+def _scheduler_class(name: str, key: str) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ConfigError(f"`{key}` names {name!r}, which is not a diffusers scheduler class; use e.g. "
+                          "DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler.")
+    return cls
+
+
+def _init_params(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+
+
+def build_scheduler(value: Any, key: str) -> SchedulerMixin:
+    """A scheduler from an instance (what Hydra built), a Hydra node with ``_target_``, or a
+    saved spec ``{"class_name": ..., "config": {...}}``."""
+    if isinstance(value, SchedulerMixin):
+        return value
+    if isinstance(value, Mapping) and "_target_" in value:
+        from hydra.utils import instantiate
+
+        try:
+            value = instantiate(dict(value))
+        except Exception as e:  # Hydra wraps the constructor's error
+            raise ConfigError(f"`{key}` could not be built ({e}); give a diffusers scheduler "
+                              "`_target_` and only arguments it accepts.") from e
+        if not isinstance(value, SchedulerMixin):
+            raise ConfigError(f"`{key}._target_` built a {type(value).__name__}, not a diffusers scheduler.")
+        return value
+    if isinstance(value, Mapping) and "class_name" in value:
+        cls = _scheduler_class(value["class_name"], f"{key}.class_name")
+        config = {k: v for k, v in dict(value.get("config") or {}).items() if k in _init_params(cls)}
+        return cls.from_config(config)
+    raise ConfigError(f"`{key}` = {value!r} is not a scheduler; give a Hydra node such as "
+                      "`{_target_: diffusers.DDIMScheduler, num_train_timesteps: 1000}`.")
+
+
+def clips_x0(scheduler: SchedulerMixin) -> bool:
+    """Whether the sampler keeps its x0 predictions in the data range (clip or threshold)."""
+    return bool(scheduler.config.get("clip_sample", False) or scheduler.config.get("thresholding", False))
+
+
+def convert_scheduler(scheduler: SchedulerMixin, class_name: str, **overrides) -> SchedulerMixin:
+    """The same noise schedule run by another scheduler class (unknown settings dropped; x0
+    clipping carried over as thresholding where the target has no ``clip_sample``)."""
+    cls = _scheduler_class(class_name, "scheduler")
+    allowed = _init_params(cls)
+    config = {k: v for k, v in _plain(scheduler.config).items() if k in allowed}
+    if clips_x0(scheduler) and "clip_sample" not in allowed and "thresholding" in allowed:
+        limit = (scheduler.config.get("sample_max_value", 1.0) if scheduler.config.get("thresholding")
+                 else scheduler.config.get("clip_sample_range", 1.0))
+        config.update(thresholding=True, sample_max_value=float(limit))
+    return cls.from_config({**config, **overrides})
+
+
+def check_same_schedule(train: SchedulerMixin, sample: SchedulerMixin,
+                        keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler")) -> None:
+    """Sampling must integrate the noise schedule the network was trained on."""
+    a, b = _plain(train.config), _plain(sample.config)
+    diff = {k: (a.get(k), b.get(k)) for k in _SCHEDULE_KEYS if k in a and k in b and a.get(k) != b.get(k)}
+    same_alphas = (train.alphas_cumprod.shape == sample.alphas_cumprod.shape
+                   and torch.allclose(train.alphas_cumprod, sample.alphas_cumprod))
+    if diff or not same_alphas:
+        shown = ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diff.items()) or "alphas_cumprod differ"
+        raise ConfigError(
+            f"`{keys[1]}` uses a different noise schedule than `{keys[0]}` ({shown}). Give both the same "
+            f"{', '.join(_SCHEDULE_KEYS[:4])} and prediction_type (conf/model/ddpm.yaml interpolates them "
+            f"from `{keys[0]}`)."
+        )
+
+
+def check_x0_clipping(train: SchedulerMixin, sample: SchedulerMixin,
+                      keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler")) -> None:
+    """A pixel-space model trained with clipped x0 needs a sampler that clips too (without it,
+    DPM-Solver++ on the cosine schedule diverges from the first step)."""
+    if clips_x0(train) and not clips_x0(sample):
+        raise ConfigError(
+            f"`{keys[1]}` ({type(sample).__name__}) does not keep its x0 predictions in [-1, 1], but "
+            f"`{keys[0]}.clip_sample` is true. Set `{keys[1]}.thresholding=true` (with "
+            f"`{keys[1]}.sample_max_value=1.0`), or `{keys[1]}.clip_sample=true` where the scheduler has it."
+        )
+
+
+# -- the network -----------------------------------------------------------------------------
+def unet_config(num_classes: int, image_shape: Sequence[int], unet: Mapping[str, Any] | None = None) -> dict:
+    """Full ``UNet2DModel`` arguments: the data's facts plus ``model.unet`` (checked)."""
+    unet = dict(unet or {})
+    given = sorted(set(unet) & set(_DATA_UNET_KEYS))
+    if given:
+        raise ConfigError(f"`model.unet` sets {given}, which come from the data (image size, channels, "
+                          "classes); remove them.")
+    c, h, w = (int(v) for v in image_shape)
+    widths = [int(v) for v in unet.get("block_out_channels", (32, 64, 64))]
+    n = len(widths)
+    unet.setdefault("block_out_channels", widths)
+    unet.setdefault("down_block_types", ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D"])
+    unet.setdefault("up_block_types", ["AttnUpBlock2D"] + ["UpBlock2D"] * (n - 1))
+    unet.setdefault("layers_per_block", 1)
+    unet.setdefault("norm_num_groups", 8)
+    for k in ("down_block_types", "up_block_types"):
+        if len(unet[k]) != n:
+            raise ConfigError(f"`model.unet.{k}` has {len(unet[k])} entries but `model.unet.block_out_channels` "
+                              f"= {widths} has {n}; give one block type per width.")
+    groups = int(unet["norm_num_groups"])
+    if any(wd % groups for wd in widths):
+        raise ConfigError(f"`model.unet.block_out_channels` = {widths} must all be divisible by "
+                          f"`model.unet.norm_num_groups` = {groups}; change one of them.")
+    factor = 2 ** (n - 1)
+    if h % factor or w % factor:
+        raise ConfigError(f"image size {h}x{w} (`data.image_size`) must be divisible by {factor} for a UNet with "
+                          f"{n} levels (`model.unet.block_out_channels` = {widths}); change either.")
+    return _plain({**unet, "sample_size": h if h == w else [h, w], "in_channels": c, "out_channels": c,
+                   "num_class_embeds": num_classes + 1})
+
+
+def build_unet(config: Mapping[str, Any]) -> UNet2DModel:
+    try:
+        return UNet2DModel.from_config(dict(config))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"`model.unet` does not make a valid diffusers UNet2DModel: {e}") from e
+
+
+# -- the generator ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleOptions:
+    num_inference_steps: int
+    guidance_scale: float
+    eta: float
+    scheduler: str | None  # None: the saved sample_scheduler
+
+
+@register_generator("ddpm")
+class DDPMGenerator(ConditionalGenerator):
+    """The EMA UNet of a DDPM run plus its schedulers, behind the generator contract.
+
+    ``config`` holds ``unet`` (the full UNet2DModel config), ``train_scheduler`` and
+    ``sample_scheduler`` (``{"class_name", "config"}``), and the sampling defaults
+    ``num_inference_steps``, ``guidance_scale`` and ``eta``; each can be overridden per
+    call (``sample(..., num_inference_steps=10, guidance_scale=3, scheduler="dpmsolver++")``).
+    """
+
+    supports_edit = True
+
+    def __init__(self, config: dict[str, Any], unet: UNet2DModel | None = None):
+        super().__init__(config)
+        for key in ("unet", "train_scheduler", "sample_scheduler"):
+            if key not in self.config:
+                raise ConfigError(f"the ddpm generator config has no `{key}`; the generator folder is damaged.")
+        self.config.setdefault("num_inference_steps", 20)
+        self.config.setdefault("guidance_scale", 1.0)
+        self.config.setdefault("eta", 0.0)
+        self.unet = unet if unet is not None else build_unet(self.config["unet"])
+        self._templates: dict[str | None, SchedulerMixin] = {
+            None: build_scheduler(self.config["sample_scheduler"], "sample_scheduler")}
+        self._step_params: dict[type, set[str]] = {}
+        self._warned: set[tuple[float, int]] = set()
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    # 1. Check the sampling options.
+    def sample_options(self, kwargs: Mapping[str, Any], prefix: str = "sample_kwargs") -> SampleOptions:
+        """Per-call options over the saved defaults; errors name ``prefix.key`` (generate.py's keys)."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the saved default
+        unknown = sorted(set(kwargs) - set(SAMPLE_KWARGS))
+        if unknown:
+            raise ConfigError(f"`{prefix}` has unknown keys {unknown} for a ddpm generator; allowed: "
+                              f"{list(SAMPLE_KWARGS)}.")
+        cfg = {**{k: self.config[k] for k in ("num_inference_steps", "guidance_scale", "eta")}, **kwargs}
+        steps, scale, eta = cfg["num_inference_steps"], cfg["guidance_scale"], cfg["eta"]
+        max_steps = int(self._templates[None].config.num_train_timesteps)
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= max_steps:
+            raise ConfigError(f"`{prefix}.num_inference_steps` = {steps!r}; give an integer in "
+                              f"[1, {max_steps}] (the training timesteps).")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise ConfigError(f"`{prefix}.guidance_scale` = {scale!r}; give a number >= 0 (1 = no guidance, "
+                              "0 = unconditional, > 1 = stronger class guidance).")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+            raise ConfigError(f"`{prefix}.eta` = {eta!r}; give a number in [0, 1] (DDIM only: 0 deterministic, "
+                              "1 = DDPM-like).")
+        name = kwargs.get("scheduler")
+        if name is not None and name not in SAMPLERS:
+            raise ConfigError(f"`{prefix}.scheduler` = {name!r}; allowed: {list(SAMPLERS)} (or leave it "
+                              "unset for the scheduler the model was trained with).")
+        return SampleOptions(int(steps), float(scale), float(eta), name)
+
+    # 2. A fresh scheduler (they hold per-run state) with its timesteps set.
+    def make_scheduler(self, options: SampleOptions) -> SchedulerMixin:
+        if options.scheduler not in self._templates:
+            class_name, extra = SAMPLERS[options.scheduler]
+            self._templates[options.scheduler] = convert_scheduler(self._templates[None], class_name, **extra)
+        scheduler = copy.deepcopy(self._templates[options.scheduler])
+        scheduler.set_timesteps(options.num_inference_steps)
+        return scheduler
+
+    def _step_kwargs(self, scheduler: SchedulerMixin, generators: list[torch.Generator],
+                     options: SampleOptions) -> dict[str, Any]:
+        cls = type(scheduler)
+        if cls not in self._step_params:
+            self._step_params[cls] = set(inspect.signature(scheduler.step).parameters)
+        params = self._step_params[cls]
+        kwargs: dict[str, Any] = {"return_dict": False}
+        if "generator" in params:
+            kwargs["generator"] = generators  # diffusers draws image i's noise from generators[i]
+        if "eta" in params:
+            kwargs["eta"] = options.eta
+        return kwargs
+
+    # 3. Per-image noise.
+    def initial_noise(self, generators: list[torch.Generator]) -> torch.Tensor:
+        shape = self.image_shape
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+
+    # 4. The denoising loop (classifier-free guidance: conditional and null class in one batch).
+    def denoise(self, x: torch.Tensor, labels: torch.Tensor, scheduler: SchedulerMixin, timesteps: torch.Tensor,
+                generators: list[torch.Generator], options: SampleOptions) -> torch.Tensor:
+        step_kwargs = self._step_kwargs(scheduler, generators, options)
+        scale = options.guidance_scale
+        if scale == 1.0:
+            class_labels = labels
+        elif scale == 0.0:
+            class_labels = torch.full_like(labels, self.null_class)
+        else:
+            class_labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        guided = class_labels.shape[0] != labels.shape[0]
+        for t in timesteps:
+            model_in = scheduler.scale_model_input(x, t)
+            if guided:
+                model_in = torch.cat([model_in, model_in])
+            out = self.unet(model_in, t, class_labels=class_labels, return_dict=False)[0]
+            if guided:
+                cond, uncond = out.chunk(2)
+                out = uncond + scale * (cond - uncond)
+            x = scheduler.step(out, t, x, **step_kwargs)[0]
+        return x
+
+    def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
+        options = self.sample_options(kwargs)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        scheduler = self.make_scheduler(options)
+        x = self.initial_noise(generators) * scheduler.init_noise_sigma
+        x = self.denoise(x, labels, scheduler, scheduler.timesteps, generators, options)
+        return to_uint8_nhwc(x)
+
+    # -- img2img (SDEdit) -------------------------------------------------------------------
+    @staticmethod
+    def edit_start(num_inference_steps: int, strength: float) -> int:
+        """Index of the first sampling step for ``strength`` (diffusers img2img): the last
+        ``int(strength * num_inference_steps)`` steps are run; 0 steps leaves the image as is."""
+        run = min(int(num_inference_steps * strength + 1e-6), num_inference_steps)
+        return num_inference_steps - run
+
+    def _edit_batch(self, images: np.ndarray, labels: torch.Tensor, strengths: list[float],
+                    seeds: list[int], **kwargs) -> np.ndarray:
+        options = self.sample_options(kwargs)
+        c, h, w = self.image_shape
+        if images.shape[1:] != (h, w, c):
+            raise ConfigError(f"`images` are {images.shape[1]}x{images.shape[2]}x{images.shape[3]} (HxWxC); this "
+                              f"generator edits {h}x{w}x{c} images. Resize them (generate.py uses the run's data).")
+        x0 = from_uint8_nhwc(images, device=self.device)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        noise = self.initial_noise(generators)  # first draw of every image, whatever its strength
+        out = x0.clone()
+        for strength in sorted(set(strengths)):
+            idx = [i for i, s in enumerate(strengths) if s == strength]
+            scheduler = self.make_scheduler(options)
+            start = self.edit_start(options.num_inference_steps, strength) * scheduler.order
+            timesteps = scheduler.timesteps[start:]
+            if len(timesteps) == 0:
+                if (strength, options.num_inference_steps) not in self._warned:
+                    self._warned.add((strength, options.num_inference_steps))
+                    log.warning("img2img strength %s runs 0 of %d steps: the images are returned unchanged; raise "
+                                "`img2img.strengths` or `sample_kwargs.num_inference_steps`.", strength,
+                                options.num_inference_steps)
+                continue
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            sel = torch.as_tensor(idx, device=self.device)
+            x = scheduler.add_noise(x0[sel], noise[sel], timesteps[:1].repeat(len(idx)))
+            out[sel] = self.denoise(x, labels[sel], scheduler, timesteps, [generators[i] for i in idx], options)
+        return to_uint8_nhwc(out)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_unet(cls, unet: UNet2DModel, *, num_classes: int, class_names: Sequence[str],
+                  image_shape: Sequence[int], train_scheduler: SchedulerMixin, sample_scheduler: SchedulerMixin,
+                  num_inference_steps: int = 20, guidance_scale: float = 1.0, eta: float = 0.0,
+                  extra: dict | None = None) -> "DDPMGenerator":
+        """A generator around ``unet`` (weights shared, not copied)."""
+        config = {"num_classes": int(num_classes), "class_names": list(class_names),
+                  "image_shape": [int(v) for v in image_shape], "unet": _plain(unet.config),
+                  "train_scheduler": scheduler_spec(train_scheduler),
+                  "sample_scheduler": scheduler_spec(sample_scheduler),
+                  "num_inference_steps": int(num_inference_steps), "guidance_scale": float(guidance_scale),
+                  "eta": float(eta), **(extra or {})}
+        return cls(config, unet=unet)
+
+
+# -- training -----------------------------------------------------------------------------------
+class DDPMModule(pl.LightningModule):
+    """Training logic only: epsilon (or v) prediction MSE, label dropout for CFG, EMA."""
+
+    def __init__(self, num_classes: int, class_names: Sequence[str], image_shape: Sequence[int],
+                 unet: Mapping[str, Any] | None = None, train_scheduler: Any = None, sample_scheduler: Any = None,
+                 num_inference_steps: int = 20, guidance_scale: float = 1.5, eta: float = 0.0,
+                 cond_drop_prob: float = 0.1, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, lr_warmup_steps: int = 0, ema_decay: float = 0.999,
+                 noise_seed: int | None = None):
+        super().__init__()
+        # The schedulers are stored as plain specs, so that hparams (and the checkpoint) hold no objects.
+        train = build_scheduler(train_scheduler if train_scheduler is not None else
+                                {"class_name": "DDPMScheduler", "config": {}}, "model.train_scheduler")
+        sample = build_scheduler(sample_scheduler if sample_scheduler is not None else
+                                 {"class_name": "DDIMScheduler", "config": _plain(train.config)},
+                                 "model.sample_scheduler")
+        check_same_schedule(train, sample)
+        check_x0_clipping(train, sample)
+        train_scheduler, sample_scheduler = scheduler_spec(train), scheduler_spec(sample)
+        if not 0 <= cond_drop_prob < 1:
+            raise ConfigError(f"`model.cond_drop_prob` = {cond_drop_prob}; give a probability in [0, 1) "
+                              "(0.1 is usual; 0 disables classifier-free guidance).")
+        if cond_drop_prob == 0 and guidance_scale != 1:
+            raise ConfigError(f"`model.guidance_scale` = {guidance_scale} needs `model.cond_drop_prob` > 0 (the null "
+                              "class is never trained otherwise); set `model.guidance_scale=1` or "
+                              "`model.cond_drop_prob=0.1`.")
+        if not 0 <= ema_decay < 1:
+            raise ConfigError(f"`model.ema_decay` = {ema_decay}; give a number in [0, 1) (e.g. 0.999).")
+        if lr_warmup_steps < 0:
+            raise ConfigError(f"`model.lr_warmup_steps` = {lr_warmup_steps}; give a count >= 0.")
+        self.save_hyperparameters()
+        self.unet = build_unet(unet_config(num_classes, image_shape, unet))
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.noise_scheduler = train
+        self.sample_scheduler = sample
+        # validate the sampling defaults now, not at the first sample grid
+        defaults = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "eta": eta}
+        self.to_generator().sample_options(defaults, prefix="model")
+        self.ema_updates = 0
+        # Training noise, timesteps and label dropout come from the module's own generator, saved in
+        # the checkpoint: resume is exact whatever else draws from torch's global RNG (a DataLoader's
+        # iter() does). Default seed: the run's (`seed`, set by seed_everything before the build).
+        self._noise_seed = int(torch.initial_seed() if noise_seed is None else noise_seed)
+        self._noise_rng: torch.Generator | None = None
+        self._noise_rng_state: dict | None = None  # from a checkpoint, until noise_rng() applies it
+
+    # -- what the rest of the framework needs ------------------------------------------
+    def to_generator(self) -> DDPMGenerator:
+        hp = self.hparams
+        return DDPMGenerator.from_unet(
+            self.ema, num_classes=hp.num_classes, class_names=hp.class_names, image_shape=hp.image_shape,
+            train_scheduler=self.noise_scheduler, sample_scheduler=self.sample_scheduler,
+            num_inference_steps=hp.num_inference_steps, guidance_scale=hp.guidance_scale, eta=hp.eta)
+
+    # -- training ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                weight_decay=hp.weight_decay)
+        if hp.lr_warmup_steps <= 0:
+            return opt
+        warmup = int(hp.lr_warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def noise_rng(self) -> torch.Generator:
+        """The training-noise generator on this module's device (one stream per DDP rank)."""
+        if self._noise_rng is None or self._noise_rng.device.type != self.device.type:
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(self._noise_seed + 1_000_003 * self.global_rank)
+            saved, self._noise_rng_state = self._noise_rng_state, None
+            if saved is not None and saved["device"] == self.device.type:
+                rng.set_state(saved["state"])
+            elif saved is not None:  # resumed on another device type: the stream cannot continue
+                log.warning("resuming a run trained on %s on %s: the training noise restarts from its seed, so "
+                            "the run will not match an uninterrupted one exactly.", saved["device"],
+                            self.device.type)
+            self._noise_rng = rng
+        return self._noise_rng
+
+    def training_step(self, batch, batch_idx):
+        x0, labels = batch
+        n, rng = x0.shape[0], self.noise_rng()
+        # 1. Drop labels to the null class (classifier-free guidance).
+        if self.hparams.cond_drop_prob > 0:
+            drop = torch.rand(n, device=self.device, generator=rng) < self.hparams.cond_drop_prob
+            labels = torch.where(drop, torch.full_like(labels, self.hparams.num_classes), labels)
+        # 2. Noise the images at random timesteps.
+        noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=rng)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=self.device,
+                          generator=rng)
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        # 3. Predict the noise (or v) and regress it.
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise
+        pred = self.unet(x_t, t, class_labels=labels, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float())
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema()  # after every real optimiser step (also under gradient accumulation)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        self.ema_updates += 1
+        n = self.ema_updates
+        decay = min(self.hparams.ema_decay, (1 + n) / (10 + n))  # warmup: early steps follow the weights
+        for p_ema, p in zip(self.ema.parameters(), self.unet.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.unet.buffers()):
+            b_ema.copy_(b)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema_updates"] = self.ema_updates
+        checkpoint["ddpm_noise_rng"] = {"device": self.device.type, "state": self.noise_rng().get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ema_updates = int(checkpoint.get("ema_updates", 0))
+        # applied when the generator is made on the training device (the module may not be there yet)
+        self._noise_rng, self._noise_rng_state = None, checkpoint.get("ddpm_noise_rng")
