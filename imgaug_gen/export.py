@@ -20,7 +20,7 @@ import os
 import shutil
 import unicodedata
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
@@ -111,9 +111,10 @@ class FolderWriter:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn last line from a killed run
-                if (self.out_dir / rec["file"]).is_file():
+                # a rejected candidate has no file; any other line needs its file in place
+                if not is_kept(rec) or (self.out_dir / rec["file"]).is_file():
                     records[rec["id"]] = rec
-        # Rewrite the manifest cleanly (atomically) and drop orphan files of this shard.
+        # Rewrite the manifest cleanly (atomically); orphan files are dropped by remove_orphans.
         atomic_write_text(self.manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
         return records
 
@@ -148,6 +149,16 @@ class FolderWriter:
         else:
             self._pending.append((record, self._pool.submit(atomic_save_image, path, np.array(image))))
             self._drain(self.max_pending)
+        return record
+
+    def write_rejected(self, record: dict[str, Any]) -> dict:
+        """A manifest line with no file (a candidate the quality filter rejected), kept in
+        order after the pending writes so a resumed run skips it."""
+        record = {"class_name": self.class_names[int(record["label"])], **record, "kept": False}
+        done: Future = Future()
+        done.set_result(None)
+        self._pending.append((record, done))
+        self._drain(self.max_pending if self._pool is not None else 0)
         return record
 
     def _append(self, record: dict) -> None:
@@ -203,6 +214,13 @@ def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:
     return records
 
 
-def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
+def is_kept(record: dict) -> bool:
+    """False for the quality filter's rejected candidates (manifest lines with no file)."""
+    return record.get("kept", True) is not False and bool(record.get("file"))
+
+
+def read_manifest(out_dir: str | os.PathLike, include_rejected: bool = False) -> list[dict]:
+    """The manifest's lines: the images in the folder (and, if asked, the rejected candidates)."""
     path = Path(out_dir) / MANIFEST
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return records if include_rejected else [r for r in records if is_kept(r)]

@@ -274,62 +274,22 @@ def _batches(items: list[Item], size: int):
         yield items[i:i + size]
 
 
+def _sample_kwargs(cfg: DictConfig) -> dict:
+    """The generator's sampling options that are set (null = the generator's saved default)."""
+    kwargs = OmegaConf.to_container(cfg.get("sample_kwargs") or {}, resolve=True)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def _render(gen, batch: list[Item], real_images: np.ndarray, cfg: DictConfig) -> np.ndarray:
     labels = [it.label for it in batch]
     seeds = [it.seed for it in batch]
     if batch[0].mode == "sample":
-        return gen.sample(labels, seeds=seeds, batch_size=len(batch), **dict(cfg.get("sample_kwargs") or {}))
+        return gen.sample(labels, seeds=seeds, batch_size=len(batch), **_sample_kwargs(cfg))
     if batch[0].mode == "img2img":
         src = real_images[[it.real_index for it in batch]]
         return gen.edit(src, labels, strength=[it.strength for it in batch], seeds=seeds,
-                        batch_size=len(batch), **dict(cfg.get("sample_kwargs") or {}))
+                        batch_size=len(batch), **_sample_kwargs(cfg))
     return real_images[[it.real_index for it in batch]]
-
-
-def kept_records(records: list[dict]) -> list[dict]:
-    """Manifest lines of images in the folder (drops the filter's ``"kept": false`` lines)."""
-    return [r for r in records if r.get("kept", True) and r.get("file")]
-
-
-def _writer_class():
-    from concurrent.futures import Future
-
-    from imgaug_gen.export import FolderWriter
-
-    class _Writer(FolderWriter):
-        """FolderWriter that also keeps file-less ``"kept": false`` lines (rejected candidates) on resume."""
-
-        def _recover(self) -> dict[str, dict]:
-            import json
-
-            from imgaug_gen.io import atomic_write_text
-
-            records: dict[str, dict] = {}
-            if self.manifest_path.is_file():
-                for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if rec.get("kept", True) is False or (rec.get("file") and (self.out_dir / rec["file"]).is_file()):
-                        records[rec["id"]] = rec
-            atomic_write_text(self.manifest_path,
-                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
-            return records
-
-        def write_rejected(self, record: dict) -> dict:
-            """A manifest line with no file, in order after the pending writes."""
-            record = {"class_name": self.class_names[int(record["label"])], **record, "kept": False}
-            if self._pool is None:
-                self._append(record)
-            else:
-                done: Future = Future()
-                done.set_result(None)
-                self._pending.append((record, done))
-                self._drain(self.max_pending)
-            return record
-
-    return _Writer
 
 
 def _base_record(it: Item, gen, generator_info: dict, real_records: list[dict]) -> dict:
@@ -358,7 +318,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run a generation job as configured; returns the metrics dict (also in metrics.json)."""
     from tqdm.auto import tqdm
 
-    from imgaug_gen.export import merge_manifests, read_manifest
+    from imgaug_gen.export import FolderWriter, is_kept, merge_manifests, read_manifest
     from imgaug_gen.generators.base import load_generator, read_run_config
     from imgaug_gen.io import atomic_write_json, atomic_write_text
 
@@ -415,7 +375,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                    "target_per_class": (cfg.get("mix") or {}).get("target_per_class"),
                    "sources": _mix_sources(cfg)},
            "filter": fcfg if filtering else None}
-    writer = _writer_class()(out_dir, gen.class_names, job, overwrite=cfg.overwrite,
+    writer = FolderWriter(out_dir, gen.class_names, job, overwrite=cfg.overwrite,
                              shard=cfg.shard, num_shards=cfg.num_shards, io_workers=int(cfg.io_workers))
     writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in mine)
     todo = [it for it in plain if it.id not in writer.records]
@@ -505,8 +465,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         if not all((out_dir / f"shard{s:03d}-of-{cfg.num_shards:03d}.done").is_file() for s in range(cfg.num_shards)):
             return metrics
         merge_manifests(out_dir, cfg.num_shards)
-    all_records = read_manifest(out_dir)
-    records = kept_records(all_records)
+    all_records = read_manifest(out_dir, include_rejected=True)
+    records = [r for r in all_records if is_kept(r)]
     metrics.update(score_folder(out_dir, records, gen.class_names, scorer, dm if scorer is not None else None,
                                 k=int(cfg.get("precision_recall_k", 3) or 3)))
     metrics["planned"] = {name: {"real": int(real_counts[c]) if cfg.include_real else 0, **counts[c]}
@@ -566,7 +526,9 @@ def score_folder(out_dir: Path, records: list[dict], class_names: list[str], ext
                  k: int = 3) -> dict:
     """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
     images against the real reference, overall and per class. Lines with ``"kept": false`` are ignored."""
-    records = kept_records(records)
+    from imgaug_gen.export import is_kept
+
+    records = [r for r in records if is_kept(r)]
     counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
     by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
     for r in records:

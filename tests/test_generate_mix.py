@@ -11,8 +11,8 @@ from PIL import Image
 
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.export import read_manifest
-from imgaug_gen.pipeline import kept_records, generate, plan_items, split_counts, synthetic_counts
+from imgaug_gen.export import is_kept, read_manifest
+from imgaug_gen.pipeline import generate, plan_items, split_counts, synthetic_counts
 
 
 def gen_cfg(run_dir, out_dir, *extra):
@@ -138,9 +138,9 @@ FILTER = ["filter.enabled=true", "filter.tau=0.1", "n_per_class=3", "include_rea
 def test_filter_writes_exactly_the_accepted(trained_cgan, tmp_path):
     out = tmp_path / "out"
     m = generate(gen_cfg(trained_cgan, out, *FILTER))
-    recs = read_manifest(out)
+    recs = read_manifest(out, include_rejected=True)
     rejected = [r for r in recs if r.get("kept") is False]
-    kept = kept_records(recs)
+    kept = [r for r in recs if is_kept(r)]
     assert rejected and kept, "tau=0.1 on a barely trained cGAN should keep some and reject some"
     assert all("file" not in r for r in rejected)
     assert sorted(files_bytes(out)) == sorted(r["file"] for r in kept)
@@ -169,7 +169,7 @@ def test_filter_tau_099_rejects_all_and_warns(trained_cgan, tmp_path, caplog):
     out = tmp_path / "out"
     m = generate(gen_cfg(trained_cgan, out, *FILTER, "filter.tau=0.99", "n_per_class=1"))
     assert m["filter"]["kept"] < m["filter"]["n"] and m["filter"]["short"]
-    assert sorted(files_bytes(out)) == sorted(r["file"] for r in kept_records(read_manifest(out)))
+    assert sorted(files_bytes(out)) == sorted(r["file"] for r in read_manifest(out))
     assert "filter: class" in caplog.text
 
 
@@ -183,8 +183,8 @@ def test_filter_resume_after_kill(trained_cgan, tmp_path):
     (part / "metrics.json").unlink()
     generate(gen_cfg(trained_cgan, part, *FILTER))
     assert files_bytes(part) == files_bytes(full)
-    a = sorted(json.dumps(r, sort_keys=True) for r in read_manifest(part))
-    b = sorted(json.dumps(r, sort_keys=True) for r in read_manifest(full))
+    a = sorted(json.dumps(r, sort_keys=True) for r in read_manifest(part, include_rejected=True))
+    b = sorted(json.dumps(r, sort_keys=True) for r in read_manifest(full, include_rejected=True))
     assert a == b
     assert json.loads((part / "metrics.json").read_text())["filter"] == json.loads(
         (full / "metrics.json").read_text())["filter"]
@@ -210,5 +210,5 @@ def test_filter_with_shards_gives_the_unsharded_folder(trained_cgan, tmp_path):
     for s in (0, 1):
         generate(gen_cfg(trained_cgan, two, *FILTER, "augment=light", f"shard={s}", "num_shards=2"))
     assert files_bytes(two) == files_bytes(one)
-    assert ({r["id"]: r["kept"] for r in read_manifest(two)} == {r["id"]: r["kept"] for r in read_manifest(one)})
+    assert ({r["id"]: r["kept"] for r in read_manifest(two, include_rejected=True)} == {r["id"]: r["kept"] for r in read_manifest(one, include_rejected=True)})
     assert json.loads((two / "metrics.json").read_text())["filter"]["kept"] == len(files_bytes(one))
