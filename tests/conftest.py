@@ -82,3 +82,16 @@ def tiny_folder(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"img_{k:03d}.png")
     return root
+
+
+def gen_cfg(run_dir, out_dir, *extra):
+    """A tiny generate config (4 per class, no progress bar)."""
+    from imgaug_gen.config import compose_config
+
+    return compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", "n_per_class=4",
+                                       "progress=false", *extra])
+
+
+def files_bytes(out_dir):
+    """{relative path: bytes} of every PNG under out_dir/train."""
+    return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted((out_dir / "train").rglob("*.png"))}

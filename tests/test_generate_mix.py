@@ -12,16 +12,8 @@ from PIL import Image
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.export import is_kept, read_manifest
+from conftest import files_bytes, gen_cfg
 from imgaug_gen.pipeline import generate, plan_items, split_counts, synthetic_counts
-
-
-def gen_cfg(run_dir, out_dir, *extra):
-    return compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", "n_per_class=4",
-                                       "progress=false", *extra])
-
-
-def files_bytes(out_dir):
-    return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted((out_dir / "train").rglob("*.png"))}
 
 
 def png(out_dir, rec):

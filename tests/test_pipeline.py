@@ -7,19 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from imgaug_gen.config import compose_config
+from conftest import files_bytes, gen_cfg
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.export import read_manifest
 from imgaug_gen.pipeline import generate
-
-
-def gen_cfg(run_dir, out_dir, *extra):
-    return compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", "n_per_class=4",
-                                       "progress=false", *extra])
-
-
-def files_bytes(out_dir):
-    return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted((out_dir / "train").rglob("*.png"))}
 
 
 def test_generate_writes_a_ready_to_train_folder(trained_cgan, tmp_path):

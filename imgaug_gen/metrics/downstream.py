@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgaug_gen.errors import require
-from imgaug_gen.metrics.features import _to_float01, images_to_tensor, validate_images
+from imgaug_gen.metrics.features import _random_shift, _to_float01, images_to_tensor, validate_images
 
 __all__ = [
     "RECIPE",
@@ -80,16 +80,6 @@ def _prepare(images: np.ndarray, channels: int, size: int) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float [N, channels, size, size] in [-1, 1]."""
     x = images_to_tensor(images)
     return torch.cat([(_to_float01(b, channels, size) - 0.5) / 0.5 for b in x.split(512)])
-
-
-def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by integer offsets in [-max_shift, max_shift], filling with black (-1)."""
-    if max_shift <= 0:
-        return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen)
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offs.tolist())])
 
 
 def _check_set(images: Any, labels: Any, num_classes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +148,7 @@ def train_and_test(
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + bs]
         pos += bs
-        xb = _shift(xtr[idx], int(r["max_shift"]), gen)
+        xb = _random_shift(xtr[idx], int(r["max_shift"]), gen)
         if bs == 1:  # BatchNorm needs 2 samples: duplicate
             xb, yb = xb.repeat(2, 1, 1, 1), ytr_t[idx].repeat(2)
         else:
