@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgaug_gen.errors import require
-from imgaug_gen.metrics.features import _random_shift, _to_float01, images_to_tensor, validate_images
+from imgaug_gen.metrics.features import _to_float01, fit_classifier_steps, images_to_tensor, validate_images
 
 __all__ = [
     "RECIPE",
@@ -139,25 +139,10 @@ def train_and_test(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = SmallCNN(int(num_classes), channels, tuple(r["widths"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=steps, pct_start=0.15)
     model.train()
-    perm, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + bs]
-        pos += bs
-        xb = _random_shift(xtr[idx], int(r["max_shift"]), gen)
-        if bs == 1:  # BatchNorm needs 2 samples: duplicate
-            xb, yb = xb.repeat(2, 1, 1, 1), ytr_t[idx].repeat(2)
-        else:
-            yb = ytr_t[idx]
-        loss = F.cross_entropy(model(xb), yb, label_smoothing=float(r["label_smoothing"]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit_classifier_steps(model, list(model.parameters()), xtr, ytr_t, steps=steps, batch_size=bs, lr=r["lr"],
+                         weight_decay=r["weight_decay"], max_shift=int(r["max_shift"]),
+                         label_smoothing=float(r["label_smoothing"]), gen=gen)
     model.eval()
     with torch.no_grad():
         acc = float(torch.cat([model(b).argmax(1) for b in xte.split(512)]).eq(yte_t).float().mean())

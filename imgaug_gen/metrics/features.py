@@ -286,6 +286,31 @@ def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torc
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offs.tolist())])
 
 
+def fit_classifier_steps(logits_fn, params, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
+                         lr: float, weight_decay: float, max_shift: int, label_smoothing: float,
+                         gen: torch.Generator) -> None:
+    """The fixed recipe shared by the feature network and the downstream classifier: AdamW with a
+    one-cycle schedule for ``steps`` steps over reshuffled batches, random shifts, label smoothing.
+    All randomness comes from ``gen``."""
+    n = x.shape[0]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        xb, yb = _random_shift(x[idx], max_shift, gen), y[idx]
+        if batch_size == 1:  # BatchNorm needs 2 samples: duplicate
+            xb, yb = xb.repeat(2, 1, 1, 1), yb.repeat(2)
+        loss = F.cross_entropy(logits_fn(xb), yb, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
 def _train_domain_classifier(
     model: DomainFeatures,
     images: np.ndarray,
@@ -308,23 +333,11 @@ def _train_domain_classifier(
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     # The extractor's own train() is pinned to eval; switch the layers directly.
     for m in model.modules():
         nn.Module.train(m, True)
-    perm, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + bs]
-        pos += bs
-        xb = _random_shift(x_all[idx], max_shift, gen)
-        loss = F.cross_entropy(model._logits(xb), y_all[idx], label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit_classifier_steps(model._logits, params, x_all, y_all, steps=steps, batch_size=bs, lr=lr,
+                         weight_decay=weight_decay, max_shift=max_shift, label_smoothing=0.05, gen=gen)
     model._freeze()
     with torch.no_grad():
         pred = torch.cat([model._logits(b).argmax(-1) for b in x_all.split(512)])
