@@ -105,3 +105,23 @@ def test_cli_errors_are_clean(tmp_path):
     typo = subprocess.run([sys.executable, "train.py", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path / 'r'}"],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert typo.returncode != 0 and "max_stepz" in typo.stderr
+
+
+class _Payload:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_malicious_checkpoint_is_not_executed(tmp_path):
+    """Checkpoints are read with weights_only=True: a pickle payload in a .ckpt never runs."""
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, ckpt)
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        train(compose_config("train", train_overrides("cgan", tmp_path / "run", f"ckpt_path={ckpt}")))
+    assert not marker.exists()
