@@ -40,6 +40,7 @@ from imgaug_gen.generators.base import (
     register_generator,
     to_uint8_nhwc,
 )
+from imgaug_gen.nets.ema import ema_decay, ema_update
 
 log = logging.getLogger(__name__)
 
@@ -481,15 +482,9 @@ class DDPMModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self._update_ema()  # after every real optimiser step (also under gradient accumulation)
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
         self.ema_updates += 1
-        n = self.ema_updates
-        decay = min(self.hparams.ema_decay, (1 + n) / (10 + n))  # warmup: early steps follow the weights
-        for p_ema, p in zip(self.ema.parameters(), self.unet.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.unet.buffers()):
-            b_ema.copy_(b)
+        ema_update(self.ema, self.unet, ema_decay(self.ema_updates, self.hparams.ema_decay))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema_updates"] = self.ema_updates

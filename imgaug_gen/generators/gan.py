@@ -22,6 +22,7 @@ from imgaug_gen.generators.base import ConditionalGenerator, register_generator,
 from imgaug_gen.nets.cgan import CGANGenerator as _GeneratorNet
 from imgaug_gen.nets.cgan import ProjectionDiscriminator
 from imgaug_gen.nets.diffaug import POLICIES, diff_augment
+from imgaug_gen.nets.ema import ema_decay, ema_update
 
 
 def _noise(seeds: Sequence[int], z_dim: int, device) -> torch.Tensor:
@@ -130,15 +131,9 @@ class CGANModule(pl.LightningModule):
         self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()},
                       prog_bar=True, on_step=True, on_epoch=False)
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
-        # Warm-up: a short run must not average in its first, random weights.
-        t = self.iteration - self.hparams.ema_start_step
-        decay = min(self.hparams.ema_decay, (1 + t) / (10 + t)) if t > 0 else 0.0
-        for p_ema, p in zip(self.ema.parameters(), self.generator.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.generator.buffers()):
-            b_ema.copy_(b)
+        ema_update(self.ema, self.generator,
+                   ema_decay(self.iteration - self.hparams.ema_start_step, self.hparams.ema_decay))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gan_iteration"] = self.iteration
