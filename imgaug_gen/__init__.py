@@ -25,6 +25,12 @@ _EXPORTS = {
     "build_feature_extractor": "imgaug_gen.metrics",
     "class_grid": "imgaug_gen.visual",
     "read_manifest": "imgaug_gen.export",
+    "evaluate": "imgaug_gen.evaluation",
+    "train_and_test": "imgaug_gen.metrics.downstream",
+    "compare_methods": "imgaug_gen.metrics.downstream",
+    "classification_accuracy_score": "imgaug_gen.metrics.downstream",
+    "plot_accuracy_vs_shots": "imgaug_gen.metrics.downstream",
+    "build_augmenter": "imgaug_gen.augment",
 }
 
 __all__ = sorted(_EXPORTS)

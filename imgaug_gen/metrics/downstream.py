@@ -40,6 +40,7 @@ __all__ = [
     "compare_methods",
     "plot_accuracy_vs_shots",
     "results_table_markdown",
+    "summarise_accuracies",
     "train_and_test",
 ]
 
@@ -188,14 +189,15 @@ def compare_methods(
         images, labels = pair
         accs = [float(train_and_test(images, labels, test_images, test_labels, num_classes, int(s), **recipe))
                 for s in seeds]
-        out[name] = {
-            "mean": float(np.mean(accs)),
-            "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-            "accs": accs,
-            "seeds": [int(s) for s in seeds],
-            "n_train": int(np.asarray(images).shape[0]),
-        }
+        out[name] = {**summarise_accuracies(accs, seeds), "n_train": int(np.asarray(images).shape[0])}
     return out
+
+
+def summarise_accuracies(accs: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
+    """``{"mean", "std", "accs", "seeds"}`` of per-seed accuracies (``std``: sample std, 0 for one seed)."""
+    accs = [float(a) for a in accs]
+    return {"mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+            "accs": accs, "seeds": [int(s) for s in seeds]}
 
 
 def results_table_markdown(results: Mapping[str, Mapping[str, Any]], baseline: str | None = None,
