@@ -235,6 +235,12 @@ def summarise(
 # --------------------------------------------------------------------------- #
 # The filter over images
 # --------------------------------------------------------------------------- #
+def _stable(x: np.ndarray) -> np.ndarray:
+    """Scores rounded to 6 decimals: float32 network outputs differ in the last bits with the batch
+    an image is scored in, and a resumed job (other batches) must record and decide the same."""
+    return np.round(np.asarray(x, dtype=np.float64), 6)
+
+
 class QualityFilter:
     """Scores generated images against the real set with the domain network, and filters them.
 
@@ -307,10 +313,10 @@ class QualityFilter:
             probs = self.extractor.predict_proba(images, batch_size=self.batch_size)
             require(y.min() >= 0 and y.max() < probs.shape[1],
                     f"`labels` must lie in [0, {probs.shape[1] - 1}] for the domain network's {probs.shape[1]} classes.")
-            out["confidence"] = probs[np.arange(len(y)), y].astype(np.float32)
+            out["confidence"] = _stable(probs[np.arange(len(y)), y])
             out["predicted"] = probs.argmax(axis=1).astype(np.int64)
         dist, idx = nearest_real_distance(self._features(images), self.real_features, metric=self.metric)
-        out["nearest_real_distance"] = dist
+        out["nearest_real_distance"] = _stable(dist)
         out["nearest_real_index"] = idx
         return out
 

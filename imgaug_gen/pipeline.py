@@ -123,6 +123,8 @@ def check_generate_config(cfg: DictConfig):
             raise ConfigError(f"`filter.metric` = {f.get('metric')!r}; allowed: ['cosine', 'l2'].")
         if f.get("space", "features") not in ("features", "pixels"):
             raise ConfigError(f"`filter.space` = {f.get('space')!r}; allowed: ['features', 'pixels'].")
+        if f.get("classifier_data", "train") not in ("train", "reference"):
+            raise ConfigError(f"`filter.classifier_data` = {f.get('classifier_data')!r}; allowed: ['train', 'reference'].")
     from imgaug_gen.augment.classical import build_augmenter
 
     return build_augmenter(cfg.get("augment"))
@@ -395,6 +397,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if filtering:
         from imgaug_gen.filtering import QualityFilter
 
+        filter_images = len(ref_images)
+        if fcfg.get("classifier_data", "train") == "train":
+            filter_images = len(real_images)
+            # The filter shapes the training data, so it may only learn from the images the user
+            # trains on (with data.shots set, the reference set holds labels a few-shot user lacks).
+            confidence = build_feature_extractor(
+                {**OmegaConf.to_container(cfg.metrics, resolve=True), "features": "domain"},
+                real_images, real_labels, dm.num_classes)
         qf = QualityFilter(confidence, real_images, tau=fcfg.get("tau"), delta=fcfg.get("delta", "auto"),
                            metric=fcfg.get("metric", "cosine"), space=fcfg.get("space", "features"))
     if not cfg.score:
@@ -473,6 +483,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                           for c, name in enumerate(gen.class_names)}
     if filtering:
         metrics["filter"] = filter_summary(all_records, qf, gen.class_names, targets)
+        metrics["filter"]["classifier_data"] = fcfg.get("classifier_data", "train")
+        metrics["filter"]["classifier_images"] = filter_images
     for name in gen.class_names:
         log.info("class %s: %s", name, metrics["counts_by_mode"][name])
     atomic_write_json(out_dir / "metrics.json", metrics)

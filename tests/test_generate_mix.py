@@ -145,6 +145,8 @@ def test_filter_writes_exactly_the_accepted(trained_cgan, tmp_path):
     assert len(recs) <= 10 * 9  # ceil(3 * 3.0) candidates per class at most
     f = json.loads((out / "metrics.json").read_text())["filter"]
     assert f == m["filter"] and f["tau"] == 0.1 and f["delta"] is not None
+    # the filter's classifier saw only the run's 6-shot training images, not the whole reference set
+    assert f["classifier_data"] == "train" and f["classifier_images"] == 60
     assert f["n"] == len(recs) and f["kept"] == len(kept)
     assert 0 <= f["acceptance_rate"] < 1 and "memorisation_rate" in f
     assert set(f["per_class"]) == {str(i) for i in range(10)}

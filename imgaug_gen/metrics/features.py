@@ -476,6 +476,13 @@ def fit_domain_features(
             "train_seconds": round(time.perf_counter() - t0, 3),
         }
         _save_domain(model, cache_path, key, meta)
+        # Return the network exactly as a later cache hit builds it: a freshly trained module can
+        # differ from the reloaded one in the last float bits (parameter memory layout), and per-image
+        # scores of a resumed job must equal those of an uninterrupted one.
+        reloaded = _load_domain(cache_path, key)
+        if reloaded is not None:
+            reloaded.loaded_from_cache = False
+            return reloaded
     return model
 
 
