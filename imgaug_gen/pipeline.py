@@ -534,6 +534,15 @@ def load_folder_images(out_dir: Path, records: list[dict]) -> np.ndarray:
     return a[..., None] if a.ndim == 3 else a
 
 
+def folder_features(out_dir: Path, records: list[dict], extractor, chunk: int = 1024):
+    """Features ``[N, D]`` of the records' image files, read ``chunk`` files at a time."""
+    import torch
+
+    parts = [extractor.features(load_folder_images(out_dir, records[i:i + chunk]), batch_size=256)
+             for i in range(0, len(records), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, extractor.num_features)
+
+
 def score_folder(out_dir: Path, records: list[dict], class_names: list[str], extractor=None, dm=None,
                  k: int = 3) -> dict:
     """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
@@ -553,6 +562,30 @@ def score_folder(out_dir: Path, records: list[dict], class_names: list[str], ext
     syn = [r for r in records if r["source"] == "synthetic"]
     if extractor is None or not syn:
         return out
+    from imgaug_gen.metrics import FidelityEvaluator, per_class_fidelity_from_features, precision_recall
+
+    ref_images, ref_labels = dm.reference_arrays()
+    evaluator = FidelityEvaluator(extractor, ref_images)
+    # Streamed: files are read and turned into features chunk by chunk, so memory holds
+    # features (N x D floats), never all the images.
+    fake_f = folder_features(out_dir, syn, extractor)
+    fid = evaluator.evaluate_features(fake_f)
+    conf = [r["scores"]["confidence"] for r in syn if "confidence" in r.get("scores", {})]
+    out.update({"fid": fid["fid"], "kid_mean": fid["kid_mean"], "kid_std": fid["kid_std"],
+                "features": fid["features"], "num_features": fid["num_features"],
+                "n_reference": fid["n_real"], "reference": "real images of the run's data (all but the test split)",
+                "mean_confidence": float(np.mean(conf)) if conf else None})
+    out["precision"] = out["recall"] = None
+    real_f = evaluator.real.features
+    if len(real_f) > k and len(fake_f) > k:
+        pr = precision_recall(real_f, fake_f, k=k)
+        out.update(precision=pr["precision"], recall=pr["recall"])
+    out["precision_recall_k"] = int(k)
+    fake_labels = np.asarray([r["label"] for r in syn], dtype=np.int64)
+    out["per_class"] = {str(name): v for name, v in per_class_fidelity_from_features(
+        real_f, ref_labels, fake_f, fake_labels, features_name=extractor.name, num_features=extractor.num_features,
+        class_names=list(class_names), k=k).items()}
+    return out
     from imgaug_gen.metrics import compute_fidelity, per_class_fidelity, precision_recall_images
 
     ref_images, ref_labels = dm.reference_arrays()

@@ -14,8 +14,19 @@ from imgaug_gen.metrics.features import (
     fit_domain_features,
     images_to_tensor,
 )
-from imgaug_gen.metrics.fidelity import FidelityEvaluator, clear_real_stats_cache, compute_fidelity, images_hash
-from imgaug_gen.metrics.precision_recall import per_class_fidelity, precision_recall, precision_recall_images
+from imgaug_gen.metrics.fidelity import (
+    FidelityEvaluator,
+    clear_real_stats_cache,
+    compute_fidelity,
+    fidelity_from_features,
+    images_hash,
+)
+from imgaug_gen.metrics.precision_recall import (
+    per_class_fidelity,
+    per_class_fidelity_from_features,
+    precision_recall,
+    precision_recall_images,
+)
 
 #: Loaded on first use (the downstream classifier is not needed to score images).
 _LAZY = {
@@ -46,10 +57,12 @@ __all__ = [
     "clear_real_stats_cache",
     "compare_methods",
     "compute_fidelity",
+    "fidelity_from_features",
     "fit_domain_features",
     "images_hash",
     "images_to_tensor",
     "per_class_fidelity",
+    "per_class_fidelity_from_features",
     "precision_recall",
     "precision_recall_images",
     "train_and_test",

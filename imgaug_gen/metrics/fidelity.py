@@ -223,20 +223,31 @@ class FidelityEvaluator:
         """``{"fid", "kid_mean", "kid_std", "n_real", "n_fake", "features", "num_features"}``."""
         validate_images(fake_images, "fake_images")
         require(fake_images.shape[0] >= 2, f"`fake_images` needs at least 2 images for FID/KID, got {fake_images.shape[0]}.")
-        fake = self.extractor.features(fake_images, batch_size=self.batch_size)
-        fid, kid_mean, kid_std = _fidelity_from_features(
-            self.real, fake, num_features=self.extractor.num_features,
-            kid_subset_size=self.kid_subset_size, kid_subsets=self.kid_subsets, seed=self.seed,
-        )
-        return {
-            "fid": fid,
-            "kid_mean": kid_mean,
-            "kid_std": kid_std,
-            "n_real": self.real.n,
-            "n_fake": int(fake_images.shape[0]),
-            "features": self.extractor.name,
-            "num_features": int(self.extractor.num_features),
-        }
+        return self.evaluate_features(self.extractor.features(fake_images, batch_size=self.batch_size))
+
+    def evaluate_features(self, fake_features: torch.Tensor) -> dict[str, Any]:
+        """:meth:`evaluate` from already extracted features ``[N, num_features]`` (streamed or
+        gathered from several processes)."""
+        return fidelity_from_features(self.real, fake_features, features_name=self.extractor.name,
+                                      num_features=self.extractor.num_features,
+                                      kid_subset_size=self.kid_subset_size, kid_subsets=self.kid_subsets,
+                                      seed=self.seed)
+
+
+def fidelity_from_features(real: RealStats | torch.Tensor, fake_features: torch.Tensor, *, features_name: str,
+                           num_features: int, kid_subset_size: int = 100, kid_subsets: int = 50,
+                           seed: int = 0) -> dict[str, Any]:
+    """FID / KID from feature tensors (or the real side's :class:`RealStats`); same result dict as
+    :func:`compute_fidelity`."""
+    real = real if isinstance(real, RealStats) else RealStats("", torch.as_tensor(real))
+    fake = torch.as_tensor(fake_features)
+    require(fake.ndim == 2 and fake.shape[0] >= 2 and fake.shape[1] == int(num_features),
+            f"fake features must be [N >= 2, {num_features}], got {tuple(fake.shape)}.")
+    fid, kid_mean, kid_std = _fidelity_from_features(real, fake, num_features=num_features,
+                                                     kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+                                                     seed=seed)
+    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "n_real": real.n, "n_fake": int(fake.shape[0]),
+            "features": features_name, "num_features": int(num_features)}
 
 
 def compute_fidelity(

@@ -19,7 +19,8 @@ import torch
 from imgaug_gen.errors import require
 from imgaug_gen.metrics.features import FeatureExtractor, validate_images
 
-__all__ = ["knn_radii", "per_class_fidelity", "precision_recall", "precision_recall_images"]
+__all__ = ["knn_radii", "per_class_fidelity", "per_class_fidelity_from_features", "precision_recall",
+           "precision_recall_images"]
 
 _BLOCK_BYTES = 64 * 2**20
 
@@ -125,8 +126,6 @@ def per_class_fidelity(
     ``precision``/``recall`` need more than ``k``). Per-class FID from few images is strongly
     biased upwards (compare it between methods at equal counts only); KID is unbiased.
     """
-    from imgaug_gen.metrics.fidelity import compute_fidelity
-
     validate_images(real_images, "real_images")
     validate_images(fake_images, "fake_images")
     ry = np.asarray(real_labels).astype(np.int64)
@@ -137,17 +136,48 @@ def per_class_fidelity(
     if class_names is not None:
         require(max(classes) < len(class_names),
                 f"labels go up to {max(classes)} but only {len(class_names)} `class_names` were given.")
-    real_f = extractor.features(real_images, batch_size=batch_size) if with_precision_recall else None
-    fake_f = extractor.features(fake_images, batch_size=batch_size) if with_precision_recall else None
+    real_f = extractor.features(real_images, batch_size=batch_size)
+    fake_f = extractor.features(fake_images, batch_size=batch_size)
+    return per_class_fidelity_from_features(real_f, ry, fake_f, fy, features_name=extractor.name,
+                                            num_features=extractor.num_features, class_names=class_names, k=k,
+                                            with_precision_recall=with_precision_recall,
+                                            kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
 
+
+def per_class_fidelity_from_features(
+    real_f: torch.Tensor,
+    real_labels: np.ndarray,
+    fake_f: torch.Tensor,
+    fake_labels: np.ndarray,
+    *,
+    features_name: str,
+    num_features: int,
+    class_names: Sequence[str] | None = None,
+    k: int = 3,
+    with_precision_recall: bool = True,
+    kid_subset_size: int = 100,
+    kid_subsets: int = 50,
+    seed: int = 0,
+) -> dict[Any, dict[str, Any]]:
+    """:func:`per_class_fidelity` from feature tensors (features extracted once, e.g. streamed from files)."""
+    from imgaug_gen.metrics.fidelity import fidelity_from_features
+
+    ry = np.asarray(real_labels).astype(np.int64)
+    fy = np.asarray(fake_labels).astype(np.int64)
+    real_f, fake_f = torch.as_tensor(real_f), torch.as_tensor(fake_f)
+    classes = sorted(set(ry.tolist()) | set(fy.tolist()))
+    if class_names is not None and classes:
+        require(max(classes) < len(class_names),
+                f"labels go up to {max(classes)} but only {len(class_names)} `class_names` were given.")
     out: dict[Any, dict[str, Any]] = {}
     for c in classes:
         rm, fm = ry == c, fy == c
         nr, nf = int(rm.sum()), int(fm.sum())
         entry: dict[str, Any] = {"fid": None, "kid_mean": None, "kid_std": None, "n_real": nr, "n_fake": nf}
         if nr >= 2 and nf >= 2:
-            fid = compute_fidelity(real_images[rm], fake_images[fm], extractor, kid_subset_size=kid_subset_size,
-                                   kid_subsets=kid_subsets, seed=seed, cache_dir=cache_dir, batch_size=batch_size)
+            fid = fidelity_from_features(real_f[torch.from_numpy(rm)], fake_f[torch.from_numpy(fm)],
+                                         features_name=features_name, num_features=num_features,
+                                         kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
             entry.update(fid=fid["fid"], kid_mean=fid["kid_mean"], kid_std=fid["kid_std"])
         if with_precision_recall:
             entry["precision"] = entry["recall"] = None
