@@ -107,11 +107,31 @@ class FidelityCallback(pl.Callback):
             self.evaluator = FidelityEvaluator(extractor, images)
 
     def evaluate(self, trainer, pl_module) -> dict:
+        """Every process makes and featurises its share of the images (image i: its own seed, on
+        rank i % world_size); the features are gathered, so FID/KID equal the one-process value."""
+        from imgaug_gen.generators.base import per_image_seeds
+
         self._last = trainer.global_step
         gen = pl_module.to_generator()
         labels = np.repeat(np.arange(gen.num_classes), self.n_per_class)
+        seeds = per_image_seeds(self.seed, 0, len(labels))
+        world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+        distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            # BatchNorm statistics are per process: score the generator rank 0 exports.
+            state = [gen.state_dict() if rank == 0 else None]
+            torch.distributed.broadcast_object_list(state, src=0)
+            gen.load_state_dict(state[0])
+        mine = np.arange(rank, len(labels), world)
         with torch.random.fork_rng(devices=[]):
-            scores = self.evaluator.evaluate(gen.sample(labels, seeds=self.seed))
+            images = gen.sample(labels[mine], [seeds[i] for i in mine])
+            feats = self.evaluator.extractor.features(images, batch_size=self.evaluator.batch_size).cpu()
+        if distributed:
+            parts: list = [None] * world
+            torch.distributed.all_gather_object(parts, (mine, feats))
+            order = np.concatenate([p[0] for p in parts])
+            feats = torch.cat([p[1] for p in parts])[torch.from_numpy(np.argsort(order, kind="stable"))]
+        scores = self.evaluator.evaluate_features(feats)
         values = {"val/fid": scores["fid"], "val/kid": scores["kid_mean"]}
         self.history.append({"step": trainer.global_step, **values})
         # Lightning logs with the count of batches (not optimiser steps): keep one step axis.

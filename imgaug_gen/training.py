@@ -107,7 +107,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for c in callbacks:
         if isinstance(c, ExportGeneratorCallback):
             c.extra.update(extra)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False)
+    extra_trainer: dict[str, Any] = {}
+    if cfg.trainer.get("strategy") == "ddp" and getattr(module, "ddp_find_unused_parameters", False):
+        extra_trainer["strategy"] = "ddp_find_unused_parameters_true"
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False,
+                                      **extra_trainer)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

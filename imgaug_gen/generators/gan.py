@@ -66,6 +66,10 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 class CGANModule(pl.LightningModule):
     """Training logic only; networks are plain modules from :mod:`imgaug_gen.nets`."""
 
+    #: The discriminator step leaves the generator unused (and the EMA copy is never trained):
+    #: under ``trainer=ddp`` the train job then asks DDP to look for unused parameters.
+    ddp_find_unused_parameters = True
+
     def __init__(self, num_classes: int, class_names: Sequence[str], image_shape: Sequence[int],
                  z_dim: int = 64, g_width: int = 32, d_width: int = 32, lr_g: float = 2e-4,
                  lr_d: float = 2e-4, betas: Sequence[float] = (0.0, 0.999),
