@@ -119,11 +119,16 @@ class FolderWriter:
         return records
 
     def remove_orphans(self, planned_ids: Iterable[str]) -> int:
-        """Delete PNGs of planned ids that have no manifest line (written, then killed)."""
+        """Delete PNGs of planned ids that have no manifest line (written, then killed), and the
+        temp files of planned ids a killed run left half-written (only this job's ids: another
+        shard may be writing its own right now)."""
         removed = 0
         for rec_id, cls_dir in planned_ids:
+            folder = self.out_dir / SPLIT / cls_dir
+            stale = list(folder.glob(f".{rec_id}.png.*.tmp")) if folder.is_dir() else []
             if rec_id not in self.records:
-                path = self.out_dir / SPLIT / cls_dir / f"{rec_id}.png"
+                stale.append(folder / f"{rec_id}.png")
+            for path in stale:
                 if path.exists():
                     path.unlink()
                     removed += 1

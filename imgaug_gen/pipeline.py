@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgaug_gen.errors import ConfigError
 
@@ -316,6 +316,24 @@ def _augment(augmenter, it: Item, img: np.ndarray, rec: dict) -> np.ndarray:
     return img
 
 
+def launcher_shard(cfg: DictConfig) -> DictConfig:
+    """Under ``torchrun`` (``RANK``/``WORLD_SIZE``) or ``srun`` (``SLURM_PROCID``/``SLURM_NTASKS``) with
+    the default ``num_shards=1``, each process takes its rank's shard; explicit shards win."""
+    import os
+
+    if int(cfg.get("num_shards", 1)) != 1:
+        return cfg
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        world = int(os.environ.get(world_var, "1") or 1)
+        if world > 1 and rank_var in os.environ:
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                cfg.shard, cfg.num_shards = int(os.environ[rank_var]), world
+            log.info("process %d of %d (%s): generating shard %d of %d", cfg.shard, world, rank_var, cfg.shard, world)
+            return cfg
+    return cfg
+
+
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run a generation job as configured; returns the metrics dict (also in metrics.json)."""
     from tqdm.auto import tqdm
@@ -325,6 +343,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     from imgaug_gen.io import atomic_write_json, atomic_write_text
 
     # 1. Check inputs (and build the classical augmenter: a bad transform fails here).
+    cfg = launcher_shard(cfg)
     augmenter = check_generate_config(cfg)
     fcfg = _filter_cfg(cfg)
     filtering = bool(fcfg.get("enabled"))
