@@ -18,7 +18,7 @@ import logging
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -225,8 +225,10 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        class_names: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__()
+        self.class_names_override = None if class_names is None else list(class_names)
         self.image_size = image_size
         self.channels = channels
         self.shots = shots
@@ -273,6 +275,17 @@ class ImageDataModule(pl.LightningDataModule):
             is_int(self.num_workers) and self.num_workers >= 0,
             f"`data.num_workers` must be an integer >= 0, got {self.num_workers!r}.",
         )
+        names = self.class_names_override
+        if names is not None:
+            from imgaug_gen.export import safe_class_dir
+
+            for i, n in enumerate(names):
+                require(isinstance(n, str), f"`data.class_names[{i}]` = {n!r}; give a string.")
+                try:
+                    safe_class_dir(n)
+                except ConfigError as e:
+                    raise ConfigError(f"`data.class_names[{i}]`: {e}") from None
+            require(len(set(names)) == len(names), f"`data.class_names` = {names} repeats a name.")
         tf = self.test_fraction
         require(
             isinstance(tf, (int, float)) and not isinstance(tf, bool) and 0.0 <= float(tf) < 1.0,
@@ -296,6 +309,11 @@ class ImageDataModule(pl.LightningDataModule):
         test_idx, train_idx = self._split(data)
         shot_idx = self._subsample(data, train_idx)
 
+        if self.class_names_override is not None:
+            require(len(self.class_names_override) == len(data.class_names),
+                    f"`data.class_names` has {len(self.class_names_override)} names for the "
+                    f"{len(data.class_names)} classes found {data.class_names}; give one per class, in that order.")
+            data.class_names = list(self.class_names_override)  # display names; subsets do not change
         self.class_names = list(data.class_names)
         self.num_classes = len(self.class_names)
         self.image_shape = (int(self.channels), int(self.image_size), int(self.image_size))
