@@ -123,14 +123,21 @@ class FolderWriter:
         temp files of planned ids a killed run left half-written (only this job's ids: another
         shard may be writing its own right now)."""
         removed = 0
+        by_dir: dict[str, set[str]] = collections.defaultdict(set)
         for rec_id, cls_dir in planned_ids:
+            by_dir[cls_dir].add(rec_id)
+        for cls_dir, ids in by_dir.items():
             folder = self.out_dir / SPLIT / cls_dir
-            stale = list(folder.glob(f".{rec_id}.png.*.tmp")) if folder.is_dir() else []
-            if rec_id not in self.records:
-                stale.append(folder / f"{rec_id}.png")
-            for path in stale:
-                if path.exists():
-                    path.unlink()
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):  # one listing per class folder
+                name = entry.name
+                if name.startswith(".") and name.endswith(".tmp"):
+                    stale = name[1:].split(".png.", 1)[0] in ids  # .<id>.png.<random>.tmp
+                else:
+                    stale = name.endswith(".png") and name[:-4] in ids and name[:-4] not in self.records
+                if stale:
+                    os.unlink(entry.path)
                     removed += 1
         return removed
 

@@ -497,7 +497,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     all_records = read_manifest(out_dir, include_rejected=True)
     records = [r for r in all_records if is_kept(r)]
     metrics.update(score_folder(out_dir, records, gen.class_names, scorer, dm if scorer is not None else None,
-                                k=int(cfg.get("precision_recall_k", 3) or 3)))
+                                k=int(cfg.get("precision_recall_k", 3) or 3),
+                                max_images=cfg.get("score_max_images")))
     metrics["planned"] = {name: {"real": int(real_counts[c]) if cfg.include_real else 0, **counts[c]}
                           for c, name in enumerate(gen.class_names)}
     if filtering:
@@ -563,9 +564,10 @@ def folder_features(out_dir: Path, records: list[dict], extractor, chunk: int = 
 
 
 def score_folder(out_dir: Path, records: list[dict], class_names: list[str], extractor=None, dm=None,
-                 k: int = 3) -> dict:
+                 k: int = 3, max_images: int | None = None) -> dict:
     """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
-    images against the real reference, overall and per class. Lines with ``"kept": false`` are ignored."""
+    images against the real reference, overall and per class. Lines with ``"kept": false`` are ignored.
+    With ``max_images``, the scores use at most that many synthetic images, evenly spaced in id order."""
     from imgaug_gen.export import is_kept
 
     records = [r for r in records if is_kept(r)]
@@ -587,6 +589,11 @@ def score_folder(out_dir: Path, records: list[dict], class_names: list[str], ext
     evaluator = FidelityEvaluator(extractor, ref_images)
     # Streamed: files are read and turned into features chunk by chunk, so memory holds
     # features (N x D floats), never all the images.
+    if max_images and len(syn) > max_images:
+        # Evenly spaced over the id order (every class and source keeps its share): memory and time
+        # of the scores stay bounded however many images the folder holds.
+        syn = [syn[i] for i in np.linspace(0, len(syn) - 1, int(max_images)).round().astype(int)]
+    out["n_scored"] = len(syn)
     fake_f = folder_features(out_dir, syn, extractor)
     fid = evaluator.evaluate_features(fake_f)
     conf = [r["scores"]["confidence"] for r in syn if "confidence" in r.get("scores", {})]
