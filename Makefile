@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_DIR ?= demo_out
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench bench-fewshot clean
 
 # Installs (editable, with the dev extras and the known-good pins) unless this checkout is
 # already the importable imgaug_gen with its dependencies present.
@@ -29,6 +29,11 @@ bench: install
 	$(PYTHON) benchmarks/bench_generate.py
 	$(PYTHON) benchmarks/bench_ddpm.py
 	$(PYTHON) benchmarks/bench_sd_lora.py
+	$(PYTHON) benchmarks/bench_load.py
+
+# the few-shot headline table (about an hour on 2 CPU cores)
+bench-fewshot: install
+	$(PYTHON) benchmarks/fewshot_digits.py
 
 clean:
 	rm -rf $(DEMO_DIR) outputs multirun .pytest_cache
