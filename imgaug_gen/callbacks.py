@@ -170,3 +170,40 @@ class ExportGeneratorCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module)
+
+
+class ProgressPlotCallback(pl.Callback):
+    """``RUN/progress.png`` (losses and FID/KID over steps, from ``RUN/metrics.csv``) every
+    ``every_n_steps`` optimiser steps and at the end; rank 0 only; nothing without a CSV log."""
+
+    def __init__(self, path: str, every_n_steps: int = 500):
+        self.path, self.every = Path(path), every_n_steps
+        self._last = -1
+
+    def _csv(self, trainer) -> Path | None:
+        from pytorch_lightning.loggers import CSVLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                return Path(logger.log_dir) / "metrics.csv"
+        return None
+
+    def write(self, trainer) -> Path | None:
+        from imgaug_gen.visual import progress_plot
+
+        self._last = trainer.global_step
+        if not trainer.is_global_zero:
+            return None
+        csv_path = self._csv(trainer)
+        if csv_path is None:
+            return None
+        for logger in trainer.loggers:
+            logger.save()
+        return progress_plot(csv_path, self.path) if csv_path.is_file() else None
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if _due(trainer, self.every, self._last):
+            self.write(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.write(trainer)

@@ -75,3 +75,62 @@ def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequenc
     path = Path(path or out_dir / "preview.png")
     atomic_save_image(path, grid)
     return path
+
+
+def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
+    """``RUN/progress.png``: training losses (left) and validation FID/KID (right) against the
+    logged step, read from a run's ``metrics.csv`` (sparse rows are fine). Written atomically."""
+    import csv
+    import os
+
+    from imgaug_gen.errors import require
+
+    metrics_csv, path = Path(metrics_csv), Path(path)
+    require(metrics_csv.is_file(), f"`{metrics_csv}` does not exist; train with `logger=csv` (the default) "
+                                   "to get the metrics a progress plot is drawn from.")
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        try:
+            x = float(r.get("step") or "nan")
+        except ValueError:
+            continue
+        for k, v in r.items():
+            if k in ("epoch", "step", "global_step") or v in (None, ""):
+                continue
+            try:
+                series.setdefault(k, []).append((x, float(v)))
+            except ValueError:
+                continue
+    losses = {k: v for k, v in series.items() if not k.startswith("val/")}
+    scores = {k: v for k, v in series.items() if k.startswith("val/")}
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    try:
+        for ax, group, title in ((axes[0], losses, "training losses"), (axes[1], scores, "validation FID / KID")):
+            for k, pts in sorted(group.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
+                        markersize=3, label=k)
+            ys = [p[1] for pts in group.values() for p in pts]
+            if group is scores and ys and min(ys) > 0 and max(ys) / min(ys) > 10:
+                ax.set_yscale("log")
+            ax.set_title(title if group else f"{title}: none logged yet")
+            ax.set_xlabel("step (logged batches)")
+            ax.grid(True, alpha=0.3)
+            if group:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
