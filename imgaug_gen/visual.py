@@ -106,12 +106,11 @@ def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
     losses = {k: v for k, v in series.items() if not k.startswith("val/")}
     scores = {k: v for k, v in series.items() if k.startswith("val/")}
 
-    import matplotlib
+    # The object-oriented API: no pyplot state, and the caller's backend (e.g. a notebook's inline) stays.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    fig = Figure(figsize=(10, 3.6), dpi=100)
+    axes = fig.subplots(1, 2)
     try:
         for ax, group, title in ((axes[0], losses, "training losses"), (axes[1], scores, "validation FID / KID")):
             for k, pts in sorted(group.items()):
@@ -132,5 +131,5 @@ def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
+        fig.clear()
     return path

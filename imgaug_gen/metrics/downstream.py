@@ -229,10 +229,8 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
 
     ``results_by_shots``: ``{shots: compare_methods(...)}``. Returns the written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # The object-oriented API: no pyplot state, and the caller's backend (e.g. a notebook's inline) stays.
+    from matplotlib.figure import Figure
 
     require(len(results_by_shots) > 0, "`results_by_shots` is empty.")
     shots = sorted(results_by_shots, key=lambda s: float(s))
@@ -243,7 +241,8 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
                 methods.append(m)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     try:
         for i, m in enumerate(methods):
             xs = [float(s) for s in shots if m in results_by_shots[s]]
@@ -266,5 +265,5 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
+        fig.clear()
     return path
