@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
     print(f"manifest: {data_dir / 'manifest.jsonl'}")
     print(f"scores:   {data_dir / 'metrics.json'}  FID={metrics['fid']:.3f}  KID={metrics['kid_mean']:.4f}  "
           f"({metrics['features']} features; generated in {t2 - t1:.0f}s)")
-    print(f"preview:  {data_dir / 'preview.png'}")
+    print(f"preview:  {data_dir / 'preview.png'}  (rows = classes: real | synthetic | augmented)")
+    print(f"progress: {run_dir / 'progress.png'}  (losses and FID/KID over steps; class grids in {run_dir / 'samples'})")
     (out / "demo_summary.json").write_text(json.dumps({"train": train_metrics, "generate": metrics}, indent=2,
                                                       default=str))
     return metrics

@@ -38,3 +38,16 @@ def test_experiment_recipes_compose(experiment, target):
 
     cfg = compose_config("train", [f"experiment={experiment}", "run_dir=/tmp/x"])
     assert cfg.model._target_.endswith(target)
+
+
+def test_every_public_name_has_a_readme_example():
+    import imgaug_gen
+
+    readme = (ROOT / "README.md").read_text()
+    api = readme[readme.index("## Python API"):]
+    api = api[:api.index("\n## ", 5)]
+    missing = [n for n in imgaug_gen.__all__ if f"{n}(" not in api and f"@{n}" not in api
+               and not (n[0].isupper() and n in api)]
+    assert not missing, f"README's Python API section lacks an example of {missing}"
+    for n in imgaug_gen.__all__:
+        assert getattr(imgaug_gen, n) is not None
