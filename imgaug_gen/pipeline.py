@@ -316,6 +316,21 @@ def _augment(augmenter, it: Item, img: np.ndarray, rec: dict) -> np.ndarray:
     return img
 
 
+def generator_fingerprint(gen_dir: Path) -> str:
+    """sha256 of the generator folder's files: a retrained generator is another job (its old
+    images must not be kept as if they were this generator's)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(gen_dir).iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def launcher_shard(cfg: DictConfig) -> DictConfig:
     """Under ``torchrun`` (``RANK``/``WORLD_SIZE``) or ``srun`` (``SLURM_PROCID``/``SLURM_NTASKS``) with
     the default ``num_shards=1``, each process takes its rank's shard; explicit shards win."""
@@ -388,7 +403,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         my_groups = {}
         mine = items[cfg.shard::cfg.num_shards]
         plain = mine
-    job = {"run_dir": str(run_dir.resolve()), "kind": gen.kind, "mode": cfg.mode, "seed": int(cfg.seed),
+    job = {"run_dir": str(run_dir.resolve()), "generator": generator_fingerprint(gen_dir), "kind": gen.kind,
+           "mode": cfg.mode, "seed": int(cfg.seed),
            "n_per_class": int(cfg.n_per_class), "include_real": bool(cfg.include_real),
            "img2img": OmegaConf.to_container(cfg.img2img, resolve=True), "num_shards": int(cfg.num_shards),
            "num_items": len(items), "augment": augmenter.to_dict() if augmenter is not None else None,

@@ -98,3 +98,28 @@ def test_run_dir_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no saved generator"):
         generate(gen_cfg(tmp_path / "empty", tmp_path / "o"))
+
+
+def test_retrained_generator_is_another_job(trained_cgan, tmp_path):
+    """Same command, new generator weights (the run was trained again): the old images are not kept."""
+    import shutil
+
+    import torch
+
+    from imgaug_gen.generators.base import load_generator
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_cgan / "generator", run / "generator")
+    out = tmp_path / "out"
+    generate(gen_cfg(run, out, "score=false"))
+    before = files_bytes(out)
+    gen = load_generator(run / "generator")
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.1)
+    gen.save_pretrained(run / "generator")
+    with pytest.raises(ConfigError, match="different job"):
+        generate(gen_cfg(run, out, "score=false"))
+    generate(gen_cfg(run, out, "score=false", "overwrite=true"))
+    after = files_bytes(out)
+    assert sorted(after) == sorted(before) and after != before
