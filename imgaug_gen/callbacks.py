@@ -179,6 +179,7 @@ class ProgressPlotCallback(pl.Callback):
     def __init__(self, path: str, every_n_steps: int = 500):
         self.path, self.every = Path(path), every_n_steps
         self._last = -1
+        self._told = False
 
     def _csv(self, trainer) -> Path | None:
         from pytorch_lightning.loggers import CSVLogger
@@ -196,8 +197,12 @@ class ProgressPlotCallback(pl.Callback):
             return None
         csv_path = self._csv(trainer)
         if csv_path is None:
+            if not self._told:
+                self._told = True
+                log.info("No CSV logger (logger=%s): %s is not drawn.", type(trainer.logger).__name__
+                         if trainer.logger is not None else "none", self.path)
             return None
-        for logger in trainer.loggers:
+        for logger in trainer.loggers:  # flush the rows logged so far into metrics.csv
             logger.save()
         return progress_plot(csv_path, self.path) if csv_path.is_file() else None
 

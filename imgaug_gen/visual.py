@@ -77,9 +77,35 @@ def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequenc
     return path
 
 
+def _optimiser_steps_per_batch(rows: list[dict]) -> int | None:
+    """Optimiser steps per logged batch (2 for a GAN's D + G steps, 1 otherwise), read from the
+    rows that carry both ``step`` (Lightning's logged batch index) and ``global_step`` (optimiser
+    steps, written with FID/KID); None when no row has both."""
+    from collections import Counter
+
+    exact, at_end = Counter(), Counter()
+    for r in rows:
+        try:
+            s, g = float(r.get("step") or "nan"), float(r.get("global_step") or "nan")
+        except ValueError:
+            continue
+        if not (s >= 0 and g > 0):
+            continue
+        # Mid-training rows are logged before Lightning counts the batch (g = k * (s + 1)),
+        # the train-end row after it (g = k * s).
+        if (g / (s + 1)).is_integer():
+            exact[int(g / (s + 1))] += 1
+        elif s > 0 and (g / s).is_integer():
+            at_end[int(g / s)] += 1
+    found = exact or at_end
+    return found.most_common(1)[0][0] if found else None
+
+
 def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
-    """``RUN/progress.png``: training losses (left) and validation FID/KID (right) against the
-    logged step, read from a run's ``metrics.csv`` (sparse rows are fine). Written atomically."""
+    """``RUN/progress.png``: training losses (left) and validation FID/KID (right; FID on a log
+    axis when it spans more than 10x, KID on its own right-hand axis) over optimiser steps, read
+    from a run's ``metrics.csv`` (sparse rows and missing columns are fine). Written atomically
+    (temp name in the same folder, then ``os.replace``)."""
     import csv
     import os
 
@@ -90,46 +116,72 @@ def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
                                    "to get the metrics a progress plot is drawn from.")
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
+    per_batch = _optimiser_steps_per_batch(rows)
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         try:
             x = float(r.get("step") or "nan")
+            g = float(r.get("global_step") or "nan")
         except ValueError:
             continue
+        if per_batch is not None:
+            # Optimiser steps: exact where the row has them, else from the logged batch index.
+            x = g if g == g else (x + 1) * per_batch
+        if x != x:
+            continue
         for k, v in r.items():
-            if k in ("epoch", "step", "global_step") or v in (None, ""):
+            if k in ("epoch", "step", "global_step") or k is None or v in (None, ""):
                 continue
             try:
                 series.setdefault(k, []).append((x, float(v)))
             except ValueError:
                 continue
+    for pts in series.values():
+        pts.sort()
     losses = {k: v for k, v in series.items() if not k.startswith("val/")}
-    scores = {k: v for k, v in series.items() if k.startswith("val/")}
+    scores = {k: v for k, v in series.items() if k.startswith("val/") and k != "val/kid"}
+    kid = series.get("val/kid")
+    xlabel = "optimiser step" if per_batch is not None else "step (logged batches)"
 
     # The object-oriented API: no pyplot state, and the caller's backend (e.g. a notebook's inline) stays.
     from matplotlib.figure import Figure
 
+    def draw(ax, name, pts, **kw):
+        return ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
+                       markersize=3, label=name, **kw)
+
     fig = Figure(figsize=(10, 3.6), dpi=100)
-    axes = fig.subplots(1, 2)
+    ax_loss, ax_fid = fig.subplots(1, 2)
     try:
-        for ax, group, title in ((axes[0], losses, "training losses"), (axes[1], scores, "validation FID / KID")):
-            for k, pts in sorted(group.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
-                        markersize=3, label=k)
-            ys = [p[1] for pts in group.values() for p in pts]
-            if group is scores and ys and min(ys) > 0 and max(ys) / min(ys) > 10:
-                ax.set_yscale("log")
-            ax.set_title(title if group else f"{title}: none logged yet")
-            ax.set_xlabel("step (logged batches)")
+        for k, pts in sorted(losses.items()):
+            draw(ax_loss, k, pts)
+        ax_loss.set_title("training losses" if losses else "training losses: none logged yet")
+        if losses:
+            ax_loss.legend(fontsize=8)
+
+        handles = [h for k, pts in sorted(scores.items()) for h in draw(ax_fid, k, pts)]
+        fid = [p[1] for p in series.get("val/fid", [])]
+        if fid and min(fid) > 0 and max(fid) / min(fid) > 10:
+            ax_fid.set_yscale("log")
+        ax_fid.set_ylabel("FID" if "val/fid" in scores else "")
+        if kid:
+            ax_kid = ax_fid.twinx()
+            handles += draw(ax_kid, "val/kid", kid, color="tab:red", linestyle="--")
+            ax_kid.set_ylabel("KID")
+        ax_fid.set_title("validation FID / KID" if scores or kid else "validation FID / KID: none logged yet")
+        if handles:
+            ax_fid.legend(handles, [h.get_label() for h in handles], fontsize=8)
+        for ax in (ax_loss, ax_fid):
+            ax.set_xlabel(xlabel)
             ax.grid(True, alpha=0.3)
-            if group:
-                ax.legend(fontsize=8)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+        try:
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     finally:
         fig.clear()
     return path

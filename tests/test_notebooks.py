@@ -49,6 +49,9 @@ def test_01_quickstart(tmp_path, monkeypatch):
     data = tmp_path / "nb" / "data"
     m = json.loads((data / "metrics.json").read_text())
     assert m["n_synthetic"] == 30 and m["n_real"] == 50
+    manifest = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 80 and all((data / r["file"]).is_file() for r in manifest)
+    assert (data / "preview.png").is_file() and (tmp_path / "nb" / "run" / "progress.png").is_file()
     assert f"FID {m['fid']:.2f}" in _text(nb)
     assert _has_image(nb) >= 3  # grid, progress, preview
 
