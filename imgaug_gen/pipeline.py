@@ -628,22 +628,3 @@ def score_folder(out_dir: Path, records: list[dict], class_names: list[str], ext
         real_f, ref_labels, fake_f, fake_labels, features_name=extractor.name, num_features=extractor.num_features,
         class_names=list(class_names), k=k).items()}
     return out
-    from imgaug_gen.metrics import compute_fidelity, per_class_fidelity, precision_recall_images
-
-    ref_images, ref_labels = dm.reference_arrays()
-    fake = load_folder_images(out_dir, syn)
-    fid = compute_fidelity(ref_images, fake, extractor)
-    conf = [r["scores"]["confidence"] for r in syn if "confidence" in r.get("scores", {})]
-    out.update({"fid": fid["fid"], "kid_mean": fid["kid_mean"], "kid_std": fid["kid_std"],
-                "features": fid["features"], "num_features": fid["num_features"],
-                "n_reference": fid["n_real"], "reference": "real images of the run's data (all but the test split)",
-                "mean_confidence": float(np.mean(conf)) if conf else None})
-    out["precision"] = out["recall"] = None
-    if len(ref_images) > k and len(fake) > k:
-        pr = precision_recall_images(ref_images, fake, extractor, k=k)
-        out.update(precision=pr["precision"], recall=pr["recall"])
-    out["precision_recall_k"] = int(k)
-    fake_labels = np.asarray([r["label"] for r in syn], dtype=np.int64)
-    out["per_class"] = {str(name): v for name, v in per_class_fidelity(
-        ref_images, ref_labels, fake, fake_labels, extractor, class_names=list(class_names), k=k).items()}
-    return out
