@@ -72,11 +72,14 @@ def digits_images(n_per_class: int = 10, classes=(0, 1, 2), size: int = 20, chan
 @pytest.fixture
 def tiny_folder(tmp_path):
     """root/<class>/*.png: 3 classes x 10 RGB 20x20 images, class names with a space and unicode."""
+    return write_digit_folder(tmp_path / "images", ["zero", "one one", "zwei_ü"])
+
+
+def write_digit_folder(root, names, n_per_class: int = 10):
+    """root/<names[c]>/img_XXX.png: real digits 0..len(names)-1 as RGB 20x20 PNGs; returns root."""
     from PIL import Image
 
-    root = tmp_path / "images"
-    names = {0: "zero", 1: "one one", 2: "zwei_ü"}
-    images, labels = digits_images()
+    images, labels = digits_images(n_per_class=n_per_class, classes=tuple(range(len(names))))
     for k, (img, c) in enumerate(zip(images, labels)):
         d = root / names[c]
         d.mkdir(parents=True, exist_ok=True)

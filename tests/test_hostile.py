@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from PIL import Image
 
-from conftest import digits_images, gen_cfg, train_overrides
+from conftest import gen_cfg, train_overrides, write_digit_folder
 
 from imgaug_gen.errors import ConfigError
 
 
 def _folder(root, names):
-    images, labels = digits_images(n_per_class=8, classes=tuple(range(len(names))))
-    for k, (img, c) in enumerate(zip(images, labels)):
-        d = root / names[c]
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(d / f"i{k}.png")
-    return root
+    return write_digit_folder(root, names, n_per_class=8)
 
 
 def _train(tmp_path, root, *extra):
