@@ -34,6 +34,11 @@ _EXPORTS = {
     "classification_accuracy_score": "imgaug_gen.metrics.downstream",
     "plot_accuracy_vs_shots": "imgaug_gen.metrics.downstream",
     "build_augmenter": "imgaug_gen.augment",
+    "MixPolicy": "imgaug_gen.data.mixed",
+    "MixedFolderDataset": "imgaug_gen.data.mixed",
+    "MixedDataModule": "imgaug_gen.data.mixed",
+    "mixed_loss": "imgaug_gen.data.mixed",
+    "paired_gain": "imgaug_gen.metrics.stats",
 }
 
 __all__ = sorted(_EXPORTS)

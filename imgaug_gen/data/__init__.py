@@ -3,11 +3,14 @@
 ``DigitsDataModule`` (sklearn's embedded digits) and ``LabeledFolderDataModule``
 (``root/<class_name>/<image>``) share the :class:`ImageDataModule` contract; training
 batches come from the resumable :class:`StepBatchSampler` / :class:`ResumableDataLoader`.
+:mod:`imgaug_gen.data.mixed` serves a ``generate.py`` folder's real + synthetic images under a
+consumption policy (``MixPolicy``, ``MixedDataModule``).
 """
 
 from imgaug_gen.data.base import ImageDataModule, ResumableDataLoader, StepBatchSampler
 from imgaug_gen.data.digits import DigitsDataModule
 from imgaug_gen.data.folder import LabeledFolderDataModule
+from imgaug_gen.data.mixed import MixedBatchSampler, MixedDataModule, MixedFolderDataset, MixPolicy, mixed_loss
 
 __all__ = [
     "ImageDataModule",
@@ -15,4 +18,9 @@ __all__ = [
     "LabeledFolderDataModule",
     "StepBatchSampler",
     "ResumableDataLoader",
+    "MixPolicy",
+    "MixedBatchSampler",
+    "MixedFolderDataset",
+    "MixedDataModule",
+    "mixed_loss",
 ]
