@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, train_overrides
+
+from imgaug_gen.errors import ConfigError
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.training import train
@@ -125,3 +127,41 @@ def test_malicious_checkpoint_is_not_executed(tmp_path):
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
         train(compose_config("train", train_overrides("cgan", tmp_path / "run", f"ckpt_path={ckpt}")))
     assert not marker.exists()
+
+
+def test_lecam_and_ada_train_resume_and_refuse_bad_values(tmp_path):
+    import torch
+
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.training import train
+
+    extra = ["model.lecam_lambda=0.3", "model.ada_target=0.6", "model.ada_interval=1", "model.ada_kimg=0.05"]
+    train(compose_config("train", train_overrides("cgan", tmp_path / "run", *extra)))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    # LeCam's moving averages were updated; ADA raised p above 0 (the tiny D overfits at once)
+    assert float(ckpt["state_dict"]["lecam_ema_real"]) != 0.0 and float(ckpt["state_dict"]["lecam_ema_fake"]) != 0.0
+    assert 0.0 < ckpt["ada"]["p"] <= 1.0
+    for bad, match in [("model.lecam_lambda=-1", "model.lecam_lambda"), ("model.ada_target=1.5", "model.ada_target"),
+                       ("model.ada_kimg=0", "model.ada_kimg")]:
+        with pytest.raises(ConfigError, match=match):
+            train(compose_config("train", train_overrides("cgan", tmp_path / "bad", bad)))
+
+
+def test_ada_probability_follows_the_overfitting_heuristic():
+    import torch
+
+    from imgaug_gen.nets.diffaug import AdaptiveAugmentProbability, diff_augment
+
+    ada = AdaptiveAugmentProbability(target=0.6, interval=2, speed_images=100)
+    for _ in range(4):
+        ada.update(torch.ones(10))  # D is sure of every real image: r_t = 1 > 0.6
+    assert ada.p == pytest.approx(0.4)
+    for _ in range(2):
+        ada.update(-torch.ones(10))
+    assert ada.p == pytest.approx(0.2)
+    x = torch.randn(64, 1, 16, 16)
+    assert torch.equal(diff_augment(x, ["cutout"], p=0.0), x)
+    g = torch.Generator().manual_seed(0)
+    partial = diff_augment(x, ["cutout"], generator=g, p=0.5)
+    changed = (partial != x).flatten(1).any(1).float().mean()
+    assert 0.3 < changed < 0.7

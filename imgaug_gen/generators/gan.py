@@ -18,10 +18,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import ConditionalGenerator, register_generator, to_uint8_nhwc
 from imgaug_gen.nets.cgan import CGANGenerator as _GeneratorNet
 from imgaug_gen.nets.cgan import ProjectionDiscriminator
-from imgaug_gen.nets.diffaug import POLICIES, diff_augment
+from imgaug_gen.nets.diffaug import POLICIES, AdaptiveAugmentProbability, diff_augment
 from imgaug_gen.nets.ema import ema_decay, ema_update
 
 
@@ -63,6 +64,13 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+def lecam_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, ema_real: torch.Tensor,
+               ema_fake: torch.Tensor) -> torch.Tensor:
+    """LeCam regulariser (Tseng et al. 2021): keeps D's real / fake outputs near the moving
+    averages of the other side, ``E[relu(D(x) - a_F)^2] + E[relu(a_R - D(G(z)))^2]``."""
+    return F.relu(real_logits - ema_fake).pow(2).mean() + F.relu(ema_real - fake_logits).pow(2).mean()
+
+
 class CGANModule(pl.LightningModule):
     """Training logic only; networks are plain modules from :mod:`imgaug_gen.nets`."""
 
@@ -74,16 +82,33 @@ class CGANModule(pl.LightningModule):
                  z_dim: int = 64, g_width: int = 32, d_width: int = 32, lr_g: float = 2e-4,
                  lr_d: float = 2e-4, betas: Sequence[float] = (0.0, 0.999),
                  diffaug: Sequence[str] | None = POLICIES, ema_decay: float = 0.999,
-                 ema_start_step: int = 0):
+                 ema_start_step: int = 0, lecam_lambda: float = 0.0, lecam_ema_decay: float = 0.99,
+                 ada_target: float | None = None, ada_interval: int = 4, ada_kimg: float = 20.0):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         c, h, w = image_shape
         if h != w:
-            raise ValueError(f"`image_shape` must be square for the cGAN, got {tuple(image_shape)}.")
+            raise ConfigError(f"`data.image_size` gives {h}x{w} images; the cGAN needs square images.")
         unknown = set(diffaug or ()) - set(POLICIES)
         if unknown:
-            raise ValueError(f"`model.diffaug` has unknown ops {sorted(unknown)}; allowed: {list(POLICIES)}.")
+            raise ConfigError(f"`model.diffaug` has unknown ops {sorted(unknown)}; allowed: {list(POLICIES)}.")
+        if not (isinstance(lecam_lambda, (int, float)) and lecam_lambda >= 0):
+            raise ConfigError(f"`model.lecam_lambda` = {lecam_lambda!r}; give a number >= 0 (0 = off, 0.3 as in "
+                              "StudioGAN's DiffAug-LeCam recipes).")
+        if not 0 <= lecam_ema_decay < 1:
+            raise ConfigError(f"`model.lecam_ema_decay` = {lecam_ema_decay!r}; give a number in [0, 1) (0.99).")
+        if ada_target is not None and not (0 < ada_target < 1 and diffaug):
+            raise ConfigError(f"`model.ada_target` = {ada_target!r}; give null (fixed DiffAugment) or a number in "
+                              "(0, 1) (ADA's 0.6) with at least one `model.diffaug` op to apply adaptively.")
+        if int(ada_interval) < 1 or not float(ada_kimg) > 0:
+            raise ConfigError(f"`model.ada_interval` = {ada_interval!r} / `model.ada_kimg` = {ada_kimg!r}; give an "
+                              "interval >= 1 (D steps) and kimg > 0 (thousands of real images for p to move by 1).")
+        # LeCam's moving averages of D(real) and D(fake): buffers, so checkpoints carry them.
+        self.register_buffer("lecam_ema_real", torch.zeros(()))
+        self.register_buffer("lecam_ema_fake", torch.zeros(()))
+        self.ada = (AdaptiveAugmentProbability(ada_target, int(ada_interval), int(float(ada_kimg) * 1000))
+                    if ada_target is not None else None)
         self.generator = _GeneratorNet(num_classes, image_size=h, channels=c, z_dim=z_dim, width=g_width)
         self.discriminator = ProjectionDiscriminator(num_classes, image_size=h, channels=c, width=d_width)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
@@ -103,7 +128,9 @@ class CGANModule(pl.LightningModule):
         return [opt_d, opt_g]
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, self.hparams.diffaug) if self.hparams.diffaug else x
+        if not self.hparams.diffaug:
+            return x
+        return diff_augment(x, self.hparams.diffaug, p=1.0 if self.ada is None else self.ada.p)
 
     def training_step(self, batch, batch_idx):
         real, labels = batch
@@ -114,8 +141,17 @@ class CGANModule(pl.LightningModule):
         self.toggle_optimizer(opt_d)
         with torch.no_grad():
             fake = self.generator(z, labels)
-        d_loss = hinge_d_loss(self.discriminator(self._augment(real), labels),
-                              self.discriminator(self._augment(fake), labels))
+        real_logits = self.discriminator(self._augment(real), labels)
+        fake_logits = self.discriminator(self._augment(fake), labels)
+        d_loss = hinge_d_loss(real_logits, fake_logits)
+        if self.hparams.lecam_lambda > 0:
+            d_loss = d_loss + self.hparams.lecam_lambda * lecam_loss(real_logits, fake_logits, self.lecam_ema_real,
+                                                                     self.lecam_ema_fake)
+            decay = self.hparams.lecam_ema_decay
+            self.lecam_ema_real.mul_(decay).add_((1 - decay) * real_logits.detach().mean())
+            self.lecam_ema_fake.mul_(decay).add_((1 - decay) * fake_logits.detach().mean())
+        if self.ada is not None:
+            self.ada.update(real_logits)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
         opt_d.step()
@@ -132,8 +168,10 @@ class CGANModule(pl.LightningModule):
         # 3. EMA of the generator (weights and batch-norm statistics).
         self.iteration += 1
         self._update_ema()
-        self.log_dict({"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()},
-                      prog_bar=True, on_step=True, on_epoch=False)
+        logs = {"train/d_loss": d_loss.detach(), "train/g_loss": g_loss.detach()}
+        if self.ada is not None:
+            logs["train/ada_p"] = self.ada.p
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False)
 
     def _update_ema(self) -> None:
         ema_update(self.ema, self.generator,
@@ -141,6 +179,10 @@ class CGANModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["gan_iteration"] = self.iteration
+        if self.ada is not None:
+            checkpoint["ada"] = self.ada.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.iteration = int(checkpoint.get("gan_iteration", 0))
+        if self.ada is not None and "ada" in checkpoint:
+            self.ada.load_state_dict(checkpoint["ada"])

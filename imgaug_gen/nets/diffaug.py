@@ -60,8 +60,47 @@ _OPS = {"color": _color, "translation": _translation, "cutout": _cutout}
 
 
 def diff_augment(x: torch.Tensor, policy: Sequence[str] = POLICIES,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply the named DiffAugment ops in order; gradients flow through."""
+                 generator: torch.Generator | None = None, p: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Apply the named DiffAugment ops in order; gradients flow through.
+
+    ``p`` < 1 applies each op to each image with probability ``p`` (ADA's augmentation
+    probability, Karras et al. 2020); ``p`` = 1 is plain DiffAugment."""
+    p = float(p)
+    if p <= 0:
+        return x
     for name in policy:
-        x = _OPS[name](x, generator)
+        y = _OPS[name](x, generator)
+        if p < 1:
+            keep = torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) < p
+            y = torch.where(keep, y, x)
+        x = y
     return x.contiguous()
+
+
+class AdaptiveAugmentProbability:
+    """ADA's overfitting heuristic (Karras et al. 2020): ``r_t = E[sign(D(real))]`` over the last
+    ``interval`` discriminator steps; ``p`` moves by ``sign(r_t - target) * batch * interval /
+    (speed_images)`` after each interval, clamped to [0, 1]. ``p`` starts at 0."""
+
+    def __init__(self, target: float = 0.6, interval: int = 4, speed_images: int = 500_000 // 100) -> None:
+        self.target, self.interval, self.speed_images = float(target), int(interval), int(speed_images)
+        self.p = 0.0
+        self._signs: list[float] = []
+        self._count = 0
+
+    def update(self, real_logits: torch.Tensor) -> float:
+        """Record one discriminator step's real logits; returns the (possibly adjusted) ``p``."""
+        self._signs.append(float(torch.sign(real_logits.detach()).mean()))
+        self._count += real_logits.shape[0]
+        if len(self._signs) >= self.interval:
+            r_t = sum(self._signs) / len(self._signs)
+            step = self._count / self.speed_images
+            self.p = min(1.0, max(0.0, self.p + (step if r_t > self.target else -step)))
+            self._signs, self._count = [], 0
+        return self.p
+
+    def state_dict(self) -> dict:
+        return {"p": self.p, "signs": list(self._signs), "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.p, self._signs, self._count = float(state["p"]), list(state["signs"]), int(state["count"])
