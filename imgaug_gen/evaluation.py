@@ -1,29 +1,34 @@
 """The downstream evaluation job behind ``python evaluate.py``: does the classifier get better?
 
-For each ``shots`` value (real images per class, drawn once with ``data_seed``), the
-fixed-recipe classifier of :mod:`imgaug_gen.metrics.downstream` is trained once per
-classifier seed on each training set, and tested on the data's held-out test split (never
-used for any training, generator or classifier):
+For each ``shots`` value and each few-shot subset (``data_seeds``: one draw of ``shots`` real
+images per class each), the fixed-recipe classifier of :mod:`imgaug_gen.metrics.downstream` is
+trained once per classifier seed on each method's training set and scored on two fixed splits of
+the data that no generator or classifier ever trains on: the **validation** split (recipes are
+chosen there) and the **test** split (reported):
 
-* ``real``                 -- the few-shot real images;
-* ``real+classical``       -- plus ``augment.copies_per_image`` classical copies of each (``augment``);
-* ``real+<g>``             -- plus the synthetic images of generator entry ``<g>``;
-* ``real+<g>+classical``   -- the ``real+classical`` set plus ``<g>``'s synthetic images, and
-  ``synthetic_copies`` classical copies of each synthetic image.
+* ``real``                   -- the few-shot real images;
+* ``real+classical``         -- plus ``augment.copies_per_image`` classical copies of each (``augment``);
+* ``real+<g>+classical@<P>`` -- the ``real+classical`` set plus generator entry ``<g>``'s synthetic
+  images (and ``synthetic_copies`` classical copies of each), consumed under policy ``<P>``
+  (``policies``: concat / replace / weighted, soft targets, distillation; see
+  :mod:`imgaug_gen.data.mixed` -- the same sampler and loss a user trains with). The teacher of a
+  distilling policy is the ``real+classical`` classifier of the same subset and seed.
 
-A generator entry trains its generator on exactly that few-shot subset with the real
-``train.py`` job (``train:`` overrides), or reuses another entry's run (``run_of:``), or an
-existing run (``run_dir:``, its recorded shots must match), and then writes its images with the
-real ``generate.py`` job (``generate:`` overrides), so what is measured is what a user gets.
-An entry ``folder:`` takes the synthetic images of an existing ``generate.py`` output instead.
-The Classification Accuracy Score (synthetic images only, tested on real) is reported per entry.
+Every generator entry trains its generator on exactly that subset with the real ``train.py`` job
+(``train:``), reuses another entry's run (``run_of:``) or an existing run (``run_dir:``), and writes
+its images with the real ``generate.py`` job; ``folder:`` takes an existing output instead.
+
+Statistics: every method's gain over ``real+classical`` is paired per (subset, seed) with a 95 %
+cluster-bootstrap interval (:mod:`imgaug_gen.metrics.stats`). With ``selection: val`` the
+**headline** is the generative method with the best mean validation gain over all shots values,
+tested once on the test split; the full grid is reported beside it.
 
 Steps:
-1. Check the config (every key, every entry) before any heavy work.
-2. Per shots: the real subset, its classical copies.
+1. Check the config (every key, every entry, every policy) before any heavy work.
+2. Per shots x subset: the real subset, its classical copies, the validation and test splits.
 3. Per generator entry: train (or reuse) -> generate -> read the written folder.
-4. Train / test the classifier on every set x seed (results cached in ``OUT/classifier_runs.jsonl``).
-5. Report: ``OUT/eval.json``, ``OUT/results.md``, ``OUT/accuracy_vs_shots.png``.
+4. Train / score the classifier on every set x policy x seed (cached in ``OUT/classifier_runs.jsonl``).
+5. Statistics, selection and report: ``OUT/eval.json``, ``OUT/results.md``, ``OUT/accuracy_vs_shots.png``.
 
 A re-run with the same command reuses finished runs, folders and classifier results.
 """
@@ -48,11 +53,12 @@ log = logging.getLogger(__name__)
 __all__ = ["check_evaluate_config", "evaluate", "method_names"]
 
 _ENTRY_SOURCES = ("train", "run_of", "run_dir", "folder")
-_ENTRY_KEYS = {"enabled", "generate", "label", *_ENTRY_SOURCES}
+_ENTRY_KEYS = {"enabled", "generate", "label", "policies", *_ENTRY_SOURCES}
 _SEED_STRIDE = 1_000_003
+BASELINE = "real+classical"
 
 
-def _entries(cfg: DictConfig) -> dict[str, dict]:
+def _entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str, dict]:
     gens = OmegaConf.to_container(cfg.get("generators") or {}, resolve=True)
     require(isinstance(gens, dict), "`generators` must be a mapping {name: {train|run_of|run_dir|folder: ..., "
                                     "generate: [...]}}.")
@@ -72,9 +78,13 @@ def _entries(cfg: DictConfig) -> dict[str, dict]:
             v = e.get(key)
             require(v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
                     f"`{where}.{key}` must be a list of override strings like ['trainer.max_steps=500'], got {v!r}.")
-        require("/" not in str(name) and not str(name).startswith("."),
+        require("/" not in str(name) and "@" not in str(name) and not str(name).startswith("."),
                 f"`{where}`: the entry name is used as a folder name; use letters, digits, '_' or '-'.")
-        out[str(name)] = {"source": given[0], **e}
+        pols = e.get("policies")
+        require(pols is None or (isinstance(pols, list) and len(pols) > 0 and all(p in policies for p in pols)),
+                f"`{where}.policies` = {pols!r}; give null (every entry of `policies`) or a list of names from "
+                f"{sorted(policies)}.")
+        out[str(name)] = {"source": given[0], **e, "policies": list(pols or policies)}
     for name, e in out.items():
         if e["source"] == "run_of":
             ref = e["run_of"]
@@ -90,8 +100,35 @@ def _entries(cfg: DictConfig) -> dict[str, dict]:
     return out
 
 
+def _policies(cfg: DictConfig) -> dict[str, Any]:
+    from imgaug_gen.data.mixed import MixPolicy
+
+    raw = OmegaConf.to_container(cfg.get("policies") or {}, resolve=True)
+    require(isinstance(raw, dict) and len(raw) > 0,
+            f"`policies` = {raw!r}; give a mapping {{name: {{name: concat|replace|weighted, p: ...}}}} with at "
+            "least one entry.")
+    out = {}
+    for name, p in raw.items():
+        require("@" not in str(name) and "/" not in str(name),
+                f"`policies.{name}`: the name is used in method names; use letters, digits, '_', '.' or '-'.")
+        out[str(name)] = MixPolicy.from_config(p, key=f"policies.{name}")
+    return out
+
+
+def _int_list(cfg: DictConfig, key: str, example: str, allow_none: bool = False) -> list:
+    v = cfg.get(key)
+    vals = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_list(v) else [v]
+    ok = all((x is None and allow_none) or (isinstance(x, int) and not isinstance(x, bool)) for x in vals)
+    require(len(vals) > 0 and ok and len(set(vals)) == len(vals),
+            f"`{key}` = {vals!r}; give a list of distinct ints, e.g. {key}={example}.")
+    return vals
+
+
 def _shots_list(cfg: DictConfig) -> list:
-    return OmegaConf.to_container(cfg.shots, resolve=True) if OmegaConf.is_list(cfg.shots) else [cfg.shots]
+    shots = _int_list(cfg, "shots", "[5,10]", allow_none=True)
+    require(all(s is None or s > 0 for s in shots),
+            f"`shots` = {shots!r}; give a list of positive ints (null = all training images), e.g. shots=[5,10].")
+    return shots
 
 
 def _wanted_methods(cfg: DictConfig) -> list[str] | None:
@@ -100,64 +137,80 @@ def _wanted_methods(cfg: DictConfig) -> list[str] | None:
     return None if m is None else [str(x) for x in m]
 
 
-def method_names(generators: list[str]) -> list[str]:
-    """The methods, in report order, for these generator entries."""
-    names = ["real", "real+classical"]
-    for g in generators:
-        names += [f"real+{g}", f"real+{g}+classical"]
+def method_name(generator: str, policy: str) -> str:
+    return f"real+{generator}+classical@{policy}"
+
+
+def method_names(entries: Mapping[str, Mapping]) -> list[str]:
+    """The methods, in report order, for these generator entries (``{name: {"policies": [...]}}``)."""
+    names = ["real", BASELINE]
+    for g, e in entries.items():
+        names += [method_name(g, p) for p in e["policies"]]
     return names
 
 
-def check_evaluate_config(cfg: DictConfig) -> dict[str, dict]:
-    """Validate an evaluate config; returns the enabled generator entries."""
+def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Validate an evaluate config; returns the enabled generator entries and the policies."""
     require(cfg.get("out_dir") not in (None, "", "???"), "`out_dir` is required: python evaluate.py out_dir=EVAL_DIR.")
-    shots = _shots_list(cfg)
-    require(len(shots) > 0 and all(s is None or (isinstance(s, int) and not isinstance(s, bool) and s > 0)
-                                   for s in shots),
-            f"`shots` = {shots!r}; give a list of positive ints (null = all training images), e.g. shots=[5,10,20].")
-    require(len(set(shots)) == len(shots), f"`shots` = {shots!r} repeats a value.")
-    seeds = list(cfg.seeds)
-    require(len(seeds) > 0 and all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds),
-            f"`seeds` = {seeds!r}; give distinct ints, at least 3 for a mean ± std (e.g. seeds=[0,1,2]).")
+    _shots_list(cfg)
+    seeds = _int_list(cfg, "seeds", "[0,1,2,3,4]")
     if len(seeds) < 3:
-        log.warning("only %d classifier seed(s): the std is not meaningful (use seeds=[0,1,2] or more)", len(seeds))
+        log.warning("only %d classifier seed(s): the intervals are not meaningful (use seeds=[0,1,2,3,4])", len(seeds))
+    _int_list(cfg, "data_seeds", "[0,1,2]")
     require(isinstance(cfg.synthetic_copies, int) and cfg.synthetic_copies >= 0,
             f"`synthetic_copies` = {cfg.synthetic_copies!r}; give an int >= 0.")
-    from imgaug_gen.metrics.downstream import _recipe
+    require(isinstance(cfg.cas_seeds, int) and cfg.cas_seeds >= 0,
+            f"`cas_seeds` = {cfg.cas_seeds!r}; give the number of classifier seeds for the CAS per subset (0 = skip).")
+    require(cfg.selection in ("val", "none"),
+            f"`selection` = {cfg.selection!r}; give val (choose the headline on the validation split) or none.")
+    if cfg.selection == "val":
+        vf = cfg.data.get("val_fraction", 0.0)
+        require(isinstance(vf, (int, float)) and vf > 0,
+                f"`selection=val` needs a validation split, but `data.val_fraction` = {vf!r}. Set "
+                "`data.val_fraction=0.2` (held out per class, never trained on), or `selection=none` to report the "
+                "grid without choosing. A folder too small to spare a validation split leaves only cross-validation "
+                "on the few-shot images, which evaluate.py does not do: its generators train on those images.")
+    from imgaug_gen.metrics.downstream import check_recipe
 
-    _recipe(OmegaConf.to_container(cfg.classifier, resolve=True) or {})
-    entries = _entries(cfg)
-    bad = sorted(set(_wanted_methods(cfg) or []) - set(method_names(list(entries))))
-    require(not bad, f"`methods` names unknown method(s) {bad}; known: {method_names(list(entries))} (null = all).")
-    return entries
+    check_recipe(OmegaConf.to_container(cfg.classifier, resolve=True) or {}, key="classifier")
+    policies = _policies(cfg)
+    entries = _entries(cfg, policies)
+    known = method_names(entries)
+    bad = sorted(set(_wanted_methods(cfg) or []) - set(known))
+    require(not bad, f"`methods` names unknown method(s) {bad}; known: {known} (null = all).")
+    return entries, policies
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
 
-def _datamodule(cfg: DictConfig, shots: int | None):
+def _datamodule(cfg: DictConfig, shots: int | None, data_seed: int):
     from imgaug_gen.config import instantiate_checked
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.update(shots=shots, seed=int(cfg.data_seed))
+    data.update(shots=shots, seed=int(data_seed))
     dm = instantiate_checked(OmegaConf.create(data))
     dm.setup()
     return dm, data
 
 
-def _copies(augmenter, images: np.ndarray, labels: np.ndarray, copies: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``copies`` classical copies of every image; copy k of image i is seeded (seed, k, i)."""
+def _copies(augmenter, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, copies: int,
+            seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``copies`` classical copies of every image (copy k of image i seeded (seed, k, i)), with the
+    labels and groups of their originals."""
     from imgaug_gen.generators.base import per_image_seeds
 
     if augmenter is None or copies == 0 or len(images) == 0:
-        return images[:0], labels[:0]
+        return images[:0], labels[:0], groups[:0]
     out = [augmenter.apply_batch(images, per_image_seeds(seed + _SEED_STRIDE * k, 0, len(images)))[0]
            for k in range(copies)]
-    return np.concatenate(out), np.tile(labels, copies)
+    return np.concatenate(out), np.tile(labels, copies), np.tile(groups, copies)
 
 
-def _folder_synthetic(folder: Path, num_classes: int, image_shape: tuple) -> tuple[np.ndarray, np.ndarray, dict]:
-    from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import load_folder_images
+def _folder_synthetic(folder: Path, num_classes: int, image_shape: tuple,
+                      real_ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The folder's synthetic images, labels, groups (index of the edited real image in ``real_ids``,
+    -1 for samples) and metrics.json."""
+    from imgaug_gen.export import load_folder_images, read_manifest
 
     records = [r for r in read_manifest(folder) if r.get("source") == "synthetic"]
     require(len(records) > 0, f"`{folder}` holds no synthetic images (manifest source=synthetic).")
@@ -167,9 +220,11 @@ def _folder_synthetic(folder: Path, num_classes: int, image_shape: tuple) -> tup
             f"`{folder}`: synthetic images are {images.shape[1:]}, the evaluation data is {tuple(image_shape)} "
             "(HWC); set `data.image_size` / `data.channels` to the generator's.")
     require(labels.max() < num_classes, f"`{folder}`: labels exceed the data's {num_classes} classes.")
+    where = {rid: i for i, rid in enumerate(real_ids)}
+    groups = np.asarray([where.get(r.get("source_id"), -1) for r in records], dtype=np.int64)
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return images, labels, metrics
+    return images, labels, groups, metrics
 
 
 # -- generators ---------------------------------------------------------------------------------------------------
@@ -178,14 +233,19 @@ def _run_is_complete(run_dir: Path) -> bool:
     return (run_dir / "generator" / "config.json").is_file() and (run_dir / "evaluation_done.json").is_file()
 
 
-def _train_entry(cfg: DictConfig, name: str, entry: dict, shots: int | None, data: dict, run_dir: Path) -> dict:
+def _train_entry(cfg: DictConfig, name: str, entry: dict, shots: int | None, data: dict, run_dir: Path,
+                 data_seed: int) -> dict:
     """Train the entry's generator on this few-shot subset (skipped when already done with the same config)."""
     from imgaug_gen.config import compose_config
     from imgaug_gen.io import atomic_write_json
     from imgaug_gen.training import train
 
-    overrides = list(entry["train"]) + [f"run_dir={run_dir}", f"seed={int(cfg.data_seed)}"]
+    overrides = [*entry["train"], f"run_dir={run_dir}", f"seed={int(data_seed)}"]
     tcfg = compose_config("train", overrides)
+    # Validation FID during training costs time nobody reads here (evaluate.py scores the written folder):
+    # off unless the entry's own overrides name it.
+    if tcfg.get("callbacks") and tcfg.callbacks.get("fidelity") and not any("fidelity" in o for o in entry["train"]):
+        tcfg.callbacks.fidelity = None
     tdata = dict(data)
     tdata["batch_size"] = tcfg.data.get("batch_size", data.get("batch_size"))
     OmegaConf.set_struct(tcfg, False)
@@ -196,11 +256,11 @@ def _train_entry(cfg: DictConfig, name: str, entry: dict, shots: int | None, dat
     fingerprint = hashlib.sha1(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
     done = run_dir / "evaluation_done.json"
     if _run_is_complete(run_dir) and json.loads(done.read_text()).get("fingerprint") == fingerprint:
-        log.info("[%s, shots=%s] reusing the trained generator in %s", name, shots, run_dir)
+        log.info("[%s, shots=%s, data_seed=%s] reusing the trained generator in %s", name, shots, data_seed, run_dir)
         info = json.loads(done.read_text())
         info["reused"] = True
         return info
-    log.info("[%s, shots=%s] training: %s", name, shots, " ".join(overrides))
+    log.info("[%s, shots=%s, data_seed=%s] training: %s", name, shots, data_seed, " ".join(overrides))
     t0 = time.perf_counter()
     metrics, _ = train(tcfg)
     info = {"fingerprint": fingerprint, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -209,12 +269,12 @@ def _train_entry(cfg: DictConfig, name: str, entry: dict, shots: int | None, dat
     return info
 
 
-def _generate_entry(cfg: DictConfig, name: str, entry: dict, run_dir: Path, out: Path, fresh_run: bool) -> dict:
+def _generate_entry(name: str, entry: dict, run_dir: Path, out: Path, fresh_run: bool, data_seed: int) -> dict:
     from imgaug_gen.config import compose_config
     from imgaug_gen.pipeline import generate
 
     overrides = [f"run_dir={run_dir}", f"out_dir={out}", "include_real=false", "progress=false",
-                 f"seed={int(cfg.data_seed)}"] + list(entry.get("generate") or [])
+                 f"seed={int(data_seed)}"] + list(entry.get("generate") or [])
     if fresh_run:
         overrides.append("overwrite=true")  # the generator changed: its old images are stale
     log.info("[%s] generating: %s", name, " ".join(overrides))
@@ -224,7 +284,9 @@ def _generate_entry(cfg: DictConfig, name: str, entry: dict, run_dir: Path, out:
     return metrics
 
 
-def _check_run_shots(run_dir: Path, shots: int | None, where: str) -> None:
+def _check_run_data(run_dir: Path, shots: int | None, data: Mapping[str, Any], where: str) -> None:
+    """An existing run must have trained on this very subset: same shots, subset seed and splits (a
+    generator that saw validation or test images would leak them into the scores)."""
     from imgaug_gen.generators.base import read_run_config
 
     recorded = (read_run_config(run_dir / "generator").get("data") or {})
@@ -232,22 +294,32 @@ def _check_run_shots(run_dir: Path, shots: int | None, where: str) -> None:
             f"`{where}` = {str(run_dir)!r} was trained with data.shots={recorded.get('shots')!r}, but this "
             f"evaluation uses shots={shots!r}: its generator saw other real images. Evaluate it with "
             f"shots=[{recorded.get('shots')}], or use `train:` to train one per shots value.")
+    for key in ("seed", "val_fraction", "test_fraction", "split_seed"):
+        mine, theirs = data.get(key, 0.0 if key == "val_fraction" else None), recorded.get(key, 0.0 if key ==
+                                                                                          "val_fraction" else None)
+        require(mine == theirs,
+                f"`{where}` = {str(run_dir)!r} was trained with data.{key}={theirs!r}, this evaluation's subset has "
+                f"{mine!r}: its generator trained on other images (possibly validation or test ones). Set "
+                f"`data_seeds=[{recorded.get('seed')}]` / `data.{key}={theirs!r}` to match, or use `train:`.")
 
 
-def _synthetic_for_shots(cfg: DictConfig, entries: dict[str, dict], shots: int | None, data: dict, root: Path,
-                         num_classes: int, image_shape: tuple) -> dict[str, dict]:
+def _synthetic_sets(cfg: DictConfig, entries: dict[str, dict], shots: int | None, data_seed: int, data: dict,
+                    root: Path, dm) -> dict[str, dict]:
+    """Per generator entry: its synthetic images for this (shots, subset), trained / written on demand."""
     runs: dict[str, tuple[Path, bool]] = {}
     out: dict[str, dict] = {}
-    tag = f"shots{shots if shots is not None else 'all'}"
+    tag = f"shots{shots if shots is not None else 'all'}_d{data_seed}"
+    real_x, _ = dm.train_arrays()
+    real_ids = [r["id"] for r in dm.train_records()]
     for name, e in entries.items():  # trained runs first, so `run_of` can use them
         if e["source"] == "train":
             run_dir = root / "runs" / name / tag
-            info = _train_entry(cfg, name, e, shots, data, run_dir)
+            info = _train_entry(cfg, name, e, shots, data, run_dir, data_seed)
             runs[name] = (run_dir, not info["reused"])
             out[name] = {"run_dir": str(run_dir), "train_seconds": info["train_seconds"], "reused_run": info["reused"]}
         elif e["source"] == "run_dir":
             run_dir = Path(e["run_dir"]).resolve()
-            _check_run_shots(run_dir, shots, f"generators.{name}.run_dir")
+            _check_run_data(run_dir, shots, data, f"generators.{name}.run_dir")
             runs[name] = (run_dir, False)
             out[name] = {"run_dir": str(run_dir)}
     for name, e in entries.items():
@@ -258,20 +330,45 @@ def _synthetic_for_shots(cfg: DictConfig, entries: dict[str, dict], shots: int |
             run_dir, fresh = runs[e["run_of"]] if e["source"] == "run_of" else runs[name]
             info.setdefault("run_dir", str(run_dir))
             folder = root / "synthetic" / name / tag
-            info["generate"] = {k: v for k, v in _generate_entry(cfg, name, e, run_dir, folder, fresh).items()
+            info["generate"] = {k: v for k, v in _generate_entry(name, e, run_dir, folder, fresh, data_seed).items()
                                 if k in ("fid", "kid_mean", "kid_std", "precision", "recall", "features",
                                          "n_synthetic", "generate_seconds", "filter", "mean_confidence")}
-        images, labels, metrics = _folder_synthetic(folder, num_classes, image_shape)
-        info.update(folder=str(folder), images=images, labels=labels, n_synthetic=int(len(images)))
+        images, labels, groups, metrics = _folder_synthetic(folder, dm.num_classes, real_x.shape[1:], real_ids)
+        info.update(folder=str(folder), images=images, labels=labels, groups=groups, n_synthetic=int(len(images)))
         if "generate" not in info and metrics:
             info["generate"] = {k: metrics.get(k) for k in ("fid", "kid_mean", "precision", "recall", "features")}
+        info["memorisation"] = _memorisation_rate(images, real_x)
     return out
+
+
+def _memorisation_rate(synthetic: np.ndarray, real: np.ndarray) -> float:
+    """Share of synthetic images nearer to a training image than the training images are to each other
+    (the median of their leave-one-out nearest-neighbour distances), with the quality filter's
+    nearest-real distance on pixels: the near-copies."""
+    from imgaug_gen.filtering import nearest_real_distance
+
+    r = real.reshape(len(real), -1).astype(np.float32)
+    d_real, _ = nearest_real_distance(r, r, metric="l2", exclude_self=True)
+    d_syn, _ = nearest_real_distance(synthetic.reshape(len(synthetic), -1).astype(np.float32), r, metric="l2")
+    return float(np.mean(d_syn < np.median(d_real)))
 
 
 # -- classifier runs ----------------------------------------------------------------------------------------------
 
+def _digest(*parts: Any) -> str:
+    """sha1 of arrays (their bytes) and JSON-able values, in order."""
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
 class _ResultCache:
-    """Classifier accuracies keyed by a hash of (train set bytes, test set, recipe, seed); one JSON line each."""
+    """Classifier results keyed by a hash of everything that decides them; one JSON line each."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -284,14 +381,6 @@ class _ResultCache:
                 except (ValueError, KeyError):
                     continue  # a torn last line from a killed run
 
-    @staticmethod
-    def key(images: np.ndarray, labels: np.ndarray, test_key: str, recipe: dict, seed: int) -> str:
-        h = hashlib.sha1()
-        h.update(np.ascontiguousarray(images).tobytes())
-        h.update(np.ascontiguousarray(labels).tobytes())
-        h.update(f"{test_key}|{json.dumps(recipe, sort_keys=True, default=str)}|{seed}".encode())
-        return h.hexdigest()
-
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
 
@@ -301,28 +390,118 @@ class _ResultCache:
             f.write(json.dumps(row) + "\n")
 
 
-def _run_methods(sets: Mapping[str, tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray, np.ndarray],
-                 num_classes: int, seeds: list[int], recipe: dict, cache: _ResultCache, shots) -> dict[str, dict]:
-    from imgaug_gen.metrics.downstream import summarise_accuracies, train_and_test
+class _Classifiers:
+    """Trains (or reads back) the fixed-recipe classifier of one (shots, subset): every method, every seed,
+    scored on the test and validation splits. The teacher of a distilling policy is the same seed's
+    ``real+classical`` classifier, retrained (deterministically) when its result came from the cache."""
 
-    test_key = hashlib.sha1(test[0].tobytes() + test[1].tobytes()).hexdigest()
-    out = {}
-    for name, (images, labels) in sets.items():
-        accs, seconds = [], 0.0
-        for s in seeds:
-            key = cache.key(images, labels, test_key, recipe, s)
-            row = cache.get(key)
-            if row is None:
-                t0 = time.perf_counter()
-                acc = float(train_and_test(images, labels, test[0], test[1], num_classes, int(s), **recipe))
-                row = {"key": key, "shots": shots, "method": name, "seed": int(s), "accuracy": acc,
-                       "seconds": round(time.perf_counter() - t0, 2)}
-                cache.put(row)
-            accs.append(row["accuracy"])
-            seconds += row.get("seconds", 0.0)
-        out[name] = {**summarise_accuracies(accs, seeds), "n_train": int(len(images)), "seconds": round(seconds, 1)}
-        log.info("shots=%s %-28s %.2f ± %.2f %%", shots, name, 100 * out[name]["mean"], 100 * out[name]["std"])
+    def __init__(self, cache: _ResultCache, recipe: dict, num_classes: int, test, val, shots, data_seed: int):
+        self.cache, self.recipe, self.num_classes = cache, recipe, num_classes
+        self.test, self.val, self.shots, self.data_seed = test, val, shots, int(data_seed)
+        self.split_key = _digest(test[0], test[1], val[0], val[1])
+        self._teachers: dict[int, Any] = {}
+
+    def run(self, method: str, seed: int, real: tuple, synthetic: tuple | None = None, policy=None,
+            keep_model: bool = False) -> dict:
+        from imgaug_gen.metrics.downstream import predict_logits, train_and_test
+
+        pol = None if policy is None else policy.to_dict()
+        key = _digest(*real, *(synthetic or ()), pol, self.recipe, int(seed), self.split_key)
+        row = self.cache.get(key)
+        if row is not None and not (keep_model and seed not in self._teachers):
+            return row
+        kwargs: dict[str, Any] = {}
+        if synthetic is not None:
+            kwargs.update(synthetic=synthetic, policy=policy, train_groups=real[2])
+            if policy.distill > 0:
+                teacher = self._teachers.get(seed)
+                require(teacher is not None, "internal: the real+classical teacher must run before distillation")
+                kwargs["teacher_logits"] = predict_logits(teacher, synthetic[0], self.recipe.get("input_size"))
+        t0 = time.perf_counter()
+        d = train_and_test(real[0], real[1], self.test[0], self.test[1], self.num_classes, int(seed),
+                           eval_sets={"val": self.val} if len(self.val[0]) else None, return_details=True,
+                           return_model=keep_model, **kwargs, **self.recipe)
+        if keep_model:
+            self._teachers[seed] = d["model"]
+        if row is None:
+            row = {"key": key, "shots": self.shots, "data_seed": self.data_seed, "method": method, "seed": int(seed),
+                   "accuracy": d["accuracy"], "val_accuracy": d["eval"].get("val"),
+                   "n_train": d["n_train"], "seconds": round(time.perf_counter() - t0, 2)}
+            self.cache.put(row)
+        return row
+
+
+def _runs_for_subset(clf: _Classifiers, seeds: list[int], real: tuple, classical: tuple,
+                     syn: Mapping[str, dict], entries: Mapping[str, dict], policies: Mapping[str, Any],
+                     wanted: list[str] | None, cas_seeds: int) -> list[dict]:
+    """Every (method, seed) row of one (shots, subset), CAS rows included."""
+    rows = []
+    distils = any(policies[p].distill > 0 for e in entries.values() for p in e["policies"])
+
+    def want(m: str) -> bool:
+        return wanted is None or m in wanted
+
+    for seed in seeds:
+        if want("real"):
+            rows.append(clf.run("real", seed, real))
+        if want(BASELINE) or distils:
+            rows.append(clf.run(BASELINE, seed, classical, keep_model=distils))
+        for g, info in syn.items():
+            for pname in entries[g]["policies"]:
+                m = method_name(g, pname)
+                if want(m):
+                    rows.append({**clf.run(m, seed, classical, info["mixed"], policies[pname]), "method": m})
+    for g, info in syn.items():
+        for seed in seeds[:cas_seeds]:
+            x, y = info["images"], info["labels"]
+            rows.append({**clf.run(f"{g} only", seed, (x, y, np.arange(len(y)))), "method": f"cas:{g}"})
+    return rows
+
+
+# -- statistics and selection -------------------------------------------------------------------------------------
+
+def _summarise(rows: list[dict], seeds: list[int]) -> dict[str, dict]:
+    """Per method: test / validation accuracies per (subset, seed), mean ± std, and the paired gain
+    over ``real+classical`` with its 95 % interval (test and validation)."""
+    from imgaug_gen.metrics.stats import paired_gain
+
+    by_method: dict[str, dict[tuple, dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {})[(r["data_seed"], r["seed"])] = r
+    out: dict[str, dict] = {}
+    base = by_method.get(BASELINE, {})
+    for m, runs in by_method.items():
+        pairs = sorted(runs)
+        test = [runs[k]["accuracy"] for k in pairs]
+        val = [runs[k]["val_accuracy"] for k in pairs if runs[k].get("val_accuracy") is not None]
+        res = {"mean": float(np.mean(test)), "std": float(np.std(test, ddof=1)) if len(test) > 1 else 0.0,
+               "accs": test, "pairs": [list(k) for k in pairs], "seeds": [k[1] for k in pairs],
+               "n_train": runs[pairs[0]]["n_train"], "seconds": round(sum(r.get("seconds", 0) for r in runs.values()), 1)}
+        if len(val) == len(test):
+            res["val_accs"] = val
+            res["val_mean"] = float(np.mean(val))
+        res["ci95"] = [paired_gain({k: runs[k]["accuracy"] for k in pairs}, {k: 0.0 for k in pairs})[b]
+                       for b in ("lo", "hi")]
+        if base and m != BASELINE and not m.startswith("cas:"):
+            res["gain"] = paired_gain({k: r["accuracy"] for k, r in runs.items()},
+                                      {k: r["accuracy"] for k, r in base.items()})
+            if "val_accs" in res:
+                res["val_gain"] = paired_gain({k: r["val_accuracy"] for k, r in runs.items()},
+                                              {k: r["val_accuracy"] for k, r in base.items()})
+        out[m] = res
     return out
+
+
+def _select(results: Mapping[str, Mapping[str, dict]]) -> dict | None:
+    """The generative method with the best mean validation gain over real+classical, averaged over shots."""
+    shots = list(results)
+    cands = [m for m in results[shots[0]] if "@" in m and all("val_gain" in results[s].get(m, {}) for s in shots)]
+    if not cands:
+        return None
+    score = {m: float(np.mean([results[s][m]["val_gain"]["mean"] for s in shots])) for m in cands}
+    best = max(cands, key=lambda m: score[m])  # first of equals: the config's order
+    return {"method": best, "criterion": "mean validation gain over real+classical, averaged over shots",
+            "val_gain": score[best], "ranking": sorted(score.items(), key=lambda kv: -kv[1])}
 
 
 # -- the job ------------------------------------------------------------------------------------------------------
@@ -336,7 +515,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
 
     # 1. Check the config.
-    entries = check_evaluate_config(cfg)
+    entries, policies = check_evaluate_config(cfg)
     root = Path(cfg.out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)
@@ -344,6 +523,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     wanted = _wanted_methods(cfg)
     shots_list = _shots_list(cfg)
     seeds = [int(s) for s in cfg.seeds]
+    data_seeds = [int(s) for s in cfg.data_seeds]
     cache = _ResultCache(root / "classifier_runs.jsonl")
     atomic_write_text(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     t_start = time.perf_counter()
@@ -353,45 +533,62 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dataset: dict[str, Any] = {}
     plot_x: dict[str, int] = {}
     for shots in shots_list:
-        # 2. Real subset and its classical copies.
-        dm, data = _datamodule(cfg, shots)
-        real_x, real_y = dm.train_arrays()
-        test_x, test_y = dm.test_arrays()
-        require(len(test_x) > 0, "the data has no test split; set `data.test_fraction` > 0.")
-        augmenter = build_augmenter(cfg.augment, real_x.shape[1:])
-        aug_x, aug_y = _copies(augmenter, real_x, real_y, int(cfg.augment.copies_per_image), int(cfg.data_seed))
-        dataset = {"class_names": list(dm.class_names), "n_test": int(len(test_x)),
-                   "image_shape": list(real_x.shape[1:]), "data": {k: v for k, v in data.items() if k != "seed"}}
+        rows: list[dict] = []
+        generators[str(shots)] = {}
+        for data_seed in data_seeds:
+            # 2. Real subset, its classical copies, the fixed validation and test splits.
+            dm, data = _datamodule(cfg, shots, data_seed)
+            real_x, real_y = dm.train_arrays()
+            test, val = dm.test_arrays(), dm.val_arrays()
+            require(len(test[0]) > 0, "the data has no test split; set `data.test_fraction` > 0.")
+            augmenter = build_augmenter(cfg.augment, real_x.shape[1:])
+            groups = np.arange(len(real_y))
+            ax, ay, ag = _copies(augmenter, real_x, real_y, groups, int(cfg.augment.copies_per_image), data_seed)
+            real = (real_x, real_y, groups)
+            classical = (np.concatenate([real_x, ax]), np.concatenate([real_y, ay]), np.concatenate([groups, ag]))
+            dataset = {"class_names": list(dm.class_names), "n_test": int(len(test[0])), "n_val": int(len(val[0])),
+                       "image_shape": list(real_x.shape[1:]),
+                       "data": {k: v for k, v in data.items() if k != "seed"}}
 
-        # 3. Synthetic sets.
-        syn = _synthetic_for_shots(cfg, entries, shots, data, root, dm.num_classes, real_x.shape[1:])
-        sets: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            "real": (real_x, real_y),
-            "real+classical": (np.concatenate([real_x, aug_x]), np.concatenate([real_y, aug_y])),
-        }
-        for g, info in syn.items():
-            sx, sy = info.pop("images"), info.pop("labels")
-            sets[f"real+{g}"] = (np.concatenate([real_x, sx]), np.concatenate([real_y, sy]))
-            cx, cy = _copies(augmenter, sx, sy, int(cfg.synthetic_copies), int(cfg.data_seed) + 1)
-            sets[f"real+{g}+classical"] = (np.concatenate([real_x, aug_x, sx, cx]),
-                                           np.concatenate([real_y, aug_y, sy, cy]))
-            info["cas"] = _run_methods({f"{g} only": (sx, sy)}, (test_x, test_y), dm.num_classes, seeds, recipe,
-                                       cache, shots)[f"{g} only"]
+            # 3. Synthetic sets (+ classical copies of each synthetic image, same groups).
+            syn = _synthetic_sets(cfg, entries, shots, data_seed, data, root, dm)
+            for info in syn.values():
+                sx, sy, sg = info["images"], info["labels"], info["groups"]
+                cx, cy, cg = _copies(augmenter, sx, sy, sg, int(cfg.synthetic_copies), data_seed + 1)
+                info["mixed"] = (np.concatenate([sx, cx]), np.concatenate([sy, cy]), np.concatenate([sg, cg]))
+
+            # 4. Classifier runs.
+            clf = _Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed)
+            rows += _runs_for_subset(clf, seeds, real, classical, syn, entries, policies, wanted,
+                                     int(cfg.cas_seeds))
+            for g, info in syn.items():
+                for k in ("images", "labels", "groups", "mixed"):
+                    info.pop(k)
+                generators[str(shots)].setdefault(g, {})[str(data_seed)] = info
+
+        # 5. Statistics per shots.
+        summary = _summarise(rows, seeds)
+        for g, per_subset in generators[str(shots)].items():
+            cas = summary.pop(f"cas:{g}", None)
+            generators[str(shots)][g] = _generator_summary(per_subset, cas)
         if wanted:
-            sets = {k: v for k, v in sets.items() if k in wanted}
+            summary = {k: summary[k] for k in method_names(entries) if k in wanted and k in summary}
+        results[str(shots)] = {k: summary[k] for k in method_names(entries) if k in summary}
+        for m, r in results[str(shots)].items():
+            g = r.get("gain")
+            log.info("shots=%s %-44s test %.2f ± %.2f %%%s", shots, m, 100 * r["mean"], 100 * r["std"],
+                     "" if g is None else f"  gain {100 * g['mean']:+.2f} [{100 * g['lo']:+.2f}, {100 * g['hi']:+.2f}]")
+        plot_x[str(shots)] = shots if shots is not None else round(dataset.get("n_train", 0) / len(dm.class_names))
 
-        # 4. Classifier runs.
-        results[str(shots)] = _run_methods(sets, (test_x, test_y), dm.num_classes, seeds, recipe, cache, shots)
-        generators[str(shots)] = syn
-        plot_x[str(shots)] = shots if shots is not None else round(len(real_x) / dm.num_classes)
-
-    # 5. Report.
+    selected = _select(results) if cfg.selection == "val" else None
     out = {
         "results": results,
+        "selected": selected,
         "generators": generators,
         "shots": shots_list,
         "seeds": seeds,
-        "data_seed": int(cfg.data_seed),
+        "data_seeds": data_seeds,
+        "policies": {k: v.to_dict() for k, v in policies.items()},
         "dataset": dataset,
         "classifier_recipe": {**_full_recipe(recipe)},
         "augment": OmegaConf.to_container(cfg.augment, resolve=True),
@@ -400,13 +597,46 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     md = report_markdown(out)
     atomic_write_text(root / "results.md", md)
-    plot_accuracy_vs_shots({plot_x[s]: r for s, r in results.items()},
+    shown = _chart_methods(results, selected, entries)
+    plot_accuracy_vs_shots({plot_x[s]: {m: r[m] for m in shown if m in r} for s, r in results.items()},
                            root / "accuracy_vs_shots.png",
-                           title=f"fixed-recipe classifier, mean ± std over {len(seeds)} seeds")
+                           title=f"{len(data_seeds)} subsets x {len(seeds)} seeds, 95 % intervals")
     out["files"] = {"eval_json": str(root / "eval.json"), "table": str(root / "results.md"),
                     "chart": str(root / "accuracy_vs_shots.png")}
     atomic_write_json(root / "eval.json", out)
     return out
+
+
+def _generator_summary(per_subset: Mapping[str, dict], cas: dict | None) -> dict:
+    """One generator's facts over the subsets: FID/KID/precision/recall/memorisation means, CAS."""
+    subsets = list(per_subset.values())
+    out: dict[str, Any] = {"subsets": dict(per_subset), "n_synthetic": subsets[0].get("n_synthetic")}
+    for k in ("fid", "kid_mean", "precision", "recall"):
+        vals = [s.get("generate", {}).get(k) for s in subsets]
+        if all(v is not None for v in vals):
+            out[k] = float(np.mean(vals))
+    out["memorisation"] = float(np.mean([s["memorisation"] for s in subsets]))
+    if cas is not None:
+        out["cas"] = {k: cas[k] for k in ("mean", "std", "accs", "pairs")}
+    first = subsets[0]
+    for k in ("run_dir", "folder", "reused_run", "train_seconds"):
+        if k in first:
+            out[k] = first[k]
+    return out
+
+
+def _chart_methods(results: Mapping[str, Mapping[str, dict]], selected: dict | None,
+                   entries: Mapping[str, dict]) -> list[str]:
+    """real, real+classical, the headline, and each generator's best policy on validation (or its first)."""
+    shown = ["real", BASELINE]
+    first = next(iter(results.values()))
+    for g, e in entries.items():
+        ms = [method_name(g, p) for p in e["policies"] if method_name(g, p) in first]
+        if ms:
+            shown.append(max(ms, key=lambda m: np.mean([r.get(m, {}).get("val_mean", 0.0) for r in results.values()])))
+    if selected and selected["method"] not in shown:
+        shown.append(selected["method"])
+    return shown
 
 
 def _full_recipe(recipe: dict) -> dict:
@@ -415,46 +645,69 @@ def _full_recipe(recipe: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**RECIPE, **recipe}.items()}
 
 
-def report_markdown(ev: Mapping[str, Any]) -> str:
-    """The markdown report of an eval.json: one summary table (methods x shots) and one table per shots."""
-    from imgaug_gen.metrics.downstream import results_table_markdown
+def _fmt_gain(g: Mapping[str, Any] | None) -> str:
+    if not g:
+        return "—"
+    star = " *" if g["significant"] and g["mean"] > 0 else (" (−)" if g["significant"] else "")
+    return f"{100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]{star}"
 
+
+def report_markdown(ev: Mapping[str, Any]) -> str:
+    """The markdown report of an eval.json: the headline, the grid (test accuracy, gain over
+    real+classical with 95 % intervals, validation gain) and per-shots generator facts."""
     results = ev["results"]
     shots = list(results)
     methods: list[str] = []
     for s in shots:
         methods += [m for m in results[s] if m not in methods]
-    lines = [f"Test accuracy (%) of the fixed-recipe classifier, mean ± std over seeds {ev['seeds']}; "
-             f"{ev['dataset'].get('n_test', '?')} held-out real test images.", "",
-             "| method | " + " | ".join(f"{s} shots" for s in shots) + " |",
-             "|---|" + "---:|" * len(shots)]
+    n_sub, n_seeds = len(ev.get("data_seeds", [0])), len(ev["seeds"])
+    lines = [f"Fixed-recipe classifier on {ev['dataset'].get('n_test', '?')} held-out real test images; "
+             f"{n_sub} few-shot subset(s) x {n_seeds} classifier seeds per shots value. Gains are paired "
+             "differences to `real+classical` (same subset, same seed), mean [95 % cluster-bootstrap interval] "
+             "in accuracy points; * = the interval excludes 0.", ""]
+    sel = ev.get("selected")
+    if sel:
+        m = sel["method"]
+        lines += [f"**Headline (chosen on the validation split, {ev['dataset'].get('n_val', '?')} images; tested once): "
+                  f"`{m}`**", "", "| | " + " | ".join(f"{s} shots" for s in shots) + " |",
+                  "|---|" + "---:|" * len(shots),
+                  "| `real+classical` test accuracy | " + " | ".join(
+                      f"{100 * results[s][BASELINE]['mean']:.1f} ± {100 * results[s][BASELINE]['std']:.1f}"
+                      for s in shots) + " |",
+                  f"| `{m}` test accuracy | " + " | ".join(
+                      f"{100 * results[s][m]['mean']:.1f} ± {100 * results[s][m]['std']:.1f}" for s in shots) + " |",
+                  "| gain over `real+classical` | " + " | ".join(_fmt_gain(results[s][m].get("gain"))
+                                                             for s in shots) + " |", ""]
+    lines += ["| method | " + " | ".join(f"{s} shots: test | gain | val gain" for s in shots) + " |",
+              "|---|" + "---:|---:|---:|" * len(shots)]
     for m in methods:
         cells = []
         for s in shots:
             r = results[s].get(m)
-            cells.append("—" if r is None else f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    gains = [m for m in methods if m.endswith("+classical") and m != "real+classical"]
-    if gains and all("real+classical" in results[s] for s in shots):
-        lines += ["", "Gain of synthetic data over classical augmentation alone (accuracy points, "
-                  "`real+<g>+classical` − `real+classical`, mean over seeds):", "",
-                  "| method | " + " | ".join(f"{s} shots" for s in shots) + " |", "|---|" + "---:|" * len(shots)]
-        for m in gains:
-            cells = ["—" if m not in results[s] else
-                     f"{100 * (results[s][m]['mean'] - results[s]['real+classical']['mean']):+.1f}" for s in shots]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            if r is None:
+                cells += ["—", "—", "—"]
+                continue
+            cells += [f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}", _fmt_gain(r.get("gain")),
+                      "—" if "val_gain" not in r else f"{100 * r['val_gain']['mean']:+.1f}"]
+        mark = " (headline)" if sel and m == sel["method"] else ""
+        lines.append(f"| {m}{mark} | " + " | ".join(cells) + " |")
+    pols = ev.get("policies") or {}
+    if pols:
+        from imgaug_gen.data.mixed import MixPolicy
+
+        lines += ["", "Policies: " + "; ".join(f"`{k}` = {MixPolicy(**v).tag}" for k, v in pols.items()) + "."]
     for s in shots:
-        lines += ["", f"### {s} shots per class", "", results_table_markdown(results[s]).rstrip()]
         gens = ev.get("generators", {}).get(s, {})
-        if gens:
-            lines += ["", "| generator | synthetic images | FID | KID | precision | recall | CAS (%) |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
-            for g, info in gens.items():
-                gm = info.get("generate") or {}
-                cas = info.get("cas") or {}
-                fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
-                lines.append(f"| {g} | {info.get('n_synthetic', '—')} | {fmt(gm.get('fid'), '.2f')} | "
-                             f"{fmt(gm.get('kid_mean'), '.4f')} | {fmt(gm.get('precision'), '.3f')} | "
-                             f"{fmt(gm.get('recall'), '.3f')} | "
-                             f"{fmt(100 * cas['mean'] if cas else None, '.1f')} |")
+        if not gens:
+            continue
+        lines += ["", f"### {s} shots per class: generators (means over subsets)", "",
+                  "| generator | synthetic images | FID | KID | precision | recall | memorisation | CAS (%) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for g, info in gens.items():
+            cas = info.get("cas") or {}
+            fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+            lines.append(f"| {g} | {info.get('n_synthetic', '—')} | {fmt(info.get('fid'), '.2f')} | "
+                         f"{fmt(info.get('kid_mean'), '.4f')} | {fmt(info.get('precision'), '.3f')} | "
+                         f"{fmt(info.get('recall'), '.3f')} | {fmt(info.get('memorisation'), '.3f')} | "
+                         f"{fmt(100 * cas['mean'] if cas else None, '.1f')} |")
     return "\n".join(lines) + "\n"

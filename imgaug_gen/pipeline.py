@@ -560,19 +560,11 @@ def filter_summary(records: list[dict], qf, class_names: list[str], targets: dic
     return out
 
 
-def load_folder_images(out_dir: Path, records: list[dict]) -> np.ndarray:
-    from PIL import Image
-
-    arrays = [np.asarray(Image.open(out_dir / r["file"])) for r in records]
-    if not arrays:
-        return np.zeros((0, 1, 1, 1), np.uint8)
-    a = np.stack(arrays)
-    return a[..., None] if a.ndim == 3 else a
-
-
 def folder_features(out_dir: Path, records: list[dict], extractor, chunk: int = 1024):
     """Features ``[N, D]`` of the records' image files, read ``chunk`` files at a time."""
     import torch
+
+    from imgaug_gen.export import load_folder_images
 
     parts = [extractor.features(load_folder_images(out_dir, records[i:i + chunk]), batch_size=256)
              for i in range(0, len(records), chunk)]

@@ -18,7 +18,10 @@ from imgaug_gen.errors import ConfigError
 TINY_TRAIN = ",".join(f'"{o}"' for o in [*TINY_MODELS["cgan"], "callbacks=none", "logger=none",
                                          "trainer.enable_progress_bar=false", "data.batch_size=16"])
 TINY_EVAL = ["seeds=[0,1,2]", "classifier.steps=15", "metrics.domain_steps=30", "augment.copies_per_image=2",
-             "synthetic_copies=1", f"generators.cgan.train=[{TINY_TRAIN}]", 'generators.cgan.generate=["n_per_class=4"]']
+             "synthetic_copies=1", f"generators.cgan.train=[{TINY_TRAIN}]", 'generators.cgan.generate=["n_per_class=4"]',
+             "policies={concat:{name:concat},replace:{name:replace,p:0.5},kd:{name:weighted,p:0.25,distill:0.5}}"]
+METHODS = ["real", "real+classical", "real+cgan+classical@concat", "real+cgan+classical@replace",
+           "real+cgan+classical@kd"]
 
 
 def eval_cfg(out_dir, *extra):
@@ -33,39 +36,76 @@ def evaluated(tmp_path_factory):
 
     os.environ.setdefault("IMGAUG_GEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     out = tmp_path_factory.mktemp("eval")
-    return out, evaluate(eval_cfg(out, "shots=[3,4]"))
+    return out, evaluate(eval_cfg(out, "shots=[3,4]", "data_seeds=[0,1]"))
 
 
 def test_evaluate_writes_every_method_per_shots(evaluated):
     out, ev = evaluated
-    assert ev["shots"] == [3, 4] and ev["seeds"] == [0, 1, 2]
+    assert ev["shots"] == [3, 4] and ev["seeds"] == [0, 1, 2] and ev["data_seeds"] == [0, 1]
     for shots in (3, 4):
         r = ev["results"][str(shots)]
-        assert list(r) == ["real", "real+classical", "real+cgan", "real+cgan+classical"]
+        assert list(r) == METHODS
         n_real = 10 * shots
         # copies: 2 classical copies per real image, 4 synthetic per class (+1 classical copy each)
         assert r["real"]["n_train"] == n_real
         assert r["real+classical"]["n_train"] == 3 * n_real
-        assert r["real+cgan"]["n_train"] == n_real + 40
-        assert r["real+cgan+classical"]["n_train"] == 3 * n_real + 80
+        for m in METHODS[2:]:
+            assert r[m]["n_train"] == 3 * n_real + 80
         for m in r.values():
-            assert len(m["accs"]) == 3 and all(0.0 <= a <= 1.0 for a in m["accs"])
+            # one accuracy per (subset, seed) pair, tested and validated
+            assert m["pairs"] == [[d, s] for d in (0, 1) for s in (0, 1, 2)]
+            assert len(m["accs"]) == 6 and all(0.0 <= a <= 1.0 for a in m["accs"] + m["val_accs"])
             assert m["mean"] == pytest.approx(np.mean(m["accs"]))
             assert m["std"] == pytest.approx(np.std(m["accs"], ddof=1))
+            assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
+        base = np.asarray(r["real+classical"]["accs"])
+        for m in ["real", *METHODS[2:]]:
+            g = r[m]["gain"]  # paired with real+classical, same subset and seed
+            assert g["mean"] == pytest.approx(np.mean(np.asarray(r[m]["accs"]) - base))
+            assert g["lo"] <= g["mean"] <= g["hi"] and g["n_pairs"] == 6 and g["n_subsets"] == 2
+            assert g["significant"] == (g["lo"] > 0 or g["hi"] < 0)
+            assert r[m]["val_gain"]["mean"] == pytest.approx(
+                np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r["real+classical"]["val_accs"])))
         g = ev["generators"][str(shots)]["cgan"]
-        assert g["n_synthetic"] == 40 and 0.0 <= g["cas"]["mean"] <= 1.0
-        assert np.isfinite(g["generate"]["fid"])
-        # the generator was trained on exactly this few-shot subset
+        assert g["n_synthetic"] == 40 and 0.0 <= g["cas"]["mean"] <= 1.0 and len(g["cas"]["accs"]) == 2
+        assert np.isfinite(g["fid"]) and 0.0 <= g["memorisation"] <= 1.0
+        # one generator per subset, trained on exactly that few-shot subset
         from imgaug_gen.generators.base import read_run_config
 
-        assert read_run_config(f"{g['run_dir']}/generator")["data"]["shots"] == shots
-    assert ev["dataset"]["n_test"] == 355  # digits' fixed test split, never trained on
+        runs = {d: g["subsets"][d]["run_dir"] for d in ("0", "1")}
+        assert runs["0"] != runs["1"]
+        for d, run in runs.items():
+            data = read_run_config(f"{run}/generator")["data"]
+            assert data["shots"] == shots and data["seed"] == int(d)
+    # the headline is the generative method with the best mean validation gain
+    sel = ev["selected"]
+    val = {m: np.mean([ev["results"][s][m]["val_gain"]["mean"] for s in ("3", "4")]) for m in METHODS[2:]}
+    assert sel["method"] == max(val, key=val.get) and sel["val_gain"] == pytest.approx(val[sel["method"]])
+    assert ev["dataset"]["n_test"] == 355 and ev["dataset"]["n_val"] > 300  # fixed, never trained on
     on_disk = json.loads((out / "eval.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(ev["results"]))
     md = (out / "results.md").read_text()
-    assert "| real+cgan+classical |" in md and "3 shots" in md and "CAS" in md and "Gain" in md
+    assert "| real+cgan+classical@replace" in md and "3 shots" in md and "CAS" in md and "Headline" in md
+    assert "memorisation" in md and "95 %" in md
     with Image.open(out / "accuracy_vs_shots.png") as im:
-        assert im.format == "PNG" and im.size[0] > 300
+        assert im.format == "PNG" and im.size[0] > 600  # accuracy and gain panels
+
+
+def test_evaluate_validation_test_and_shots_are_disjoint():
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.evaluation import _datamodule
+
+    cfg = compose_config("evaluate", ["out_dir=/tmp/unused"])
+    ids = {}
+    for seed in (0, 1):
+        dm, _ = _datamodule(cfg, 10, seed)
+        test, val, train = (set(map(tuple, a[0].reshape(len(a[0]), -1).tolist())) for a in
+                            (dm.test_arrays(), dm.val_arrays(), dm.train_arrays()))
+        ids[seed] = (dm._test_idx, dm._val_idx, dm._train_idx)
+        assert not set(dm._val_idx) & set(dm._test_idx)
+        assert not set(dm._train_idx) & (set(dm._val_idx) | set(dm._test_idx))
+    assert (ids[0][0] == ids[1][0]).all() and (ids[0][1] == ids[1][1]).all()  # fixed splits
+    assert set(ids[0][2]) != set(ids[1][2])  # another subset
 
 
 def test_evaluate_rerun_reuses_runs_and_results(evaluated, tmp_path):
@@ -73,8 +113,8 @@ def test_evaluate_rerun_reuses_runs_and_results(evaluated, tmp_path):
 
     out, ev = evaluated
     lines = (out / "classifier_runs.jsonl").read_text().splitlines()
-    again = evaluate(eval_cfg(out, "shots=[3,4]"))
-    assert again["generators"]["3"]["cgan"]["reused_run"] is True
+    again = evaluate(eval_cfg(out, "shots=[3,4]", "data_seeds=[0,1]"))
+    assert all(s["reused_run"] for s in again["generators"]["3"]["cgan"]["subsets"].values())
     assert (out / "classifier_runs.jsonl").read_text().splitlines() == lines  # nothing retrained
     assert again["results"] == ev["results"]  # read back from the cache, seconds included
 
@@ -83,7 +123,7 @@ def test_evaluate_is_deterministic(evaluated, tmp_path):
     from imgaug_gen.evaluation import evaluate
 
     _, ev = evaluated
-    fresh = evaluate(eval_cfg(tmp_path / "e2", "shots=[3]"))
+    fresh = evaluate(eval_cfg(tmp_path / "e2", "shots=[3]", "data_seeds=[0,1]"))
     def accs(r):
         return {m: v["accs"] for m, v in r.items()}
 
@@ -96,13 +136,16 @@ def test_evaluate_existing_run_and_folder_entries(trained_cgan, tmp_path):
 
     folder = tmp_path / "gen"
     generate(gen_cfg(trained_cgan, folder, "score=false", "include_real=false"))
+    # the fixture's run trained with no validation split: the evaluation must match its subset
     ev = evaluate(eval_cfg(tmp_path / "ev", "shots=[6]", "seeds=[0]", "generators.cgan.enabled=false",
+                           "data.val_fraction=0", "selection=none",
                            f"+generators.mine.run_dir={trained_cgan}", '+generators.mine.generate=["n_per_class=4"]',
-                           f"+generators.made.folder={folder}",
-                           "methods=[real,real+mine,real+made]"))
+                           f"+generators.made.folder={folder}", "+generators.made.policies=[concat]",
+                           "methods=[real,real+mine+classical@replace,real+made+classical@concat]"))
     r = ev["results"]["6"]
-    assert list(r) == ["real", "real+mine", "real+made"]
-    assert r["real+made"]["n_train"] == 60 + 40 and r["real+mine"]["n_train"] == 60 + 40
+    assert list(r) == ["real", "real+mine+classical@replace", "real+made+classical@concat"]
+    assert r["real+made+classical@concat"]["n_train"] == 180 + 80
+    assert r["real+mine+classical@replace"]["n_train"] == 180 + 80
     assert ev["generators"]["6"]["mine"]["run_dir"] == str(trained_cgan.resolve())
 
 
@@ -114,7 +157,14 @@ def test_evaluate_existing_run_and_folder_entries(trained_cgan, tmp_path):
     (["+generators.x.run_of=ddpm"], "generators.x.run_of"),
     (["+generators.x.folder=/does/not/exist"], "/does/not/exist"),
     (["+generators.x.train=[]", "+generators.x.run_dir=/tmp"], "exactly one"),
-    (["classifier.steps=0"], "steps"),
+    (["classifier.steps=0"], "classifier.steps"),
+    (["data_seeds=[0,0]"], "data_seeds"),
+    (["selection=test"], "selection"),
+    (["data.val_fraction=0"], "data.val_fraction"),
+    (["policies.replace.p=1.5"], "policies.replace.p"),
+    (["policies.replace.name=swap"], "policies.replace.name"),
+    (["+policies.replace.q=1"], "policies.replace.*q"),
+    (["+generators.cgan.policies=[nope]"], "generators.cgan.policies"),
 ])
 def test_evaluate_config_errors_before_work(tmp_path, extra, match):
     from imgaug_gen.evaluation import evaluate
@@ -124,11 +174,15 @@ def test_evaluate_config_errors_before_work(tmp_path, extra, match):
     assert not (tmp_path / "ev").exists()  # nothing written
 
 
-def test_evaluate_run_dir_of_other_shots_is_refused(trained_cgan, tmp_path):
+def test_evaluate_run_dir_of_other_subset_is_refused(trained_cgan, tmp_path):
     from imgaug_gen.evaluation import evaluate
 
     with pytest.raises(ConfigError, match="shots=6"):
         evaluate(eval_cfg(tmp_path / "ev", "shots=[3]", "generators.cgan.enabled=false",
+                          f"+generators.mine.run_dir={trained_cgan}"))
+    # same shots, but the run may have trained on what is now the validation split
+    with pytest.raises(ConfigError, match="data.val_fraction=0.0"):
+        evaluate(eval_cfg(tmp_path / "ev", "shots=[6]", "generators.cgan.enabled=false",
                           f"+generators.mine.run_dir={trained_cgan}"))
 
 

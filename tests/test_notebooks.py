@@ -75,8 +75,13 @@ def test_03_does_it_help(tmp_path, monkeypatch):
                                         "trainer.enable_progress_bar=false", "data.batch_size=16"])
     overrides = ["classifier.steps=10", "metrics.domain_steps=30", "augment.copies_per_image=1",
                  f"generators.cgan.train=[{train}]", 'generators.cgan.generate=["n_per_class=3"]']
-    nb = run_notebook("03_does_it_help.ipynb", f"OUT = {str(tmp_path / 'nb')!r}\nSHOTS = [3]\nSEEDS = [0, 1, 2]\n"
-                      f"OVERRIDES = {overrides!r}", tmp_path, monkeypatch)
+    nb = run_notebook("03_does_it_help.ipynb", f"OUT = {str(tmp_path / 'nb')!r}\nSHOTS = [3]\nDATA_SEEDS = [0]\n"
+                      f"SEEDS = [0, 1, 2]\nOVERRIDES = {overrides!r}", tmp_path, monkeypatch)
     ev = json.loads((tmp_path / "nb" / "eval.json").read_text())
-    assert sorted(ev["results"]["3"]) == ["real", "real+cgan", "real+cgan+classical", "real+classical"]
-    assert _has_image(nb) >= 1 and "real+cgan+classical" in json.dumps(nb.cells[-3].get("outputs", []))
+    assert sorted(ev["results"]["3"]) == ["real", "real+cgan+classical@concat", "real+cgan+classical@kd",
+                                          "real+cgan+classical@replace", "real+classical"]
+    outputs = json.dumps(nb.cells[-3].get("outputs", []))
+    assert _has_image(nb) >= 1 and "real+cgan+classical@replace" in outputs and "headline" in outputs
+    # the user's own classifier trained through MixedDataModule on the evaluation's folder
+    last = json.dumps(nb.cells[-1].get("outputs", []))
+    assert "30 real + 30 synthetic images" in last and "test accuracy" in last

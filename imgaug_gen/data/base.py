@@ -224,6 +224,7 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
         split_seed: int = 0,
         class_names: Optional[Sequence[str]] = None,
     ) -> None:
@@ -236,6 +237,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.test_fraction = test_fraction
+        self.val_fraction = val_fraction
         self.split_seed = split_seed
         self._ready = False
 
@@ -291,6 +293,13 @@ class ImageDataModule(pl.LightningDataModule):
             isinstance(tf, (int, float)) and not isinstance(tf, bool) and 0.0 <= float(tf) < 1.0,
             f"`data.test_fraction` must be a number in [0, 1), got {tf!r}; e.g. `data.test_fraction=0.2`.",
         )
+        vf = self.val_fraction
+        require(
+            isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0.0 <= float(vf) < 1.0
+            and float(vf) + float(tf) < 1.0,
+            f"`data.val_fraction` must be a number in [0, 1) with `data.val_fraction` + `data.test_fraction` < 1, "
+            f"got {vf!r} (test_fraction {tf!r}); e.g. `data.val_fraction=0.2`.",
+        )
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._ready:
@@ -306,7 +315,7 @@ class ImageDataModule(pl.LightningDataModule):
             "needed for class-conditional generation. Add another class folder.",
         )
         # 3. Fixed stratified test split, then the few-shot subset of the rest
-        test_idx, train_idx = self._split(data)
+        test_idx, val_idx, train_idx = self._split(data)
         shot_idx = self._subsample(data, train_idx)
 
         if self.class_names_override is not None:
@@ -319,17 +328,19 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_shape = (int(self.channels), int(self.image_size), int(self.image_size))
         self._data = data
         self._test_idx = test_idx
+        self._val_idx = val_idx
         self._ref_idx = train_idx
         self._train_idx = shot_idx
         self._ready = True
         counts = np.bincount(data.labels[shot_idx], minlength=self.num_classes)
         log.info(
-            "%s: %d classes, %d training images (%s per class), %d reference, %d test, shape %s",
+            "%s: %d classes, %d training images (%s per class), %d reference, %d validation, %d test, shape %s",
             type(self).__name__,
             self.num_classes,
             len(shot_idx),
             "all" if self.shots is None else self.shots,
             len(train_idx),
+            len(val_idx),
             len(test_idx),
             self.image_shape,
         )
@@ -341,16 +352,20 @@ class ImageDataModule(pl.LightningDataModule):
             )
         log.debug("training images per class: %s", dict(zip(self.class_names, counts.tolist())))
 
-    def _split(self, data: LoadedImages) -> tuple[np.ndarray, np.ndarray]:
-        test, train = [], []
+    def _split(self, data: LoadedImages) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fixed per-class (test, validation, rest) split from ``split_seed`` alone: the test split
+        is the same whatever ``val_fraction`` is, and neither depends on ``seed`` or ``shots``."""
+        test, val, train = [], [], []
         for c, name in enumerate(data.class_names):
             idx = np.flatnonzero(data.labels == c)
             rng = np.random.default_rng([int(self.split_seed), class_seed(name)])
             perm = idx[rng.permutation(len(idx))]
             n_test = int(np.floor(len(idx) * float(self.test_fraction)))
+            n_val = int(np.floor(len(idx) * float(self.val_fraction)))
             test.append(np.sort(perm[:n_test]))
-            train.append(np.sort(perm[n_test:]))
-        return np.concatenate(test).astype(np.int64), np.concatenate(train).astype(np.int64)
+            val.append(np.sort(perm[n_test:n_test + n_val]))
+            train.append(np.sort(perm[n_test + n_val:]))
+        return tuple(np.concatenate(part).astype(np.int64) for part in (test, val, train))
 
     def _subsample(self, data: LoadedImages, train_idx: np.ndarray) -> np.ndarray:
         if self.shots is None:
@@ -384,8 +399,13 @@ class ImageDataModule(pl.LightningDataModule):
         return self._arrays(self._train_idx)
 
     def reference_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """All labelled non-test images (ignores ``shots``)."""
+        """All labelled images outside the test and validation splits (ignores ``shots``)."""
         return self._arrays(self._ref_idx)
+
+    def val_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed validation split (``val_fraction``, ``split_seed``; empty by default): for
+        choosing recipes, disjoint from the test split and from every few-shot subset."""
+        return self._arrays(self._val_idx)
 
     def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The fixed held-out test split (``test_fraction``, ``split_seed``)."""

@@ -38,7 +38,9 @@ __all__ = [
     "SmallCNN",
     "classification_accuracy_score",
     "compare_methods",
+    "check_recipe",
     "plot_accuracy_vs_shots",
+    "predict_logits",
     "results_table_markdown",
     "summarise_accuracies",
     "train_and_test",
@@ -94,15 +96,19 @@ def _check_set(images: Any, labels: Any, num_classes: int, name: str) -> tuple[n
     return images, y.astype(np.int64)
 
 
-def _recipe(overrides: Mapping[str, Any]) -> dict[str, Any]:
+def check_recipe(overrides: Mapping[str, Any], key: str = "recipe") -> dict[str, Any]:
+    """:data:`RECIPE` with ``overrides`` applied, checked; errors name ``key.<keyword>``."""
     unknown = sorted(set(overrides) - set(RECIPE))
-    require(not unknown, f"unknown recipe keyword(s) {unknown}; allowed: {sorted(RECIPE)}.")
+    require(not unknown, f"`{key}` has unknown keyword(s) {unknown}; allowed: {sorted(RECIPE)}.")
     r = {**RECIPE, **{k: v for k, v in overrides.items()}}
     require(r["epochs"] is not None or (isinstance(r["steps"], int) and r["steps"] > 0),
-            f"`steps` = {r['steps']!r}; give a positive int (or `epochs`).")
+            f"`{key}.steps` = {r['steps']!r}; give a positive int (or `epochs`).")
     require(r["epochs"] is None or (isinstance(r["epochs"], int) and r["epochs"] > 0),
-            f"`epochs` = {r['epochs']!r}; give a positive int or None (then `steps` counts).")
-    require(isinstance(r["batch_size"], int) and r["batch_size"] > 0, f"`batch_size` = {r['batch_size']!r}.")
+            f"`{key}.epochs` = {r['epochs']!r}; give a positive int or None (then `steps` counts).")
+    require(isinstance(r["batch_size"], int) and r["batch_size"] > 0,
+            f"`{key}.batch_size` = {r['batch_size']!r}; give a positive int.")
+    require(isinstance(r["input_size"], int) and r["input_size"] >= 8,
+            f"`{key}.input_size` = {r['input_size']!r}; give an int >= 8 (the classifier's input size in pixels).")
     return r
 
 
@@ -114,7 +120,13 @@ def train_and_test(
     num_classes: int,
     seed: int = 0,
     *,
+    synthetic: tuple | None = None,
+    policy: Any = None,
+    train_groups: Sequence[int] | None = None,
+    teacher_logits: Any = None,
+    eval_sets: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     return_details: bool = False,
+    return_model: bool = False,
     **recipe: Any,
 ) -> float | dict[str, Any]:
     """Train the fixed-recipe classifier on the train set and return its test accuracy.
@@ -122,19 +134,61 @@ def train_and_test(
     Images: uint8 ``[N, H, W, C]`` (any size, C = 1 or 3; test images are converted to the
     training channel count). ``recipe`` keywords override :data:`RECIPE` (``steps``, ``epochs``,
     ``batch_size``, ``lr``, ``max_shift``, ...). Same seed and data -> same accuracy.
-    With ``return_details=True``: ``{"accuracy", "train_accuracy", "steps", "n_train", "seed"}``.
+
+    Synthetic images are consumed under a policy (:class:`~imgaug_gen.data.mixed.MixPolicy`;
+    default ``concat``): ``synthetic=(images, labels[, groups])`` where ``groups[j]`` is the real
+    image that synthetic image ``j`` edits (``-1``: sampled from noise), in the id space of
+    ``train_groups`` (the real image each training item is a view of; default: each item is its own
+    real image, e.g. pass the original's index for classical copies). ``teacher_logits``
+    ``[n_synthetic, K]`` feed ``policy.distill``.
+
+    With ``return_details=True``: ``{"accuracy", "train_accuracy", "steps", "n_train", "seed",
+    "eval": {name: accuracy on eval_sets[name]}}`` (plus ``"model"`` with ``return_model=True``).
     """
+    from imgaug_gen.data.mixed import MixedBatchSampler, MixPolicy, mixed_loss
+
     require(isinstance(num_classes, (int, np.integer)) and num_classes >= 2,
             f"`num_classes` must be an int >= 2, got {num_classes!r}.")
     train_images, ytr = _check_set(train_images, train_labels, num_classes, "train")
     test_images, yte = _check_set(test_images, test_labels, num_classes, "test")
-    r = _recipe(recipe)
+    r = check_recipe(recipe)
     channels, size = int(train_images.shape[-1]), int(r["input_size"])
-    n = train_images.shape[0]
-    bs = min(int(r["batch_size"]), n)
+    n_real = train_images.shape[0]
+    batches = loss_fn = None
+    xtr = _prepare(train_images, channels, size)
+    if synthetic is not None:
+        pol = MixPolicy.from_config(policy)
+        syn_images, syn_y = _check_set(synthetic[0], synthetic[1], num_classes, "synthetic")
+        syn_groups = synthetic[2] if len(synthetic) > 2 else None
+        n = n_real + len(syn_y) if pol.name == "concat" else n_real
+        bs = min(int(r["batch_size"]), n)
+        sampler = MixedBatchSampler(ytr, syn_y, pol, bs, real_groups=train_groups, syn_groups=syn_groups,
+                                    seed=int(seed), world_size=1, rank=0)
+        if len(syn_y):
+            xtr = torch.cat([xtr, _prepare(syn_images, channels, size)])
+        ytr = np.concatenate([ytr, syn_y])
+        teacher = None
+        if pol.distill > 0:
+            t = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32) if teacher_logits is not None else None
+            require(t is not None and t.shape == (len(syn_y), num_classes),
+                    f"`teacher_logits` must be [{len(syn_y)}, {num_classes}] for policy {pol.tag}.")
+            teacher = torch.cat([torch.zeros(n_real, num_classes), t])
+        ytr_all = torch.from_numpy(ytr)
+        smoothing = float(r["label_smoothing"])
+
+        def batches(step: int) -> torch.Tensor:
+            return torch.as_tensor(sampler.batch(step), dtype=torch.long)
+
+        def loss_fn(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return mixed_loss(logits, ytr_all[idx], idx >= n_real, pol,
+                              None if teacher is None else teacher[idx], real_smoothing=smoothing)
+    else:
+        require(policy is None and teacher_logits is None, "`policy` / `teacher_logits` need `synthetic` images.")
+        n = n_real
+        bs = min(int(r["batch_size"]), n)
     steps = int(r["epochs"]) * math.ceil(n / bs) if r["epochs"] is not None else int(r["steps"])
 
-    xtr, xte = _prepare(train_images, channels, size), _prepare(test_images, channels, size)
+    xte = _prepare(test_images, channels, size)
     ytr_t, yte_t = torch.from_numpy(ytr), torch.from_numpy(yte)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
@@ -143,14 +197,35 @@ def train_and_test(
     model.train()
     fit_classifier_steps(model, list(model.parameters()), xtr, ytr_t, steps=steps, batch_size=bs, lr=r["lr"],
                          weight_decay=r["weight_decay"], max_shift=int(r["max_shift"]),
-                         label_smoothing=float(r["label_smoothing"]), gen=gen)
+                         label_smoothing=float(r["label_smoothing"]), gen=gen, batches=batches, loss_fn=loss_fn)
+    model.eval()
+
+    def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(torch.cat([model(b).argmax(1) for b in x.split(512)]).eq(y).float().mean())
+
+    acc = accuracy(xte, yte_t)
+    if not return_details:
+        return acc
+    evals = {}
+    for name, (ex, ey) in (eval_sets or {}).items():
+        ex, ey = _check_set(ex, ey, num_classes, name)
+        evals[name] = accuracy(_prepare(ex, channels, size), torch.from_numpy(ey))
+    out = {"accuracy": acc, "train_accuracy": accuracy(xtr[:n_real], ytr_t[:n_real]), "steps": steps,
+           "n_train": int(len(ytr)), "seed": int(seed), "eval": evals}
+    if return_model:
+        out["model"] = model
+    return out
+
+
+def predict_logits(model: nn.Module, images: np.ndarray, input_size: int | None = None) -> torch.Tensor:
+    """Logits ``[N, K]`` of a :func:`train_and_test` model (``return_model=True``) on uint8 images."""
+    images = validate_images(images)
+    channels = model.features[0].in_channels
+    x = _prepare(images, channels, int(input_size or RECIPE["input_size"]))
     model.eval()
     with torch.no_grad():
-        acc = float(torch.cat([model(b).argmax(1) for b in xte.split(512)]).eq(yte_t).float().mean())
-        if not return_details:
-            return acc
-        tr_acc = float(torch.cat([model(b).argmax(1) for b in xtr.split(512)]).eq(ytr_t).float().mean())
-    return {"accuracy": acc, "train_accuracy": tr_acc, "steps": steps, "n_train": n, "seed": int(seed)}
+        return torch.cat([model(b) for b in x.split(512)]) if len(x) else torch.zeros(0, model.head.out_features)
 
 
 def classification_accuracy_score(
@@ -225,9 +300,11 @@ def results_table_markdown(results: Mapping[str, Mapping[str, Any]], baseline: s
 
 def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[str, Any]]],
                            path: str | os.PathLike, title: str | None = None) -> Path:
-    """Accuracy (mean ± std error bars) against shots per class, one line per method; writes a PNG.
+    """Accuracy against shots per class, one line per method; writes a PNG.
 
-    ``results_by_shots``: ``{shots: compare_methods(...)}``. Returns the written path.
+    ``results_by_shots``: ``{shots: compare_methods(...)}`` (error bars: ± std), or evaluate.py's
+    results whose entries carry ``ci95`` (error bars: the 95 % interval of the mean) and ``gain``
+    (a second panel: the paired gain over ``real+classical`` with its 95 % interval). Returns the path.
     """
     # The object-oriented API: no pyplot state, and the caller's backend (e.g. a notebook's inline) stays.
     from matplotlib.figure import Figure
@@ -241,25 +318,40 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
                 methods.append(m)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.subplots()
+    with_gains = any("gain" in r for s in shots for r in results_by_shots[s].values())
+    fig = Figure(figsize=(11 if with_gains else 6, 4), dpi=120)
+    axes = fig.subplots(1, 2 if with_gains else 1, squeeze=False)[0]
     try:
         for i, m in enumerate(methods):
-            xs = [float(s) for s in shots if m in results_by_shots[s]]
-            ys = [100 * results_by_shots[s][m]["mean"] for s in shots if m in results_by_shots[s]]
-            es = [100 * results_by_shots[s][m]["std"] for s in shots if m in results_by_shots[s]]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
-        ax.set_xlabel("real images per class (shots)")
-        ax.set_ylabel("test accuracy (%)")
-        if len(shots) > 1 and float(shots[-1]) / max(float(shots[0]), 1e-9) >= 8:
-            ax.set_xscale("log")
-        ax.set_xticks([float(s) for s in shots])
-        ax.set_xticklabels([str(s) for s in shots])
-        ax.minorticks_off()
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+            got = [s for s in shots if m in results_by_shots[s]]
+            rs = [results_by_shots[s][m] for s in got]
+            xs = [float(s) * (1 + 0.012 * (i - len(methods) / 2)) for s in got]  # dodge overlapping bars
+            ys = np.array([100 * r["mean"] for r in rs])
+            if all("ci95" in r for r in rs):
+                err = np.array([[y - 100 * r["ci95"][0], 100 * r["ci95"][1] - y] for y, r in zip(ys, rs)]).T
+            else:
+                err = np.array([100 * r["std"] for r in rs])
+            axes[0].errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m)
+            if with_gains and all("gain" in r for r in rs):
+                g = [r["gain"] for r in rs]
+                gy = np.array([100 * v["mean"] for v in g])
+                gerr = np.array([[y - 100 * v["lo"], 100 * v["hi"] - y] for y, v in zip(gy, g)]).T
+                axes[1].errorbar(xs, gy, yerr=gerr, marker="o", capsize=3, label=m, color=f"C{i}")
+        axes[0].set_ylabel("test accuracy (%)")
+        if with_gains:
+            axes[1].axhline(0.0, color="k", lw=0.8)
+            axes[1].set_ylabel("gain over real+classical (points, 95 % CI)")
+        for ax in axes:
+            ax.set_xlabel("real images per class (shots)")
+            if len(shots) > 1 and float(shots[-1]) / max(float(shots[0]), 1e-9) >= 8:
+                ax.set_xscale("log")
+            ax.set_xticks([float(s) for s in shots])
+            ax.set_xticklabels([str(s) for s in shots])
+            ax.minorticks_off()
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=7)
         if title:
-            ax.set_title(title)
+            fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         tmp = path.with_name(f".{path.name}.tmp.png")
         fig.savefig(tmp, format="png")

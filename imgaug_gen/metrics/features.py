@@ -288,23 +288,30 @@ def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torc
 
 def fit_classifier_steps(logits_fn, params, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
                          lr: float, weight_decay: float, max_shift: int, label_smoothing: float,
-                         gen: torch.Generator) -> None:
+                         gen: torch.Generator, batches=None, loss_fn=None) -> None:
     """The fixed recipe shared by the feature network and the downstream classifier: AdamW with a
     one-cycle schedule for ``steps`` steps over reshuffled batches, random shifts, label smoothing.
-    All randomness comes from ``gen``."""
+    All randomness comes from ``gen``.
+
+    ``batches(step) -> index tensor`` replaces the reshuffled batches (a consumption policy's
+    sampler), and ``loss_fn(logits, idx) -> loss`` the label-smoothed cross-entropy."""
     n = x.shape[0]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     perm, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
-        xb, yb = _random_shift(x[idx], max_shift, gen), y[idx]
-        if batch_size == 1:  # BatchNorm needs 2 samples: duplicate
-            xb, yb = xb.repeat(2, 1, 1, 1), yb.repeat(2)
-        loss = F.cross_entropy(logits_fn(xb), yb, label_smoothing=label_smoothing)
+    for step in range(steps):
+        if batches is not None:
+            idx = batches(step)
+        else:
+            if pos + batch_size > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos : pos + batch_size]
+            pos += batch_size
+        if len(idx) == 1:  # BatchNorm needs 2 samples: duplicate
+            idx = idx.repeat(2)
+        logits = logits_fn(_random_shift(x[idx], max_shift, gen))
+        loss = (F.cross_entropy(logits, y[idx], label_smoothing=label_smoothing) if loss_fn is None
+                else loss_fn(logits, idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
