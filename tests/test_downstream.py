@@ -113,7 +113,7 @@ def test_classifier_is_deterministic_and_handles_channels(digits16):
     assert a == b
     rgb = np.repeat(xtr[::5], 3, axis=-1)  # RGB training set, grey test set: converted to the train channels
     assert 0.0 <= train_and_test(rgb, ytr[::5], xte, yte, 10, seed=3, **small) <= 1.0
-    with pytest.raises(ConfigError, match=r"unknown recipe keyword\(s\) \['epoch'\]"):
+    with pytest.raises(ConfigError, match=r"`recipe` has unknown keyword\(s\) \['epoch'\]"):
         train_and_test(xtr, ytr, xte, yte, 10, epoch=3)
     with pytest.raises(ConfigError, match=r"`test_labels` must lie in \[0, 9\]"):
         train_and_test(xtr, ytr, xte, yte + 5, 10)
