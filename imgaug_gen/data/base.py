@@ -41,6 +41,18 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def take_from_epochs(epoch_order, n_items: int, start: int, count: int) -> np.ndarray:
+    """Positions ``[start, start + count)`` of the stream ``epoch_order(0), epoch_order(1), ...``
+    (each an array of ``n_items`` item indices): batches that wrap across epochs."""
+    pos = np.arange(start, start + count, dtype=np.int64)
+    epochs, offsets = np.divmod(pos, n_items)
+    out = np.empty(count, dtype=np.int64)
+    for e in np.unique(epochs):
+        mask = epochs == e
+        out[mask] = epoch_order(int(e))[offsets[mask]]
+    return out
+
+
 class StepBatchSampler(BatchSampler):
     """Deterministic, resumable, endless batch sampler.
 
@@ -113,13 +125,7 @@ class StepBatchSampler(BatchSampler):
     def batch(self, b: int) -> list[int]:
         """Item indices of (this rank's slice of) global batch ``b``."""
         start = b * self.batch_size * self.world_size + self.rank * self.batch_size
-        pos = np.arange(start, start + self.batch_size, dtype=np.int64)
-        epochs, offsets = np.divmod(pos, self.n_items)
-        out = np.empty(self.batch_size, dtype=np.int64)
-        for e in np.unique(epochs):
-            mask = epochs == e
-            out[mask] = self._perm(int(e))[offsets[mask]]
-        return out.tolist()
+        return take_from_epochs(self._perm, self.n_items, start, self.batch_size).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         start = int(self.start_batch)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, Dataset
 
-from imgaug_gen.data.base import DEFAULT_NUM_BATCHES, ResumableDataLoader, _dist_rank_world
+from imgaug_gen.data.base import DEFAULT_NUM_BATCHES, ResumableDataLoader, _dist_rank_world, take_from_epochs
 from imgaug_gen.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -226,13 +226,7 @@ class MixedBatchSampler(BatchSampler):
         return out
 
     def _take(self, stream: int, n_items: int, start: int, count: int) -> np.ndarray:
-        pos = np.arange(start, start + count, dtype=np.int64)
-        epochs, offsets = np.divmod(pos, n_items)
-        out = np.empty(count, dtype=np.int64)
-        for e in np.unique(epochs):
-            mask = epochs == e
-            out[mask] = self._epoch(stream, n_items, int(e))[offsets[mask]]
-        return out
+        return take_from_epochs(lambda e: self._epoch(stream, n_items, e), n_items, start, count)
 
     def global_batch(self, b: int) -> np.ndarray:
         """Item indices of global batch ``b`` (every rank's slice, rank 0 first)."""
