@@ -44,6 +44,8 @@ class Item:
     seed: int | None = None
     strength: float | None = None
     real_index: int | None = None  # index into the real training set (img2img source, or the copy)
+    partner_index: int | None = None  # img2img with `img2img.blend`: the same-class real image blended in
+    blend: float | None = None  # weight of the source image in that blend
     extra: dict = field(default_factory=dict)
     aug_seed: int | None = None  # classical augmentation seed (None: not augmented)
 
@@ -109,6 +111,7 @@ def check_generate_config(cfg: DictConfig):
             raise ConfigError(f"`img2img.strengths` = {s}; give values in (0, 1].")
         if cfg.img2img.edits_per_image < 1:
             raise ConfigError(f"`img2img.edits_per_image` = {cfg.img2img.edits_per_image}; give a count >= 1.")
+        _blend_range(cfg)
     f = _filter_cfg(cfg)
     if f.get("enabled"):
         mf = f.get("max_factor", 3.0)
@@ -128,6 +131,19 @@ def check_generate_config(cfg: DictConfig):
     from imgaug_gen.augment.classical import build_augmenter
 
     return build_augmenter(cfg.get("augment"))
+
+
+def _blend_range(cfg: DictConfig) -> tuple[float, float] | None:
+    """``img2img.blend`` as ``(lo, hi)`` with ``0 <= lo <= hi <= 1``, or None (plain edits)."""
+    b = cfg.img2img.get("blend")
+    if b is None:
+        return None
+    b = list(b) if isinstance(b, Sequence) or OmegaConf.is_list(b) else [b]
+    if len(b) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b) \
+            or not 0 <= b[0] <= b[1] <= 1:
+        raise ConfigError(f"`img2img.blend` = {b!r}; give null (plain edits) or [lo, hi] with 0 <= lo <= hi <= 1, "
+                          "e.g. [0.3, 0.7]: the weight of the edited image in its blend with another of its class.")
+    return float(b[0]), float(b[1])
 
 
 def _generator_dir(run_dir: Path) -> Path:
@@ -219,7 +235,9 @@ def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_
     Sample ids ``syn_{i}`` number the classes' (candidate) counts one after the other; img2img
     ids ``edit_{r * M + k}`` are edit ``k`` of real image ``r`` (each class's edits go round-robin
     over its real images), which with the default policy are exactly ``img2img.edits_per_image``
-    edits of every real image. Seeds come from ``(seed, id number)``; augmentation seeds from
+    edits of every real image. With ``img2img.blend = [lo, hi]`` each edit starts from
+    ``w * image + (1 - w) * partner``, the partner another real image of the same class and
+    ``w ~ U(lo, hi)``, both drawn from the edit's seed (in-class interpolation, then denoised). Seeds come from ``(seed, id number)``; augmentation seeds from
     a separate stream ``(seed + 1_000_003, position in the plan)``.
     """
     from imgaug_gen.generators.base import per_image_seeds
@@ -238,7 +256,7 @@ def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_
     # img2img: edit k of real image r, round-robin over the class's real images
     n_edit = [_candidates(counts[c].get("img2img", 0), cfg) for c in range(num_classes)]
     if sum(n_edit):
-        strengths = list(cfg.img2img.strengths)
+        strengths, blend = list(cfg.img2img.strengths), _blend_range(cfg)
         by_class = [np.flatnonzero(real_labels == c) for c in range(num_classes)]
         per_real = max([math.ceil(n_edit[c] / len(by_class[c])) for c in range(num_classes) if len(by_class[c])],
                        default=0)
@@ -252,9 +270,16 @@ def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_
                 edits.append((r * per_real + k, r))
         for idx, r in sorted(edits):
             seed = per_image_seeds(cfg.seed, idx, 1)[0]
-            strength = float(strengths[np.random.default_rng(seed).integers(len(strengths))])
-            items.append(Item(f"edit_{idx:07d}", int(real_labels[r]), "synthetic", "img2img", seed=seed,
-                              strength=strength, real_index=r, extra={"source_id": real_ids[r]}))
+            rng = np.random.default_rng(seed)
+            strength = float(strengths[rng.integers(len(strengths))])
+            item = Item(f"edit_{idx:07d}", int(real_labels[r]), "synthetic", "img2img", seed=seed,
+                        strength=strength, real_index=r, extra={"source_id": real_ids[r]})
+            if blend is not None:
+                mates = by_class[int(real_labels[r])]
+                others = mates[mates != r] if len(mates) > 1 else mates
+                item.partner_index = int(others[rng.integers(len(others))])
+                item.blend = round(float(rng.uniform(*blend)), 4)
+            items.append(item)
     if cfg.include_real:
         for r, label in enumerate(real_labels):
             items.append(Item(f"real_{real_ids[r]}", int(label), "real", "real", real_index=r))
@@ -289,6 +314,10 @@ def _render(gen, batch: list[Item], real_images: np.ndarray, cfg: DictConfig) ->
         return gen.sample(labels, seeds=seeds, batch_size=len(batch), **_sample_kwargs(cfg))
     if batch[0].mode == "img2img":
         src = real_images[[it.real_index for it in batch]]
+        if batch[0].partner_index is not None:
+            w = np.asarray([it.blend for it in batch], np.float32).reshape(-1, *([1] * (src.ndim - 1)))
+            mate = real_images[[it.partner_index for it in batch]].astype(np.float32)
+            src = np.clip(np.rint(w * src.astype(np.float32) + (1 - w) * mate), 0, 255).astype(np.uint8)
         return gen.edit(src, labels, strength=[it.strength for it in batch], seeds=seeds,
                         batch_size=len(batch), **_sample_kwargs(cfg))
     return real_images[[it.real_index for it in batch]]
@@ -299,6 +328,9 @@ def _base_record(it: Item, gen, generator_info: dict, real_records: list[dict]) 
            "generator": generator_info if it.source == "synthetic" else None, "scores": {}}
     if it.strength is not None:
         rec["strength"] = it.strength
+    if it.partner_index is not None:
+        rec["blend"] = it.blend
+        rec["partner_id"] = real_records[it.partner_index]["id"]
     if it.source == "synthetic" and hasattr(gen, "prompt_for"):
         rec["prompt"] = gen.prompt_for(it.label)
     if it.real_index is not None:

@@ -228,3 +228,45 @@ def test_train_then_generate_img2img_end_to_end(tmp_path):
         assert rec["source_id"].startswith("digits_")
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["n_synthetic"] == 60 and np.isfinite(metrics["fid"]) and metrics["features"]
+
+
+def test_group_elements_are_the_eight_symmetries_of_a_square():
+    from imgaug_gen.generators.ddpm import apply_group_element
+
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    images = [apply_group_element(x, k) for k in range(8)]
+    assert len({tuple(im.flatten().tolist()) for im in images}) == 8
+    assert torch.equal(images[3], torch.rot90(x, 2, (-2, -1)))
+    for k in range(4):  # the flips are their own inverses
+        assert torch.equal(apply_group_element(images[k], k), x)
+
+
+def test_nonleaking_augmentation_trains_and_samples_with_the_identity(tmp_path):
+    from imgaug_gen.generators.ddpm import DDPMModule
+
+    run_dir = tmp_path / "run"
+    _, out = _train(run_dir, "trainer.max_steps=3", "model.augment.p=0.5", "model.augment.ops=dihedral")
+    module = out["module"]
+    assert module.unet.config.num_class_embeds == 11 * 8  # 10 classes + null, under 8 transforms
+    gen = load_generator(run_dir / "generator")
+    assert gen.unet.config.num_class_embeds == 88
+    a = gen.sample([0, 9], seeds=[1, 2], num_inference_steps=2)
+    assert a.shape == (2, 16, 16, 1) and np.array_equal(a, gen.sample([0, 9], seeds=[1, 2], num_inference_steps=2))
+    # p=1: every training image is transformed and its class entry says by which transform
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    y = torch.arange(8) % 3
+    build = lambda **kw: DDPMModule(3, ["a", "b", "c"], [1, 16, 16], unet=TINY_UNET, noise_seed=0,  # noqa: E731
+                                    cond_drop_prob=0.0, guidance_scale=1.0, **kw)
+    plain, aug = build(), build(augment={"p": 1.0, "ops": "flips"})
+    assert aug.unet.config.num_class_embeds == 4 * 4 and plain.unet.config.num_class_embeds == 4
+    seen = []
+    aug.unet.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["class_labels"].clone()), with_kwargs=True)
+    assert torch.isfinite(aug.training_step((x, y), 0))
+    k, label = seen[0] // 4, seen[0] % 4
+    assert torch.equal(label, y) and ((k >= 1) & (k <= 3)).all()
+    with pytest.raises(ConfigError, match=r"`model.augment.ops` = 'spin'; allowed"):
+        build(augment={"p": 0.5, "ops": "spin"})
+    with pytest.raises(ConfigError, match=r"`model.augment.p` = 2; give a probability"):
+        build(augment={"p": 2, "ops": "flips"})
+    with pytest.raises(ConfigError, match="needs square images"):
+        DDPMModule(3, ["a", "b", "c"], [1, 16, 32], unet=TINY_UNET, augment={"p": 0.5, "ops": "dihedral"})

@@ -206,3 +206,38 @@ def test_filter_with_shards_gives_the_unsharded_folder(trained_cgan, tmp_path):
     assert files_bytes(two) == files_bytes(one)
     assert ({r["id"]: r["kept"] for r in read_manifest(two, include_rejected=True)} == {r["id"]: r["kept"] for r in read_manifest(one, include_rejected=True)})
     assert json.loads((two / "metrics.json").read_text())["filter"]["kept"] == len(files_bytes(one))
+
+
+def test_img2img_blend_plans_in_class_partners_and_renders_the_blend():
+    from imgaug_gen.pipeline import _render
+
+    labels = np.repeat(np.arange(3), [4, 5, 1])
+    ids = [f"r{i}" for i in range(len(labels))]
+    cfg = compose_config("generate", ["run_dir=x", "out_dir=y", "include_real=false", "mode=img2img",
+                                      "img2img.edits_per_image=3", "img2img.blend=[0.3,0.7]"])
+    items = plan_items(cfg, 3, labels, ids)
+    assert len(items) == 30
+    for it in items:
+        assert labels[it.partner_index] == labels[it.real_index] == it.label and 0.3 <= it.blend <= 0.7
+        assert it.partner_index != it.real_index or it.label == 2  # class 2 has one image: its own partner
+    assert [(it.partner_index, it.blend) for it in plan_items(cfg, 3, labels, ids)] == \
+        [(it.partner_index, it.blend) for it in items]  # from the edits' seeds
+    plain = plan_items(compose_config("generate", ["run_dir=x", "out_dir=y", "include_real=false", "mode=img2img",
+                                                   "img2img.edits_per_image=3"]), 3, labels, ids)
+    assert [(it.id, it.seed, it.strength) for it in plain] == [(it.id, it.seed, it.strength) for it in items]
+
+    class Identity:  # an "editor" that returns its input, to see the blended source
+        def edit(self, images, labels, **kw):
+            return images
+
+    real = np.random.default_rng(0).integers(0, 256, (len(labels), 4, 4, 1)).astype(np.uint8)
+    out = _render(Identity(), items[:4], real, cfg)
+    for img, it in zip(out, items[:4]):
+        want = it.blend * real[it.real_index].astype(float) + (1 - it.blend) * real[it.partner_index]
+        assert np.abs(img.astype(float) - want).max() <= 0.5 + 1e-6
+    for bad in ("[0.7,0.3]", "[0.2]", "[0,2]"):
+        with pytest.raises(ConfigError, match=r"`img2img.blend` = .*give null \(plain edits\) or \[lo, hi\]"):
+            from imgaug_gen.pipeline import check_generate_config
+
+            check_generate_config(compose_config("generate", ["run_dir=.", "out_dir=y", "mode=img2img",
+                                                              f"img2img.blend={bad}"]))

@@ -160,8 +160,43 @@ def check_x0_clipping(train: SchedulerMixin, sample: SchedulerMixin,
 
 
 # -- the network -----------------------------------------------------------------------------
-def unet_config(num_classes: int, image_shape: Sequence[int], unet: Mapping[str, Any] | None = None) -> dict:
-    """Full ``UNet2DModel`` arguments: the data's facts plus ``model.unet`` (checked)."""
+# -- non-leaking augmentation (EDM, Karras et al. 2022 section 5) ---------------------------------
+#: Discrete geometric augmentations the UNet can be conditioned on: index 0 is the identity.
+#: "flips": identity, x-flip, y-flip, both; "dihedral": the 8 rotations/reflections of a square.
+AUGMENT_GROUPS = {"none": 1, "flips": 4, "dihedral": 8}
+
+
+def augment_group_size(name: str, image_shape: Sequence[int]) -> int:
+    if name not in AUGMENT_GROUPS:
+        raise ConfigError(f"`model.augment.ops` = {name!r}; allowed: {sorted(AUGMENT_GROUPS)}.")
+    if name == "dihedral" and int(image_shape[1]) != int(image_shape[2]):
+        raise ConfigError(f"`model.augment.ops=dihedral` rotates by 90 degrees and needs square images; the data's "
+                          f"are {image_shape[1]}x{image_shape[2]}. Use `model.augment.ops=flips`.")
+    return AUGMENT_GROUPS[name]
+
+
+def apply_group_element(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element ``k`` of the dihedral group on NCHW images: ``k % 4`` quarter turns, then (k >= 4) a
+    transpose. With the "flips" group (k < 4) the elements are identity, x-flip, y-flip, both."""
+    if k == 0:
+        return x
+    if k == 1:
+        return x.flip(-1)
+    if k == 2:
+        return x.flip(-2)
+    if k == 3:
+        return x.flip(-1, -2)
+    y = x.transpose(-1, -2)  # k = 4..7: the transpose composed with the four flips
+    return apply_group_element(y, k - 4)
+
+
+def unet_config(num_classes: int, image_shape: Sequence[int], unet: Mapping[str, Any] | None = None,
+                augment_classes: int = 1) -> dict:
+    """Full ``UNet2DModel`` arguments: the data's facts plus ``model.unet`` (checked).
+
+    The class embedding has ``(num_classes + 1) * augment_classes`` entries: label ``y`` (or the null
+    class ``num_classes``) under augmentation ``k`` is entry ``y + (num_classes + 1) * k``, so the
+    un-augmented entries (k = 0) are those of a UNet trained without augmentation conditioning."""
     unet = dict(unet or {})
     given = sorted(set(unet) & set(_DATA_UNET_KEYS))
     if given:
@@ -188,7 +223,7 @@ def unet_config(num_classes: int, image_shape: Sequence[int], unet: Mapping[str,
         raise ConfigError(f"image size {h}x{w} (`data.image_size`) must be divisible by {factor} for a UNet with "
                           f"{n} levels (`model.unet.block_out_channels` = {widths}); change either.")
     return _plain({**unet, "sample_size": h if h == w else [h, w], "in_channels": c, "out_channels": c,
-                   "num_class_embeds": num_classes + 1})
+                   "num_class_embeds": (num_classes + 1) * int(augment_classes)})
 
 
 def build_unet(config: Mapping[str, Any]) -> UNet2DModel:
@@ -384,7 +419,7 @@ class DDPMModule(pl.LightningModule):
                  num_inference_steps: int = 20, guidance_scale: float = 1.5, eta: float = 0.0,
                  cond_drop_prob: float = 0.1, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
                  weight_decay: float = 0.0, lr_warmup_steps: int = 0, ema_decay: float = 0.999,
-                 noise_seed: int | None = None):
+                 noise_seed: int | None = None, augment: Mapping[str, Any] | None = None):
         super().__init__()
         # The schedulers are stored as plain specs, so that hparams (and the checkpoint) hold no objects.
         train = build_scheduler(train_scheduler if train_scheduler is not None else
@@ -406,8 +441,16 @@ class DDPMModule(pl.LightningModule):
             raise ConfigError(f"`model.ema_decay` = {ema_decay}; give a number in [0, 1) (e.g. 0.999).")
         if lr_warmup_steps < 0:
             raise ConfigError(f"`model.lr_warmup_steps` = {lr_warmup_steps}; give a count >= 0.")
+        augment = dict(augment or {})
+        unknown = sorted(set(augment) - {"p", "ops"})
+        if unknown:
+            raise ConfigError(f"`model.augment` has unknown keys {unknown}; allowed: p, ops.")
+        aug_p, aug_ops = augment.get("p", 0.0), augment.get("ops", "flips")
+        if not isinstance(aug_p, (int, float)) or isinstance(aug_p, bool) or not 0 <= aug_p <= 1:
+            raise ConfigError(f"`model.augment.p` = {aug_p!r}; give a probability in [0, 1] (0 disables).")
+        self._aug_classes = augment_group_size(aug_ops, image_shape) if aug_p > 0 else 1
         self.save_hyperparameters()
-        self.unet = build_unet(unet_config(num_classes, image_shape, unet))
+        self.unet = build_unet(unet_config(num_classes, image_shape, unet, self._aug_classes))
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.noise_scheduler = train
         self.sample_scheduler = sample
@@ -463,6 +506,18 @@ class DDPMModule(pl.LightningModule):
         if self.hparams.cond_drop_prob > 0:
             drop = torch.rand(n, device=self.device, generator=rng) < self.hparams.cond_drop_prob
             labels = torch.where(drop, torch.full_like(labels, self.hparams.num_classes), labels)
+        # 1b. Non-leaking augmentation: transform some images and tell the UNet which transform
+        # (its own class-embedding entry); sampling uses the identity, so transforms never leak.
+        if self._aug_classes > 1:
+            p = float(self.hparams.augment["p"])
+            k = torch.randint(1, self._aug_classes, (n,), device=self.device, generator=rng)
+            k = torch.where(torch.rand(n, device=self.device, generator=rng) < p, k, torch.zeros_like(k))
+            x0 = x0.clone()
+            for g in k.unique().tolist():
+                if g:
+                    idx = (k == g).nonzero().squeeze(1)
+                    x0[idx] = apply_group_element(x0[idx], g)
+            labels = labels + (self.hparams.num_classes + 1) * k
         # 2. Noise the images at random timesteps.
         noise = torch.randn(x0.shape, device=self.device, dtype=x0.dtype, generator=rng)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), device=self.device,
