@@ -53,7 +53,28 @@ def take_from_epochs(epoch_order, n_items: int, start: int, count: int) -> np.nd
     return out
 
 
-class StepBatchSampler(BatchSampler):
+class EpochBatches(BatchSampler):
+    """The epoch protocol of the step-indexed samplers: ``batch(b)`` gives global batch ``b``; an
+    epoch is ``num_batches`` batches, and iteration resumes at ``start_batch`` (set by
+    :class:`ResumableDataLoader`) up to the end of that epoch."""
+
+    num_batches: int
+    start_batch: int
+
+    def batch(self, b: int) -> list[int]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = int(self.start_batch)
+        end = (start // self.num_batches + 1) * self.num_batches
+        for b in range(start, end):
+            yield self.batch(b)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class StepBatchSampler(EpochBatches):
     """Deterministic, resumable, endless batch sampler.
 
     The stream of item indices is the concatenation of permutations
@@ -126,15 +147,6 @@ class StepBatchSampler(BatchSampler):
         """Item indices of (this rank's slice of) global batch ``b``."""
         start = b * self.batch_size * self.world_size + self.rank * self.batch_size
         return take_from_epochs(self._perm, self.n_items, start, self.batch_size).tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        start = int(self.start_batch)
-        end = (start // self.num_batches + 1) * self.num_batches
-        for b in range(start, end):
-            yield self.batch(b)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
 
 class ResumableDataLoader(DataLoader):

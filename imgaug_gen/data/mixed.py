@@ -43,9 +43,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, Dataset
+from torch.utils.data import Dataset
 
-from imgaug_gen.data.base import DEFAULT_NUM_BATCHES, ResumableDataLoader, _dist_rank_world, take_from_epochs
+from imgaug_gen.data.base import (DEFAULT_NUM_BATCHES, EpochBatches, ResumableDataLoader, _dist_rank_world,
+                                  take_from_epochs)
 from imgaug_gen.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class MixPolicy:
         return s
 
 
-class MixedBatchSampler(BatchSampler):
+class MixedBatchSampler(EpochBatches):
     """Batches of item indices under a :class:`MixPolicy`; endless, deterministic, resumable.
 
     Items ``0 .. n_real-1`` are real (``real_groups[i]``: which real image item ``i`` is a view of
@@ -245,15 +246,6 @@ class MixedBatchSampler(BatchSampler):
         """This rank's item indices of global batch ``b``."""
         g = self.global_batch(b)
         return g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        start = int(self.start_batch)
-        end = (start // self.num_batches + 1) * self.num_batches
-        for b in range(start, end):
-            yield self.batch(b)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
 
 # -- targets and loss ------------------------------------------------------------------------------------
