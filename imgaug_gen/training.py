@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from imgaug_gen.config import instantiate_checked
+from imgaug_gen.loggers import TrimLogOnResume
 from imgaug_gen.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,9 @@ def check_train_config(cfg: DictConfig) -> None:
 
 
 def _instantiate_all(node, **kwargs) -> list:
-    from hydra.utils import instantiate
-
     if node is None:
         return []
-    return [instantiate(c, **kwargs) for c in node.values() if c is not None and "_target_" in c]
+    return [instantiate_checked(c, **kwargs) for c in node.values() if c is not None and "_target_" in c]
 
 
 def _build_loggers(cfg: DictConfig) -> list:
@@ -103,6 +102,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not any(isinstance(c, ExportGeneratorCallback) for c in callbacks):
         callbacks.append(ExportGeneratorCallback(str(run_dir / "generator"), every_n_steps=0))
+    callbacks.append(TrimLogOnResume())
     extra = {"run_dir": str(run_dir.resolve()), "data": OmegaConf.to_container(cfg.data, resolve=True)}
     for c in callbacks:
         if isinstance(c, ExportGeneratorCallback):
