@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -122,6 +122,8 @@ class ConditionalGenerator(nn.Module):
 
     kind: ClassVar[str] = "base"
     supports_edit: ClassVar[bool] = False
+    #: the keyword options ``sample`` / ``edit`` accept (generate.py's ``sample_kwargs``); any other is refused
+    sample_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -176,6 +178,7 @@ class ConditionalGenerator(nn.Module):
         derived); image ``i`` depends only on its label and its seed, not on the
         batch it is made in.
         """
+        self._check_sample_kwargs(kwargs)
         labels = self._check_labels(labels)
         seeds = self._check_seeds(seeds, len(labels))
         was_training = self.training
@@ -212,11 +215,22 @@ class ConditionalGenerator(nn.Module):
         if len(strengths) and (strengths.min() <= 0 or strengths.max() > 1):
             raise ConfigError(f"`strength` must lie in (0, 1]; got {strengths.min()}..{strengths.max()}.")
         seeds = self._check_seeds(seeds, len(labels))
+        self._check_sample_kwargs(kwargs)
+        was_training = self.training
         self.eval()
-        out = [self._edit_batch(images[i:i + batch_size], labels[i:i + batch_size].to(self.device),
-                                strengths[i:i + batch_size].tolist(), seeds[i:i + batch_size], **kwargs)
-               for i in range(0, len(labels), batch_size)]
+        try:
+            out = [self._edit_batch(images[i:i + batch_size], labels[i:i + batch_size].to(self.device),
+                                    strengths[i:i + batch_size].tolist(), seeds[i:i + batch_size], **kwargs)
+                   for i in range(0, len(labels), batch_size)]
+        finally:
+            self.train(was_training)
         return np.concatenate(out) if out else np.zeros((0, h, w, c), np.uint8)
+
+    def _check_sample_kwargs(self, kwargs: Mapping[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - set(self.sample_kwargs))
+        if unknown:
+            raise ConfigError(f"`sample_kwargs` has unknown keys {unknown} for a `{self.kind}` generator; allowed: "
+                              f"{list(self.sample_kwargs)} (remove the others).")
 
     def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
         raise NotImplementedError

@@ -253,6 +253,7 @@ class DDPMGenerator(ConditionalGenerator):
     """
 
     supports_edit = True
+    sample_kwargs = SAMPLE_KWARGS
 
     def __init__(self, config: dict[str, Any], unet: UNet2DModel | None = None):
         super().__init__(config)

@@ -42,7 +42,7 @@ class GANGenerator(ConditionalGenerator):
         self.net = _GeneratorNet(self.num_classes, image_size=h, channels=c,
                                  z_dim=config["z_dim"], width=config["width"])
 
-    def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **_) -> np.ndarray:
+    def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
         z = _noise(seeds, self.config["z_dim"], self.device)
         return to_uint8_nhwc(self.net(z, labels))
 

@@ -291,6 +291,7 @@ class SDLoRAGenerator(ConditionalGenerator):
     """
 
     supports_edit = True
+    sample_kwargs = SAMPLE_KWARGS
 
     def __init__(self, config: dict[str, Any], *, unet, vae, text_encoder, tokenizer, scheduler,
                  autocast_dtype: torch.dtype | None = None):
@@ -336,10 +337,7 @@ class SDLoRAGenerator(ConditionalGenerator):
             return super().edit(images, labels, strength=strength, seeds=seeds, batch_size=batch_size, **kwargs)
 
     def _options(self, kwargs: dict) -> dict:
-        unknown = sorted(set(kwargs) - set(SAMPLE_KWARGS))
-        if unknown:
-            raise ConfigError(f"`sample_kwargs` has unknown keys {unknown} for an `sd_lora` generator; "
-                              f"allowed: {list(SAMPLE_KWARGS)}.")
+        self._check_sample_kwargs(kwargs)
         opts = {k: kwargs.get(k, self.config.get(k)) for k in SAMPLE_KWARGS}
         opts["micro_batch"] = 1 if opts["micro_batch"] is None else opts["micro_batch"]
         for k in ("num_inference_steps", "micro_batch"):
