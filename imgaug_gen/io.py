@@ -1,5 +1,6 @@
 """Atomic file writes: everything goes to a temp name in the same folder, then
-``os.replace`` renames it, so a reader (or a killed run) never sees half a file."""
+``os.replace`` renames it, so a reader (or a killed run) never sees half a file;
+and the one rule for turning a class name into a folder name."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import functools
 import json
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
+
+from imgaug_gen.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,3 +72,16 @@ def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG") -> No
         array = array[:, :, 0]
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format=format)
+
+
+def safe_class_dir(name: str) -> str:
+    """A class name as a folder name: refuse anything that could leave ``out_dir``."""
+    name = unicodedata.normalize("NFC", str(name))
+    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+           or name.startswith("."))
+    if bad:
+        raise ConfigError(
+            f"class name {name!r} cannot be a folder name inside `out_dir` (empty, '.', '..', a path "
+            "separator or a leading dot). Rename the class (e.g. in `class_names`) to a plain name."
+        )
+    return name

@@ -427,6 +427,7 @@ class SDLoRAGenerator(ConditionalGenerator):
         te_sd, te_meta = lora_state_dict(self.text_encoder)
         if unet_sd is None:
             raise RuntimeError("the UNet carries no LoRA adapter; nothing to save")
+        # diffusers' LoRA writer takes a folder, not a file: write into a temp folder, then rename the file
         with tempfile.TemporaryDirectory(dir=path, prefix=".lora.") as tmp:
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, safe_serialization=True,

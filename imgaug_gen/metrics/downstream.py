@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgaug_gen.errors import require
-from imgaug_gen.metrics.features import _to_float01, fit_classifier_steps, images_to_tensor, validate_images
+from imgaug_gen.io import atomic_path
+from imgaug_gen.metrics.features import fit_classifier_steps, images_to_tensor, to_float01, validate_images
 
 __all__ = [
     "RECIPE",
@@ -82,7 +83,7 @@ class SmallCNN(nn.Module):
 def _prepare(images: np.ndarray, channels: int, size: int) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float [N, channels, size, size] in [-1, 1]."""
     x = images_to_tensor(images)
-    return torch.cat([(_to_float01(b, channels, size) - 0.5) / 0.5 for b in x.split(512)])
+    return torch.cat([(to_float01(b, channels, size) - 0.5) / 0.5 for b in x.split(512)])
 
 
 def _check_set(images: Any, labels: Any, num_classes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -353,9 +354,8 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
         if title:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         fig.clear()
     return path
