@@ -331,8 +331,9 @@ def _base_record(it: Item, gen, generator_info: dict, real_records: list[dict]) 
     if it.partner_index is not None:
         rec["blend"] = it.blend
         rec["partner_id"] = real_records[it.partner_index]["id"]
-    if it.source == "synthetic" and hasattr(gen, "prompt_for"):
-        rec["prompt"] = gen.prompt_for(it.label)
+    prompt = gen.prompt_for(it.label) if it.source == "synthetic" else None
+    if prompt is not None:
+        rec["prompt"] = prompt
     if it.real_index is not None:
         src = real_records[it.real_index]
         rec["source_id"] = src["id"]

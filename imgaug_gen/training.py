@@ -63,8 +63,14 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, dm) -> Any:
-    return instantiate_checked(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
-                               image_shape=list(dm.image_shape), _convert_="all")
+    from imgaug_gen.generators.module import GeneratorModule
+
+    module = instantiate_checked(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
+                                 image_shape=list(dm.image_shape), _convert_="all")
+    if not isinstance(module, GeneratorModule):
+        raise ConfigError(f"`model._target_` = {cfg.model.get('_target_')!r} builds a {type(module).__name__}, not an "
+                          "imgaug_gen.generators.GeneratorModule; subclass it (README: Add a generator kind).")
+    return module
 
 
 # Lightning notices that are expected here and only add noise to every run's log.
@@ -108,7 +114,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if isinstance(c, ExportGeneratorCallback):
             c.extra.update(extra)
     extra_trainer: dict[str, Any] = {}
-    if cfg.trainer.get("strategy") == "ddp" and getattr(module, "ddp_find_unused_parameters", False):
+    if cfg.trainer.get("strategy") == "ddp" and module.ddp_find_unused_parameters:
         extra_trainer["strategy"] = "ddp_find_unused_parameters_true"
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False,
                                       **extra_trainer)

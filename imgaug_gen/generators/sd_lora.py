@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import ConditionalGenerator, register_generator
+from imgaug_gen.generators.module import GeneratorModule
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +470,7 @@ class SDLoRAGenerator(ConditionalGenerator):
 
 
 # -- the LightningModule ---------------------------------------------------------------------
-class SDLoRAModule(pl.LightningModule):
+class SDLoRAModule(GeneratorModule):
     """LoRA fine-tuning of a pretrained Stable Diffusion, one prompt per class.
 
     Only the LoRA weights are trainable, optimised and checkpointed. ``weight_dtype``
