@@ -61,8 +61,11 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG") -> None:
-    """Save a uint8 HWC (C = 1 or 3) or HW array as an image, atomically."""
+def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compress_level: int = 1) -> None:
+    """Save a uint8 HWC (C = 1 or 3) or HW array as an image, atomically.
+
+    PNG is lossless at every ``compress_level``: 1 gives the same pixels as PIL's default 6 at a
+    fraction of the encoding time (files somewhat larger), which is what a generation job waits on."""
     from PIL import Image
 
     import numpy as np
@@ -71,7 +74,8 @@ def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG") -> No
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format=format)
+        kwargs = {"compress_level": int(compress_level)} if format.upper() == "PNG" else {}
+        Image.fromarray(array).save(tmp, format=format, **kwargs)
 
 
 def safe_class_dir(name: str) -> str:
