@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, train_overrides
+from conftest import ROOT, cli_env, train_overrides
 
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
@@ -97,7 +97,7 @@ def _run(args, env, cwd):
 
 def test_front_ends_end_to_end_on_a_user_folder(tiny_folder, tmp_path):
     """train.py then generate.py as a user runs them, on an RGB folder with odd class names."""
-    env = {**os.environ, "IMGAUG_GEN_CACHE": str(tmp_path / "cache")}
+    env = cli_env()
     run, out = tmp_path / "run", tmp_path / "out"
     over = [o for o in train_overrides("cgan", run) if not o.startswith(("data", "run_dir"))]
     _run(["train.py", *over, "data=folder", f"data.root={tiny_folder}", "data.image_size=16", "data.channels=3",
