@@ -52,98 +52,33 @@ class Item:
 
 # -- 1. check ------------------------------------------------------------------------
 def _mix_sources(cfg: DictConfig) -> list[dict]:
-    """``mix.sources`` as plain dicts (default: ``[{mode: <mode>, fraction: 1.0}]``)."""
-    mix = cfg.get("mix")
-    sources = mix.get("sources") if mix is not None else None
-    if sources is None:
-        return [{"mode": str(cfg.mode), "fraction": 1.0}]
-    if OmegaConf.is_config(sources):
-        sources = OmegaConf.to_container(sources, resolve=True)
-    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
-        raise ConfigError(f"`mix.sources` = {sources!r}; give a list of {{mode: sample|img2img, fraction: f}}.")
-    return [dict(s) for s in sources]
+    """``mix.sources`` as plain dicts (the YAML default: ``[{mode: <mode>, fraction: 1.0}]``)."""
+    return [dict(s) for s in OmegaConf.to_container(cfg.mix.sources, resolve=True)]
 
 
 def _filter_cfg(cfg: DictConfig) -> dict:
-    f = cfg.get("filter")
-    return dict(OmegaConf.to_container(f, resolve=True)) if f is not None else {"enabled": False}
+    return dict(OmegaConf.to_container(cfg.filter, resolve=True))
 
 
 def check_generate_config(cfg: DictConfig):
-    """Validate ``cfg``; return the classical augmenter (or None) so a bad transform fails here."""
+    """Validate ``cfg`` (the schema :class:`imgaug_gen.schemas.Generate`, then the facts only the
+    filesystem knows); return the classical augmenter (or None) so a bad transform fails here."""
+    from imgaug_gen.augment.classical import build_augmenter
+    from imgaug_gen.schemas import Generate, validate
+
     for key in ("run_dir", "out_dir"):
         if cfg.get(key) in (None, "", "???"):
             raise ConfigError(f"`{key}` is required: python generate.py run_dir=RUN out_dir=OUT ...")
+    validate(cfg, Generate, "generate")
     if not Path(cfg.run_dir).is_dir():
         raise ConfigError(f"`run_dir` = {cfg.run_dir!r} is not a folder; pass the folder train.py wrote.")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"`mode` = {cfg.mode!r}; allowed: {list(MODES)}.")
-    if cfg.n_per_class < 0:
-        raise ConfigError(f"`n_per_class` = {cfg.n_per_class}; give a count >= 0.")
-    if not (cfg.num_shards >= 1 and 0 <= cfg.shard < cfg.num_shards):
-        raise ConfigError(f"`shard` = {cfg.shard}, `num_shards` = {cfg.num_shards}: need 0 <= shard < num_shards.")
-    sources = _mix_sources(cfg)
-    if not sources:
-        raise ConfigError("`mix.sources` is empty; give e.g. [{mode: sample, fraction: 1.0}].")
-    for j, s in enumerate(sources):
-        if s.get("mode") not in MODES:
-            raise ConfigError(f"`mix.sources[{j}].mode` = {s.get('mode')!r}; allowed: {list(MODES)}.")
-        fr = s.get("fraction")
-        if not isinstance(fr, (int, float)) or isinstance(fr, bool) or fr < 0:
-            raise ConfigError(f"`mix.sources[{j}].fraction` = {fr!r}; give a number >= 0.")
-    if len({s["mode"] for s in sources}) != len(sources):
-        raise ConfigError(f"`mix.sources` = {sources} names a mode twice; give each mode once.")
-    if abs(sum(float(s["fraction"]) for s in sources) - 1.0) > 1e-6:
-        raise ConfigError(f"`mix.sources` fractions sum to {sum(float(s['fraction']) for s in sources)}; "
-                          "they must sum to 1.")
-    mix = cfg.get("mix") or {}
-    ratio, target = mix.get("synthetic_ratio"), mix.get("target_per_class")
-    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio < 0):
-        raise ConfigError(f"`mix.synthetic_ratio` = {ratio!r}; give a number >= 0 or null.")
-    if target is not None and (not isinstance(target, int) or isinstance(target, bool) or target < 0):
-        raise ConfigError(f"`mix.target_per_class` = {target!r}; give an int >= 0 or null.")
-    if ratio is not None and target is not None:
-        raise ConfigError(f"`mix.synthetic_ratio` = {ratio} and `mix.target_per_class` = {target} are both set; "
-                          "set one of them (the other null).")
-    if any(s["mode"] == "img2img" for s in sources):
-        s = list(cfg.img2img.strengths)
-        if not s or min(s) <= 0 or max(s) > 1:
-            raise ConfigError(f"`img2img.strengths` = {s}; give values in (0, 1].")
-        if cfg.img2img.edits_per_image < 1:
-            raise ConfigError(f"`img2img.edits_per_image` = {cfg.img2img.edits_per_image}; give a count >= 1.")
-        _blend_range(cfg)
-    f = _filter_cfg(cfg)
-    if f.get("enabled"):
-        mf = f.get("max_factor", 3.0)
-        if not isinstance(mf, (int, float)) or isinstance(mf, bool) or mf < 1:
-            raise ConfigError(f"`filter.max_factor` = {mf!r}; give a number >= 1 (1 = no over-generation).")
-        tau, delta = f.get("tau"), f.get("delta")
-        if tau is not None and (not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
-            raise ConfigError(f"`filter.tau` = {tau!r}; give a number in [0, 1] or null to disable.")
-        if not (delta is None or delta == "auto" or (isinstance(delta, (int, float)) and 0 <= delta <= 2)):
-            raise ConfigError(f"`filter.delta` = {delta!r}; give a distance in [0, 2], 'auto' or null to disable.")
-        if f.get("metric", "cosine") not in ("cosine", "l2"):
-            raise ConfigError(f"`filter.metric` = {f.get('metric')!r}; allowed: ['cosine', 'l2'].")
-        if f.get("space", "features") not in ("features", "pixels"):
-            raise ConfigError(f"`filter.space` = {f.get('space')!r}; allowed: ['features', 'pixels'].")
-        if f.get("classifier_data", "train") not in ("train", "reference"):
-            raise ConfigError(f"`filter.classifier_data` = {f.get('classifier_data')!r}; allowed: ['train', 'reference'].")
-    from imgaug_gen.augment.classical import build_augmenter
-
     return build_augmenter(cfg.get("augment"))
 
 
 def _blend_range(cfg: DictConfig) -> tuple[float, float] | None:
-    """``img2img.blend`` as ``(lo, hi)`` with ``0 <= lo <= hi <= 1``, or None (plain edits)."""
+    """``img2img.blend`` as ``(lo, hi)`` (checked by the schema), or None (plain edits)."""
     b = cfg.img2img.get("blend")
-    if b is None:
-        return None
-    b = list(b) if isinstance(b, Sequence) or OmegaConf.is_list(b) else [b]
-    if len(b) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b) \
-            or not 0 <= b[0] <= b[1] <= 1:
-        raise ConfigError(f"`img2img.blend` = {b!r}; give null (plain edits) or [lo, hi] with 0 <= lo <= hi <= 1, "
-                          "e.g. [0.3, 0.7]: the weight of the edited image in its blend with another of its class.")
-    return float(b[0]), float(b[1])
+    return None if b is None else (float(b[0]), float(b[1]))
 
 
 def _generator_dir(run_dir: Path) -> Path:
@@ -225,7 +160,7 @@ def synthetic_counts(cfg: DictConfig, num_classes: int, real_labels: np.ndarray)
 
 def _candidates(n: int, cfg: DictConfig) -> int:
     f = _filter_cfg(cfg)
-    return int(math.ceil(n * float(f.get("max_factor", 3.0)) - 1e-9)) if f.get("enabled") else int(n)
+    return int(math.ceil(n * float(f["max_factor"]) - 1e-9)) if f["enabled"] else int(n)
 
 
 def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_ids: list[str],
@@ -511,14 +446,13 @@ def build_scorers(cfg: DictConfig, dm, real: RealData) -> Scorers:
         from imgaug_gen.filtering import QualityFilter
 
         confidence, out.filter_images = out.confidence, len(ref_images)
-        if fcfg.get("classifier_data", "train") == "train":
+        if fcfg["classifier_data"] == "train":
             # The filter shapes the training data, so it may only learn from the images the user
             # trains on (with data.shots set, the reference set holds labels a few-shot user lacks).
             out.filter_images = len(real.images)
             confidence = build_feature_extractor(domain, real.images, real.labels, dm.num_classes)
-        out.quality_filter = QualityFilter(confidence, real.images, tau=fcfg.get("tau"),
-                                           delta=fcfg.get("delta", "auto"), metric=fcfg.get("metric", "cosine"),
-                                           space=fcfg.get("space", "features"))
+        out.quality_filter = QualityFilter(confidence, real.images, tau=fcfg["tau"], delta=fcfg["delta"],
+                                           metric=fcfg["metric"], space=fcfg["space"])
     if not cfg.score:
         out.scorer = None  # the filter's extractor only; no per-image confidence / FID for unfiltered images
     return out
@@ -568,7 +502,7 @@ def write_filtered_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, 
     accepted (resumable: the manifest records rejected candidates too). Returns how many were kept."""
     from imgaug_gen.filtering import QualityFilter, overgenerate_plan, select_accepted
 
-    qf, max_factor = scorers.quality_filter, float(_filter_cfg(cfg).get("max_factor", 3.0))
+    qf, max_factor = scorers.quality_filter, float(_filter_cfg(cfg)["max_factor"])
     info, written = _generator_info(cfg, gen), 0
     for key, cands in plan.groups.items():
         n = plan.targets.get(key, 0)
@@ -635,7 +569,7 @@ def write_report(cfg: DictConfig, gen, dm, real: RealData, plan: ShardPlan, scor
                           for c, name in enumerate(gen.class_names)}
     if scorers.quality_filter is not None:
         metrics["filter"] = filter_summary(all_records, scorers.quality_filter, gen.class_names, plan.targets)
-        metrics["filter"]["classifier_data"] = _filter_cfg(cfg).get("classifier_data", "train")
+        metrics["filter"]["classifier_data"] = _filter_cfg(cfg)["classifier_data"]
         metrics["filter"]["classifier_images"] = scorers.filter_images
     for name in gen.class_names:
         log.info("class %s: %s", name, metrics["counts_by_mode"][name])

@@ -1,0 +1,172 @@
+"""Typed schemas of the job configs, validated once at the front door (pydantic).
+
+The YAML files in ``conf/`` hold the defaults and the comments; a schema holds the types, the
+allowed values and the cross-field rules, and refuses unknown keys. :func:`validate` turns the
+first violation into a :class:`~imgaug_gen.errors.ConfigError` naming the key, its value and
+what is expected, before any heavy work. Facts that need the filesystem or a model (a folder
+exists, a generator can edit) stay with the job that knows them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgaug_gen.errors import ConfigError
+
+Mode = Literal["sample", "img2img"]
+Fraction = Field(ge=0, le=1)
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class Img2Img(_Block):
+    edits_per_image: int = Field(ge=1)
+    strengths: list[float] = Field(min_length=1)
+    blend: Optional[tuple[float, float]] = None
+
+    @field_validator("strengths")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        if min(v) <= 0 or max(v) > 1:
+            raise ValueError("give values in (0, 1]")
+        return v
+
+    @field_validator("blend")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("give null (plain edits) or [lo, hi] with 0 <= lo <= hi <= 1, e.g. [0.3, 0.7]")
+        return v
+
+
+class Source(_Block):
+    mode: Mode
+    fraction: float = Field(ge=0)
+
+
+class Mix(_Block):
+    synthetic_ratio: Optional[float] = Field(default=None, ge=0)
+    target_per_class: Optional[int] = Field(default=None, ge=0)
+    sources: list[Source] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.synthetic_ratio is not None and self.target_per_class is not None:
+            raise ValueError(f"`mix.synthetic_ratio` = {self.synthetic_ratio} and `mix.target_per_class` = "
+                             f"{self.target_per_class} are both set; set one of them (the other null)")
+        modes = [s.mode for s in self.sources]
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"`mix.sources` names a mode twice ({modes}); give each mode once")
+        total = sum(s.fraction for s in self.sources)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"`mix.sources` fractions sum to {total}; they must sum to 1")
+        return self
+
+
+class Filter(_Block):
+    enabled: bool
+    tau: Optional[float] = Field(ge=0, le=1)
+    delta: Optional[float | Literal["auto"]]
+    metric: Literal["cosine", "l2"]
+    space: Literal["features", "pixels"]
+    max_factor: float = Field(ge=1)
+    classifier_data: Literal["train", "reference"]
+
+    @field_validator("delta")
+    @classmethod
+    def _distance(cls, v):
+        if isinstance(v, float) and not 0 <= v <= 2:
+            raise ValueError("give a distance in [0, 2], 'auto' or null to disable")
+        return v
+
+
+class Generate(_Block):
+    """``conf/generate.yaml``."""
+
+    run_dir: str = Field(min_length=1)
+    out_dir: str = Field(min_length=1)
+    mode: Mode
+    n_per_class: int = Field(ge=0)
+    seed: int
+    include_real: bool
+    img2img: Img2Img
+    mix: Mix
+    filter: Filter
+    precision_recall_k: int = Field(ge=1)
+    score_max_images: Optional[int] = Field(ge=1)
+    sample_kwargs: Optional[dict[str, Any]]  # checked by the generator kind (each declares its keys)
+    batch_size: int = Field(ge=1)
+    io_workers: int = Field(ge=0)
+    device: str
+    score: bool
+    progress: bool
+    overwrite: bool
+    shard: int = Field(ge=0)
+    num_shards: int = Field(ge=1)
+    data: Any = None  # a data config: validated by the data module
+    augment: Any = None  # checked by build_augmenter
+    metrics: Any = None  # checked by build_feature_extractor
+
+    @model_validator(mode="after")
+    def _shards(self):
+        if self.shard >= self.num_shards:
+            raise ValueError(f"`shard` = {self.shard}, `num_shards` = {self.num_shards}: need 0 <= shard < num_shards")
+        return self
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for p in loc:
+        try:
+            data = data[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def validate(config: Any, schema: type[BaseModel], name: str) -> BaseModel:
+    """``config`` (a DictConfig or a mapping) checked against ``schema``; the first problem raises a
+    :class:`ConfigError` ``` `key` = value: what is expected (conf/<name>.yaml) ```."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("float", "literal['auto']")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list too short
+            loc, msg = loc[:-1], f"too few items (item {loc[-1]} is missing)"
+        if err["type"] == "extra_forbidden":
+            allowed = sorted(_fields_at(schema, loc[:-1]))
+            raise ConfigError(f"`{_where(loc)}` is not a key of the {name} config (conf/{name}.yaml); "
+                              f"allowed here: {allowed}. Check the spelling.") from None
+        if not loc:  # a cross-field rule of the top-level config
+            raise ConfigError(f"{msg} (conf/{name}.yaml).") from None
+        if msg.startswith("`"):  # a cross-field rule of a block: already names its keys
+            raise ConfigError(f"{msg}.") from None
+        raise ConfigError(f"`{_where(loc)}` = {_value_at(data, loc)!r}: {msg[0].lower() + msg[1:]} "
+                          f"(conf/{name}.yaml).") from None
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    for p in loc:
+        field = schema.model_fields.get(str(p)) if isinstance(p, str) else None
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            schema = ann
+        else:
+            args = getattr(ann, "__args__", ())
+            inner = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if inner is None:
+                return []
+            schema = inner
+    return list(schema.model_fields)
