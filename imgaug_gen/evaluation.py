@@ -53,31 +53,18 @@ log = logging.getLogger(__name__)
 __all__ = ["check_evaluate_config", "evaluate", "method_names"]
 
 _ENTRY_SOURCES = ("train", "run_of", "run_dir", "folder")
-_ENTRY_KEYS = {"enabled", "generate", "label", "policies", *_ENTRY_SOURCES}
 _SEED_STRIDE = 1_000_003
 BASELINE = "real+classical"
 
 
 def _entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str, dict]:
-    gens = OmegaConf.to_container(cfg.get("generators") or {}, resolve=True)
-    require(isinstance(gens, dict), "`generators` must be a mapping {name: {train|run_of|run_dir|folder: ..., "
-                                    "generate: [...]}}.")
+    gens = OmegaConf.to_container(cfg.get("generators") or {}, resolve=True)  # typed by schemas.Evaluate
     out = {}
     for name, e in gens.items():
-        if e is None:
+        if e is None or not e.get("enabled", True):
             continue
         where = f"generators.{name}"
-        require(isinstance(e, dict), f"`{where}` must be a mapping, got {e!r}.")
-        unknown = sorted(set(e) - _ENTRY_KEYS)
-        require(not unknown, f"`{where}` has unknown key(s) {unknown}; allowed: {sorted(_ENTRY_KEYS)}.")
-        if not e.get("enabled", True):
-            continue
         given = [k for k in _ENTRY_SOURCES if e.get(k) is not None]
-        require(len(given) == 1, f"`{where}` must give exactly one of {list(_ENTRY_SOURCES)}, got {given or 'none'}.")
-        for key in ("train", "generate"):
-            v = e.get(key)
-            require(v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
-                    f"`{where}.{key}` must be a list of override strings like ['trainer.max_steps=500'], got {v!r}.")
         require("/" not in str(name) and "@" not in str(name) and not str(name).startswith("."),
                 f"`{where}`: the entry name is used as a folder name; use letters, digits, '_' or '-'.")
         pols = e.get("policies")
@@ -115,20 +102,9 @@ def _policies(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def _int_list(cfg: DictConfig, key: str, example: str, allow_none: bool = False) -> list:
-    v = cfg.get(key)
-    vals = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_list(v) else [v]
-    ok = all((x is None and allow_none) or (isinstance(x, int) and not isinstance(x, bool)) for x in vals)
-    require(len(vals) > 0 and ok and len(set(vals)) == len(vals),
-            f"`{key}` = {vals!r}; give a list of distinct ints, e.g. {key}={example}.")
-    return vals
-
-
 def _shots_list(cfg: DictConfig) -> list:
-    shots = _int_list(cfg, "shots", "[5,10]", allow_none=True)
-    require(all(s is None or s > 0 for s in shots),
-            f"`shots` = {shots!r}; give a list of positive ints (null = all training images), e.g. shots=[5,10].")
-    return shots
+    """``shots`` as a list (checked by the schema: distinct positive ints or null = all)."""
+    return list(OmegaConf.to_container(cfg.shots, resolve=True))
 
 
 def _wanted_methods(cfg: DictConfig) -> list[str] | None:
@@ -150,19 +126,14 @@ def method_names(entries: Mapping[str, Mapping]) -> list[str]:
 
 
 def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, Any]]:
-    """Validate an evaluate config; returns the enabled generator entries and the policies."""
+    """Validate an evaluate config (the schema :class:`imgaug_gen.schemas.Evaluate`, then the rules that
+    need the policies, the filesystem or the recipe); returns the enabled generator entries and the policies."""
+    from imgaug_gen.schemas import Evaluate, validate
+
     require(cfg.get("out_dir") not in (None, "", "???"), "`out_dir` is required: python evaluate.py out_dir=EVAL_DIR.")
-    _shots_list(cfg)
-    seeds = _int_list(cfg, "seeds", "[0,1,2,3,4]")
-    if len(seeds) < 3:
-        log.warning("only %d classifier seed(s): the intervals are not meaningful (use seeds=[0,1,2,3,4])", len(seeds))
-    _int_list(cfg, "data_seeds", "[0,1,2]")
-    require(isinstance(cfg.synthetic_copies, int) and cfg.synthetic_copies >= 0,
-            f"`synthetic_copies` = {cfg.synthetic_copies!r}; give an int >= 0.")
-    require(isinstance(cfg.cas_seeds, int) and cfg.cas_seeds >= 0,
-            f"`cas_seeds` = {cfg.cas_seeds!r}; give the number of classifier seeds for the CAS per subset (0 = skip).")
-    require(cfg.selection in ("val", "none"),
-            f"`selection` = {cfg.selection!r}; give val (choose the headline on the validation split) or none.")
+    validate(cfg, Evaluate, "evaluate")
+    if len(cfg.seeds) < 3:
+        log.warning("only %d classifier seed(s): the intervals are not meaningful (use seeds=[0,1,2,3,4])", len(cfg.seeds))
     if cfg.selection == "val":
         vf = cfg.data.get("val_fraction", 0.0)
         require(isinstance(vf, (int, float)) and vf > 0,

@@ -157,16 +157,81 @@ def validate(config: Any, schema: type[BaseModel], name: str) -> BaseModel:
                           f"(conf/{name}.yaml).") from None
 
 
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    """The schema inside an annotation (``Optional[X]``, ``dict[str, X]``, ``list[X]`` ...), if any."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at ``loc`` (dict keys and list indices walk into the value's schema)."""
+    current: type[BaseModel] | None = schema
     for p in loc:
-        field = schema.model_fields.get(str(p)) if isinstance(p, str) else None
-        ann = getattr(field, "annotation", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            schema = ann
-        else:
-            args = getattr(ann, "__args__", ())
-            inner = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if inner is None:
+        if current is not None and isinstance(p, str) and p in current.model_fields:
+            ann = current.model_fields[p].annotation
+            nested = _model_in(ann)
+            if nested is None:
                 return []
-            schema = inner
-    return list(schema.model_fields)
+            current = nested
+        # else: a mapping key or list index: stay with the value schema found so far
+    return list(current.model_fields) if current is not None else []
+
+
+def _distinct(v: list) -> list:
+    if len(set(v)) != len(v):
+        raise ValueError("give distinct values")
+    return v
+
+
+class GeneratorEntry(_Block):
+    """One synthetic source of ``evaluate.py`` (``generators.<name>``)."""
+
+    enabled: bool = True  # entries added with `+generators.<name>...` are on
+    train: Optional[list[str]] = None
+    run_of: Optional[str] = None
+    run_dir: Optional[str] = None
+    folder: Optional[str] = None
+    generate: Optional[list[str]] = None
+    label: Optional[str] = None
+    policies: Optional[list[str]] = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("train", "run_of", "run_dir", "folder") if getattr(self, k) is not None]
+        if self.enabled and len(given) != 1:
+            raise ValueError(f"must give exactly one of ['train', 'run_of', 'run_dir', 'folder'], got {given or 'none'}")
+        return self
+
+
+class Evaluate(_Block):
+    """``conf/evaluate.yaml``."""
+
+    out_dir: str = Field(min_length=1)
+    shots: list[Optional[int]] = Field(min_length=1)
+    data_seeds: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    seed: int
+    selection: Literal["val", "none"]
+    methods: Optional[list[str]]
+    synthetic_copies: int = Field(ge=0)
+    cas_seeds: int = Field(ge=0)
+    classifier: dict[str, Any]  # the fixed recipe: checked by metrics.downstream.check_recipe
+    policies: dict[str, Any] = Field(min_length=1)  # each checked by data.mixed.MixPolicy.from_config
+    generators: dict[str, Optional[GeneratorEntry]]
+    data: Any = None
+    augment: Any = None
+    metrics: Any = None
+
+    _distinct_lists = field_validator("shots", "data_seeds", "seeds")(_distinct)
+
+    @field_validator("shots")
+    @classmethod
+    def _positive(cls, v):
+        if any(s is not None and s <= 0 for s in v):
+            raise ValueError("give positive ints (null = all training images), e.g. shots=[5,10]")
+        return v
