@@ -235,3 +235,33 @@ class Evaluate(_Block):
         if any(s is not None and s <= 0 for s in v):
             raise ValueError("give positive ints (null = all training images), e.g. shots=[5,10]")
         return v
+
+
+class Train(_Block):
+    """``conf/train.yaml``: the top level. Each group's content is checked by what it builds
+    (the data module, the generator module, Lightning's Trainer, the callbacks)."""
+
+    seed: int
+    ckpt_path: Optional[str]
+    run_dir: str = Field(min_length=1)
+    data: dict[str, Any]
+    model: dict[str, Any]
+    trainer: dict[str, Any]
+    metrics: dict[str, Any]
+    callbacks: Optional[dict[str, Optional[dict[str, Any]]]]
+    logger: Optional[dict[str, Optional[dict[str, Any]]]]
+
+    @field_validator("model")
+    @classmethod
+    def _target(cls, v):
+        if not isinstance(v.get("_target_"), str):
+            raise ValueError("needs `_target_` (the generator module class), e.g. model=cgan|ddpm|sd_lora")
+        return v
+
+    @field_validator("trainer")
+    @classmethod
+    def _steps(cls, v):
+        steps = v.get("max_steps", -1)
+        if not (isinstance(steps, int) and (steps == -1 or steps > 0)):
+            raise ValueError(f"`trainer.max_steps` = {steps!r}; give a positive number of optimiser steps")
+        return v

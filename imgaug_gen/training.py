@@ -24,15 +24,17 @@ log = logging.getLogger(__name__)
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Checks that need no data or model: run before anything heavy."""
+    """Checks that need no data or model (the schema :class:`imgaug_gen.schemas.Train`, then the files):
+    run before anything heavy."""
+    from imgaug_gen.schemas import Train, validate
+
     if cfg.get("run_dir") in (None, ""):
         raise ConfigError("`run_dir` is not set; pass `run_dir=PATH` (train.py sets it to the Hydra run folder).")
+    validate(cfg, Train, "train")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(ckpt).is_file():
         raise ConfigError(f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "
                           "to resume, or leave `ckpt_path` unset to start fresh.")
-    if cfg.trainer.get("max_steps", -1) in (None, 0):
-        raise ConfigError(f"`trainer.max_steps` = {cfg.trainer.max_steps!r}; give a positive number of steps.")
 
 
 def _instantiate_all(node, **kwargs) -> list:
