@@ -477,11 +477,43 @@ def _select(results: Mapping[str, Mapping[str, dict]]) -> dict | None:
 
 # -- the job ------------------------------------------------------------------------------------------------------
 
+def _evaluate_subset(cfg: DictConfig, entries: dict, policies: dict, shots, data_seed: int, root: Path,
+                     cache: "_ResultCache", recipe: dict, wanted, seeds: list[int]) -> tuple[list, dict, dict]:
+    """One (shots, subset): its real and classical sets, its generators' synthetic sets, every classifier
+    run. Returns the result rows, the generator facts and the dataset facts."""
+    from imgaug_gen.augment.classical import build_augmenter
+
+    # 2. Real subset, its classical copies, the fixed validation and test splits.
+    dm, data = _datamodule(cfg, shots, data_seed)
+    real_x, real_y = dm.train_arrays()
+    test, val = dm.test_arrays(), dm.val_arrays()
+    require(len(test[0]) > 0, "the data has no test split; set `data.test_fraction` > 0.")
+    augmenter = build_augmenter(cfg.augment, real_x.shape[1:])
+    groups = np.arange(len(real_y))
+    ax, ay, ag = _copies(augmenter, real_x, real_y, groups, int(cfg.augment.copies_per_image), data_seed)
+    real = (real_x, real_y, groups)
+    classical = (np.concatenate([real_x, ax]), np.concatenate([real_y, ay]), np.concatenate([groups, ag]))
+    dataset = {"class_names": list(dm.class_names), "n_test": int(len(test[0])), "n_val": int(len(val[0])),
+               "image_shape": list(real_x.shape[1:]), "data": {k: v for k, v in data.items() if k != "seed"}}
+    # 3. Synthetic sets (+ classical copies of each synthetic image, same groups).
+    syn = _synthetic_sets(cfg, entries, shots, data_seed, data, root, dm)
+    for info in syn.values():
+        sx, sy, sg = info["images"], info["labels"], info["groups"]
+        cx, cy, cg = _copies(augmenter, sx, sy, sg, int(cfg.synthetic_copies), data_seed + 1)
+        info["mixed"] = (np.concatenate([sx, cx]), np.concatenate([sy, cy]), np.concatenate([sg, cg]))
+    # 4. Classifier runs.
+    clf = _Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed)
+    rows = _runs_for_subset(clf, seeds, real, classical, syn, entries, policies, wanted, int(cfg.cas_seeds))
+    for info in syn.values():
+        for k in ("images", "labels", "groups", "mixed"):
+            info.pop(k)
+    return rows, syn, dataset
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the downstream evaluation configured by ``conf/evaluate.yaml``; returns the eval.json content."""
     import torch
 
-    from imgaug_gen.augment.classical import build_augmenter
     from imgaug_gen.io import atomic_write_json, atomic_write_text
     from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
 
@@ -507,35 +539,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         rows: list[dict] = []
         generators[str(shots)] = {}
         for data_seed in data_seeds:
-            # 2. Real subset, its classical copies, the fixed validation and test splits.
-            dm, data = _datamodule(cfg, shots, data_seed)
-            real_x, real_y = dm.train_arrays()
-            test, val = dm.test_arrays(), dm.val_arrays()
-            require(len(test[0]) > 0, "the data has no test split; set `data.test_fraction` > 0.")
-            augmenter = build_augmenter(cfg.augment, real_x.shape[1:])
-            groups = np.arange(len(real_y))
-            ax, ay, ag = _copies(augmenter, real_x, real_y, groups, int(cfg.augment.copies_per_image), data_seed)
-            real = (real_x, real_y, groups)
-            classical = (np.concatenate([real_x, ax]), np.concatenate([real_y, ay]), np.concatenate([groups, ag]))
-            dataset = {"class_names": list(dm.class_names), "n_test": int(len(test[0])), "n_val": int(len(val[0])),
-                       "image_shape": list(real_x.shape[1:]),
-                       "data": {k: v for k, v in data.items() if k != "seed"}}
-
-            # 3. Synthetic sets (+ classical copies of each synthetic image, same groups).
-            syn = _synthetic_sets(cfg, entries, shots, data_seed, data, root, dm)
-            for info in syn.values():
-                sx, sy, sg = info["images"], info["labels"], info["groups"]
-                cx, cy, cg = _copies(augmenter, sx, sy, sg, int(cfg.synthetic_copies), data_seed + 1)
-                info["mixed"] = (np.concatenate([sx, cx]), np.concatenate([sy, cy]), np.concatenate([sg, cg]))
-
-            # 4. Classifier runs.
-            clf = _Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed)
-            rows += _runs_for_subset(clf, seeds, real, classical, syn, entries, policies, wanted,
-                                     int(cfg.cas_seeds))
-            for g, info in syn.items():
-                for k in ("images", "labels", "groups", "mixed"):
-                    info.pop(k)
+            subset_rows, subset_gens, dataset = _evaluate_subset(cfg, entries, policies, shots, data_seed, root,
+                                                                 cache, recipe, wanted, seeds)
+            rows += subset_rows
+            for g, info in subset_gens.items():
                 generators[str(shots)].setdefault(g, {})[str(data_seed)] = info
+            n_classes = len(dataset["class_names"])
 
         # 5. Statistics per shots.
         summary = _summarise(rows, seeds)
@@ -549,7 +558,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             g = r.get("gain")
             log.info("shots=%s %-44s test %.2f ± %.2f %%%s", shots, m, 100 * r["mean"], 100 * r["std"],
                      "" if g is None else f"  gain {100 * g['mean']:+.2f} [{100 * g['lo']:+.2f}, {100 * g['hi']:+.2f}]")
-        plot_x[str(shots)] = shots if shots is not None else round(dataset.get("n_train", 0) / len(dm.class_names))
+        plot_x[str(shots)] = shots if shots is not None else round(dataset.get("n_train", 0) / n_classes)
 
     selected = _select(results) if cfg.selection == "val" else None
     out = {
