@@ -424,22 +424,10 @@ def fit_domain_features(
     require(isinstance(steps, int) and steps > 0, f"`metrics.domain_steps` must be a positive int, got {steps!r}.")
     require(images.shape[0] >= 2, f"`images` needs at least 2 images to train the domain features, got {images.shape[0]}.")
     in_channels = int(images.shape[-1])
-    arch = {
-        "num_classes": int(num_classes),
-        "in_channels": in_channels,
-        "input_size": DOMAIN_INPUT_SIZE,
-        "widths": list(DOMAIN_WIDTHS),
-        "feature_dim": DOMAIN_FEATURE_DIM,
-    }
-    recipe = {
-        **arch,
-        "seed": int(seed),
-        "steps": int(steps),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "max_shift": int(max_shift),
-    }
+    arch = {"num_classes": int(num_classes), "in_channels": in_channels, "input_size": DOMAIN_INPUT_SIZE,
+            "widths": list(DOMAIN_WIDTHS), "feature_dim": DOMAIN_FEATURE_DIM}
+    recipe = {**arch, "seed": int(seed), "steps": int(steps), "batch_size": int(batch_size), "lr": float(lr),
+              "weight_decay": float(weight_decay), "max_shift": int(max_shift)}
     key = _domain_cache_key(images, labels, recipe)
     cache_path = Path(cache_dir).expanduser() / "domain_features" if cache_dir is not None else None
     if cache_path is not None:
@@ -459,17 +447,9 @@ def fit_domain_features(
     model.loaded_from_cache = False
     model.train_accuracy = acc
     if cache_path is not None:
-        meta = {
-            "key": key,
-            "code_version": DOMAIN_CODE_VERSION,
-            "name": model.name,
-            "config": model.config(),
-            "recipe": recipe,
-            "n_images": int(images.shape[0]),
-            "image_shape": list(images.shape[1:]),
-            "train_accuracy": acc,
-            "train_seconds": round(time.perf_counter() - t0, 3),
-        }
+        meta = {"key": key, "code_version": DOMAIN_CODE_VERSION, "name": model.name, "config": model.config(),
+                "recipe": recipe, "n_images": int(images.shape[0]), "image_shape": list(images.shape[1:]),
+                "train_accuracy": acc, "train_seconds": round(time.perf_counter() - t0, 3)}
         _save_domain(model, cache_path, key, meta)
         # Return the network exactly as a later cache hit builds it: a freshly trained module can
         # differ from the reloaded one in the last float bits (parameter memory layout), and per-image
