@@ -536,6 +536,15 @@ class SDLoRAModule(GeneratorModule):
         self._check_prompt_lengths()
 
         # 3. Freeze everything, then add the trainable LoRA adapters.
+        self._add_adapters(gradient_checkpointing, train_text_encoder)
+        self.weight_dtype = torch.float32
+        # Only the LoRA weights are checkpointed; on_load_checkpoint checks that they are all there.
+        self.strict_loading = False
+        self._class_embeds: torch.Tensor | None = None
+        self.batches_seen = 0
+
+    def _add_adapters(self, gradient_checkpointing: bool, train_text_encoder: bool) -> None:
+        """Freeze the base model, add the LoRA adapters (float32), set train/eval modes."""
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         self.unet.requires_grad_(False)
@@ -557,11 +566,6 @@ class SDLoRAModule(GeneratorModule):
         self.unet.train()
         self.text_encoder.train(bool(train_text_encoder))
         self.vae.eval()
-        self.weight_dtype = torch.float32
-        # Only the LoRA weights are checkpointed; on_load_checkpoint checks that they are all there.
-        self.strict_loading = False
-        self._class_embeds: torch.Tensor | None = None
-        self.batches_seen = 0
 
     # -- helpers -----------------------------------------------------------------------------
     def lora_parameters(self) -> list[torch.nn.Parameter]:
