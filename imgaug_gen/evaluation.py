@@ -364,7 +364,7 @@ class _ResultCache:
 class _Classifiers:
     """Trains (or reads back) the fixed-recipe classifier of one (shots, subset): every method, every seed,
     scored on the test and validation splits. The teacher of a distilling policy is the same seed's
-    ``real+classical`` classifier, retrained (deterministically) when its result came from the cache."""
+    ``real+classical`` classifier, (re)trained deterministically only when a distilling run is not cached."""
 
     def __init__(self, cache: _ResultCache, recipe: dict, num_classes: int, test, val, shots, data_seed: int):
         self.cache, self.recipe, self.num_classes = cache, recipe, num_classes
@@ -385,9 +385,10 @@ class _Classifiers:
         if synthetic is not None:
             kwargs.update(synthetic=synthetic, policy=policy, train_groups=real[2])
             if policy.distill > 0:
-                teacher = self._teachers.get(seed)
-                require(teacher is not None, "internal: the real+classical teacher must run before distillation")
-                kwargs["teacher_logits"] = predict_logits(teacher, synthetic[0], self.recipe.get("input_size"))
+                if seed not in self._teachers:  # `real` is the real+classical set the teacher learns from
+                    self.run(BASELINE, seed, real, keep_model=True)
+                kwargs["teacher_logits"] = predict_logits(self._teachers[seed], synthetic[0],
+                                                          self.recipe.get("input_size"))
         t0 = time.perf_counter()
         d = train_and_test(real[0], real[1], self.test[0], self.test[1], self.num_classes, int(seed),
                            eval_sets={"val": self.val} if len(self.val[0]) else None, return_details=True,
@@ -407,7 +408,6 @@ def _runs_for_subset(clf: _Classifiers, seeds: list[int], real: tuple, classical
                      wanted: list[str] | None, cas_seeds: int) -> list[dict]:
     """Every (method, seed) row of one (shots, subset), CAS rows included."""
     rows = []
-    distils = any(policies[p].distill > 0 for e in entries.values() for p in e["policies"])
 
     def want(m: str) -> bool:
         return wanted is None or m in wanted
@@ -415,8 +415,8 @@ def _runs_for_subset(clf: _Classifiers, seeds: list[int], real: tuple, classical
     for seed in seeds:
         if want("real"):
             rows.append(clf.run("real", seed, real))
-        if want(BASELINE) or distils:
-            rows.append(clf.run(BASELINE, seed, classical, keep_model=distils))
+        if want(BASELINE) or any(policies[p].distill > 0 for e in entries.values() for p in e["policies"]):
+            rows.append(clf.run(BASELINE, seed, classical))
         for g, info in syn.items():
             for pname in entries[g]["policies"]:
                 m = method_name(g, pname)
