@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+
+from imgaug_gen.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,17 @@ class SampleGridCallback(pl.Callback):
 
 class FidelityCallback(pl.Callback):
     """Validation FID/KID of the (EMA) generator against the real reference images,
-    logged as ``val/fid``, ``val/kid`` every ``every_n_steps`` and at the end."""
+    logged as ``val/fid``, ``val/kid`` every ``every_n_steps`` and at the end.
 
-    def __init__(self, every_n_steps: int = 1000, n_per_class: int = 50, seed: int = 4321, metrics=None):
-        self.every, self.n_per_class, self.seed = every_n_steps, n_per_class, seed
+    ``at_end``: ``auto`` scores the final generator only when the run was at least one interval
+    long (or ``every_n_steps=0``: only at the end), so a short smoke run does not spend minutes on a
+    FID nobody asked for; ``true`` always, ``false`` never."""
+
+    def __init__(self, every_n_steps: int = 1000, n_per_class: int = 50, seed: int = 4321, metrics=None,
+                 at_end: str | bool = "auto"):
+        if at_end not in ("auto", True, False):
+            raise ConfigError(f"`callbacks.fidelity.at_end` = {at_end!r}; allowed: auto, true, false.")
+        self.every, self.n_per_class, self.seed, self.at_end = every_n_steps, n_per_class, seed, at_end
         self.metrics_cfg = metrics or {}
         self.evaluator = None
         self._last = -1
@@ -112,6 +122,7 @@ class FidelityCallback(pl.Callback):
         from imgaug_gen.generators.base import per_image_seeds
 
         self._last = trainer.global_step
+        t0 = time.perf_counter()
         gen = pl_module.to_generator()
         labels = np.repeat(np.arange(gen.num_classes), self.n_per_class)
         seeds = per_image_seeds(self.seed, 0, len(labels))
@@ -132,6 +143,8 @@ class FidelityCallback(pl.Callback):
             order = np.concatenate([p[0] for p in parts])
             feats = torch.cat([p[1] for p in parts])[torch.from_numpy(np.argsort(order, kind="stable"))]
         scores = self.evaluator.evaluate_features(feats)
+        log.info("validation FID %.2f at step %d: %d samples in %.1f s", scores["fid"], trainer.global_step,
+                 len(labels), time.perf_counter() - t0)
         values = {"val/fid": scores["fid"], "val/kid": scores["kid_mean"]}
         self.history.append({"step": trainer.global_step, **values})
         # Lightning logs with the count of batches (not optimiser steps): keep one step axis.
@@ -145,8 +158,13 @@ class FidelityCallback(pl.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.evaluator is not None and trainer.global_step != self._last:
-            self.evaluate(trainer, pl_module)
+        if self.evaluator is None or trainer.global_step == self._last or self.at_end is False:
+            return
+        if self.at_end == "auto" and 0 < self.every and trainer.global_step < self.every:
+            log.info("no end-of-training FID: the run (%d steps) is shorter than callbacks.fidelity.every_n_steps=%d "
+                     "(set callbacks.fidelity.at_end=true to score it)", trainer.global_step, self.every)
+            return
+        self.evaluate(trainer, pl_module)
 
 
 class ExportGeneratorCallback(pl.Callback):

@@ -53,31 +53,18 @@ log = logging.getLogger(__name__)
 __all__ = ["check_evaluate_config", "evaluate", "method_names"]
 
 _ENTRY_SOURCES = ("train", "run_of", "run_dir", "folder")
-_ENTRY_KEYS = {"enabled", "generate", "label", "policies", *_ENTRY_SOURCES}
 _SEED_STRIDE = 1_000_003
 BASELINE = "real+classical"
 
 
 def _entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str, dict]:
-    gens = OmegaConf.to_container(cfg.get("generators") or {}, resolve=True)
-    require(isinstance(gens, dict), "`generators` must be a mapping {name: {train|run_of|run_dir|folder: ..., "
-                                    "generate: [...]}}.")
+    gens = OmegaConf.to_container(cfg.get("generators") or {}, resolve=True)  # typed by schemas.Evaluate
     out = {}
     for name, e in gens.items():
-        if e is None:
+        if e is None or not e.get("enabled", True):
             continue
         where = f"generators.{name}"
-        require(isinstance(e, dict), f"`{where}` must be a mapping, got {e!r}.")
-        unknown = sorted(set(e) - _ENTRY_KEYS)
-        require(not unknown, f"`{where}` has unknown key(s) {unknown}; allowed: {sorted(_ENTRY_KEYS)}.")
-        if not e.get("enabled", True):
-            continue
         given = [k for k in _ENTRY_SOURCES if e.get(k) is not None]
-        require(len(given) == 1, f"`{where}` must give exactly one of {list(_ENTRY_SOURCES)}, got {given or 'none'}.")
-        for key in ("train", "generate"):
-            v = e.get(key)
-            require(v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
-                    f"`{where}.{key}` must be a list of override strings like ['trainer.max_steps=500'], got {v!r}.")
         require("/" not in str(name) and "@" not in str(name) and not str(name).startswith("."),
                 f"`{where}`: the entry name is used as a folder name; use letters, digits, '_' or '-'.")
         pols = e.get("policies")
@@ -115,20 +102,9 @@ def _policies(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def _int_list(cfg: DictConfig, key: str, example: str, allow_none: bool = False) -> list:
-    v = cfg.get(key)
-    vals = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_list(v) else [v]
-    ok = all((x is None and allow_none) or (isinstance(x, int) and not isinstance(x, bool)) for x in vals)
-    require(len(vals) > 0 and ok and len(set(vals)) == len(vals),
-            f"`{key}` = {vals!r}; give a list of distinct ints, e.g. {key}={example}.")
-    return vals
-
-
 def _shots_list(cfg: DictConfig) -> list:
-    shots = _int_list(cfg, "shots", "[5,10]", allow_none=True)
-    require(all(s is None or s > 0 for s in shots),
-            f"`shots` = {shots!r}; give a list of positive ints (null = all training images), e.g. shots=[5,10].")
-    return shots
+    """``shots`` as a list (checked by the schema: distinct positive ints or null = all)."""
+    return list(OmegaConf.to_container(cfg.shots, resolve=True))
 
 
 def _wanted_methods(cfg: DictConfig) -> list[str] | None:
@@ -150,19 +126,14 @@ def method_names(entries: Mapping[str, Mapping]) -> list[str]:
 
 
 def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, Any]]:
-    """Validate an evaluate config; returns the enabled generator entries and the policies."""
+    """Validate an evaluate config (the schema :class:`imgaug_gen.schemas.Evaluate`, then the rules that
+    need the policies, the filesystem or the recipe); returns the enabled generator entries and the policies."""
+    from imgaug_gen.schemas import Evaluate, validate
+
     require(cfg.get("out_dir") not in (None, "", "???"), "`out_dir` is required: python evaluate.py out_dir=EVAL_DIR.")
-    _shots_list(cfg)
-    seeds = _int_list(cfg, "seeds", "[0,1,2,3,4]")
-    if len(seeds) < 3:
-        log.warning("only %d classifier seed(s): the intervals are not meaningful (use seeds=[0,1,2,3,4])", len(seeds))
-    _int_list(cfg, "data_seeds", "[0,1,2]")
-    require(isinstance(cfg.synthetic_copies, int) and cfg.synthetic_copies >= 0,
-            f"`synthetic_copies` = {cfg.synthetic_copies!r}; give an int >= 0.")
-    require(isinstance(cfg.cas_seeds, int) and cfg.cas_seeds >= 0,
-            f"`cas_seeds` = {cfg.cas_seeds!r}; give the number of classifier seeds for the CAS per subset (0 = skip).")
-    require(cfg.selection in ("val", "none"),
-            f"`selection` = {cfg.selection!r}; give val (choose the headline on the validation split) or none.")
+    validate(cfg, Evaluate, "evaluate")
+    if len(cfg.seeds) < 3:
+        log.warning("only %d classifier seed(s): the intervals are not meaningful (use seeds=[0,1,2,3,4])", len(cfg.seeds))
     if cfg.selection == "val":
         vf = cfg.data.get("val_fraction", 0.0)
         require(isinstance(vf, (int, float)) and vf > 0,
@@ -393,7 +364,7 @@ class _ResultCache:
 class _Classifiers:
     """Trains (or reads back) the fixed-recipe classifier of one (shots, subset): every method, every seed,
     scored on the test and validation splits. The teacher of a distilling policy is the same seed's
-    ``real+classical`` classifier, retrained (deterministically) when its result came from the cache."""
+    ``real+classical`` classifier, (re)trained deterministically only when a distilling run is not cached."""
 
     def __init__(self, cache: _ResultCache, recipe: dict, num_classes: int, test, val, shots, data_seed: int):
         self.cache, self.recipe, self.num_classes = cache, recipe, num_classes
@@ -414,9 +385,10 @@ class _Classifiers:
         if synthetic is not None:
             kwargs.update(synthetic=synthetic, policy=policy, train_groups=real[2])
             if policy.distill > 0:
-                teacher = self._teachers.get(seed)
-                require(teacher is not None, "internal: the real+classical teacher must run before distillation")
-                kwargs["teacher_logits"] = predict_logits(teacher, synthetic[0], self.recipe.get("input_size"))
+                if seed not in self._teachers:  # `real` is the real+classical set the teacher learns from
+                    self.run(BASELINE, seed, real, keep_model=True)
+                kwargs["teacher_logits"] = predict_logits(self._teachers[seed], synthetic[0],
+                                                          self.recipe.get("input_size"))
         t0 = time.perf_counter()
         d = train_and_test(real[0], real[1], self.test[0], self.test[1], self.num_classes, int(seed),
                            eval_sets={"val": self.val} if len(self.val[0]) else None, return_details=True,
@@ -436,7 +408,6 @@ def _runs_for_subset(clf: _Classifiers, seeds: list[int], real: tuple, classical
                      wanted: list[str] | None, cas_seeds: int) -> list[dict]:
     """Every (method, seed) row of one (shots, subset), CAS rows included."""
     rows = []
-    distils = any(policies[p].distill > 0 for e in entries.values() for p in e["policies"])
 
     def want(m: str) -> bool:
         return wanted is None or m in wanted
@@ -444,8 +415,8 @@ def _runs_for_subset(clf: _Classifiers, seeds: list[int], real: tuple, classical
     for seed in seeds:
         if want("real"):
             rows.append(clf.run("real", seed, real))
-        if want(BASELINE) or distils:
-            rows.append(clf.run(BASELINE, seed, classical, keep_model=distils))
+        if want(BASELINE) or any(policies[p].distill > 0 for e in entries.values() for p in e["policies"]):
+            rows.append(clf.run(BASELINE, seed, classical))
         for g, info in syn.items():
             for pname in entries[g]["policies"]:
                 m = method_name(g, pname)
@@ -506,11 +477,43 @@ def _select(results: Mapping[str, Mapping[str, dict]]) -> dict | None:
 
 # -- the job ------------------------------------------------------------------------------------------------------
 
+def _evaluate_subset(cfg: DictConfig, entries: dict, policies: dict, shots, data_seed: int, root: Path,
+                     cache: "_ResultCache", recipe: dict, wanted, seeds: list[int]) -> tuple[list, dict, dict]:
+    """One (shots, subset): its real and classical sets, its generators' synthetic sets, every classifier
+    run. Returns the result rows, the generator facts and the dataset facts."""
+    from imgaug_gen.augment.classical import build_augmenter
+
+    # 2. Real subset, its classical copies, the fixed validation and test splits.
+    dm, data = _datamodule(cfg, shots, data_seed)
+    real_x, real_y = dm.train_arrays()
+    test, val = dm.test_arrays(), dm.val_arrays()
+    require(len(test[0]) > 0, "the data has no test split; set `data.test_fraction` > 0.")
+    augmenter = build_augmenter(cfg.augment, real_x.shape[1:])
+    groups = np.arange(len(real_y))
+    ax, ay, ag = _copies(augmenter, real_x, real_y, groups, int(cfg.augment.copies_per_image), data_seed)
+    real = (real_x, real_y, groups)
+    classical = (np.concatenate([real_x, ax]), np.concatenate([real_y, ay]), np.concatenate([groups, ag]))
+    dataset = {"class_names": list(dm.class_names), "n_test": int(len(test[0])), "n_val": int(len(val[0])),
+               "image_shape": list(real_x.shape[1:]), "data": {k: v for k, v in data.items() if k != "seed"}}
+    # 3. Synthetic sets (+ classical copies of each synthetic image, same groups).
+    syn = _synthetic_sets(cfg, entries, shots, data_seed, data, root, dm)
+    for info in syn.values():
+        sx, sy, sg = info["images"], info["labels"], info["groups"]
+        cx, cy, cg = _copies(augmenter, sx, sy, sg, int(cfg.synthetic_copies), data_seed + 1)
+        info["mixed"] = (np.concatenate([sx, cx]), np.concatenate([sy, cy]), np.concatenate([sg, cg]))
+    # 4. Classifier runs.
+    clf = _Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed)
+    rows = _runs_for_subset(clf, seeds, real, classical, syn, entries, policies, wanted, int(cfg.cas_seeds))
+    for info in syn.values():
+        for k in ("images", "labels", "groups", "mixed"):
+            info.pop(k)
+    return rows, syn, dataset
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the downstream evaluation configured by ``conf/evaluate.yaml``; returns the eval.json content."""
     import torch
 
-    from imgaug_gen.augment.classical import build_augmenter
     from imgaug_gen.io import atomic_write_json, atomic_write_text
     from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
 
@@ -536,35 +539,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         rows: list[dict] = []
         generators[str(shots)] = {}
         for data_seed in data_seeds:
-            # 2. Real subset, its classical copies, the fixed validation and test splits.
-            dm, data = _datamodule(cfg, shots, data_seed)
-            real_x, real_y = dm.train_arrays()
-            test, val = dm.test_arrays(), dm.val_arrays()
-            require(len(test[0]) > 0, "the data has no test split; set `data.test_fraction` > 0.")
-            augmenter = build_augmenter(cfg.augment, real_x.shape[1:])
-            groups = np.arange(len(real_y))
-            ax, ay, ag = _copies(augmenter, real_x, real_y, groups, int(cfg.augment.copies_per_image), data_seed)
-            real = (real_x, real_y, groups)
-            classical = (np.concatenate([real_x, ax]), np.concatenate([real_y, ay]), np.concatenate([groups, ag]))
-            dataset = {"class_names": list(dm.class_names), "n_test": int(len(test[0])), "n_val": int(len(val[0])),
-                       "image_shape": list(real_x.shape[1:]),
-                       "data": {k: v for k, v in data.items() if k != "seed"}}
-
-            # 3. Synthetic sets (+ classical copies of each synthetic image, same groups).
-            syn = _synthetic_sets(cfg, entries, shots, data_seed, data, root, dm)
-            for info in syn.values():
-                sx, sy, sg = info["images"], info["labels"], info["groups"]
-                cx, cy, cg = _copies(augmenter, sx, sy, sg, int(cfg.synthetic_copies), data_seed + 1)
-                info["mixed"] = (np.concatenate([sx, cx]), np.concatenate([sy, cy]), np.concatenate([sg, cg]))
-
-            # 4. Classifier runs.
-            clf = _Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed)
-            rows += _runs_for_subset(clf, seeds, real, classical, syn, entries, policies, wanted,
-                                     int(cfg.cas_seeds))
-            for g, info in syn.items():
-                for k in ("images", "labels", "groups", "mixed"):
-                    info.pop(k)
+            subset_rows, subset_gens, dataset = _evaluate_subset(cfg, entries, policies, shots, data_seed, root,
+                                                                 cache, recipe, wanted, seeds)
+            rows += subset_rows
+            for g, info in subset_gens.items():
                 generators[str(shots)].setdefault(g, {})[str(data_seed)] = info
+            n_classes = len(dataset["class_names"])
 
         # 5. Statistics per shots.
         summary = _summarise(rows, seeds)
@@ -578,7 +558,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             g = r.get("gain")
             log.info("shots=%s %-44s test %.2f ± %.2f %%%s", shots, m, 100 * r["mean"], 100 * r["std"],
                      "" if g is None else f"  gain {100 * g['mean']:+.2f} [{100 * g['lo']:+.2f}, {100 * g['hi']:+.2f}]")
-        plot_x[str(shots)] = shots if shots is not None else round(dataset.get("n_train", 0) / len(dm.class_names))
+        plot_x[str(shots)] = shots if shots is not None else round(dataset.get("n_train", 0) / n_classes)
 
     selected = _select(results) if cfg.selection == "val" else None
     out = {

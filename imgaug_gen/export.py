@@ -18,32 +18,18 @@ import collections
 import json
 import os
 import shutil
-import unicodedata
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
 
+from imgaug_gen.data.manifest import MANIFEST, is_kept, load_folder_images, read_manifest  # noqa: F401 (re-exported)
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.io import atomic_save_image, atomic_write_json, atomic_write_text
+from imgaug_gen.io import atomic_save_image, atomic_write_json, atomic_write_text, safe_class_dir
 
 SPLIT = "train"
-MANIFEST = "manifest.jsonl"
 JOB_FILE = "job.json"
-
-
-def safe_class_dir(name: str) -> str:
-    """A class name as a folder name: refuse anything that could leave ``out_dir``."""
-    name = unicodedata.normalize("NFC", str(name))
-    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
-           or name.startswith("."))
-    if bad:
-        raise ConfigError(
-            f"class name {name!r} cannot be a folder name inside `out_dir` (empty, '.', '..', a path "
-            "separator or a leading dot). Rename the class (e.g. in `class_names`) to a plain name."
-        )
-    return name
 
 
 def manifest_shard_name(shard: int, num_shards: int) -> str:
@@ -226,25 +212,3 @@ def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:
     return records
 
 
-def is_kept(record: dict) -> bool:
-    """False for the quality filter's rejected candidates (manifest lines with no file)."""
-    return record.get("kept", True) is not False and bool(record.get("file"))
-
-
-def read_manifest(out_dir: str | os.PathLike, include_rejected: bool = False) -> list[dict]:
-    """The manifest's lines: the images in the folder (and, if asked, the rejected candidates)."""
-    path = Path(out_dir) / MANIFEST
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return records if include_rejected else [r for r in records if is_kept(r)]
-
-
-def load_folder_images(out_dir: str | os.PathLike, records: list[dict]) -> np.ndarray:
-    """uint8 ``[N, H, W, C]`` of the records' image files (all the same size)."""
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    arrays = [np.asarray(Image.open(out_dir / r["file"])) for r in records]
-    if not arrays:
-        return np.zeros((0, 1, 1, 1), np.uint8)
-    a = np.stack(arrays)
-    return a[..., None] if a.ndim == 3 else a

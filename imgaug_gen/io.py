@@ -1,5 +1,6 @@
 """Atomic file writes: everything goes to a temp name in the same folder, then
-``os.replace`` renames it, so a reader (or a killed run) never sees half a file."""
+``os.replace`` renames it, so a reader (or a killed run) never sees half a file;
+and the one rule for turning a class name into a folder name."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import functools
 import json
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
+
+from imgaug_gen.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,8 +61,11 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG") -> None:
-    """Save a uint8 HWC (C = 1 or 3) or HW array as an image, atomically."""
+def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compress_level: int = 1) -> None:
+    """Save a uint8 HWC (C = 1 or 3) or HW array as an image, atomically.
+
+    PNG is lossless at every ``compress_level``: 1 gives the same pixels as PIL's default 6 at a
+    fraction of the encoding time (files somewhat larger), which is what a generation job waits on."""
     from PIL import Image
 
     import numpy as np
@@ -67,4 +74,18 @@ def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG") -> No
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format=format)
+        kwargs = {"compress_level": int(compress_level)} if format.upper() == "PNG" else {}
+        Image.fromarray(array).save(tmp, format=format, **kwargs)
+
+
+def safe_class_dir(name: str) -> str:
+    """A class name as a folder name: refuse anything that could leave ``out_dir``."""
+    name = unicodedata.normalize("NFC", str(name))
+    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
+           or name.startswith("."))
+    if bad:
+        raise ConfigError(
+            f"class name {name!r} cannot be a folder name inside `out_dir` (empty, '.', '..', a path "
+            "separator or a leading dot). Rename the class (e.g. in `class_names`) to a plain name."
+        )
+    return name

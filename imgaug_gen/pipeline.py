@@ -52,98 +52,33 @@ class Item:
 
 # -- 1. check ------------------------------------------------------------------------
 def _mix_sources(cfg: DictConfig) -> list[dict]:
-    """``mix.sources`` as plain dicts (default: ``[{mode: <mode>, fraction: 1.0}]``)."""
-    mix = cfg.get("mix")
-    sources = mix.get("sources") if mix is not None else None
-    if sources is None:
-        return [{"mode": str(cfg.mode), "fraction": 1.0}]
-    if OmegaConf.is_config(sources):
-        sources = OmegaConf.to_container(sources, resolve=True)
-    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
-        raise ConfigError(f"`mix.sources` = {sources!r}; give a list of {{mode: sample|img2img, fraction: f}}.")
-    return [dict(s) for s in sources]
+    """``mix.sources`` as plain dicts (the YAML default: ``[{mode: <mode>, fraction: 1.0}]``)."""
+    return [dict(s) for s in OmegaConf.to_container(cfg.mix.sources, resolve=True)]
 
 
 def _filter_cfg(cfg: DictConfig) -> dict:
-    f = cfg.get("filter")
-    return dict(OmegaConf.to_container(f, resolve=True)) if f is not None else {"enabled": False}
+    return dict(OmegaConf.to_container(cfg.filter, resolve=True))
 
 
 def check_generate_config(cfg: DictConfig):
-    """Validate ``cfg``; return the classical augmenter (or None) so a bad transform fails here."""
+    """Validate ``cfg`` (the schema :class:`imgaug_gen.schemas.Generate`, then the facts only the
+    filesystem knows); return the classical augmenter (or None) so a bad transform fails here."""
+    from imgaug_gen.augment.classical import build_augmenter
+    from imgaug_gen.schemas import Generate, validate
+
     for key in ("run_dir", "out_dir"):
         if cfg.get(key) in (None, "", "???"):
             raise ConfigError(f"`{key}` is required: python generate.py run_dir=RUN out_dir=OUT ...")
+    validate(cfg, Generate, "generate")
     if not Path(cfg.run_dir).is_dir():
         raise ConfigError(f"`run_dir` = {cfg.run_dir!r} is not a folder; pass the folder train.py wrote.")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"`mode` = {cfg.mode!r}; allowed: {list(MODES)}.")
-    if cfg.n_per_class < 0:
-        raise ConfigError(f"`n_per_class` = {cfg.n_per_class}; give a count >= 0.")
-    if not (cfg.num_shards >= 1 and 0 <= cfg.shard < cfg.num_shards):
-        raise ConfigError(f"`shard` = {cfg.shard}, `num_shards` = {cfg.num_shards}: need 0 <= shard < num_shards.")
-    sources = _mix_sources(cfg)
-    if not sources:
-        raise ConfigError("`mix.sources` is empty; give e.g. [{mode: sample, fraction: 1.0}].")
-    for j, s in enumerate(sources):
-        if s.get("mode") not in MODES:
-            raise ConfigError(f"`mix.sources[{j}].mode` = {s.get('mode')!r}; allowed: {list(MODES)}.")
-        fr = s.get("fraction")
-        if not isinstance(fr, (int, float)) or isinstance(fr, bool) or fr < 0:
-            raise ConfigError(f"`mix.sources[{j}].fraction` = {fr!r}; give a number >= 0.")
-    if len({s["mode"] for s in sources}) != len(sources):
-        raise ConfigError(f"`mix.sources` = {sources} names a mode twice; give each mode once.")
-    if abs(sum(float(s["fraction"]) for s in sources) - 1.0) > 1e-6:
-        raise ConfigError(f"`mix.sources` fractions sum to {sum(float(s['fraction']) for s in sources)}; "
-                          "they must sum to 1.")
-    mix = cfg.get("mix") or {}
-    ratio, target = mix.get("synthetic_ratio"), mix.get("target_per_class")
-    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio < 0):
-        raise ConfigError(f"`mix.synthetic_ratio` = {ratio!r}; give a number >= 0 or null.")
-    if target is not None and (not isinstance(target, int) or isinstance(target, bool) or target < 0):
-        raise ConfigError(f"`mix.target_per_class` = {target!r}; give an int >= 0 or null.")
-    if ratio is not None and target is not None:
-        raise ConfigError(f"`mix.synthetic_ratio` = {ratio} and `mix.target_per_class` = {target} are both set; "
-                          "set one of them (the other null).")
-    if any(s["mode"] == "img2img" for s in sources):
-        s = list(cfg.img2img.strengths)
-        if not s or min(s) <= 0 or max(s) > 1:
-            raise ConfigError(f"`img2img.strengths` = {s}; give values in (0, 1].")
-        if cfg.img2img.edits_per_image < 1:
-            raise ConfigError(f"`img2img.edits_per_image` = {cfg.img2img.edits_per_image}; give a count >= 1.")
-        _blend_range(cfg)
-    f = _filter_cfg(cfg)
-    if f.get("enabled"):
-        mf = f.get("max_factor", 3.0)
-        if not isinstance(mf, (int, float)) or isinstance(mf, bool) or mf < 1:
-            raise ConfigError(f"`filter.max_factor` = {mf!r}; give a number >= 1 (1 = no over-generation).")
-        tau, delta = f.get("tau"), f.get("delta")
-        if tau is not None and (not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
-            raise ConfigError(f"`filter.tau` = {tau!r}; give a number in [0, 1] or null to disable.")
-        if not (delta is None or delta == "auto" or (isinstance(delta, (int, float)) and 0 <= delta <= 2)):
-            raise ConfigError(f"`filter.delta` = {delta!r}; give a distance in [0, 2], 'auto' or null to disable.")
-        if f.get("metric", "cosine") not in ("cosine", "l2"):
-            raise ConfigError(f"`filter.metric` = {f.get('metric')!r}; allowed: ['cosine', 'l2'].")
-        if f.get("space", "features") not in ("features", "pixels"):
-            raise ConfigError(f"`filter.space` = {f.get('space')!r}; allowed: ['features', 'pixels'].")
-        if f.get("classifier_data", "train") not in ("train", "reference"):
-            raise ConfigError(f"`filter.classifier_data` = {f.get('classifier_data')!r}; allowed: ['train', 'reference'].")
-    from imgaug_gen.augment.classical import build_augmenter
-
     return build_augmenter(cfg.get("augment"))
 
 
 def _blend_range(cfg: DictConfig) -> tuple[float, float] | None:
-    """``img2img.blend`` as ``(lo, hi)`` with ``0 <= lo <= hi <= 1``, or None (plain edits)."""
+    """``img2img.blend`` as ``(lo, hi)`` (checked by the schema), or None (plain edits)."""
     b = cfg.img2img.get("blend")
-    if b is None:
-        return None
-    b = list(b) if isinstance(b, Sequence) or OmegaConf.is_list(b) else [b]
-    if len(b) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b) \
-            or not 0 <= b[0] <= b[1] <= 1:
-        raise ConfigError(f"`img2img.blend` = {b!r}; give null (plain edits) or [lo, hi] with 0 <= lo <= hi <= 1, "
-                          "e.g. [0.3, 0.7]: the weight of the edited image in its blend with another of its class.")
-    return float(b[0]), float(b[1])
+    return None if b is None else (float(b[0]), float(b[1]))
 
 
 def _generator_dir(run_dir: Path) -> Path:
@@ -225,7 +160,7 @@ def synthetic_counts(cfg: DictConfig, num_classes: int, real_labels: np.ndarray)
 
 def _candidates(n: int, cfg: DictConfig) -> int:
     f = _filter_cfg(cfg)
-    return int(math.ceil(n * float(f.get("max_factor", 3.0)) - 1e-9)) if f.get("enabled") else int(n)
+    return int(math.ceil(n * float(f["max_factor"]) - 1e-9)) if f["enabled"] else int(n)
 
 
 def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_ids: list[str],
@@ -331,8 +266,9 @@ def _base_record(it: Item, gen, generator_info: dict, real_records: list[dict]) 
     if it.partner_index is not None:
         rec["blend"] = it.blend
         rec["partner_id"] = real_records[it.partner_index]["id"]
-    if it.source == "synthetic" and hasattr(gen, "prompt_for"):
-        rec["prompt"] = gen.prompt_for(it.label)
+    prompt = gen.prompt_for(it.label) if it.source == "synthetic" else None
+    if prompt is not None:
+        rec["prompt"] = prompt
     if it.real_index is not None:
         src = real_records[it.real_index]
         rec["source_id"] = src["id"]
@@ -381,178 +317,260 @@ def launcher_shard(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+@dataclass
+class ShardPlan:
+    """This shard's share of the job: plain items (real copies, unfiltered synthetic images) and,
+    with the filter on, whole (class, source) candidate groups with their targets."""
+
+    items: list[Item]  # the whole job's plan (every shard's)
+    plain: list[Item]
+    groups: dict[tuple[int, str], list[Item]]
+    targets: dict[tuple[int, str], int]
+    counts: dict[int, dict[str, int]]
+
+    @property
+    def mine(self) -> list[Item]:
+        return self.plain + [it for g in self.groups.values() for it in g]
+
+
+@dataclass
+class Scorers:
+    scorer: Any = None  # per-image confidence + FID/KID features (score=true)
+    confidence: Any = None  # the domain classifier behind per-image confidence
+    quality_filter: Any = None
+    filter_images: int = 0  # images the filter's classifier learnt from
+
+
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run a generation job as configured; returns the metrics dict (also in metrics.json)."""
-    from tqdm.auto import tqdm
+    import torch
 
-    from imgaug_gen.export import FolderWriter, is_kept, merge_manifests, read_manifest
+    from imgaug_gen.export import FolderWriter
     from imgaug_gen.generators.base import load_generator, read_run_config
-    from imgaug_gen.io import atomic_write_json, atomic_write_text
 
     # 1. Check inputs (and build the classical augmenter: a bad transform fails here).
     cfg = launcher_shard(cfg)
     augmenter = check_generate_config(cfg)
-    fcfg = _filter_cfg(cfg)
-    filtering = bool(fcfg.get("enabled"))
-    run_dir, out_dir = Path(cfg.run_dir), Path(cfg.out_dir)
-    gen_dir = _generator_dir(run_dir)
+    gen_dir = _generator_dir(Path(cfg.run_dir))
     gen_config = read_run_config(gen_dir)  # kind and format version, before loading weights
-
     # 2. Load the generator (denormal floats flushed: see training.py).
-    import torch
-
     torch.set_flush_denormal(True)
     gen = load_generator(gen_dir, device=_device(cfg.device))
     if any(s["mode"] == "img2img" for s in _mix_sources(cfg)) and not gen.supports_edit:
         gen.edit(np.zeros((0, 1, 1, 1), np.uint8), [])  # raises the kind's clear error
-
     # 3. Rebuild the real data.
     dm = rebuild_datamodule(gen_config, cfg.get("data"))
-    real_images, real_labels = dm.train_arrays()
-    real_records = dm.train_records()
-    real_ids = [r["id"] for r in real_records]
+    real = RealData(*dm.train_arrays(), dm.train_records())
     if augmenter is not None:
-        augmenter.check(real_images.shape[1:])
+        augmenter.check(real.images.shape[1:])
+    # 4. Plan this shard; 5. open the folder under the job record (refusing another job's folder).
+    plan = plan_shard(cfg, gen, real, augmenter)
+    writer = FolderWriter(Path(cfg.out_dir), gen.class_names, job_record(cfg, gen, gen_dir, plan, augmenter),
+                          overwrite=cfg.overwrite, shard=cfg.shard, num_shards=cfg.num_shards,
+                          io_workers=int(cfg.io_workers))
+    writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in plan.mine)
+    # 6. Scorers: per-image confidence, the quality filter, FID/KID at the end.
+    scorers = build_scorers(cfg, dm, real)
+    # 7. Generate and write: plain items, then filtered candidates until each target is met.
+    t0 = time.perf_counter()
+    with writer, _progress(cfg, writer, plan) as bar:
+        written = write_items(cfg, gen, real, plan, writer, scorers, augmenter, bar)
+        written += write_filtered_items(cfg, gen, real, plan, writer, scorers, augmenter, bar)
+    metrics: dict[str, Any] = {"images_written_now": written, "seconds": round(time.perf_counter() - t0, 3)}
+    metrics["images_per_second"] = round(written / metrics["seconds"], 2) if metrics["seconds"] > 0 else None
+    # 8. The last shard to finish merges the manifests; 9. it scores the folder and writes the report.
+    if not finish_shards(cfg, plan):
+        return metrics
+    return write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics)
 
-    # 4. Plan: ids and seeds fixed by the config; this shard's share; skip what is done.
-    counts = synthetic_counts(cfg, gen.num_classes, real_labels)
-    real_counts = np.bincount(np.asarray(real_labels, dtype=np.int64), minlength=gen.num_classes)
+
+@dataclass
+class RealData:
+    images: np.ndarray
+    labels: np.ndarray
+    records: list[dict]
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.records]
+
+
+def plan_shard(cfg: DictConfig, gen, real: RealData, augmenter) -> ShardPlan:
+    """Every planned item (ids and seeds fixed by the config) and this shard's share of them. With the
+    filter, whole (class, source) candidate groups go to one shard, which keeps the first n accepted."""
+    counts = synthetic_counts(cfg, gen.num_classes, real.labels)
+    real_counts = np.bincount(np.asarray(real.labels, dtype=np.int64), minlength=gen.num_classes)
     for c, name in enumerate(gen.class_names):
         log.info("class %s: %d real, synthetic %s", name, int(real_counts[c]), counts[c])
-    items = plan_items(cfg, gen.num_classes, real_labels, real_ids, augmenter)
+    items = plan_items(cfg, gen.num_classes, real.labels, real.ids, augmenter)
     targets = {(c, m): n for c, per in counts.items() for m, n in per.items()}
-    if filtering:
-        # whole (class, source) candidate groups per shard, so each shard keeps the first n accepted in order
-        groups: dict[tuple[int, str], list[Item]] = {}
-        for it in items:
-            if it.source == "synthetic":
-                groups.setdefault((it.label, it.mode), []).append(it)
-        group_keys = sorted(groups, key=lambda k: (k[0], MODES.index(k[1])))
-        my_groups = {k: groups[k] for g, k in enumerate(group_keys) if g % cfg.num_shards == cfg.shard}
-        plain = [it for it in items if it.source != "synthetic"][cfg.shard::cfg.num_shards]
-        mine = plain + [it for g in my_groups.values() for it in g]
-    else:
-        my_groups = {}
-        mine = items[cfg.shard::cfg.num_shards]
-        plain = mine
-    job = {"run_dir": str(run_dir.resolve()), "generator": generator_fingerprint(gen_dir), "kind": gen.kind,
-           "mode": cfg.mode, "seed": int(cfg.seed),
-           "n_per_class": int(cfg.n_per_class), "include_real": bool(cfg.include_real),
-           "img2img": OmegaConf.to_container(cfg.img2img, resolve=True), "num_shards": int(cfg.num_shards),
-           "num_items": len(items), "augment": augmenter.to_dict() if augmenter is not None else None,
-           "mix": {"synthetic_ratio": (cfg.get("mix") or {}).get("synthetic_ratio"),
-                   "target_per_class": (cfg.get("mix") or {}).get("target_per_class"),
-                   "sources": _mix_sources(cfg)},
-           "filter": fcfg if filtering else None}
-    writer = FolderWriter(out_dir, gen.class_names, job, overwrite=cfg.overwrite,
-                             shard=cfg.shard, num_shards=cfg.num_shards, io_workers=int(cfg.io_workers))
-    writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in mine)
-    todo = [it for it in plain if it.id not in writer.records]
-    log.info("%d images planned for this shard, %d already written, %d to go", len(plain),
-             len(plain) - len(todo), len(todo))
+    if not _filter_cfg(cfg).get("enabled"):
+        return ShardPlan(items, items[cfg.shard::cfg.num_shards], {}, targets, counts)
+    groups: dict[tuple[int, str], list[Item]] = {}
+    for it in items:
+        if it.source == "synthetic":
+            groups.setdefault((it.label, it.mode), []).append(it)
+    keys = sorted(groups, key=lambda k: (k[0], MODES.index(k[1])))
+    mine = {k: groups[k] for g, k in enumerate(keys) if g % cfg.num_shards == cfg.shard}
+    plain = [it for it in items if it.source != "synthetic"][cfg.shard::cfg.num_shards]
+    return ShardPlan(items, plain, mine, targets, counts)
 
-    # 5. Scorer: per-image confidence of the intended label, the quality filter, FID/KID at the end.
-    scorer = confidence = qf = None
-    if cfg.score or filtering:
-        from imgaug_gen.metrics import build_feature_extractor
 
-        ref_images, ref_labels = dm.reference_arrays()
-        scorer = build_feature_extractor(cfg.metrics, ref_images, ref_labels, dm.num_classes)
-        confidence = scorer if hasattr(scorer, "predict_proba") else build_feature_extractor(
-            {**OmegaConf.to_container(cfg.metrics, resolve=True), "features": "domain"},
-            ref_images, ref_labels, dm.num_classes)
-    if filtering:
+def job_record(cfg: DictConfig, gen, gen_dir: Path, plan: ShardPlan, augmenter) -> dict:
+    """What makes this job this job (job.json): a folder holding another job's output is refused."""
+    fcfg, mix = _filter_cfg(cfg), cfg.get("mix") or {}
+    return {"run_dir": str(Path(cfg.run_dir).resolve()), "generator": generator_fingerprint(gen_dir),
+            "kind": gen.kind, "mode": cfg.mode, "seed": int(cfg.seed), "n_per_class": int(cfg.n_per_class),
+            "include_real": bool(cfg.include_real), "img2img": OmegaConf.to_container(cfg.img2img, resolve=True),
+            "num_shards": int(cfg.num_shards), "num_items": len(plan.items),
+            "augment": augmenter.to_dict() if augmenter is not None else None,
+            "mix": {"synthetic_ratio": mix.get("synthetic_ratio"), "target_per_class": mix.get("target_per_class"),
+                    "sources": _mix_sources(cfg)},
+            "filter": fcfg if fcfg.get("enabled") else None}
+
+
+def build_scorers(cfg: DictConfig, dm, real: RealData) -> Scorers:
+    """The domain classifier for per-image confidence and FID/KID (``score``), and the quality filter."""
+    fcfg = _filter_cfg(cfg)
+    out = Scorers()
+    if not (cfg.score or fcfg.get("enabled")):
+        return out
+    from imgaug_gen.metrics import build_feature_extractor
+
+    domain = {**OmegaConf.to_container(cfg.metrics, resolve=True), "features": "domain"}
+    ref_images, ref_labels = dm.reference_arrays()
+    out.scorer = build_feature_extractor(cfg.metrics, ref_images, ref_labels, dm.num_classes)
+    out.confidence = (out.scorer if hasattr(out.scorer, "predict_proba")
+                      else build_feature_extractor(domain, ref_images, ref_labels, dm.num_classes))
+    if fcfg.get("enabled"):
         from imgaug_gen.filtering import QualityFilter
 
-        filter_images = len(ref_images)
-        if fcfg.get("classifier_data", "train") == "train":
-            filter_images = len(real_images)
+        confidence, out.filter_images = out.confidence, len(ref_images)
+        if fcfg["classifier_data"] == "train":
             # The filter shapes the training data, so it may only learn from the images the user
             # trains on (with data.shots set, the reference set holds labels a few-shot user lacks).
-            confidence = build_feature_extractor(
-                {**OmegaConf.to_container(cfg.metrics, resolve=True), "features": "domain"},
-                real_images, real_labels, dm.num_classes)
-        qf = QualityFilter(confidence, real_images, tau=fcfg.get("tau"), delta=fcfg.get("delta", "auto"),
-                           metric=fcfg.get("metric", "cosine"), space=fcfg.get("space", "features"))
+            out.filter_images = len(real.images)
+            confidence = build_feature_extractor(domain, real.images, real.labels, dm.num_classes)
+        out.quality_filter = QualityFilter(confidence, real.images, tau=fcfg["tau"], delta=fcfg["delta"],
+                                           metric=fcfg["metric"], space=fcfg["space"])
     if not cfg.score:
-        scorer = None  # the filter's extractor only; no per-image confidence / FID for unfiltered images
+        out.scorer = None  # the filter's extractor only; no per-image confidence / FID for unfiltered images
+    return out
 
-    # 6.-7. Generate (or copy) and write, batch by batch.
-    t0 = time.perf_counter()
-    written = 0
-    generator_info = {"kind": gen.kind, "run_dir": str(run_dir.resolve())}
-    to_go = len(todo) + sum(max(0, targets.get(k, 0) - sum(1 for it in g if writer.records.get(it.id, {}).get("kept")))
-                            for k, g in my_groups.items())
-    with writer, tqdm(total=to_go, desc=f"generate ({cfg.mode})", unit="img", dynamic_ncols=True,
-                      disable=not cfg.progress) as bar:
-        for batch in _batches(todo, int(cfg.batch_size)):
-            by_mode: dict[str, list[Item]] = {}
-            for it in batch:
-                by_mode.setdefault(it.mode, []).append(it)
-            for group in by_mode.values():
-                images = _render(gen, group, real_images, cfg)
-                conf = (confidence.predict_proba(images)[np.arange(len(group)), [it.label for it in group]]
-                        if scorer is not None else None)
-                for k, (it, img) in enumerate(zip(group, images)):
-                    rec = _base_record(it, gen, generator_info, real_records)
-                    if conf is not None:
-                        rec["scores"] = {"confidence": float(conf[k])}
+
+def _progress(cfg: DictConfig, writer, plan: ShardPlan):
+    from tqdm.auto import tqdm
+
+    kept = lambda g: sum(1 for it in g if writer.records.get(it.id, {}).get("kept"))  # noqa: E731
+    todo = sum(1 for it in plan.plain if it.id not in writer.records)
+    log.info("%d images planned for this shard, %d already written, %d to go", len(plan.plain),
+             len(plan.plain) - todo, todo)
+    total = todo + sum(max(0, plan.targets.get(k, 0) - kept(g)) for k, g in plan.groups.items())
+    return tqdm(total=total, desc=f"generate ({cfg.mode})", unit="img", dynamic_ncols=True, disable=not cfg.progress)
+
+
+def _generator_info(cfg: DictConfig, gen) -> dict:
+    return {"kind": gen.kind, "run_dir": str(Path(cfg.run_dir).resolve())}
+
+
+def write_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, writer, scorers: Scorers, augmenter,
+                bar) -> int:
+    """Generate (or copy) the plain items not yet in the folder, batch by batch; returns how many."""
+    todo = [it for it in plan.plain if it.id not in writer.records]
+    info, written = _generator_info(cfg, gen), 0
+    for batch in _batches(todo, int(cfg.batch_size)):
+        by_mode: dict[str, list[Item]] = {}
+        for it in batch:
+            by_mode.setdefault(it.mode, []).append(it)
+        for group in by_mode.values():
+            images = _render(gen, group, real.images, cfg)
+            conf = (scorers.confidence.predict_proba(images)[np.arange(len(group)), [it.label for it in group]]
+                    if scorers.scorer is not None else None)
+            for k, (it, img) in enumerate(zip(group, images)):
+                rec = _base_record(it, gen, info, real.records)
+                if conf is not None:
+                    rec["scores"] = {"confidence": float(conf[k])}
+                writer.write(rec, _augment(augmenter, it, img, rec))
+                written += 1
+            bar.update(len(group))
+    return written
+
+
+def write_filtered_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, writer, scorers: Scorers,
+                         augmenter, bar) -> int:
+    """Each (class, source) group's candidates in plan order until ``n`` pass the filter: the first n
+    accepted (resumable: the manifest records rejected candidates too). Returns how many were kept."""
+    from imgaug_gen.filtering import QualityFilter, overgenerate_plan, select_accepted
+
+    qf, max_factor = scorers.quality_filter, float(_filter_cfg(cfg)["max_factor"])
+    info, written = _generator_info(cfg, gen), 0
+    for key, cands in plan.groups.items():
+        n = plan.targets.get(key, 0)
+        accepted = sum(1 for it in cands if writer.records.get(it.id, {}).get("kept", False))
+        pending = [it for it in cands if it.id not in writer.records]
+        done_n = len(cands) - len(pending)
+        while accepted < n and pending:
+            est = max(accepted / done_n if done_n else 1.0, 1.0 / max_factor)
+            size = min(len(pending), int(cfg.batch_size), overgenerate_plan(n - accepted, est, max_factor, margin=0.0))
+            chunk, pending = pending[:size], pending[size:]
+            images = _render(gen, chunk, real.images, cfg)
+            labels = np.asarray([it.label for it in chunk])
+            scores = qf.score(images, labels)
+            chosen = set(select_accepted(qf.keep(scores), labels, n - accepted).tolist())
+            last = max(chosen) if len(chosen) == n - accepted else len(chunk) - 1  # stop at the n-th accepted
+            for k, (it, img) in enumerate(zip(chunk[:last + 1], images)):
+                rec = _base_record(it, gen, info, real.records)
+                rec["scores"] = QualityFilter.record(scores, k)
+                done_n += 1
+                if k in chosen:
+                    rec["kept"] = True
                     writer.write(rec, _augment(augmenter, it, img, rec))
-                    written += 1
-                bar.update(len(group))
-        # Filtered synthetic images: candidates in plan order until `n` pass (first n accepted, resumable).
-        for key, cands in my_groups.items():
-            n = targets.get(key, 0)
-            accepted = sum(1 for it in cands if writer.records.get(it.id, {}).get("kept", False))
-            pending = [it for it in cands if it.id not in writer.records]
-            done_n = len(cands) - len(pending)
-            while accepted < n and pending:
-                est = max(accepted / done_n if done_n else 1.0, 1.0 / float(fcfg.get("max_factor", 3.0)))
-                size = min(len(pending), int(cfg.batch_size), max(1, math.ceil((n - accepted) / est)))
-                chunk, pending = pending[:size], pending[size:]
-                images = _render(gen, chunk, real_images, cfg)
-                scores = qf.score(images, np.asarray([it.label for it in chunk]))
-                keep = qf.keep(scores)
-                for k, (it, img) in enumerate(zip(chunk, images)):
-                    if accepted >= n:
-                        break
-                    rec = _base_record(it, gen, generator_info, real_records)
-                    rec["scores"] = QualityFilter.record(scores, k)
-                    done_n += 1
-                    if keep[k]:
-                        rec["kept"] = True
-                        writer.write(rec, _augment(augmenter, it, img, rec))
-                        accepted += 1
-                        written += 1
-                        bar.update(1)
-                    else:
-                        writer.write_rejected(rec)
-            if accepted < n:
-                log.warning("filter: class %s (%s) has %d of %d images after %d candidates "
-                            "(raise `filter.max_factor` or relax `filter.tau` / `filter.delta`)",
-                            gen.class_names[key[0]], key[1], accepted, n, len(cands))
-    elapsed = time.perf_counter() - t0
+                    bar.update(1)
+                else:
+                    writer.write_rejected(rec)
+            accepted += len(chosen)
+            written += len(chosen)
+        if accepted < n:
+            log.warning("filter: class %s (%s) has %d of %d images after %d candidates "
+                        "(raise `filter.max_factor` or relax `filter.tau` / `filter.delta`)",
+                        gen.class_names[key[0]], key[1], accepted, n, len(cands))
+    return written
 
-    # 8. Score the whole folder, write metrics.json, preview and config.
-    metrics: dict[str, Any] = {"images_written_now": written, "seconds": round(elapsed, 3),
-                               "images_per_second": round(written / elapsed, 2) if elapsed > 0 else None}
-    if cfg.num_shards > 1:
-        # A shard marks itself done; whichever shard finishes last merges the manifests and scores.
-        atomic_write_json(out_dir / f"shard{cfg.shard:03d}-of-{cfg.num_shards:03d}.done", {"items": len(mine)})
-        if not all((out_dir / f"shard{s:03d}-of-{cfg.num_shards:03d}.done").is_file() for s in range(cfg.num_shards)):
-            return metrics
-        merge_manifests(out_dir, cfg.num_shards)
+
+def finish_shards(cfg: DictConfig, plan: ShardPlan) -> bool:
+    """A shard marks itself done; True for whichever finishes last (it merges the manifests)."""
+    from imgaug_gen.export import merge_manifests
+    from imgaug_gen.io import atomic_write_json
+
+    if cfg.num_shards == 1:
+        return True
+    out_dir = Path(cfg.out_dir)
+    atomic_write_json(out_dir / f"shard{cfg.shard:03d}-of-{cfg.num_shards:03d}.done", {"items": len(plan.mine)})
+    if not all((out_dir / f"shard{s:03d}-of-{cfg.num_shards:03d}.done").is_file() for s in range(cfg.num_shards)):
+        return False
+    merge_manifests(out_dir, cfg.num_shards)
+    return True
+
+
+def write_report(cfg: DictConfig, gen, dm, real: RealData, plan: ShardPlan, scorers: Scorers, augmenter,
+                 metrics: dict) -> dict:
+    """Score the whole folder; write metrics.json, config.yaml and preview.png; return the metrics."""
+    from imgaug_gen.export import is_kept, read_manifest
+    from imgaug_gen.io import atomic_write_json, atomic_write_text
+
+    out_dir = Path(cfg.out_dir)
     all_records = read_manifest(out_dir, include_rejected=True)
     records = [r for r in all_records if is_kept(r)]
-    metrics.update(score_folder(out_dir, records, gen.class_names, scorer, dm if scorer is not None else None,
-                                k=int(cfg.get("precision_recall_k", 3) or 3),
-                                max_images=cfg.get("score_max_images")))
-    metrics["planned"] = {name: {"real": int(real_counts[c]) if cfg.include_real else 0, **counts[c]}
+    metrics.update(score_folder(out_dir, records, gen.class_names, scorers.scorer,
+                                dm if scorers.scorer is not None else None,
+                                k=int(cfg.get("precision_recall_k", 3) or 3), max_images=cfg.get("score_max_images")))
+    real_counts = np.bincount(np.asarray(real.labels, dtype=np.int64), minlength=gen.num_classes)
+    metrics["planned"] = {name: {"real": int(real_counts[c]) if cfg.include_real else 0, **plan.counts[c]}
                           for c, name in enumerate(gen.class_names)}
-    if filtering:
-        metrics["filter"] = filter_summary(all_records, qf, gen.class_names, targets)
-        metrics["filter"]["classifier_data"] = fcfg.get("classifier_data", "train")
-        metrics["filter"]["classifier_images"] = filter_images
+    if scorers.quality_filter is not None:
+        metrics["filter"] = filter_summary(all_records, scorers.quality_filter, gen.class_names, plan.targets)
+        metrics["filter"]["classifier_data"] = _filter_cfg(cfg)["classifier_data"]
+        metrics["filter"]["classifier_images"] = scorers.filter_images
     for name in gen.class_names:
         log.info("class %s: %s", name, metrics["counts_by_mode"][name])
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -570,8 +588,6 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
 def filter_summary(records: list[dict], qf, class_names: list[str], targets: dict) -> dict:
     """Acceptance per class and overall, memorisation rate and shortfalls, from the manifest's candidate lines."""
-    from imgaug_gen.filtering import summarise
-
     cands = [r for r in records if "kept" in r and r.get("source") == "synthetic"]
     labels = np.asarray([r["label"] for r in cands], dtype=np.int64)
     keep = np.asarray([bool(r["kept"]) for r in cands], dtype=bool)
@@ -579,9 +595,7 @@ def filter_summary(records: list[dict], qf, class_names: list[str], targets: dic
     for key in ("confidence", "nearest_real_distance"):
         if cands and all(key in r.get("scores", {}) for r in cands):
             scores[key] = np.asarray([r["scores"][key] for r in cands], dtype=np.float64)
-    out = summarise(scores, keep, labels, class_names, tau=qf.tau, delta=qf.delta)
-    out.update({"metric": qf.metric, "space": qf.space,
-                "features": getattr(qf.extractor, "name", None) if qf.space == "features" else "pixels"})
+    out = qf.summarise(scores, keep, labels, class_names)
     short = {}
     for c, name in enumerate(class_names):
         want = sum(n for (cc, _), n in targets.items() if cc == c)

@@ -17,29 +17,30 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from imgaug_gen.config import instantiate_checked
+from imgaug_gen.loggers import TrimLogOnResume
 from imgaug_gen.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Checks that need no data or model: run before anything heavy."""
+    """Checks that need no data or model (the schema :class:`imgaug_gen.schemas.Train`, then the files):
+    run before anything heavy."""
+    from imgaug_gen.schemas import Train, validate
+
     if cfg.get("run_dir") in (None, ""):
         raise ConfigError("`run_dir` is not set; pass `run_dir=PATH` (train.py sets it to the Hydra run folder).")
+    validate(cfg, Train, "train")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(ckpt).is_file():
         raise ConfigError(f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "
                           "to resume, or leave `ckpt_path` unset to start fresh.")
-    if cfg.trainer.get("max_steps", -1) in (None, 0):
-        raise ConfigError(f"`trainer.max_steps` = {cfg.trainer.max_steps!r}; give a positive number of steps.")
 
 
 def _instantiate_all(node, **kwargs) -> list:
-    from hydra.utils import instantiate
-
     if node is None:
         return []
-    return [instantiate(c, **kwargs) for c in node.values() if c is not None and "_target_" in c]
+    return [instantiate_checked(c, **kwargs) for c in node.values() if c is not None and "_target_" in c]
 
 
 def _build_loggers(cfg: DictConfig) -> list:
@@ -64,8 +65,14 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, dm) -> Any:
-    return instantiate_checked(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
-                               image_shape=list(dm.image_shape), _convert_="all")
+    from imgaug_gen.generators.module import GeneratorModule
+
+    module = instantiate_checked(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
+                                 image_shape=list(dm.image_shape), _convert_="all")
+    if not isinstance(module, GeneratorModule):
+        raise ConfigError(f"`model._target_` = {cfg.model.get('_target_')!r} builds a {type(module).__name__}, not an "
+                          "imgaug_gen.generators.GeneratorModule; subclass it (README: Add a generator kind).")
+    return module
 
 
 # Lightning notices that are expected here and only add noise to every run's log.
@@ -103,12 +110,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not any(isinstance(c, ExportGeneratorCallback) for c in callbacks):
         callbacks.append(ExportGeneratorCallback(str(run_dir / "generator"), every_n_steps=0))
+    callbacks.append(TrimLogOnResume())
     extra = {"run_dir": str(run_dir.resolve()), "data": OmegaConf.to_container(cfg.data, resolve=True)}
     for c in callbacks:
         if isinstance(c, ExportGeneratorCallback):
             c.extra.update(extra)
     extra_trainer: dict[str, Any] = {}
-    if cfg.trainer.get("strategy") == "ddp" and getattr(module, "ddp_find_unused_parameters", False):
+    if cfg.trainer.get("strategy") == "ddp" and module.ddp_find_unused_parameters:
         extra_trainer["strategy"] = "ddp_find_unused_parameters_true"
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False,
                                       **extra_trainer)

@@ -101,19 +101,11 @@ def _optimiser_steps_per_batch(rows: list[dict]) -> int | None:
     return found.most_common(1)[0][0] if found else None
 
 
-def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
-    """``RUN/progress.png``: training losses (left) and validation FID/KID (right; FID on a log
-    axis when it spans more than 10x, KID on its own right-hand axis) over optimiser steps, read
-    from a run's ``metrics.csv`` (sparse rows and missing columns are fine). Written atomically
-    (temp name in the same folder, then ``os.replace``)."""
+def _csv_series(metrics_csv: Path) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
+    """Every logged column of ``metrics.csv`` as sorted ``(x, value)`` points, x in optimiser steps where
+    the rows allow (see :func:`_optimiser_steps_per_batch`), and the steps-per-batch factor."""
     import csv
-    import os
 
-    from imgaug_gen.errors import require
-
-    metrics_csv, path = Path(metrics_csv), Path(path)
-    require(metrics_csv.is_file(), f"`{metrics_csv}` does not exist; train with `logger=csv` (the default) "
-                                   "to get the metrics a progress plot is drawn from.")
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     per_batch = _optimiser_steps_per_batch(rows)
@@ -138,6 +130,20 @@ def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
                 continue
     for pts in series.values():
         pts.sort()
+    return series, per_batch
+
+
+def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
+    """``RUN/progress.png``: training losses (left) and validation FID/KID (right; FID on a log
+    axis when it spans more than 10x, KID on its own right-hand axis) over optimiser steps, read
+    from a run's ``metrics.csv`` (sparse rows and missing columns are fine). Written atomically."""
+    from imgaug_gen.errors import require
+    from imgaug_gen.io import atomic_path
+
+    metrics_csv, path = Path(metrics_csv), Path(path)
+    require(metrics_csv.is_file(), f"`{metrics_csv}` does not exist; train with `logger=csv` (the default) "
+                                   "to get the metrics a progress plot is drawn from.")
+    series, per_batch = _csv_series(metrics_csv)
     losses = {k: v for k, v in series.items() if not k.startswith("val/")}
     scores = {k: v for k, v in series.items() if k.startswith("val/") and k != "val/kid"}
     kid = series.get("val/kid")
@@ -175,13 +181,8 @@ def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
             ax.set_xlabel(xlabel)
             ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
     finally:
         fig.clear()
     return path

@@ -27,11 +27,35 @@ TINY_MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """One feature cache per test session (the domain network trains once), never in $HOME."""
-    cache = tmp_path_factory.getbasetemp() / "cache"
-    monkeypatch.setenv("IMGAUG_GEN_CACHE", str(cache))
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """One feature cache for the session (the domain network trains once), never in $HOME; the
+    variable is restored afterwards."""
+    old = os.environ.get("IMGAUG_GEN_CACHE")
+    os.environ["IMGAUG_GEN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield Path(os.environ["IMGAUG_GEN_CACHE"])
+    if old is None:
+        os.environ.pop("IMGAUG_GEN_CACHE", None)
+    else:
+        os.environ["IMGAUG_GEN_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: intra-op threads only add overhead (and stall when other jobs share the cores).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The one environment for the front ends run as subprocesses: offline, one thread, the session cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def train_overrides(kind: str, run_dir: Path, *extra: str) -> list[str]:
@@ -46,7 +70,6 @@ def trained_cgan(tmp_path_factory):
     from imgaug_gen.training import train
 
     run_dir = tmp_path_factory.mktemp("cgan_run")
-    os.environ.setdefault("IMGAUG_GEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     train(compose_config("train", train_overrides("cgan", run_dir)))
     return run_dir
 

@@ -49,5 +49,19 @@ def test_every_public_name_has_a_readme_example():
     missing = [n for n in imgaug_gen.__all__ if f"{n}(" not in api and f"@{n}" not in api
                and not (n[0].isupper() and n in api)]
     assert not missing, f"README's Python API section lacks an example of {missing}"
-    for n in imgaug_gen.__all__:
-        assert getattr(imgaug_gen, n) is not None
+    for n in imgaug_gen.__all__:  # each name resolves (lazily) to the package's own callable or class
+        obj = getattr(imgaug_gen, n)
+        assert callable(obj) and obj.__module__.startswith("imgaug_gen."), (n, obj)
+
+
+def test_no_function_in_the_package_is_80_lines_or_longer():
+    """Each step of a job reads on one screen (a longer one is split into named steps)."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "imgaug_gen").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 >= 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

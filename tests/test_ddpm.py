@@ -4,7 +4,6 @@ config errors, and train.py -> generate.py (img2img) end to end."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,19 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CALLBACKS, TINY_DATA, TINY_METRICS
+from conftest import ROOT, TINY_CALLBACKS, TINY_DATA, TINY_METRICS, cli_env
 from factories_ddpm import TINY_DDPM, TINY_UNET, make_generator
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator, per_image_seeds
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: intra-op threads only add overhead here (and stall when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ddpm_overrides(run_dir, *extra: str) -> list[str]:
@@ -42,7 +35,6 @@ def _train(run_dir, *extra: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny 8-step DDPM run: (run_dir, objects)."""
-    os.environ.setdefault("IMGAUG_GEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     run_dir = tmp_path_factory.mktemp("ddpm_run")
     metrics, objects = _train(run_dir)
     return run_dir, metrics, objects
@@ -203,8 +195,7 @@ def test_config_errors(tmp_path):
 
 def test_train_then_generate_img2img_end_to_end(tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
-           "IMGAUG_GEN_CACHE": os.environ.get("IMGAUG_GEN_CACHE", str(tmp_path / "cache"))}
+    env = cli_env()
     train_args = [a for a in ddpm_overrides(run_dir) if not a.startswith("callbacks.")]
     train_args += ["trainer.max_steps=4", "callbacks.fidelity=null", "callbacks.samples=null",
                    "callbacks.checkpoint=null"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -34,7 +33,6 @@ def eval_cfg(out_dir, *extra):
 def evaluated(tmp_path_factory):
     from imgaug_gen.evaluation import evaluate
 
-    os.environ.setdefault("IMGAUG_GEN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     out = tmp_path_factory.mktemp("eval")
     return out, evaluate(eval_cfg(out, "shots=[3,4]", "data_seeds=[0,1]"))
 

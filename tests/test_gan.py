@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, train_overrides
+from conftest import ROOT, cli_env, train_overrides
 
-from imgaug_gen.errors import ConfigError
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.training import train
@@ -26,23 +25,47 @@ def _weights(run_dir):
 
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(compose_config("train", train_overrides("cgan", straight, "trainer.max_steps=8")))
-    train(compose_config("train", train_overrides("cgan", resumed, "trainer.max_steps=4")))
+    train(compose_config("train", train_overrides("cgan", straight, "trainer.max_steps=8", "trainer.log_every_n_steps=1")))
+    train(compose_config("train", train_overrides("cgan", resumed, "trainer.max_steps=4", "trainer.log_every_n_steps=1")))
     ckpt = resumed / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)  # loadable without unpickling code
     assert state["global_step"] == 4 and state["gan_iteration"] == 2
     metrics, _ = train(compose_config("train", train_overrides("cgan", resumed, "trainer.max_steps=8",
-                                                                f"ckpt_path={ckpt}")))
+                                                                "trainer.log_every_n_steps=1", f"ckpt_path={ckpt}")))
     assert metrics["global_step"] == 8
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # the interrupted run's log rows are kept, the resumed ones appended
-    rows = (resumed / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch") or "step" in rows[0]
-    assert len(rows) >= 3
+    # the interrupted run's log rows are kept, the resumed ones appended: the same rows as the straight run
+    assert _csv_rows(resumed) == _csv_rows(straight) and len(_csv_rows(straight)) >= 4
+
+
+def _csv_rows(run_dir) -> list[dict]:
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return sorted((dict(r) for r in csv.DictReader(f)), key=lambda r: (float(r["step"]), sorted(r.items())))
+
+
+def test_resume_drops_log_rows_written_after_the_checkpoint(tmp_path):
+    """Killed at step 6 with its last checkpoint at 4: the resumed run's metrics.csv has each step once."""
+    import shutil
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    log_all = "trainer.log_every_n_steps=1"
+    train(compose_config("train", train_overrides("cgan", straight, "trainer.max_steps=8", log_all)))
+    train(compose_config("train", train_overrides("cgan", killed, "trainer.max_steps=4", log_all)))
+    ckpt = shutil.copy(killed / "checkpoints" / "last.ckpt", tmp_path / "step4.ckpt")
+    train(compose_config("train", train_overrides("cgan", killed, "trainer.max_steps=6", log_all,
+                                                  f"ckpt_path={ckpt}")))  # ... logged up to 6, then "killed"
+    assert max(float(r["step"]) for r in _csv_rows(killed)) == 2  # GAN iterations 0..2 (optimiser steps 2..6)
+    train(compose_config("train", train_overrides("cgan", killed, "trainer.max_steps=8", log_all,
+                                                  f"ckpt_path={ckpt}")))
+    steps = [float(r["step"]) for r in _csv_rows(killed) if r.get("train/d_loss")]
+    assert steps == [0, 1, 2, 3]
+    assert _csv_rows(killed) == _csv_rows(straight)
 
 
 def test_training_lowers_fid(tmp_path):
@@ -74,7 +97,7 @@ def _run(args, env, cwd):
 
 def test_front_ends_end_to_end_on_a_user_folder(tiny_folder, tmp_path):
     """train.py then generate.py as a user runs them, on an RGB folder with odd class names."""
-    env = {**os.environ, "IMGAUG_GEN_CACHE": str(tmp_path / "cache")}
+    env = cli_env()
     run, out = tmp_path / "run", tmp_path / "out"
     over = [o for o in train_overrides("cgan", run) if not o.startswith(("data", "run_dir"))]
     _run(["train.py", *over, "data=folder", f"data.root={tiny_folder}", "data.image_size=16", "data.channels=3",
@@ -165,3 +188,16 @@ def test_ada_probability_follows_the_overfitting_heuristic():
     partial = diff_augment(x, ["cutout"], generator=g, p=0.5)
     changed = (partial != x).flatten(1).any(1).float().mean()
     assert 0.3 < changed < 0.7
+
+
+def test_end_of_training_fid_only_when_asked_or_the_run_is_long_enough(tmp_path, caplog):
+    over = train_overrides("cgan", tmp_path / "a", "trainer.max_steps=4")  # fidelity every 8 steps
+    with caplog.at_level("INFO", logger="imgaug_gen.callbacks"):
+        short = train(compose_config("train", over))[0]
+    assert "val/fid" not in short and "shorter than callbacks.fidelity.every_n_steps=8" in caplog.text
+    with caplog.at_level("INFO", logger="imgaug_gen.callbacks"):
+        asked = train(compose_config("train", train_overrides("cgan", tmp_path / "b", "trainer.max_steps=4",
+                                                              "callbacks.fidelity.at_end=true")))[0]
+    assert np.isfinite(asked["val/fid"]) and "50 samples in" in caplog.text
+    with pytest.raises(ConfigError, match="`callbacks.fidelity.at_end` = 'sometimes'"):
+        train(compose_config("train", train_overrides("cgan", tmp_path / "c", "callbacks.fidelity.at_end=sometimes")))

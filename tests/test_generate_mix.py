@@ -235,8 +235,9 @@ def test_img2img_blend_plans_in_class_partners_and_renders_the_blend():
     for img, it in zip(out, items[:4]):
         want = it.blend * real[it.real_index].astype(float) + (1 - it.blend) * real[it.partner_index]
         assert np.abs(img.astype(float) - want).max() <= 0.5 + 1e-6
-    for bad in ("[0.7,0.3]", "[0.2]", "[0,2]"):
-        with pytest.raises(ConfigError, match=r"`img2img.blend` = .*give null \(plain edits\) or \[lo, hi\]"):
+    for bad, why in (("[0.7,0.3]", r"give null \(plain edits\) or \[lo, hi\]"), ("[0.2]", r"too few items \(item 1 is missing\)"),
+                     ("[0,2]", r"give null \(plain edits\) or \[lo, hi\]")):
+        with pytest.raises(ConfigError, match=rf"`img2img.blend` = .*: .*{why}"):
             from imgaug_gen.pipeline import check_generate_config
 
             check_generate_config(compose_config("generate", ["run_dir=.", "out_dir=y", "mode=img2img",

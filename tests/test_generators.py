@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -73,6 +74,21 @@ class TestGeneratorContract:
             generator.sample([0, 3])
         with pytest.raises(ConfigError, match="`seeds` has 1 entries for 2 labels"):
             generator.sample([0, 1], seeds=[5])
+
+    def test_one_rule_for_unknown_sample_kwargs_and_modes_restored(self, generator):
+        allowed = list(generator.sample_kwargs)
+        with pytest.raises(ConfigError, match=rf"`sample_kwargs` has unknown keys \['bogus'\] for a `{generator.kind}` "
+                                              rf"generator; allowed: {re.escape(str(allowed))}"):
+            generator.sample([0], bogus=1)
+        c, h, w = generator.image_shape
+        for training in (True, False):
+            generator.train(training)
+            generator.sample([0], seeds=1)
+            if generator.supports_edit:
+                with pytest.raises(ConfigError, match="unknown keys"):
+                    generator.edit(np.zeros((1, h, w, c), np.uint8), [0], bogus=1)
+                generator.edit(np.zeros((1, h, w, c), np.uint8), [0], strength=0.5, seeds=1)
+            assert generator.training is training and all(m.training is training for m in generator.modules())
 
 
 def test_load_errors(tmp_path):

@@ -81,7 +81,10 @@ def test_refuses_other_jobs_folder_unless_overwrite(trained_cgan, tmp_path):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("mode=paint", r"`mode` = 'paint'; allowed"),
+    ("mode=paint", r"`mode` = 'paint': input should be 'sample' or 'img2img' \(conf/generate.yaml\)"),
+    ("+n_per_clas=5", r"`n_per_clas` is not a key of the generate config .* allowed here: \[.*'n_per_class'"),
+    ("filter.max_factor=0.5", r"`filter.max_factor` = 0.5: input should be greater than or equal to 1"),
+    ("mix.target_per_class=-2", r"`mix.target_per_class` = -2: input should be greater than or equal to 0"),
     ("n_per_class=-1", "`n_per_class` = -1"),
     ("shard=3", "need 0 <= shard < num_shards"),
     ("mode=img2img", "`mode=img2img` needs a generator that can edit"),

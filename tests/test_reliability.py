@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import ROOT, files_bytes, gen_cfg, train_overrides
+from conftest import ROOT, cli_env, files_bytes, gen_cfg, train_overrides
 
 from imgaug_gen.export import read_manifest
 
@@ -40,11 +39,6 @@ def test_shards_union_equals_one_process_byte_for_byte(trained_cgan, tmp_path):
     _consistent(three)
 
 
-def _env(tmp_path):
-    return {**os.environ, "IMGAUG_GEN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-            "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
-
-
 def test_torchrun_ranks_write_disjoint_shards(trained_cgan, tmp_path):
     from imgaug_gen.pipeline import generate
 
@@ -52,7 +46,7 @@ def test_torchrun_ranks_write_disjoint_shards(trained_cgan, tmp_path):
     generate(gen_cfg(trained_cgan, one, "score=false"))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "generate.py"), f"run_dir={trained_cgan}", f"out_dir={ranks}", "n_per_class=4",
-                          "progress=false", "score=false"], cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+                          "progress=false", "score=false"], cwd=tmp_path, env=cli_env(), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in ranks.glob("shard*.done")) == ["shard000-of-002.done", "shard001-of-002.done"]
@@ -77,13 +71,13 @@ def test_generate_killed_with_sigkill_then_rerun_finishes_the_job(trained_cgan, 
     args = [f"run_dir={trained_cgan}", "n_per_class=150", "progress=false", "score=false", "batch_size=16"]
     generate(gen_cfg(trained_cgan, ref, *args[1:]))
     cmd = [sys.executable, str(ROOT / "generate.py"), *args, f"out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     manifest = out / "manifest.jsonl"
     _kill_when(proc, lambda: manifest.is_file() and manifest.stat().st_size > 40_000)  # ~ a third written
     assert proc.returncode == -signal.SIGKILL
     assert 0 < len(read_manifest(out)) < 1500 and not (out / "metrics.json").exists()
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert files_bytes(out) == files_bytes(ref)
     assert _lines(out) == _lines(ref)
@@ -93,7 +87,7 @@ def test_generate_killed_with_sigkill_then_rerun_finishes_the_job(trained_cgan, 
 def test_train_killed_with_sigkill_resumes_to_the_same_generator(tmp_path):
     """SIGKILL a real train.py after a checkpoint, resume with ckpt_path=: the final generator
     equals the uninterrupted run's, byte for byte (step, optimisers, EMA, data order, RNG)."""
-    env = _env(tmp_path)
+    env = cli_env()
     common = ["trainer.max_steps=200", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.fidelity.every_n_steps=0"]
 
     def cmd(run, *extra):

@@ -6,7 +6,6 @@ config errors, and train.py -> generate.py end to end. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_METRICS
+from conftest import ROOT, TINY_METRICS, cli_env
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator, per_image_seeds
 from tiny_sd import TINY_SD, build_tiny_sd
@@ -23,14 +22,7 @@ CALLBACKS = ["callbacks.fidelity=null", "callbacks.checkpoint.every_n_train_step
              "callbacks.samples.every_n_steps=2", "callbacks.samples.n_per_class=1", "callbacks.export.every_n_steps=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's ops are far too small for intra-op threads; on a busy machine two
-    threads per op make them ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -295,8 +287,7 @@ def test_hub_id_from_the_offline_cache(tiny_sd, tmp_path):
 def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
     """python train.py model=sd_lora ... then generate.py mode=img2img and mode=sample."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
-           "IMGAUG_GEN_CACHE": os.environ.get("IMGAUG_GEN_CACHE", str(tmp_path / "cache"))}
+    env = cli_env()
 
     def run(script, *args):
         r = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -35,7 +35,7 @@ DEFAULT_NUM_BATCHES = 10**7
 # --------------------------------------------------------------------------- sampling
 
 
-def _dist_rank_world() -> tuple[int, int]:
+def dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -118,7 +118,7 @@ class StepBatchSampler(EpochBatches):
         if sampler is not None and hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
             rank, world_size = int(sampler.rank), int(sampler.num_replicas)
         if rank is None or world_size is None:
-            d_rank, d_world = _dist_rank_world()
+            d_rank, d_world = dist_rank_world()
             rank = d_rank if rank is None else rank
             world_size = d_world if world_size is None else world_size
         if not 0 <= rank < world_size:
@@ -297,7 +297,7 @@ class ImageDataModule(pl.LightningDataModule):
         )
         names = self.class_names_override
         if names is not None:
-            from imgaug_gen.export import safe_class_dir
+            from imgaug_gen.io import safe_class_dir
 
             for i, n in enumerate(names):
                 require(isinstance(n, str), f"`data.class_names[{i}]` = {n!r}; give a string.")

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from imgaug_gen.data.base import (DEFAULT_NUM_BATCHES, EpochBatches, ResumableDataLoader, _dist_rank_world,
+from imgaug_gen.data.base import (DEFAULT_NUM_BATCHES, EpochBatches, ResumableDataLoader, dist_rank_world,
                                   take_from_epochs)
 from imgaug_gen.errors import ConfigError, require
 
@@ -173,7 +173,7 @@ class MixedBatchSampler(EpochBatches):
         self.policy = MixPolicy.from_config(policy)
         if sampler is not None and hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
             rank, world_size = int(sampler.rank), int(sampler.num_replicas)
-        d_rank, d_world = _dist_rank_world()
+        d_rank, d_world = dist_rank_world()
         self.rank = d_rank if rank is None else int(rank)
         self.world_size = d_world if world_size is None else int(world_size)
         self.sampler = sampler
@@ -290,7 +290,7 @@ def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, synthetic: torch.Tens
 # -- a generate.py folder as a dataset -------------------------------------------------------------------
 
 def _folder_records(out_dir: Path) -> list[dict]:
-    from imgaug_gen.export import read_manifest
+    from imgaug_gen.data.manifest import read_manifest
 
     require(out_dir.is_dir(), f"`out_dir` = {str(out_dir)!r} is not a folder; give a generate.py out_dir.")
     require((out_dir / "manifest.jsonl").is_file(),

@@ -1,4 +1,5 @@
-"""Generator kinds behind one contract (see :mod:`imgaug_gen.generators.base`)."""
+"""Generator kinds behind one contract (see :mod:`imgaug_gen.generators.base`); their training
+modules subclass :class:`GeneratorModule` (imported lazily: it needs pytorch_lightning)."""
 
 from imgaug_gen.generators.base import (  # noqa: F401
     ConditionalGenerator,
@@ -6,3 +7,11 @@ from imgaug_gen.generators.base import (  # noqa: F401
     load_generator,
     register_generator,
 )
+
+
+def __getattr__(name: str):
+    if name == "GeneratorModule":
+        from imgaug_gen.generators.module import GeneratorModule
+
+        return GeneratorModule
+    raise AttributeError(name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,13 +27,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 _REGISTRY: dict[str, type["ConditionalGenerator"]] = {}
-# Kinds whose classes live in modules that are imported only when needed,
-# so that ``import imgaug_gen`` stays cheap (no diffusers import for a GAN).
-_LAZY_KINDS = {
-    "cgan": "imgaug_gen.generators.gan",
-    "ddpm": "imgaug_gen.generators.ddpm",
-    "sd_lora": "imgaug_gen.generators.sd_lora",
-}
+#: Package entry-point group naming each kind's generator class (``kind = "module:Class"``). The
+#: built-in kinds are declared in pyproject.toml like any plug-in, and imported only when a folder of
+#: that kind is loaded, so ``import imgaug_gen`` stays cheap (no diffusers import for a GAN).
+ENTRY_POINT_GROUP = "imgaug_gen.generators"
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def register_generator(kind: str):
@@ -48,11 +51,19 @@ def register_generator(kind: str):
 
 
 def generator_class(kind: str) -> type["ConditionalGenerator"]:
-    if kind not in _REGISTRY and kind in _LAZY_KINDS:
-        __import__(_LAZY_KINDS[kind])
+    """The class of ``kind``: registered in this process, or declared under the entry-point group
+    ``imgaug_gen.generators`` by an installed package (imported then; it must register ``kind``)."""
     if kind not in _REGISTRY:
-        known = sorted(set(_REGISTRY) | set(_LAZY_KINDS))
-        raise ConfigError(f"Unknown generator kind `{kind}`; known kinds: {known}.")
+        eps = _entry_points()
+        if kind in eps:
+            cls = eps[kind].load()
+            if _REGISTRY.get(kind) is not cls:
+                raise ConfigError(f"the entry point `{kind} = {eps[kind].value}` ({ENTRY_POINT_GROUP}) does not name a "
+                                  f"class registered as `{kind}`; decorate it with @register_generator({kind!r}).")
+        else:
+            known = sorted(set(_REGISTRY) | set(eps))
+            raise ConfigError(f"Unknown generator kind `{kind}`; known kinds: {known}. A plug-in kind must be "
+                              f"installed with an entry point in the `{ENTRY_POINT_GROUP}` group.")
     return _REGISTRY[kind]
 
 
@@ -122,6 +133,8 @@ class ConditionalGenerator(nn.Module):
 
     kind: ClassVar[str] = "base"
     supports_edit: ClassVar[bool] = False
+    #: the keyword options ``sample`` / ``edit`` accept (generate.py's ``sample_kwargs``); any other is refused
+    sample_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -176,6 +189,7 @@ class ConditionalGenerator(nn.Module):
         derived); image ``i`` depends only on its label and its seed, not on the
         batch it is made in.
         """
+        self._check_sample_kwargs(kwargs)
         labels = self._check_labels(labels)
         seeds = self._check_seeds(seeds, len(labels))
         was_training = self.training
@@ -212,11 +226,26 @@ class ConditionalGenerator(nn.Module):
         if len(strengths) and (strengths.min() <= 0 or strengths.max() > 1):
             raise ConfigError(f"`strength` must lie in (0, 1]; got {strengths.min()}..{strengths.max()}.")
         seeds = self._check_seeds(seeds, len(labels))
+        self._check_sample_kwargs(kwargs)
+        was_training = self.training
         self.eval()
-        out = [self._edit_batch(images[i:i + batch_size], labels[i:i + batch_size].to(self.device),
-                                strengths[i:i + batch_size].tolist(), seeds[i:i + batch_size], **kwargs)
-               for i in range(0, len(labels), batch_size)]
+        try:
+            out = [self._edit_batch(images[i:i + batch_size], labels[i:i + batch_size].to(self.device),
+                                    strengths[i:i + batch_size].tolist(), seeds[i:i + batch_size], **kwargs)
+                   for i in range(0, len(labels), batch_size)]
+        finally:
+            self.train(was_training)
         return np.concatenate(out) if out else np.zeros((0, h, w, c), np.uint8)
+
+    def prompt_for(self, label: int) -> str | None:
+        """The text prompt of class ``label`` for prompt-conditioned kinds (recorded in the manifest); None here."""
+        return None
+
+    def _check_sample_kwargs(self, kwargs: Mapping[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - set(self.sample_kwargs))
+        if unknown:
+            raise ConfigError(f"`sample_kwargs` has unknown keys {unknown} for a `{self.kind}` generator; allowed: "
+                              f"{list(self.sample_kwargs)} (remove the others).")
 
     def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
         raise NotImplementedError

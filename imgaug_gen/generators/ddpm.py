@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
@@ -40,6 +39,7 @@ from imgaug_gen.generators.base import (
     register_generator,
     to_uint8_nhwc,
 )
+from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.nets.ema import ema_decay, ema_update
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,7 @@ class DDPMGenerator(ConditionalGenerator):
     """
 
     supports_edit = True
+    sample_kwargs = SAMPLE_KWARGS
 
     def __init__(self, config: dict[str, Any], unet: UNet2DModel | None = None):
         super().__init__(config)
@@ -411,7 +412,7 @@ class DDPMGenerator(ConditionalGenerator):
 
 
 # -- training -----------------------------------------------------------------------------------
-class DDPMModule(pl.LightningModule):
+class DDPMModule(GeneratorModule):
     """Training logic only: epsilon (or v) prediction MSE, label dropout for CFG, EMA."""
 
     def __init__(self, num_classes: int, class_names: Sequence[str], image_shape: Sequence[int],

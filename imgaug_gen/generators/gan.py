@@ -14,12 +14,12 @@ import copy
 from typing import Any, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import ConditionalGenerator, register_generator, to_uint8_nhwc
+from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.nets.cgan import CGANGenerator as _GeneratorNet
 from imgaug_gen.nets.cgan import ProjectionDiscriminator
 from imgaug_gen.nets.diffaug import POLICIES, AdaptiveAugmentProbability, diff_augment
@@ -42,7 +42,7 @@ class GANGenerator(ConditionalGenerator):
         self.net = _GeneratorNet(self.num_classes, image_size=h, channels=c,
                                  z_dim=config["z_dim"], width=config["width"])
 
-    def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **_) -> np.ndarray:
+    def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
         z = _noise(seeds, self.config["z_dim"], self.device)
         return to_uint8_nhwc(self.net(z, labels))
 
@@ -71,12 +71,12 @@ def lecam_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, ema_real: t
     return F.relu(real_logits - ema_fake).pow(2).mean() + F.relu(ema_real - fake_logits).pow(2).mean()
 
 
-class CGANModule(pl.LightningModule):
+class CGANModule(GeneratorModule):
     """Training logic only; networks are plain modules from :mod:`imgaug_gen.nets`."""
 
     #: The discriminator step leaves the generator unused (and the EMA copy is never trained):
     #: under ``trainer=ddp`` the train job then asks DDP to look for unused parameters.
-    ddp_find_unused_parameters = True
+    ddp_find_unused_parameters = True  # the D step leaves G without gradients
 
     def __init__(self, num_classes: int, class_names: Sequence[str], image_shape: Sequence[int],
                  z_dim: int = 64, g_width: int = 32, d_width: int = 32, lr_g: float = 2e-4,

@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import ConditionalGenerator, register_generator
+from imgaug_gen.generators.module import GeneratorModule
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,7 @@ class SDLoRAGenerator(ConditionalGenerator):
     """
 
     supports_edit = True
+    sample_kwargs = SAMPLE_KWARGS
 
     def __init__(self, config: dict[str, Any], *, unet, vae, text_encoder, tokenizer, scheduler,
                  autocast_dtype: torch.dtype | None = None):
@@ -336,10 +337,7 @@ class SDLoRAGenerator(ConditionalGenerator):
             return super().edit(images, labels, strength=strength, seeds=seeds, batch_size=batch_size, **kwargs)
 
     def _options(self, kwargs: dict) -> dict:
-        unknown = sorted(set(kwargs) - set(SAMPLE_KWARGS))
-        if unknown:
-            raise ConfigError(f"`sample_kwargs` has unknown keys {unknown} for an `sd_lora` generator; "
-                              f"allowed: {list(SAMPLE_KWARGS)}.")
+        self._check_sample_kwargs(kwargs)
         opts = {k: kwargs.get(k, self.config.get(k)) for k in SAMPLE_KWARGS}
         opts["micro_batch"] = 1 if opts["micro_batch"] is None else opts["micro_batch"]
         for k in ("num_inference_steps", "micro_batch"):
@@ -429,6 +427,7 @@ class SDLoRAGenerator(ConditionalGenerator):
         te_sd, te_meta = lora_state_dict(self.text_encoder)
         if unet_sd is None:
             raise RuntimeError("the UNet carries no LoRA adapter; nothing to save")
+        # diffusers' LoRA writer takes a folder, not a file: write into a temp folder, then rename the file
         with tempfile.TemporaryDirectory(dir=path, prefix=".lora.") as tmp:
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, safe_serialization=True,
@@ -471,7 +470,7 @@ class SDLoRAGenerator(ConditionalGenerator):
 
 
 # -- the LightningModule ---------------------------------------------------------------------
-class SDLoRAModule(pl.LightningModule):
+class SDLoRAModule(GeneratorModule):
     """LoRA fine-tuning of a pretrained Stable Diffusion, one prompt per class.
 
     Only the LoRA weights are trainable, optimised and checkpointed. ``weight_dtype``
@@ -537,6 +536,15 @@ class SDLoRAModule(pl.LightningModule):
         self._check_prompt_lengths()
 
         # 3. Freeze everything, then add the trainable LoRA adapters.
+        self._add_adapters(gradient_checkpointing, train_text_encoder)
+        self.weight_dtype = torch.float32
+        # Only the LoRA weights are checkpointed; on_load_checkpoint checks that they are all there.
+        self.strict_loading = False
+        self._class_embeds: torch.Tensor | None = None
+        self.batches_seen = 0
+
+    def _add_adapters(self, gradient_checkpointing: bool, train_text_encoder: bool) -> None:
+        """Freeze the base model, add the LoRA adapters (float32), set train/eval modes."""
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
         self.unet.requires_grad_(False)
@@ -558,11 +566,6 @@ class SDLoRAModule(pl.LightningModule):
         self.unet.train()
         self.text_encoder.train(bool(train_text_encoder))
         self.vae.eval()
-        self.weight_dtype = torch.float32
-        # Only the LoRA weights are checkpointed; on_load_checkpoint checks that they are all there.
-        self.strict_loading = False
-        self._class_embeds: torch.Tensor | None = None
-        self.batches_seen = 0
 
     # -- helpers -----------------------------------------------------------------------------
     def lora_parameters(self) -> list[torch.nn.Parameter]:

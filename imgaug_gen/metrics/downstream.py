@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgaug_gen.errors import require
-from imgaug_gen.metrics.features import _to_float01, fit_classifier_steps, images_to_tensor, validate_images
+from imgaug_gen.io import atomic_path
+from imgaug_gen.metrics.features import fit_classifier_steps, images_to_tensor, to_float01, validate_images
 
 __all__ = [
     "RECIPE",
@@ -82,7 +83,7 @@ class SmallCNN(nn.Module):
 def _prepare(images: np.ndarray, channels: int, size: int) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float [N, channels, size, size] in [-1, 1]."""
     x = images_to_tensor(images)
-    return torch.cat([(_to_float01(b, channels, size) - 0.5) / 0.5 for b in x.split(512)])
+    return torch.cat([(to_float01(b, channels, size) - 0.5) / 0.5 for b in x.split(512)])
 
 
 def _check_set(images: Any, labels: Any, num_classes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +111,41 @@ def check_recipe(overrides: Mapping[str, Any], key: str = "recipe") -> dict[str,
     require(isinstance(r["input_size"], int) and r["input_size"] >= 8,
             f"`{key}.input_size` = {r['input_size']!r}; give an int >= 8 (the classifier's input size in pixels).")
     return r
+
+
+def _policy_feed(xtr: torch.Tensor, ytr: np.ndarray, synthetic: tuple, policy: Any, train_groups, teacher_logits,
+                 num_classes: int, r: Mapping[str, Any], seed: int):
+    """Real + synthetic training items under ``policy``: the tensors, the epoch size, the batch size,
+    the batch-index function of :class:`MixedBatchSampler` and the :func:`mixed_loss` of a batch."""
+    from imgaug_gen.data.mixed import MixedBatchSampler, MixPolicy, mixed_loss
+
+    n_real, channels, size = len(ytr), int(xtr.shape[1]), int(r["input_size"])
+    pol = MixPolicy.from_config(policy)
+    syn_images, syn_y = _check_set(synthetic[0], synthetic[1], num_classes, "synthetic")
+    syn_groups = synthetic[2] if len(synthetic) > 2 else None
+    n = n_real + len(syn_y) if pol.name == "concat" else n_real
+    bs = min(int(r["batch_size"]), n)
+    sampler = MixedBatchSampler(ytr, syn_y, pol, bs, real_groups=train_groups, syn_groups=syn_groups,
+                                seed=seed, world_size=1, rank=0)
+    if len(syn_y):
+        xtr = torch.cat([xtr, _prepare(syn_images, channels, size)])
+    ytr = np.concatenate([ytr, syn_y])
+    teacher = None
+    if pol.distill > 0:
+        t = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32) if teacher_logits is not None else None
+        require(t is not None and t.shape == (len(syn_y), num_classes),
+                f"`teacher_logits` must be [{len(syn_y)}, {num_classes}] for policy {pol.tag}.")
+        teacher = torch.cat([torch.zeros(n_real, num_classes), t])
+    ytr_all, smoothing = torch.from_numpy(ytr), float(r["label_smoothing"])
+
+    def batches(step: int) -> torch.Tensor:
+        return torch.as_tensor(sampler.batch(step), dtype=torch.long)
+
+    def loss_fn(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return mixed_loss(logits, ytr_all[idx], idx >= n_real, pol, None if teacher is None else teacher[idx],
+                          real_smoothing=smoothing)
+
+    return xtr, ytr, n, bs, batches, loss_fn
 
 
 def train_and_test(
@@ -145,8 +181,6 @@ def train_and_test(
     With ``return_details=True``: ``{"accuracy", "train_accuracy", "steps", "n_train", "seed",
     "eval": {name: accuracy on eval_sets[name]}}`` (plus ``"model"`` with ``return_model=True``).
     """
-    from imgaug_gen.data.mixed import MixedBatchSampler, MixPolicy, mixed_loss
-
     require(isinstance(num_classes, (int, np.integer)) and num_classes >= 2,
             f"`num_classes` must be an int >= 2, got {num_classes!r}.")
     train_images, ytr = _check_set(train_images, train_labels, num_classes, "train")
@@ -154,34 +188,11 @@ def train_and_test(
     r = check_recipe(recipe)
     channels, size = int(train_images.shape[-1]), int(r["input_size"])
     n_real = train_images.shape[0]
-    batches = loss_fn = None
     xtr = _prepare(train_images, channels, size)
+    batches = loss_fn = None
     if synthetic is not None:
-        pol = MixPolicy.from_config(policy)
-        syn_images, syn_y = _check_set(synthetic[0], synthetic[1], num_classes, "synthetic")
-        syn_groups = synthetic[2] if len(synthetic) > 2 else None
-        n = n_real + len(syn_y) if pol.name == "concat" else n_real
-        bs = min(int(r["batch_size"]), n)
-        sampler = MixedBatchSampler(ytr, syn_y, pol, bs, real_groups=train_groups, syn_groups=syn_groups,
-                                    seed=int(seed), world_size=1, rank=0)
-        if len(syn_y):
-            xtr = torch.cat([xtr, _prepare(syn_images, channels, size)])
-        ytr = np.concatenate([ytr, syn_y])
-        teacher = None
-        if pol.distill > 0:
-            t = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32) if teacher_logits is not None else None
-            require(t is not None and t.shape == (len(syn_y), num_classes),
-                    f"`teacher_logits` must be [{len(syn_y)}, {num_classes}] for policy {pol.tag}.")
-            teacher = torch.cat([torch.zeros(n_real, num_classes), t])
-        ytr_all = torch.from_numpy(ytr)
-        smoothing = float(r["label_smoothing"])
-
-        def batches(step: int) -> torch.Tensor:
-            return torch.as_tensor(sampler.batch(step), dtype=torch.long)
-
-        def loss_fn(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return mixed_loss(logits, ytr_all[idx], idx >= n_real, pol,
-                              None if teacher is None else teacher[idx], real_smoothing=smoothing)
+        xtr, ytr, n, bs, batches, loss_fn = _policy_feed(xtr, ytr, synthetic, policy, train_groups, teacher_logits,
+                                                        num_classes, r, int(seed))
     else:
         require(policy is None and teacher_logits is None, "`policy` / `teacher_logits` need `synthetic` images.")
         n = n_real
@@ -353,9 +364,8 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
         if title:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         fig.clear()
     return path

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgaug_gen.errors import ConfigError, require
+from imgaug_gen.io import atomic_write_bytes
 
 __all__ = [
     "DOMAIN_CODE_VERSION",
@@ -119,7 +119,7 @@ def images_to_tensor(images_nhwc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
 
 
-def _to_float01(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+def to_float01(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` -> float ``[N, channels, size, size]`` in [0, 1].
 
     Grayscale inputs are replicated to 3 channels; RGB inputs to a 1-channel
@@ -253,7 +253,7 @@ class DomainFeatures(FeatureExtractor):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, C, H, W]`` -> normalised float input of the network."""
-        return (_to_float01(x, self.in_channels, self.input_size) - 0.5) / 0.5
+        return (to_float01(x, self.in_channels, self.input_size) - 0.5) / 0.5
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.body(x))
@@ -361,26 +361,14 @@ def _domain_cache_key(images: np.ndarray, labels: np.ndarray, recipe: Mapping[st
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_domain(model: DomainFeatures, cache_dir: Path, key: str, meta: dict[str, Any]) -> None:
     from safetensors.torch import save
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # weights first, then the json: a present json means a complete entry.
-    _atomic_write_bytes(cache_dir / f"{key}.safetensors", save(tensors, metadata={"key": key}))
-    _atomic_write_bytes(cache_dir / f"{key}.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(cache_dir / f"{key}.safetensors", save(tensors, metadata={"key": key}))
+    atomic_write_bytes(cache_dir / f"{key}.json", json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def _load_domain(cache_dir: Path, key: str) -> DomainFeatures | None:
@@ -436,22 +424,10 @@ def fit_domain_features(
     require(isinstance(steps, int) and steps > 0, f"`metrics.domain_steps` must be a positive int, got {steps!r}.")
     require(images.shape[0] >= 2, f"`images` needs at least 2 images to train the domain features, got {images.shape[0]}.")
     in_channels = int(images.shape[-1])
-    arch = {
-        "num_classes": int(num_classes),
-        "in_channels": in_channels,
-        "input_size": DOMAIN_INPUT_SIZE,
-        "widths": list(DOMAIN_WIDTHS),
-        "feature_dim": DOMAIN_FEATURE_DIM,
-    }
-    recipe = {
-        **arch,
-        "seed": int(seed),
-        "steps": int(steps),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "max_shift": int(max_shift),
-    }
+    arch = {"num_classes": int(num_classes), "in_channels": in_channels, "input_size": DOMAIN_INPUT_SIZE,
+            "widths": list(DOMAIN_WIDTHS), "feature_dim": DOMAIN_FEATURE_DIM}
+    recipe = {**arch, "seed": int(seed), "steps": int(steps), "batch_size": int(batch_size), "lr": float(lr),
+              "weight_decay": float(weight_decay), "max_shift": int(max_shift)}
     key = _domain_cache_key(images, labels, recipe)
     cache_path = Path(cache_dir).expanduser() / "domain_features" if cache_dir is not None else None
     if cache_path is not None:
@@ -471,17 +447,9 @@ def fit_domain_features(
     model.loaded_from_cache = False
     model.train_accuracy = acc
     if cache_path is not None:
-        meta = {
-            "key": key,
-            "code_version": DOMAIN_CODE_VERSION,
-            "name": model.name,
-            "config": model.config(),
-            "recipe": recipe,
-            "n_images": int(images.shape[0]),
-            "image_shape": list(images.shape[1:]),
-            "train_accuracy": acc,
-            "train_seconds": round(time.perf_counter() - t0, 3),
-        }
+        meta = {"key": key, "code_version": DOMAIN_CODE_VERSION, "name": model.name, "config": model.config(),
+                "recipe": recipe, "n_images": int(images.shape[0]), "image_shape": list(images.shape[1:]),
+                "train_accuracy": acc, "train_seconds": round(time.perf_counter() - t0, 3)}
         _save_domain(model, cache_path, key, meta)
         # Return the network exactly as a later cache hit builds it: a freshly trained module can
         # differ from the reloaded one in the last float bits (parameter memory layout), and per-image
@@ -576,7 +544,7 @@ class InceptionFeatures(FeatureExtractor):
         self._freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _to_float01(x.to(self._mean.device) if x.device != self._mean.device else x, 3, 299)
+        x = to_float01(x.to(self._mean.device) if x.device != self._mean.device else x, 3, 299)
         return self.net((x - self._mean) / self._std).float()
 
 

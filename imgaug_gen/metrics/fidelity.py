@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -116,17 +115,9 @@ def _load_or_compute_real_stats(
     if stats is None:
         stats = RealStats(key, extractor.features(real_images, batch_size=batch_size))
         if path is not None:
-            from safetensors.torch import save
+            from imgaug_gen.io import atomic_save_safetensors
 
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(save(stats.to_tensors(), metadata={"key": key, "features": extractor.name}))
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_save_safetensors(path, stats.to_tensors(), metadata={"key": key, "features": extractor.name})
 
     _memory_cache[key] = stats
     while len(_memory_cache) > _MEMORY_CACHE_SIZE:

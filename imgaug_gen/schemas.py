@@ -1,0 +1,267 @@
+"""Typed schemas of the job configs, validated once at the front door (pydantic).
+
+The YAML files in ``conf/`` hold the defaults and the comments; a schema holds the types, the
+allowed values and the cross-field rules, and refuses unknown keys. :func:`validate` turns the
+first violation into a :class:`~imgaug_gen.errors.ConfigError` naming the key, its value and
+what is expected, before any heavy work. Facts that need the filesystem or a model (a folder
+exists, a generator can edit) stay with the job that knows them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgaug_gen.errors import ConfigError
+
+Mode = Literal["sample", "img2img"]
+Fraction = Field(ge=0, le=1)
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class Img2Img(_Block):
+    edits_per_image: int = Field(ge=1)
+    strengths: list[float] = Field(min_length=1)
+    blend: Optional[tuple[float, float]] = None
+
+    @field_validator("strengths")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        if min(v) <= 0 or max(v) > 1:
+            raise ValueError("give values in (0, 1]")
+        return v
+
+    @field_validator("blend")
+    @classmethod
+    def _ordered(cls, v):
+        if v is not None and not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("give null (plain edits) or [lo, hi] with 0 <= lo <= hi <= 1, e.g. [0.3, 0.7]")
+        return v
+
+
+class Source(_Block):
+    mode: Mode
+    fraction: float = Field(ge=0)
+
+
+class Mix(_Block):
+    synthetic_ratio: Optional[float] = Field(default=None, ge=0)
+    target_per_class: Optional[int] = Field(default=None, ge=0)
+    sources: list[Source] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.synthetic_ratio is not None and self.target_per_class is not None:
+            raise ValueError(f"`mix.synthetic_ratio` = {self.synthetic_ratio} and `mix.target_per_class` = "
+                             f"{self.target_per_class} are both set; set one of them (the other null)")
+        modes = [s.mode for s in self.sources]
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"`mix.sources` names a mode twice ({modes}); give each mode once")
+        total = sum(s.fraction for s in self.sources)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"`mix.sources` fractions sum to {total}; they must sum to 1")
+        return self
+
+
+class Filter(_Block):
+    enabled: bool
+    tau: Optional[float] = Field(ge=0, le=1)
+    delta: Optional[float | Literal["auto"]]
+    metric: Literal["cosine", "l2"]
+    space: Literal["features", "pixels"]
+    max_factor: float = Field(ge=1)
+    classifier_data: Literal["train", "reference"]
+
+    @field_validator("delta")
+    @classmethod
+    def _distance(cls, v):
+        if isinstance(v, float) and not 0 <= v <= 2:
+            raise ValueError("give a distance in [0, 2], 'auto' or null to disable")
+        return v
+
+
+class Generate(_Block):
+    """``conf/generate.yaml``."""
+
+    run_dir: str = Field(min_length=1)
+    out_dir: str = Field(min_length=1)
+    mode: Mode
+    n_per_class: int = Field(ge=0)
+    seed: int
+    include_real: bool
+    img2img: Img2Img
+    mix: Mix
+    filter: Filter
+    precision_recall_k: int = Field(ge=1)
+    score_max_images: Optional[int] = Field(ge=1)
+    sample_kwargs: Optional[dict[str, Any]]  # checked by the generator kind (each declares its keys)
+    batch_size: int = Field(ge=1)
+    io_workers: int = Field(ge=0)
+    device: str
+    score: bool
+    progress: bool
+    overwrite: bool
+    shard: int = Field(ge=0)
+    num_shards: int = Field(ge=1)
+    data: Any = None  # a data config: validated by the data module
+    augment: Any = None  # checked by build_augmenter
+    metrics: Any = None  # checked by build_feature_extractor
+
+    @model_validator(mode="after")
+    def _shards(self):
+        if self.shard >= self.num_shards:
+            raise ValueError(f"`shard` = {self.shard}, `num_shards` = {self.num_shards}: need 0 <= shard < num_shards")
+        return self
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for p in loc:
+        try:
+            data = data[p]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def validate(config: Any, schema: type[BaseModel], name: str) -> BaseModel:
+    """``config`` (a DictConfig or a mapping) checked against ``schema``; the first problem raises a
+    :class:`ConfigError` ``` `key` = value: what is expected (conf/<name>.yaml) ```."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("float", "literal['auto']")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list too short
+            loc, msg = loc[:-1], f"too few items (item {loc[-1]} is missing)"
+        if err["type"] == "extra_forbidden":
+            allowed = sorted(_fields_at(schema, loc[:-1]))
+            raise ConfigError(f"`{_where(loc)}` is not a key of the {name} config (conf/{name}.yaml); "
+                              f"allowed here: {allowed}. Check the spelling.") from None
+        if not loc:  # a cross-field rule of the top-level config
+            raise ConfigError(f"{msg} (conf/{name}.yaml).") from None
+        if msg.startswith("`"):  # a cross-field rule of a block: already names its keys
+            raise ConfigError(f"{msg}.") from None
+        raise ConfigError(f"`{_where(loc)}` = {_value_at(data, loc)!r}: {msg[0].lower() + msg[1:]} "
+                          f"(conf/{name}.yaml).") from None
+
+
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    """The schema inside an annotation (``Optional[X]``, ``dict[str, X]``, ``list[X]`` ...), if any."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at ``loc`` (dict keys and list indices walk into the value's schema)."""
+    current: type[BaseModel] | None = schema
+    for p in loc:
+        if current is not None and isinstance(p, str) and p in current.model_fields:
+            ann = current.model_fields[p].annotation
+            nested = _model_in(ann)
+            if nested is None:
+                return []
+            current = nested
+        # else: a mapping key or list index: stay with the value schema found so far
+    return list(current.model_fields) if current is not None else []
+
+
+def _distinct(v: list) -> list:
+    if len(set(v)) != len(v):
+        raise ValueError("give distinct values")
+    return v
+
+
+class GeneratorEntry(_Block):
+    """One synthetic source of ``evaluate.py`` (``generators.<name>``)."""
+
+    enabled: bool = True  # entries added with `+generators.<name>...` are on
+    train: Optional[list[str]] = None
+    run_of: Optional[str] = None
+    run_dir: Optional[str] = None
+    folder: Optional[str] = None
+    generate: Optional[list[str]] = None
+    label: Optional[str] = None
+    policies: Optional[list[str]] = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("train", "run_of", "run_dir", "folder") if getattr(self, k) is not None]
+        if self.enabled and len(given) != 1:
+            raise ValueError(f"must give exactly one of ['train', 'run_of', 'run_dir', 'folder'], got {given or 'none'}")
+        return self
+
+
+class Evaluate(_Block):
+    """``conf/evaluate.yaml``."""
+
+    out_dir: str = Field(min_length=1)
+    shots: list[Optional[int]] = Field(min_length=1)
+    data_seeds: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    seed: int
+    selection: Literal["val", "none"]
+    methods: Optional[list[str]]
+    synthetic_copies: int = Field(ge=0)
+    cas_seeds: int = Field(ge=0)
+    classifier: dict[str, Any]  # the fixed recipe: checked by metrics.downstream.check_recipe
+    policies: dict[str, Any] = Field(min_length=1)  # each checked by data.mixed.MixPolicy.from_config
+    generators: dict[str, Optional[GeneratorEntry]]
+    data: Any = None
+    augment: Any = None
+    metrics: Any = None
+
+    _distinct_lists = field_validator("shots", "data_seeds", "seeds")(_distinct)
+
+    @field_validator("shots")
+    @classmethod
+    def _positive(cls, v):
+        if any(s is not None and s <= 0 for s in v):
+            raise ValueError("give positive ints (null = all training images), e.g. shots=[5,10]")
+        return v
+
+
+class Train(_Block):
+    """``conf/train.yaml``: the top level. Each group's content is checked by what it builds
+    (the data module, the generator module, Lightning's Trainer, the callbacks)."""
+
+    seed: int
+    ckpt_path: Optional[str]
+    run_dir: str = Field(min_length=1)
+    data: dict[str, Any]
+    model: dict[str, Any]
+    trainer: dict[str, Any]
+    metrics: dict[str, Any]
+    callbacks: Optional[dict[str, Optional[dict[str, Any]]]]
+    logger: Optional[dict[str, Optional[dict[str, Any]]]]
+
+    @field_validator("model")
+    @classmethod
+    def _target(cls, v):
+        if not isinstance(v.get("_target_"), str):
+            raise ValueError("needs `_target_` (the generator module class), e.g. model=cgan|ddpm|sd_lora")
+        return v
+
+    @field_validator("trainer")
+    @classmethod
+    def _steps(cls, v):
+        steps = v.get("max_steps", -1)
+        if not (isinstance(steps, int) and (steps == -1 or steps > 0)):
+            raise ValueError(f"`trainer.max_steps` = {steps!r}; give a positive number of optimiser steps")
+        return v
