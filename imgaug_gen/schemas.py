@@ -265,3 +265,121 @@ class Train(_Block):
         if not (isinstance(steps, int) and (steps == -1 or steps > 0)):
             raise ValueError(f"`trainer.max_steps` = {steps!r}; give a positive number of optimiser steps")
         return v
+
+
+# --------------------------------------------------------------------------- `_target_` blocks
+# A block that Hydra instantiates (`data`, `model`, `trainer`, each callback and logger) has its
+# class's constructor as its schema: the annotated signature gives the keys, the types and the
+# defaults, so they are written once, in the code that uses them (as LightningCLI does).
+_SKIP = {"self", "args", "kwargs"}
+
+
+def _locate(target: str, key: str, name: str) -> type:
+    from hydra.utils import get_class
+
+    try:
+        return get_class(target)
+    except Exception as e:  # noqa: BLE001 - Hydra raises ImportError / ValueError with its own wording
+        raise ConfigError(f"`{key}._target_` = {target!r} cannot be imported ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}); give a class path like `package.module.Class` "
+                          f"(conf/{name}.yaml).") from None
+
+
+def _hint(hints: dict, param) -> Any:
+    import inspect
+
+    ann = hints.get(param.name, param.annotation)
+    if ann is inspect.Parameter.empty or isinstance(ann, str):
+        return Any
+    try:  # a hint pydantic cannot check (a framework object, a callable protocol) checks nothing
+        from pydantic import TypeAdapter
+
+        TypeAdapter(ann)
+    except Exception:  # noqa: BLE001
+        return Any
+    return ann
+
+
+def signature_schema(cls: type) -> tuple[type[BaseModel], bool]:
+    """A pydantic model of ``cls.__init__``'s keyword parameters (following ``**kwargs`` up the
+    class hierarchy), and whether the chain ends in ``**kwargs`` (then unknown keys pass)."""
+    import inspect
+    import typing
+
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {}
+    open_ended = False
+    for klass in cls.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        init = vars(klass)["__init__"]
+        try:
+            hints = typing.get_type_hints(init, include_extras=True)
+        except Exception:  # noqa: BLE001 - unresolvable forward references: types unchecked
+            hints = {}
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.name in _SKIP or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+                continue
+            if p.name not in fields:  # the most derived class speaks first
+                default = None if p.default is inspect.Parameter.empty else p.default
+                fields[p.name] = (_hint(hints, p), default)
+        open_ended = any(p.kind == p.VAR_KEYWORD for p in params)
+        if not open_ended:
+            break
+    else:
+        open_ended = True
+    config = ConfigDict(extra="allow" if open_ended else "forbid", arbitrary_types_allowed=True)
+    return create_model(f"{cls.__name__}Args", __config__=config, **fields), open_ended
+
+
+def check_args(cls: type, key: str, values: dict[str, Any], name: str | None = None,
+               target: str | None = None) -> None:
+    """``values`` (the arguments given for ``cls``) against ``cls``'s annotated constructor: unknown keys
+    (naming the allowed ones), wrong types and out-of-range values raise a :class:`ConfigError` naming
+    ``key.<arg>``. Missing required arguments are left to the job, which injects data facts
+    (``num_classes`` ...)."""
+    schema, _ = signature_schema(cls)
+    target = target or f"{cls.__module__}.{cls.__qualname__}"
+    where = f"{target} (conf/{name}.yaml)" if name else target
+    try:
+        schema.model_validate(values)
+    except ValidationError as e:
+        err = next((x for x in e.errors(include_url=False) if x["type"] != "missing"), None)
+        if err is None:
+            return
+        loc = (key, *err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"`{_where(loc)}` is not an argument of {where}; allowed here: "
+                              f"{sorted(schema.model_fields)}. Check the spelling.") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"`{_where(loc)}` = {_value_at(values, err['loc'])!r}: {msg[0].lower() + msg[1:]} "
+                          f"(an argument of {target}{f'; conf/{name}.yaml' if name else ''}).") from None
+
+
+def check_target(node: Any, key: str, name: str) -> None:
+    """:func:`check_args` for one ``_target_`` block (``key`` is its path, e.g. ``model``), before
+    anything is built."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = data.pop("_target_", None)
+    for k in [k for k in data if k.startswith("_") and k.endswith("_")]:  # _convert_, _partial_ ...
+        data.pop(k)
+    if isinstance(target, str):
+        check_args(_locate(target, key, name), key, data, name, target)
+
+
+def check_targets(cfg: Any, keys: tuple[str, ...], name: str) -> None:
+    """:func:`check_target` for each of ``keys`` (a block, or a mapping of blocks like ``callbacks``)."""
+    for key in keys:
+        node = cfg.get(key) if hasattr(cfg, "get") else None
+        if node is None:
+            continue
+        if "_target_" in node:
+            check_target(node, key, name)
+            continue
+        for sub, block in node.items():
+            if block is not None and hasattr(block, "get") and "_target_" in block:
+                check_target(block, f"{key}.{sub}", name)

@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 def check_train_config(cfg: DictConfig) -> None:
     """Checks that need no data or model (the schema :class:`imgaug_gen.schemas.Train`, then the files):
     run before anything heavy."""
-    from imgaug_gen.schemas import Train, validate
+    from imgaug_gen.schemas import Train, check_targets, validate
 
     if cfg.get("run_dir") in (None, ""):
         raise ConfigError("`run_dir` is not set; pass `run_dir=PATH` (train.py sets it to the Hydra run folder).")
     validate(cfg, Train, "train")
+    check_targets(cfg, ("data", "model", "trainer", "callbacks", "logger"), "train")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(ckpt).is_file():
         raise ConfigError(f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "

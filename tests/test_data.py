@@ -143,12 +143,14 @@ def test_digits_dataloaders(digits):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"shots": 0}, r"`data.shots` must be a positive integer.*got 0"),
+        ({"shots": 0}, r"`data.shots` = 0: input should be greater than or equal to 1"),
         ({"shots": 500}, r"`data.shots`=500 but class '0' has only \d+ training image"),
-        ({"channels": 2}, r"`data.channels` must be 1 .* or 3 .*got 2"),
-        ({"image_size": 4}, r"`data.image_size` must be an integer >= 8, got 4"),
-        ({"test_fraction": 1.0}, r"`data.test_fraction` must be a number in \[0, 1\), got 1.0"),
-        ({"batch_size": 0}, r"`data.batch_size` must be a positive integer, got 0"),
+        ({"channels": 2}, r"`data.channels` = 2: input should be 1 or 3"),
+        ({"image_size": 4}, r"`data.image_size` = 4: input should be greater than or equal to 8"),
+        ({"test_fraction": 1.0}, r"`data.test_fraction` = 1.0: input should be less than 1"),
+        ({"batch_size": 0}, r"`data.batch_size` = 0: input should be greater than or equal to 1"),
+        ({"batch_size": "x"}, r"`data.batch_size` = 'x': input should be a valid integer"),
+        ({"test_fraction": 0.5, "val_fraction": 0.5}, r"`data.val_fraction` \+ `data.test_fraction` = 0.5 \+ 0.5 leaves no"),
     ],
 )
 def test_digits_argument_errors(kwargs, match):
@@ -389,17 +391,17 @@ def test_folder_errors(tmp_path):
         folder_dm(empty).setup()
 
     ok = make_folder(tmp_path / "ok", {"a": 3, "b": 3})
-    with pytest.raises(ConfigError, match=r"`data.resize` must be one of resize, center_crop, pad, got 'stretch'"):
+    with pytest.raises(ConfigError, match=r"`data.resize` = 'stretch': input should be 'resize', 'center_crop' or 'pad'"):
         folder_dm(ok, resize="stretch").setup()
-    with pytest.raises(ConfigError, match=r"`data.on_corrupt` must be `error` or `skip`, got 'ignore'"):
+    with pytest.raises(ConfigError, match=r"`data.on_corrupt` = 'ignore': input should be 'error' or 'skip'"):
         folder_dm(ok, on_corrupt="ignore").setup()
-    with pytest.raises(ConfigError, match=r"`data.channels` must be 1 .* got 4"):
+    with pytest.raises(ConfigError, match=r"`data.channels` = 4: input should be 1 or 3"):
         folder_dm(ok, channels=4).setup()
-    with pytest.raises(ConfigError, match=r"`data.shots` must be a positive integer.*got -1"):
+    with pytest.raises(ConfigError, match=r"`data.shots` = -1: input should be greater than or equal to 1"):
         folder_dm(ok, shots=-1).setup()
     with pytest.raises(ConfigError, match=r"`data.shots`=3 but class 'a' has only 2 training image"):
         folder_dm(ok, shots=3, test_fraction=0.34).setup()
-    with pytest.raises(ConfigError, match=r"`data.extensions` must be null"):
+    with pytest.raises(ConfigError, match=r"`data.extensions` = '.png': input should be a valid list"):
         folder_dm(ok, extensions=".png").setup()
     with pytest.raises(ConfigError, match=r"Class folder .* has no images with extension in `data.extensions`"):
         folder_dm(ok, extensions=[".jpg"]).setup()

@@ -18,11 +18,12 @@ import logging
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Annotated, Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pydantic import Field
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from imgaug_gen.errors import ConfigError, require
@@ -221,6 +222,9 @@ def sanitize_id(text: str) -> str:
     return out or "x"
 
 
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share in [0, 1)
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base DataModule: in-memory uint8 images, fixed test split, seeded few-shot subset.
 
@@ -235,17 +239,19 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        image_size: int = 32,
-        channels: Optional[int] = 3,
-        shots: Optional[int] = None,
+        image_size: Annotated[int, Field(ge=8)] = 32,
+        channels: Literal[1, 3] = 3,
+        shots: Optional[Annotated[int, Field(ge=1)]] = None,
         seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        test_fraction: float = 0.2,
-        val_fraction: float = 0.0,
+        batch_size: Annotated[int, Field(ge=1)] = 64,
+        num_workers: Annotated[int, Field(ge=0)] = 0,
+        test_fraction: Fraction = 0.2,
+        val_fraction: Fraction = 0.0,
         split_seed: int = 0,
         class_names: Optional[Sequence[str]] = None,
     ) -> None:
+        # the annotations are the `data` block's schema (checked in setup by schemas.check_args)
+        self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.class_names_override = None if class_names is None else list(class_names)
         self.image_size = image_size
@@ -268,33 +274,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ---- setup --------------------------------------------------------------------
     def _check_common_args(self) -> None:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        from imgaug_gen.schemas import check_args
 
-        require(
-            is_int(self.image_size) and self.image_size >= 8,
-            f"`data.image_size` must be an integer >= 8, got {self.image_size!r}; "
-            "set e.g. `data.image_size=32`.",
-        )
-        require(
-            self.channels in (1, 3) and not isinstance(self.channels, bool),
-            f"`data.channels` must be 1 (grayscale) or 3 (RGB), got {self.channels!r}.",
-        )
-        require(
-            self.shots is None or (is_int(self.shots) and self.shots >= 1),
-            f"`data.shots` must be a positive integer (images per class) or null for all "
-            f"images, got {self.shots!r}.",
-        )
-        require(is_int(self.seed), f"`data.seed` must be an integer, got {self.seed!r}.")
-        require(is_int(self.split_seed), f"`data.split_seed` must be an integer, got {self.split_seed!r}.")
-        require(
-            is_int(self.batch_size) and self.batch_size >= 1,
-            f"`data.batch_size` must be a positive integer, got {self.batch_size!r}.",
-        )
-        require(
-            is_int(self.num_workers) and self.num_workers >= 0,
-            f"`data.num_workers` must be an integer >= 0, got {self.num_workers!r}.",
-        )
+        check_args(type(self), "data", self._args)
         names = self.class_names_override
         if names is not None:
             from imgaug_gen.io import safe_class_dir
@@ -306,18 +288,10 @@ class ImageDataModule(pl.LightningDataModule):
                 except ConfigError as e:
                     raise ConfigError(f"`data.class_names[{i}]`: {e}") from None
             require(len(set(names)) == len(names), f"`data.class_names` = {names} repeats a name.")
-        tf = self.test_fraction
-        require(
-            isinstance(tf, (int, float)) and not isinstance(tf, bool) and 0.0 <= float(tf) < 1.0,
-            f"`data.test_fraction` must be a number in [0, 1), got {tf!r}; e.g. `data.test_fraction=0.2`.",
-        )
-        vf = self.val_fraction
-        require(
-            isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0.0 <= float(vf) < 1.0
-            and float(vf) + float(tf) < 1.0,
-            f"`data.val_fraction` must be a number in [0, 1) with `data.val_fraction` + `data.test_fraction` < 1, "
-            f"got {vf!r} (test_fraction {tf!r}); e.g. `data.val_fraction=0.2`.",
-        )
+        tf, vf = self.test_fraction, self.val_fraction
+        require(float(vf) + float(tf) < 1.0,
+                f"`data.val_fraction` + `data.test_fraction` = {vf!r} + {tf!r} leaves no training images; "
+                "keep their sum below 1, e.g. `data.val_fraction=0.2`.")
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._ready:

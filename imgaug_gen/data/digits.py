@@ -5,7 +5,7 @@ Needs no download: the default data set for quick runs and tests.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -20,7 +20,7 @@ class DigitsDataModule(ImageDataModule):
     are ``digits_<index in load_digits>`` (e.g. ``digits_00017``); ``path`` is None.
     """
 
-    def __init__(self, *, channels: Optional[int] = 1, **kwargs: Any) -> None:
+    def __init__(self, *, channels: Literal[1, 3] = 1, **kwargs: Any) -> None:
         """Arguments as :class:`ImageDataModule` (``image_size``, ``shots``, ``seed``, ...)."""
         super().__init__(channels=channels, **kwargs)
 

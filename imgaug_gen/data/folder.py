@@ -12,9 +12,10 @@ import os
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence, get_args
 
 import numpy as np
+from pydantic import Field
 from PIL import Image, ImageOps
 
 from imgaug_gen.data.base import ImageDataModule, LoadedImages, sanitize_id
@@ -22,8 +23,10 @@ from imgaug_gen.errors import ConfigError, require
 
 log = logging.getLogger("imgaug_gen.data")
 
-RESIZE_MODES = ("resize", "center_crop", "pad")
-ON_CORRUPT = ("error", "skip")
+ResizeMode = Literal["resize", "center_crop", "pad"]
+OnCorrupt = Literal["error", "skip"]
+RESIZE_MODES = get_args(ResizeMode)
+ON_CORRUPT = get_args(OnCorrupt)
 
 #: Files with these extensions must decode; a failure is a corrupt file. Files with any
 #: other extension are included only if PIL can open them and are otherwise ignored.
@@ -59,14 +62,15 @@ class LabeledFolderDataModule(ImageDataModule):
         self,
         *,
         root: Optional[str] = None,
-        channels: Optional[int] = 3,
-        resize: str = "resize",
-        on_corrupt: str = "error",
-        extensions: Optional[Sequence[str]] = None,
+        channels: Literal[1, 3] = 3,
+        resize: ResizeMode = "resize",
+        on_corrupt: OnCorrupt = "error",
+        extensions: Optional[Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]] = None,
         **kwargs: Any,
     ) -> None:
         """``root/<class_name>/*``; other arguments as :class:`ImageDataModule`."""
         super().__init__(channels=channels, **kwargs)
+        self._args.update(root=root, resize=resize, on_corrupt=on_corrupt, extensions=extensions)
         self.root = root
         self.resize = resize
         self.on_corrupt = on_corrupt
@@ -74,23 +78,6 @@ class LabeledFolderDataModule(ImageDataModule):
 
     # ---- 1. arguments -------------------------------------------------------------
     def _check_args(self) -> None:
-        require(
-            self.resize in RESIZE_MODES,
-            f"`data.resize` must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}.",
-        )
-        require(
-            self.on_corrupt in ON_CORRUPT,
-            f"`data.on_corrupt` must be `error` or `skip`, got {self.on_corrupt!r}.",
-        )
-        if self.extensions is not None:
-            ok = not isinstance(self.extensions, str) and all(
-                isinstance(e, str) and e.strip(". ") for e in self.extensions
-            )
-            require(
-                ok and len(self.extensions) > 0,
-                f"`data.extensions` must be null (every image) or a non-empty list like "
-                f"[.png, .jpg], got {self.extensions!r}.",
-            )
         require(
             self.root is not None and str(self.root).strip() != "",
             "`data.root` is not set; pass the image folder, e.g. `data.root=/path/to/images` "
