@@ -302,12 +302,13 @@ def _synthetic_sets(cfg: DictConfig, entries: dict[str, dict], shots: int | None
             info.setdefault("run_dir", str(run_dir))
             folder = root / "synthetic" / name / tag
             info["generate"] = {k: v for k, v in _generate_entry(name, e, run_dir, folder, fresh, data_seed).items()
-                                if k in ("fid", "kid_mean", "kid_std", "precision", "recall", "features",
+                                if k in ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "features",
                                          "n_synthetic", "generate_seconds", "filter", "mean_confidence")}
         images, labels, groups, metrics = _folder_synthetic(folder, dm.num_classes, real_x.shape[1:], real_ids)
         info.update(folder=str(folder), images=images, labels=labels, groups=groups, n_synthetic=int(len(images)))
         if "generate" not in info and metrics:
-            info["generate"] = {k: metrics.get(k) for k in ("fid", "kid_mean", "precision", "recall", "features")}
+            info["generate"] = {k: metrics.get(k) for k in ("fid", "kid_mean", "precision", "recall", "density",
+                                                              "coverage", "features")}
         info["memorisation"] = _memorisation_rate(images, real_x)
     return out
 
@@ -591,7 +592,7 @@ def _generator_summary(per_subset: Mapping[str, dict], cas: dict | None) -> dict
     """One generator's facts over the subsets: FID/KID/precision/recall/memorisation means, CAS."""
     subsets = list(per_subset.values())
     out: dict[str, Any] = {"subsets": dict(per_subset), "n_synthetic": subsets[0].get("n_synthetic")}
-    for k in ("fid", "kid_mean", "precision", "recall"):
+    for k in ("fid", "kid_mean", "precision", "recall", "density", "coverage"):
         vals = [s.get("generate", {}).get(k) for s in subsets]
         if all(v is not None for v in vals):
             out[k] = float(np.mean(vals))
@@ -681,13 +682,14 @@ def report_markdown(ev: Mapping[str, Any]) -> str:
         if not gens:
             continue
         lines += ["", f"### {s} shots per class: generators (means over subsets)", "",
-                  "| generator | synthetic images | FID | KID | precision | recall | memorisation | CAS (%) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| generator | synthetic images | FID | KID | precision | recall | density | coverage | memorisation "
+                  "| CAS (%) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for g, info in gens.items():
             cas = info.get("cas") or {}
             fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
             lines.append(f"| {g} | {info.get('n_synthetic', '—')} | {fmt(info.get('fid'), '.2f')} | "
                          f"{fmt(info.get('kid_mean'), '.4f')} | {fmt(info.get('precision'), '.3f')} | "
-                         f"{fmt(info.get('recall'), '.3f')} | {fmt(info.get('memorisation'), '.3f')} | "
+                         f"{fmt(info.get('recall'), '.3f')} | {fmt(info.get('density'), '.3f')} | "
+                         f"{fmt(info.get('coverage'), '.3f')} | {fmt(info.get('memorisation'), '.3f')} | "
                          f"{fmt(100 * cas['mean'] if cas else None, '.1f')} |")
     return "\n".join(lines) + "\n"

@@ -637,7 +637,7 @@ def score_folder(out_dir: Path, records: list[dict], class_names: list[str], ext
     syn = [r for r in records if r["source"] == "synthetic"]
     if extractor is None or not syn:
         return out
-    from imgaug_gen.metrics import FidelityEvaluator, per_class_fidelity_from_features, precision_recall
+    from imgaug_gen.metrics import PRDC_KEYS, FidelityEvaluator, per_class_fidelity_from_features, precision_recall
 
     ref_images, ref_labels = dm.reference_arrays()
     evaluator = FidelityEvaluator(extractor, ref_images)
@@ -655,11 +655,11 @@ def score_folder(out_dir: Path, records: list[dict], class_names: list[str], ext
                 "features": fid["features"], "num_features": fid["num_features"],
                 "n_reference": fid["n_real"], "reference": "real images of the run's data (all but the test split)",
                 "mean_confidence": float(np.mean(conf)) if conf else None})
-    out["precision"] = out["recall"] = None
+    out.update(dict.fromkeys(PRDC_KEYS))
     real_f = evaluator.real.features
     if len(real_f) > k and len(fake_f) > k:
         pr = precision_recall(real_f, fake_f, k=k)
-        out.update(precision=pr["precision"], recall=pr["recall"])
+        out.update({key: pr[key] for key in PRDC_KEYS})
     out["precision_recall_k"] = int(k)
     fake_labels = np.asarray([r["label"] for r in syn], dtype=np.int64)
     out["per_class"] = {str(name): v for name, v in per_class_fidelity_from_features(

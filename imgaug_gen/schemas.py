@@ -84,6 +84,28 @@ class Filter(_Block):
         return v
 
 
+class Metrics(_Block):
+    """``conf/metrics/*.yaml``: the feature space of FID/KID/precision/recall and where its weights are."""
+
+    features: Literal["domain", "inception", "dinov2", "clip"] = "domain"
+    inception_weights: Optional[str] = None  # the FID Inception file (pt_inception-2015-12-05)
+    dinov2_weights: Optional[str] = None  # a local DINOv2 model folder
+    clip_weights: Optional[str] = None  # a local CLIP model folder
+    cache_dir: Optional[str] = None
+    kid_subset_size: int = Field(default=100, ge=2)
+    kid_subsets: int = Field(default=50, ge=1)
+    domain_steps: int = Field(default=300, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights_given(self):
+        key = f"{self.features}_weights"
+        if self.features != "domain" and not getattr(self, key):
+            raise ValueError(f"`metrics.features` = {self.features!r} needs `metrics.{key}` (a local path; nothing is "
+                             "downloaded at run time; README: Which feature space), or use `metrics.features=domain`")
+        return self
+
+
 class Generate(_Block):
     """``conf/generate.yaml``."""
 
@@ -109,7 +131,7 @@ class Generate(_Block):
     num_shards: int = Field(ge=1)
     data: Any = None  # a data config: validated by the data module
     augment: Any = None  # checked by build_augmenter
-    metrics: Any = None  # checked by build_feature_extractor
+    metrics: Optional[Metrics] = None
 
     @model_validator(mode="after")
     def _shards(self):
@@ -131,9 +153,10 @@ def _value_at(data: Any, loc: tuple) -> Any:
     return data
 
 
-def validate(config: Any, schema: type[BaseModel], name: str) -> BaseModel:
+def validate(config: Any, schema: type[BaseModel], name: str, prefix: str | None = None) -> BaseModel:
     """``config`` (a DictConfig or a mapping) checked against ``schema``; the first problem raises a
-    :class:`ConfigError` ``` `key` = value: what is expected (conf/<name>.yaml) ```."""
+    :class:`ConfigError` ``` `key` = value: what is expected (conf/<name>.yaml) ```. ``prefix``: the
+    block's key in its job config (``metrics``), put in front of the keys named in messages."""
     from omegaconf import DictConfig, OmegaConf
 
     data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
@@ -142,6 +165,8 @@ def validate(config: Any, schema: type[BaseModel], name: str) -> BaseModel:
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("float", "literal['auto']")))
+        if prefix:
+            loc, data = (prefix, *loc), {prefix: data}
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list too short
             loc, msg = loc[:-1], f"too few items (item {loc[-1]} is missing)"
@@ -225,7 +250,7 @@ class Evaluate(_Block):
     generators: dict[str, Optional[GeneratorEntry]]
     data: Any = None
     augment: Any = None
-    metrics: Any = None
+    metrics: Optional[Metrics] = None
 
     _distinct_lists = field_validator("shots", "data_seeds", "seeds")(_distinct)
 
@@ -247,7 +272,7 @@ class Train(_Block):
     data: dict[str, Any]
     model: dict[str, Any]
     trainer: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: Metrics
     callbacks: Optional[dict[str, Optional[dict[str, Any]]]]
     logger: Optional[dict[str, Optional[dict[str, Any]]]]
 

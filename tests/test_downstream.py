@@ -29,17 +29,33 @@ def _modes(n_modes: int, per_mode: int, seed: int, dim: int = 2) -> np.ndarray:
 def test_precision_recall_sanity():
     real = _modes(10, 100, seed=0)
     same = precision_recall(real, real)
-    assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["k"] == 3
+    assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["k"] == 3 and same["coverage"] == 1.0
     far = precision_recall(real, real + 1000.0)
-    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    assert far["precision"] == 0.0 and far["recall"] == 0.0 and far["density"] == 0.0 and far["coverage"] == 0.0
     # A fresh sample of the same distribution: both ~1 (k-NN balls miss a few tail points).
     full = precision_recall(real, _modes(10, 100, seed=1))
     assert full["precision"] > 0.93 and full["recall"] > 0.93
     # Covering only modes 0-4: every fake is realistic (precision ~1), half the real data is missed.
     half = precision_recall(real, _modes(5, 100, seed=1))
     assert half["precision"] > 0.93 and half["recall"] == pytest.approx(0.5, abs=0.05)
+    assert half["coverage"] == pytest.approx(0.5, abs=0.05)  # half the real balls hold a generated point
     # chunking does not change the result
     assert precision_recall(real, _modes(5, 100, seed=1), chunk=7) == half
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_density_coverage_match_prdc(k):
+    """The reference implementation of Naeem et al. (``prdc``) on the same features."""
+    prdc = pytest.importorskip("prdc")
+    real = _modes(10, 60, seed=0, dim=8)
+    for fake in (_modes(10, 50, seed=1, dim=8), _modes(4, 80, seed=2, dim=8) * 1.3, real[::2] + 0.05):
+        ours = precision_recall(real, fake, k=k)
+        ref = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+        for key in ("precision", "recall", "density", "coverage"):
+            assert ours[key] == pytest.approx(float(ref[key]), abs=1e-12), key
+    # identical sets: every score is 1
+    same = precision_recall(real, real, k=k)
+    assert same["density"] == pytest.approx(1.0, abs=0.1) and same["coverage"] == 1.0
 
 
 def test_knn_radii_and_errors():

@@ -191,11 +191,32 @@ def test_metrics_precision_recall_per_class(trained_cgan, tmp_path):
     for key in ("fid", "kid_mean", "kid_std", "features", "counts", "n_synthetic", "n_real", "mean_confidence"):
         assert key in saved
     assert 0 <= saved["precision"] <= 1 and 0 <= saved["recall"] <= 1 and saved["precision_recall_k"] == 3
+    assert 0 <= saved["coverage"] <= 1 and saved["density"] >= 0
     assert set(saved["per_class"]) == {str(i) for i in range(10)}
     entry = saved["per_class"]["3"]
     assert entry["n_fake"] == 4 and np.isfinite(entry["fid"]) and entry["kid_mean"] is not None
-    assert entry["precision"] is not None and entry["recall"] is not None
+    assert all(entry[key] is not None for key in ("precision", "recall", "density", "coverage"))
     assert m["per_class"]["3"]["n_fake"] == 4
+
+
+def test_generate_scores_in_a_pretrained_feature_space_from_a_local_folder(trained_cgan, tmp_path):
+    """metrics.features=clip through generate.py's config: a tiny random CLIP saved locally."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    clip = tmp_path / "tiny-clip"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64, patch_size=8, image_size=32,
+                                                   projection_dim=16)).save_pretrained(clip)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"`metrics.features` = 'clip' needs `metrics.clip_weights`"):
+        generate(gen_cfg(trained_cgan, out, "include_real=false", "metrics.features=clip"))
+    assert not out.exists()  # refused before any work
+    m = generate(gen_cfg(trained_cgan, out, "include_real=false", "metrics.features=clip", f"metrics.clip_weights={clip}"))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["features"] == "clip-tiny-clip-image-embeds" and saved["num_features"] == 16
+    assert np.isfinite(saved["fid"]) and 0 <= saved["coverage"] <= 1 and m["features"] == saved["features"]
 
 
 def test_filter_with_shards_gives_the_unsharded_folder(trained_cgan, tmp_path):

@@ -277,24 +277,92 @@ def test_build_from_the_real_config_uses_the_cache(domain, digits, cache_dir, mo
 
 
 def test_build_rejects_unknown_features_and_missing_reference():
-    with pytest.raises(ConfigError, match=r"`metrics.features` = 'clip'.*allowed: domain, inception"):
-        build_feature_extractor({"features": "clip"})
+    with pytest.raises(ConfigError, match=r"`metrics.features` = 'vgg': input should be 'domain', 'inception', "
+                                          r"'dinov2' or 'clip'"):
+        build_feature_extractor({"features": "vgg"})
     with pytest.raises(ConfigError, match=r"pass `reference_images`, `reference_labels` and `num_classes`"):
         build_feature_extractor({"features": "domain"})
-    with pytest.raises(ConfigError, match=r"`metrics.domain_steps` must be a positive int, got 0"):
+    with pytest.raises(ConfigError, match=r"`metrics.domain_steps` = 0: input should be greater than or equal to 1"):
         build_feature_extractor({"domain_steps": 0}, np.zeros((4, 8, 8, 1), np.uint8), np.arange(4) % 2, 2)
+    with pytest.raises(ConfigError, match=r"`metrics.inception_wieghts` is not a key .*allowed here: .*'inception_weights'"):
+        build_feature_extractor({"features": "inception", "inception_wieghts": "x.pth"})
 
 
-@pytest.mark.parametrize("weights", [None, "/nonexistent/inception.pth"])
-def test_inception_without_a_local_file_is_a_config_error(weights):
-    with pytest.raises(ConfigError, match=r"`metrics.inception_weights`.*cannot be downloaded.*metrics.features=domain"):
-        build_feature_extractor({"features": "inception", "inception_weights": weights})
+@pytest.mark.parametrize("kind", ["inception", "dinov2", "clip"])
+def test_pretrained_features_without_local_weights_are_a_config_error(kind, tmp_path):
+    with pytest.raises(ConfigError, match=rf"`metrics.features` = '{kind}' needs `metrics.{kind}_weights`.*nothing is "
+                                          r"downloaded.*metrics.features=domain"):
+        build_feature_extractor({"features": kind})
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=rf"`metrics.{kind}_weights` = '{missing}' is not a (file|folder)"):
+        build_feature_extractor({"features": kind, f"{kind}_weights": missing})
 
 
-def test_inception_rejects_a_file_that_is_not_inception(tmp_path):
+# --------------------------------------------------------------------------- #
+# The standard FID Inception (random weights of the real architecture, from a local file)
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def fid_inception_file(tmp_path_factory):
+    """torch-fidelity's FID Inception-v3 with random weights, saved as a local file (the real one is
+    the 2015-12-05 TensorFlow port; no download here: its loader is bypassed to build the layers)."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    torch.manual_seed(0)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("fid_inception") / "weights-inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_fid_inception_fid_and_kid_equal_torchmetrics_on_the_same_file(fid_inception_file, digits):
+    """metrics.features=inception gives the FID/KID torchmetrics computes with the same weights file."""
+    from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = digits["x_test"][:16], digits["x_train"][:14]
+    ex = build_feature_extractor({"features": "inception", "inception_weights": str(fid_inception_file)})
+    assert isinstance(ex, InceptionFeatures) and ex.num_features == 2048 and "fid-inception" in ex.name
+    ours = compute_fidelity(real, fake, ex, kid_subset_size=8, kid_subsets=5, seed=3)
+
+    rgb = lambda x: images_to_tensor(np.repeat(x, 3, axis=-1))  # noqa: E731 - torchmetrics' Inception takes RGB
+    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(fid_inception_file))
+    kid = KernelInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], str(fid_inception_file)),
+                                  subsets=5, subset_size=8)
+    for metric in (fid, kid):
+        metric.update(rgb(real), real=True)
+        metric.update(rgb(fake), real=False)
+    torch.manual_seed(3)
+    kid_mean, kid_std = kid.compute()
+    assert ours["fid"] > 0
+    assert ours["fid"] == pytest.approx(float(fid.compute()), rel=1e-3)
+    assert ours["kid_mean"] == pytest.approx(float(kid_mean), rel=1e-3)
+    assert ours["kid_std"] == pytest.approx(float(kid_std), rel=1e-3)
+    # same images -> 0; grayscale and its RGB replica give the same features
+    assert compute_fidelity(real, real, ex, kid_subset_size=8, kid_subsets=2)["fid"] == pytest.approx(0, abs=1e-3)
+    torch.testing.assert_close(ex.features(real[:3]), ex.features(np.repeat(real[:3], 3, axis=-1)))
+
+
+def test_fid_inception_loads_safetensors_and_rejects_other_files(fid_inception_file, tmp_path, digits):
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    ref = InceptionFeatures(fid_inception_file)
+    st = tmp_path / "fid_inception.safetensors"
+    save_file({k: v.contiguous() for k, v in torch.load(fid_inception_file, weights_only=True).items()}, str(st))
+    torch.testing.assert_close(InceptionFeatures(st).features(digits["x_test"][:2]), ref.features(digits["x_test"][:2]))
+
+    tv = tmp_path / "torchvision_inception.pth"
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=False).state_dict(), tv)
+    with pytest.raises(ConfigError, match=r"is torchvision's ImageNet Inception-v3 \(1000 classes\), not the FID "
+                                          r"Inception.*weights-inception-2015-12-05-6726825d.pth"):
+        InceptionFeatures(tv)
     bad = tmp_path / "bad.pth"
     torch.save({"conv.weight": torch.zeros(3)}, bad)
-    with pytest.raises(ConfigError, match=r"not a torchvision inception_v3 state dict"):
+    with pytest.raises(ConfigError, match=r"is not the FID Inception-v3 state dict"):
         InceptionFeatures(bad)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
@@ -302,35 +370,100 @@ def test_inception_rejects_a_file_that_is_not_inception(tmp_path):
         InceptionFeatures(garbage)
 
 
+# --------------------------------------------------------------------------- #
+# DINOv2 and CLIP (tiny random models of the real classes, saved and loaded from a local folder)
+# --------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    from torchvision.models import inception_v3
+def dinov2_dir(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    net = inception_v3(weights=None, aux_logits=True, init_weights=True)
-    path = tmp_path_factory.mktemp("inception") / "inception_v3_random.pth"
-    torch.save(net.state_dict(), path)
-    return path, net.state_dict()
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       patch_size=14, image_size=224)
+    path = tmp_path_factory.mktemp("dinov2") / "tiny-dinov2"
+    Dinov2Model(cfg).save_pretrained(path)
+    return path
 
 
-def test_inception_from_local_random_weights(inception_file, tmp_path):
-    from safetensors.torch import save_file
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    path, state = inception_file
-    ex = build_feature_extractor({"features": "inception", "inception_weights": str(path)})
-    assert isinstance(ex, InceptionFeatures) and ex.num_features == 2048
-    rng = np.random.default_rng(0)
-    gray = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
-    rgb = np.repeat(gray, 3, axis=-1)
-    f = ex.features(gray)
-    assert f.shape == (3, 2048) and torch.isfinite(f).all() and f.abs().sum() > 0
-    torch.testing.assert_close(ex.features(rgb), f)  # grayscale is replicated to RGB
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           patch_size=8, image_size=32, projection_dim=16)
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    CLIPVisionModelWithProjection(cfg).save_pretrained(path)
+    return path
 
-    st_path = tmp_path / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(st_path))
-    ex_st = InceptionFeatures(st_path)
-    torch.testing.assert_close(ex_st.features(gray), f)
 
-    out = compute_fidelity(gray, rng.integers(0, 256, (3, 20, 20, 3), dtype=np.uint8), ex, kid_subsets=3)
-    assert out["num_features"] == 2048 and out["features"] == ex.name
-    assert math.isfinite(out["fid"]) and math.isfinite(out["kid_mean"])
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The Fréchet distance written out with scipy (the reference computation)."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_fd_dinov2_equals_a_direct_computation(dinov2_dir, digits):
+    import torch.nn.functional as F
+    from transformers import Dinov2Model
+
+    from imgaug_gen.metrics import DINOv2Features
+
+    real, fake = digits["x_test"][:40], digits["x_train"][:40]
+    ex = build_feature_extractor({"features": "dinov2", "dinov2_weights": str(dinov2_dir)})
+    assert isinstance(ex, DINOv2Features) and ex.num_features == 32
+    ours = compute_fidelity(real, fake, ex, kid_subsets=2)
+
+    model = Dinov2Model.from_pretrained(dinov2_dir).eval()
+
+    def direct(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            return model(pixel_values=(x - mean) / std).pooler_output.double().numpy()
+
+    assert ours["features"] == ex.name and ours["num_features"] == 32
+    assert ours["fid"] == pytest.approx(_frechet(direct(real), direct(fake)), rel=1e-3)
+
+
+def test_fd_clip_features_and_folder_checks(clip_dir, dinov2_dir, digits, tmp_path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from imgaug_gen.metrics import CLIPFeatures
+
+    ex = build_feature_extractor({"features": "clip", "clip_weights": str(clip_dir)})
+    assert isinstance(ex, CLIPFeatures) and ex.num_features == 16 and ex.size == 32
+    f = ex.features(digits["x_test"][:5])
+    model = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+    with torch.no_grad():
+        direct = model(pixel_values=ex.preprocess(images_to_tensor(digits["x_test"][:5]))).image_embeds
+    torch.testing.assert_close(f, direct.float())
+    out = compute_fidelity(digits["x_test"][:30], digits["x_train"][:30], ex, kid_subsets=2)
+    assert out["fid"] > 0 and math.isfinite(out["kid_mean"])
+
+    with pytest.raises(ConfigError, match=r"`metrics.clip_weights` = .*tiny-dinov2' holds a 'dinov2' model, expected "
+                                          r"one of \['clip', 'clip_vision_model'\].*huggingface-cli download"):
+        CLIPFeatures(dinov2_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"has no config.json"):
+        CLIPFeatures(tmp_path / "empty")
+
+
+def test_feature_fid_state_is_a_torchmetrics_metric(domain, digits):
+    """FID's states are sums a DDP reduce adds up: two halves merged give the whole."""
+    from imgaug_gen.metrics import FeatureFID
+
+    real, fake = domain.features(digits["x_test"][:60]), domain.features(digits["x_train"][:60])
+    whole, a, b = (FeatureFID(domain.num_features) for _ in range(3))
+    whole.update(real, real=True)
+    whole.update(fake, real=False)
+    a.update(real[:30], real=True), a.update(fake[:25], real=False)
+    b.update(real[30:], real=True), b.update(fake[25:], real=False)
+    a.merge_state(b)
+    assert float(a.compute()) == pytest.approx(float(whole.compute()), rel=1e-6)
+    assert float(whole.compute()) == pytest.approx(_frechet(real.double().numpy(), fake.double().numpy()), rel=1e-6)

@@ -9,19 +9,22 @@ from imgaug_gen.metrics.features import (
     FEATURE_KINDS,
     DomainFeatures,
     FeatureExtractor,
-    InceptionFeatures,
     build_feature_extractor,
     fit_domain_features,
     images_to_tensor,
 )
 from imgaug_gen.metrics.fidelity import (
+    FeatureFID,
+    FeatureKID,
     FidelityEvaluator,
     clear_real_stats_cache,
     compute_fidelity,
     fidelity_from_features,
     images_hash,
 )
+from imgaug_gen.metrics.pretrained import CLIPFeatures, DINOv2Features, InceptionFeatures
 from imgaug_gen.metrics.precision_recall import (
+    PRDC_KEYS,
     per_class_fidelity,
     per_class_fidelity_from_features,
     precision_recall,
@@ -47,9 +50,13 @@ def __getattr__(name):
 
 
 __all__ = [
+    "CLIPFeatures",
+    "DINOv2Features",
     "FEATURE_KINDS",
     "DomainFeatures",
     "FeatureExtractor",
+    "FeatureFID",
+    "FeatureKID",
     "FidelityEvaluator",
     "InceptionFeatures",
     "build_feature_extractor",
@@ -63,6 +70,7 @@ __all__ = [
     "images_to_tensor",
     "per_class_fidelity",
     "per_class_fidelity_from_features",
+    "PRDC_KEYS",
     "precision_recall",
     "precision_recall_images",
     "train_and_test",

@@ -8,16 +8,17 @@ custom ``feature`` module in torchmetrics' ``FrechetInceptionDistance`` /
 handed to them directly. Extractors are frozen: ``train()`` is a no-op and
 their parameters need no gradient.
 
-Two kinds, chosen with ``metrics.features``:
+Four kinds, chosen with ``metrics.features``:
 
 * ``domain`` (the offline default): :class:`DomainFeatures`, a small CNN
   classifier trained on the real training images by
   :func:`fit_domain_features`; its 128-d penultimate activations are the
   features. The trained weights are cached on disk by a hash of the data and
   the training recipe, so every run on the same data uses the same features.
-* ``inception``: :class:`InceptionFeatures`, torchvision's Inception-v3 pool
-  features (2048-d) from a *local* weights file (``metrics.inception_weights``);
-  nothing is downloaded at run time.
+* ``inception``, ``dinov2``, ``clip``: pretrained networks from *local* weights
+  (``metrics.inception_weights`` / ``dinov2_weights`` / ``clip_weights``), in
+  :mod:`imgaug_gen.metrics.pretrained`: the standard FID Inception (scores comparable
+  with papers), FD-DINOv2 and FD-CLIP. Nothing is downloaded at run time.
 
 Scores computed with different extractors are not comparable; every result
 names its extractor (``FeatureExtractor.name``).
@@ -46,7 +47,6 @@ __all__ = [
     "FEATURE_KINDS",
     "DomainFeatures",
     "FeatureExtractor",
-    "InceptionFeatures",
     "build_feature_extractor",
     "fit_domain_features",
     "images_to_tensor",
@@ -58,7 +58,7 @@ __all__ = [
 DOMAIN_CODE_VERSION = "domain-cnn-v1"
 
 #: Allowed values of ``metrics.features``.
-FEATURE_KINDS = ("domain", "inception")
+FEATURE_KINDS = ("domain", "inception", "dinov2", "clip")
 
 #: Training recipe of the domain classifier (part of the cache key).
 DEFAULT_DOMAIN_STEPS = 300
@@ -70,8 +70,6 @@ DOMAIN_INPUT_SIZE = 32
 DOMAIN_WIDTHS = (32, 64, 128)
 DOMAIN_FEATURE_DIM = 128
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- #
@@ -462,93 +460,6 @@ def fit_domain_features(
 
 
 # --------------------------------------------------------------------------- #
-# Inception-v3 features from a local weights file
-# --------------------------------------------------------------------------- #
-_INCEPTION_HELP = (
-    "the Inception-v3 weights cannot be downloaded at run time; pass a local torchvision "
-    "inception_v3 state dict (.pth/.pt/.safetensors) as `metrics.inception_weights=/path/to/file`, "
-    "or use the offline default `metrics.features=domain`"
-)
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - reported as a user error
-        raise ConfigError(
-            f"`metrics.inception_weights` = {str(path)!r} could not be read as a state dict "
-            f"({type(e).__name__}: {e}); {_INCEPTION_HELP}."
-        ) from e
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    require(
-        isinstance(sd, Mapping) and all(isinstance(v, torch.Tensor) for v in sd.values()),
-        f"`metrics.inception_weights` = {str(path)!r} does not hold a state dict (name -> tensor); "
-        f"{_INCEPTION_HELP}.",
-    )
-    return dict(sd)
-
-
-class InceptionFeatures(FeatureExtractor):
-    """torchvision Inception-v3 2048-d pool features from a local weights file.
-
-    Inputs: uint8 ``[N, C, H, W]``; grayscale is replicated to RGB, images are
-    resized to 299x299 (bilinear) and ImageNet-normalised; the network is built
-    with ``transform_input=True`` as torchvision does for its ImageNet weights.
-    """
-
-    num_features = 2048
-
-    def __init__(self, weights_path: str | os.PathLike | None) -> None:
-        super().__init__()
-        from torchvision.models import inception_v3
-
-        require(
-            weights_path is not None and str(weights_path).strip() not in ("", "None", "null"),
-            f"`metrics.inception_weights` is {weights_path!r} but `metrics.features=inception` needs it: "
-            f"{_INCEPTION_HELP}.",
-        )
-        path = Path(str(weights_path)).expanduser()
-        require(path.is_file(), f"`metrics.inception_weights` = {str(path)!r} is not a file; {_INCEPTION_HELP}.")
-        sd = _load_state_dict(path)
-        require(
-            "fc.weight" in sd,
-            f"`metrics.inception_weights` = {str(path)!r} is not a torchvision inception_v3 state dict "
-            f"(no `fc.weight`; first keys: {list(sd)[:5]}); {_INCEPTION_HELP}.",
-        )
-        has_aux = any(k.startswith("AuxLogits.") for k in sd)
-        net = inception_v3(
-            weights=None, aux_logits=has_aux, init_weights=False,
-            transform_input=True, num_classes=int(sd["fc.weight"].shape[0]),
-        )
-        try:
-            net.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"`metrics.inception_weights` = {str(path)!r} does not match torchvision's inception_v3 "
-                f"({str(e).splitlines()[0]} ...); {_INCEPTION_HELP}."
-            ) from e
-        net.AuxLogits = None
-        net.aux_logits = False
-        net.fc = nn.Identity()  # forward now returns the 2048-d pool features (dropout is off in eval)
-        self.net = net
-        self.weights_path = str(path)
-        self.name = "inception-v3-torchvision-pool3"
-        self.register_buffer("_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self._freeze()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_float01(x.to(self._mean.device) if x.device != self._mean.device else x, 3, 299)
-        return self.net((x - self._mean) / self._std).float()
-
-
-# --------------------------------------------------------------------------- #
 # Config dispatch
 # --------------------------------------------------------------------------- #
 def _as_dict(cfg_like: Any) -> dict[str, Any]:
@@ -573,33 +484,27 @@ def build_feature_extractor(
 ) -> FeatureExtractor:
     """Build the extractor named by ``cfg_like["features"]`` (the ``metrics`` config group).
 
-    Keys used: ``features`` (``domain`` | ``inception``), ``inception_weights``,
-    ``cache_dir``, ``domain_steps``, ``seed``. ``domain`` needs the real
-    reference images, labels and ``num_classes`` to train on (or to find its
-    cached weights); ``inception`` ignores them.
+    Keys used: ``features`` (``domain`` | ``inception`` | ``dinov2`` | ``clip``),
+    ``inception_weights``, ``dinov2_weights``, ``clip_weights``, ``cache_dir``,
+    ``domain_steps``, ``seed``. ``domain`` needs the real reference images, labels
+    and ``num_classes`` to train on (or to find its cached weights); the pretrained
+    kinds ignore them.
     """
-    cfg = _as_dict(cfg_like)
-    kind = cfg.get("features", "domain")
-    require(
-        kind in FEATURE_KINDS,
-        f"`metrics.features` = {kind!r} is not a known feature extractor; allowed: "
-        f"{', '.join(FEATURE_KINDS)} (`domain` is the offline default).",
-    )
-    if kind == "inception":
-        return InceptionFeatures(cfg.get("inception_weights"))
+    from imgaug_gen.schemas import Metrics, validate
+
+    cfg = validate(_as_dict(cfg_like), Metrics, "metrics/default", prefix="metrics")
+    if cfg.features != "domain":
+        from imgaug_gen.metrics import pretrained
+
+        cls = {"inception": pretrained.InceptionFeatures, "dinov2": pretrained.DINOv2Features,
+               "clip": pretrained.CLIPFeatures}[cfg.features]
+        return cls(getattr(cfg, f"{cfg.features}_weights"))
 
     require(
         reference_images is not None and reference_labels is not None and num_classes is not None,
         "`metrics.features=domain` trains its feature network on the real images: pass "
         "`reference_images`, `reference_labels` and `num_classes` to `build_feature_extractor`.",
     )
-    steps = cfg.get("domain_steps", DEFAULT_DOMAIN_STEPS)
-    require(
-        isinstance(steps, int) and not isinstance(steps, bool) and steps > 0,
-        f"`metrics.domain_steps` must be a positive int, got {steps!r}.",
-    )
-    seed = cfg.get("seed", 0)
-    require(isinstance(seed, int) and not isinstance(seed, bool), f"`metrics.seed` must be an int, got {seed!r}.")
     return fit_domain_features(
-        reference_images, reference_labels, int(num_classes), cfg.get("cache_dir"), seed=seed, steps=steps
+        reference_images, reference_labels, int(num_classes), cfg.cache_dir, seed=cfg.seed, steps=cfg.domain_steps
     )

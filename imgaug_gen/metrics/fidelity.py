@@ -1,10 +1,14 @@
-"""FID and KID between real and generated images, on torchmetrics.
+"""FID and KID between real and generated images, as torchmetrics ``Metric`` states.
 
-The math and the metric states are torchmetrics' ``FrechetInceptionDistance``
-and ``KernelInceptionDistance``. Features are extracted once per image set by
-the :class:`~imgaug_gen.metrics.features.FeatureExtractor` and fed to both
-metrics through a pass-through feature module (so FID and KID do not run the
-network twice).
+:class:`FeatureFID` and :class:`FeatureKID` are torchmetrics metrics over *features*:
+``update(features, real=...)`` then ``compute()``, with states that DDP reduces (sums and
+counts for FID, gathered features for KID), so streamed or multi-process scoring needs no
+writes into another library's internals. Their math is torchmetrics'
+``FrechetInceptionDistance`` / ``KernelInceptionDistance`` (same covariance estimate, the
+trace-of-sqrt from eigenvalues, ``poly_mmd`` subsets drawn from the global RNG), which the
+tests check to agree with torchmetrics' own metrics on the same images. Features are extracted
+once per image set by the :class:`~imgaug_gen.metrics.features.FeatureExtractor` (so FID and
+KID do not run the network twice).
 
 Real statistics (the features of the real set plus FID's running sums) are
 cached by a content hash of the real images and the extractor's weights: in
@@ -22,21 +26,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics import Metric
+from torchmetrics.image.kid import poly_mmd
+from torchmetrics.utilities import dim_zero_cat
 
 from imgaug_gen.errors import require
 from imgaug_gen.metrics.features import FeatureExtractor, validate_images
 
-__all__ = ["FidelityEvaluator", "RealStats", "compute_fidelity", "images_hash", "clear_real_stats_cache"]
+__all__ = ["FeatureFID", "FeatureKID", "FidelityEvaluator", "RealStats", "compute_fidelity", "images_hash", "clear_real_stats_cache"]
 
 _MEMORY_CACHE_SIZE = 4
 _memory_cache: OrderedDict[str, RealStats] = OrderedDict()
@@ -54,15 +57,75 @@ def clear_real_stats_cache() -> None:
     _memory_cache.clear()
 
 
-class _PrecomputedFeatures(nn.Module):
-    """Identity feature module for torchmetrics: ``update`` receives features, not images."""
+class FeatureFID(Metric):
+    """Fréchet distance between the Gaussians fitted to real and generated features.
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = int(num_features)
+    States (float64, summed across processes): per side the feature sum, the sum of outer
+    products and the count. ``compute`` is torchmetrics' FID formula.
+    """
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        d = int(num_features)
+        for side in ("real", "fake"):
+            self.add_state(f"{side}_sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_cov_sum", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, features: torch.Tensor, real: bool) -> None:
+        f = features.double()
+        side = "real" if real else "fake"
+        setattr(self, f"{side}_sum", getattr(self, f"{side}_sum") + f.sum(dim=0))
+        setattr(self, f"{side}_cov_sum", getattr(self, f"{side}_cov_sum") + f.t().mm(f))
+        setattr(self, f"{side}_n", getattr(self, f"{side}_n") + f.shape[0])
+
+    def load_real(self, stats: RealStats) -> None:
+        """The real side from cached sufficient statistics (instead of ``update(..., real=True)``)."""
+        self.real_sum, self.real_cov_sum = stats.sum.clone(), stats.cov_sum.clone()
+        self.real_n = torch.tensor(stats.n, dtype=torch.long)
+
+    @staticmethod
+    def _mean_cov(total: torch.Tensor, cov_sum: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = total / n
+        return mean, (cov_sum - n * mean.outer(mean)) / (n - 1)
+
+    def compute(self) -> torch.Tensor:
+        mu1, s1 = self._mean_cov(self.real_sum, self.real_cov_sum, self.real_n)
+        mu2, s2 = self._mean_cov(self.fake_sum, self.fake_cov_sum, self.fake_n)
+        # trace(sqrtm(s1 s2)) from the eigenvalues of s1 s2 (real, >= 0 up to round-off)
+        tr_sqrt = torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
+        return (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt
+
+
+class FeatureKID(Metric):
+    """Kernel distance (cubic polynomial MMD², mean and std over random subsets) between feature
+    sets. States: the features of each side, gathered across processes."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, subsets: int = 50, subset_size: int = 1000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.subsets, self.subset_size = int(subsets), int(subset_size)
+        self.add_state("real_features", [], dist_reduce_fx="cat")
+        self.add_state("fake_features", [], dist_reduce_fx="cat")
+
+    def update(self, features: torch.Tensor, real: bool) -> None:
+        (self.real_features if real else self.fake_features).append(features.double())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        real, fake = dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features)
+        size = min(self.subset_size, real.shape[0], fake.shape[0])
+        scores = []
+        for _ in range(self.subsets):  # the same draws as torchmetrics' KID under the same seed
+            r = real[torch.randperm(real.shape[0])[:size]]
+            f = fake[torch.randperm(fake.shape[0])[:size]]
+            scores.append(poly_mmd(r, f))
+        scores = torch.stack(scores)
+        return scores.mean(), scores.std(unbiased=False)
 
 
 class RealStats:
@@ -134,27 +197,15 @@ def _fidelity_from_features(
     kid_subsets: int,
     seed: int,
 ) -> tuple[float, float, float]:
-    """(fid, kid_mean, kid_std) from real statistics and fake features, via torchmetrics."""
-    feat = _PrecomputedFeatures(num_features)
-    fid = FrechetInceptionDistance(feature=feat, normalize=False, reset_real_features=False, sync_on_compute=False)
-    subset = min(kid_subset_size, real.n, int(fake_features.shape[0]))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        kid = KernelInceptionDistance(
-            feature=feat, subsets=kid_subsets, subset_size=subset, normalize=False,
-            reset_real_features=False, sync_on_compute=False,
-        )
-    # Real side: load the cached sufficient statistics instead of re-running update().
-    fid.real_features_sum = real.sum.clone()
-    fid.real_features_cov_sum = real.cov_sum.clone()
-    fid.real_features_num_samples = torch.tensor(real.n, dtype=torch.long)
-    kid.real_features.append(real.features.double())
-    # Fake side, in float64 (torchmetrics returns FID in the dtype of the features).
-    fake64 = fake_features.double()
-    fid.update(fake64, real=False)
-    kid.update(fake64, real=False)
+    """(fid, kid_mean, kid_std) from real statistics and fake features."""
+    fid = FeatureFID(num_features, sync_on_compute=False)
+    fid.load_real(real)
+    fid.update(fake_features, real=False)
+    kid = FeatureKID(kid_subsets, kid_subset_size, sync_on_compute=False)
+    kid.update(real.features, real=True)
+    kid.update(fake_features, real=False)
     fid_value = float(fid.compute())
-    with torch.random.fork_rng(devices=[]):  # KID draws subsets from the global RNG
+    with torch.random.fork_rng(devices=[]):  # KID draws subsets from the global RNG: seeded, then restored
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     # FID is a squared distance; tiny negatives are round-off of sqrtm(eigvals).

@@ -1,11 +1,17 @@
-"""Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019) and per-class fidelity.
+"""Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019), density and coverage
+(Naeem et al., ICML 2020) and per-class fidelity.
 
 Each set's manifold is the union of balls around its points, each ball's radius being the
 distance to the point's k-th nearest neighbour in the same set. **Precision** is the share
 of generated points inside the real manifold (fidelity), **recall** the share of real points
 inside the generated manifold (coverage / diversity). Both lie in [0, 1]; identical sets
-give 1/1. Computed in feature space (Euclidean, as in the paper), in blocks so memory stays
-bounded. The math is the pure function :func:`precision_recall`.
+give 1/1. **Density** counts how many real balls hold each generated point (divided by k; about 1
+for a generator that matches the real distribution, above 1 where it crowds dense real regions)
+and **coverage** is the share of real points whose ball holds at least one generated point; both
+use the real balls only, so they are robust to outliers among the generated points. A point
+is inside a ball when its distance is strictly below the radius, as in the reference code
+(``prdc``, checked in the tests). Computed in feature space (Euclidean), in blocks so memory
+stays bounded. The math is the pure function :func:`precision_recall`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import torch
 from imgaug_gen.errors import require
 from imgaug_gen.metrics.features import FeatureExtractor, validate_images
 
-__all__ = ["knn_radii", "per_class_fidelity", "per_class_fidelity_from_features", "precision_recall",
+__all__ = ["PRDC_KEYS", "knn_radii", "per_class_fidelity", "per_class_fidelity_from_features", "precision_recall",
            "precision_recall_images"]
 
 _BLOCK_BYTES = 64 * 2**20
+#: the four scores of :func:`precision_recall`, in the order reports show them
+PRDC_KEYS = ("precision", "recall", "density", "coverage")
 
 
 def _feats(x: Any, name: str) -> torch.Tensor:
@@ -55,14 +63,18 @@ def knn_radii(features: Any, k: int = 3, chunk: int | None = None) -> torch.Tens
     return out
 
 
-def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int | None) -> float:
-    """Share of ``points`` within ``radii[j]`` of some ``centres[j]``."""
+def _inside_counts(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+                   chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each point, how many balls ``(centres[j], radii[j])`` hold it; for each ball, whether
+    any point lies inside it (``[len(points)]`` int64, ``[len(centres)]`` bool)."""
     c = _chunk(chunk, centres.shape[0])
-    inside = 0
+    counts = torch.empty(points.shape[0], dtype=torch.long)
+    hit = torch.zeros(centres.shape[0], dtype=torch.bool)
     for i in range(0, points.shape[0], c):
-        d = torch.cdist(points[i:i + c], centres)
-        inside += int((d <= radii[None, :]).any(dim=1).sum())
-    return inside / points.shape[0]
+        inside = torch.cdist(points[i:i + c], centres) < radii[None, :]
+        counts[i:i + c] = inside.sum(dim=1)
+        hit |= inside.any(dim=0)
+    return counts, hit
 
 
 def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, chunk: int | None = None) -> dict[str, float]:
@@ -70,7 +82,7 @@ def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, chunk: int | 
 
     ``k``: neighbourhood size of the manifold radii (the paper's default is 3); each set needs
     more than ``k`` points. ``chunk``: rows per distance block (default: blocks of ~64 MiB).
-    Returns ``{"precision", "recall", "k", "n_real", "n_fake"}``.
+    Returns ``{"precision", "recall", "density", "coverage", "k", "n_real", "n_fake"}``.
     """
     real = _feats(real_feats, "real_feats")
     fake = _feats(fake_feats, "fake_feats")
@@ -81,10 +93,13 @@ def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, chunk: int | 
             f"precision/recall with k={k} needs more than {k} images in each set, got "
             f"{real.shape[0]} real and {fake.shape[0]} generated; lower `k` or add images.")
     real_r = knn_radii(real, k, chunk)
-    fake_r = knn_radii(fake, k, chunk)
+    fake_in_real, real_covered = _inside_counts(fake, real, real_r, chunk)
+    real_in_fake, _ = _inside_counts(real, fake, knn_radii(fake, k, chunk), chunk)
     return {
-        "precision": _coverage(fake, real, real_r, chunk),
-        "recall": _coverage(real, fake, fake_r, chunk),
+        "precision": float((fake_in_real > 0).double().mean()),
+        "recall": float((real_in_fake > 0).double().mean()),
+        "density": float(fake_in_real.double().mean() / k),
+        "coverage": float(real_covered.double().mean()),
         "k": int(k),
         "n_real": int(real.shape[0]),
         "n_fake": int(fake.shape[0]),
@@ -120,7 +135,8 @@ def per_class_fidelity(
 ) -> dict[Any, dict[str, Any]]:
     """FID / KID (and precision / recall) of each class's generated images against its real ones.
 
-    Returns ``{class: {"fid", "kid_mean", "kid_std", "precision", "recall", "n_real", "n_fake"}}``
+    Returns ``{class: {"fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage",
+    "n_real", "n_fake"}}``
     keyed by ``class_names[c]`` (or the int label when no names are given), over the classes
     present in either set. A class with fewer than 2 images on a side gets ``None`` scores (and
     ``precision``/``recall`` need more than ``k``). Per-class FID from few images is strongly
@@ -180,9 +196,9 @@ def per_class_fidelity_from_features(
                                          kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
             entry.update(fid=fid["fid"], kid_mean=fid["kid_mean"], kid_std=fid["kid_std"])
         if with_precision_recall:
-            entry["precision"] = entry["recall"] = None
+            entry.update(dict.fromkeys(PRDC_KEYS))
             if nr > k and nf > k:
                 pr = precision_recall(real_f[torch.from_numpy(rm)], fake_f[torch.from_numpy(fm)], k=k)
-                entry.update(precision=pr["precision"], recall=pr["recall"])
+                entry.update({key: pr[key] for key in PRDC_KEYS})
         out[class_names[c] if class_names is not None else int(c)] = entry
     return out
