@@ -282,6 +282,7 @@ def _synthetic_sets(cfg: DictConfig, entries: dict[str, dict], shots: int | None
     tag = f"shots{shots if shots is not None else 'all'}_d{data_seed}"
     real_x, _ = dm.train_arrays()
     real_ids = [r["id"] for r in dm.train_records()]
+    heldout = dm.val_arrays()[0] if len(dm.val_arrays()[0]) else dm.test_arrays()[0]
     for name, e in entries.items():  # trained runs first, so `run_of` can use them
         if e["source"] == "train":
             run_dir = root / "runs" / name / tag
@@ -309,20 +310,40 @@ def _synthetic_sets(cfg: DictConfig, entries: dict[str, dict], shots: int | None
         if "generate" not in info and metrics:
             info["generate"] = {k: metrics.get(k) for k in ("fid", "kid_mean", "precision", "recall", "density",
                                                               "coverage", "features")}
-        info["memorisation"] = _memorisation_rate(images, real_x)
+        info.update(_memorisation(images, real_x, heldout))
     return out
 
 
-def _memorisation_rate(synthetic: np.ndarray, real: np.ndarray) -> float:
-    """Share of synthetic images nearer to a training image than the training images are to each other
-    (the median of their leave-one-out nearest-neighbour distances), with the quality filter's
-    nearest-real distance on pixels: the near-copies."""
+#: a synthetic image is a near-copy when it is nearer to a training image than all but this share of fresh
+#: real images are: by construction, held-out real images have a copy rate of this share
+COPY_QUANTILE = 0.05
+
+
+def _memorisation(synthetic: np.ndarray, real: np.ndarray, heldout: np.ndarray) -> dict[str, float | None]:
+    """Near-copies of the training images among the synthetic ones (pixel L2, the quality filter's
+    nearest-real distance):
+
+    * ``memorisation``: share nearer to a training image than the training images are to each other
+      (the median of their leave-one-out nearest-neighbour distances). With 5-10 images per class
+      the training images are far apart and almost anything scores near 1.
+    * ``copy_rate``: share nearer to a training image than the 5 % quantile of *held-out real* images'
+      nearest-training distances (validation images; test images when there is no validation split:
+      a diagnostic, never used to choose). Fresh real data scores 0.05 by construction; a generator
+      that adds new images of the class scores near it, one that copies scores well above.
+    """
     from imgaug_gen.filtering import nearest_real_distance
 
-    r = real.reshape(len(real), -1).astype(np.float32)
+    def flat(x: np.ndarray) -> np.ndarray:
+        return x.reshape(len(x), -1).astype(np.float32)
+
+    r = flat(real)
     d_real, _ = nearest_real_distance(r, r, metric="l2", exclude_self=True)
-    d_syn, _ = nearest_real_distance(synthetic.reshape(len(synthetic), -1).astype(np.float32), r, metric="l2")
-    return float(np.mean(d_syn < np.median(d_real)))
+    d_syn, _ = nearest_real_distance(flat(synthetic), r, metric="l2")
+    out: dict[str, float | None] = {"memorisation": float(np.mean(d_syn < np.median(d_real))), "copy_rate": None}
+    if len(heldout):
+        d_fresh, _ = nearest_real_distance(flat(heldout), r, metric="l2")
+        out["copy_rate"] = float(np.mean(d_syn < np.quantile(d_fresh, COPY_QUANTILE)))
+    return out
 
 
 # -- classifier runs ----------------------------------------------------------------------------------------------
@@ -597,6 +618,8 @@ def _generator_summary(per_subset: Mapping[str, dict], cas: dict | None) -> dict
         if all(v is not None for v in vals):
             out[k] = float(np.mean(vals))
     out["memorisation"] = float(np.mean([s["memorisation"] for s in subsets]))
+    rates = [s.get("copy_rate") for s in subsets]
+    out["copy_rate"] = float(np.mean(rates)) if all(r is not None for r in rates) else None
     if cas is not None:
         out["cas"] = {k: cas[k] for k in ("mean", "std", "accs", "pairs")}
     first = subsets[0]
@@ -683,7 +706,7 @@ def report_markdown(ev: Mapping[str, Any]) -> str:
             continue
         lines += ["", f"### {s} shots per class: generators (means over subsets)", "",
                   "| generator | synthetic images | FID | KID | precision | recall | density | coverage | memorisation "
-                  "| CAS (%) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| copy rate (fresh real: 0.05) | CAS (%) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for g, info in gens.items():
             cas = info.get("cas") or {}
             fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
@@ -691,5 +714,6 @@ def report_markdown(ev: Mapping[str, Any]) -> str:
                          f"{fmt(info.get('kid_mean'), '.4f')} | {fmt(info.get('precision'), '.3f')} | "
                          f"{fmt(info.get('recall'), '.3f')} | {fmt(info.get('density'), '.3f')} | "
                          f"{fmt(info.get('coverage'), '.3f')} | {fmt(info.get('memorisation'), '.3f')} | "
+                         f"{fmt(info.get('copy_rate'), '.3f')} | "
                          f"{fmt(100 * cas['mean'] if cas else None, '.1f')} |")
     return "\n".join(lines) + "\n"

@@ -66,7 +66,7 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
                 np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r["real+classical"]["val_accs"])))
         g = ev["generators"][str(shots)]["cgan"]
         assert g["n_synthetic"] == 40 and 0.0 <= g["cas"]["mean"] <= 1.0 and len(g["cas"]["accs"]) == 2
-        assert np.isfinite(g["fid"]) and 0.0 <= g["memorisation"] <= 1.0
+        assert np.isfinite(g["fid"]) and 0.0 <= g["memorisation"] <= 1.0 and 0.0 <= g["copy_rate"] <= 1.0
         # one generator per subset, trained on exactly that few-shot subset
         from imgaug_gen.generators.base import read_run_config
 
@@ -190,3 +190,17 @@ def test_evaluate_cli_help_and_typo():
     typo = subprocess.run([sys.executable, "evaluate.py", "out_dir=/tmp/x", "shotz=[3]"], cwd=ROOT,
                           capture_output=True, text=True)
     assert typo.returncode != 0 and "shotz" in typo.stderr
+
+
+def test_copy_rate_separates_copies_from_new_images_of_the_class():
+    """Fresh real images score the COPY_QUANTILE by construction; copies of the training images score 1."""
+    from conftest import digits_images
+    from imgaug_gen.evaluation import COPY_QUANTILE, _memorisation
+
+    x = np.stack(digits_images(n_per_class=150, classes=(3,), size=8, channels=1)[0])
+    train, heldout, fresh = x[:20], x[20:85], x[85:150]
+    copies = _memorisation(np.concatenate([train, train]), train, heldout)
+    assert copies["copy_rate"] == 1.0 and copies["memorisation"] == 1.0
+    new = _memorisation(fresh, train, heldout)
+    assert new["copy_rate"] == pytest.approx(COPY_QUANTILE, abs=0.06)  # another fresh sample: near the quantile
+    assert _memorisation(fresh, train, heldout[:0])["copy_rate"] is None  # no held-out images: not measured
