@@ -17,6 +17,7 @@ from tiny_sd import TINY_SD, build_tiny_sd
 
 NB = ROOT / "notebooks"
 TINY_CB = ["callbacks.fidelity.n_per_class=5", "callbacks.samples.n_per_class=2", "metrics.domain_steps=30",
+           "trainer.log_every_n_steps=2",  # a run this short logs nothing at the default 20: no metrics.csv to plot
            "trainer.enable_progress_bar=false"]
 
 
