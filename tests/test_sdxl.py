@@ -237,6 +237,7 @@ def test_separate_vae_and_family_checks(tiny_sdxl, tmp_path):
     own.setup("fit")
     assert own.vae.dtype == torch.float32 and own.text_encoder_2.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in own.lora_parameters())
+    assert own.to_generator().sample([0], seeds=[1]).shape == (1, 32, 32, 3)  # bf16 latents, float32 VAE
     with pytest.raises(ConfigError, match=r"`model.vae` = .* is a folder without config.json"):
         _module(tiny_sdxl, vae=str(tmp_path))
     with pytest.raises(ConfigError, match=r"`model.family` = 'sd' but `model.pretrained` = .* is a "

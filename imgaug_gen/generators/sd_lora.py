@@ -381,9 +381,11 @@ class SDLoRAGenerator(ConditionalGenerator):
         return opts
 
     def _autocast(self):
-        dev = self.device
-        if self.autocast_dtype is not None and self.autocast_dtype != torch.float32 and dev.type == "cuda":
-            return torch.autocast(dev.type, dtype=self.autocast_dtype)
+        """Training-time sampling with half-precision frozen weights runs under autocast (on CUDA; on CPU
+        for bfloat16 too, where SDXL's float32 VAE would otherwise meet bfloat16 latents)."""
+        dev, dtype = self.device, self.autocast_dtype
+        if dtype is not None and dtype != torch.float32 and (dev.type == "cuda" or dtype == torch.bfloat16):
+            return torch.autocast(dev.type, dtype=dtype)
         return contextlib.nullcontext()
 
     @staticmethod
