@@ -92,6 +92,47 @@ def test_sdxl_encoding_and_time_ids_match_diffusers(tiny_sdxl):
     assert gen.config["family"] == "sdxl" and gen.config["original_size"] == [64, 48]
 
 
+
+def test_sdxl_training_options_and_text_encoder_lora(tiny_sdxl, tmp_path):
+    """The SD-1.x options hold for SDXL: Min-SNR, noise offset, gradient checkpointing (no gradient
+    changes) and LoRA on both text encoders (saved with a text_encoder_2 part, loaded back);
+    identifier tokens and per-class prompts."""
+    from safetensors import safe_open
+
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0, 2])
+
+    def grads(module):
+        module.batches_seen = 0
+        loss = module.training_step((x, y), 0)
+        loss.backward()
+        pairs = zip(module.lora_state_keys(), module.lora_parameters())
+        return loss.detach(), {k: None if p.grad is None else p.grad.clone() for k, p in pairs}
+
+    opts = dict(snr_gamma=5.0, noise_offset=0.1, train_text_encoder=True, textual_inversion=True)
+    loss0, g0 = grads(_module(tiny_sdxl, **opts))
+    loss1, g1 = grads(_module(tiny_sdxl, gradient_checkpointing=True, **opts))
+    assert torch.isfinite(loss0) and torch.allclose(loss0, loss1) and g0.keys() == g1.keys()
+    # SDXL reads text encoder 1's penultimate layer: its last layer's LoRA gets no gradient (module sets
+    # ddp_find_unused_parameters for that), every other trained tensor does
+    unused = {k for k, g in g0.items() if g is None}
+    assert unused and all(k.startswith("text_encoder.encoder.layers.1.") for k in unused)
+    assert {k for k, g in g1.items() if g is None} == unused
+    g0, g1 = ({k: g for k, g in d.items() if g is not None} for d in (g0, g1))
+    assert any(k.startswith("text_encoder_2.") for k in g0) and any(k.startswith("text_encoder.") for k in g0)
+    assert all(torch.allclose(g0[k], g1[k], atol=1e-6) for k in g0)
+    assert all(g.abs().sum() > 0 for k, g in g0.items() if "lora_B" in k or k.startswith("ti."))
+    module = _module(tiny_sdxl, train_text_encoder=True, prompt_template="a photo of {token} {class_name}",
+                     identifier_tokens="sks", class_prompts={"zero": "a {token} zero digit"})
+    assert module.prompts == ["a photo of sks one one", "a sks zero digit", "a photo of sks zwei ü"]
+    _perturb(module)
+    gen = module.to_generator()
+    gen.save_pretrained(tmp_path / "g")
+    with safe_open(str(tmp_path / "g" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"unet", "text_encoder", "text_encoder_2"}
+    loaded = load_generator(tmp_path / "g")
+    assert any("lora" in k for k in loaded.text_encoder_2.state_dict())
+    assert np.array_equal(loaded.sample([0, 2], seeds=5), gen.sample([0, 2], seeds=5))
+
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl, folder, tmp_path_factory):
     """A 4-step SDXL LoRA + textual-inversion run (sample grids on): (run_dir, metrics, objects)."""
@@ -175,7 +216,9 @@ def test_exact_resume_keeps_lora_and_embeddings(trained, tiny_sdxl, folder, tmp_
     ga, gb = trained[0] / "generator", tmp_path / "b" / "generator"
     files = sorted(p.relative_to(ga).as_posix() for p in ga.rglob("*.safetensors"))
     assert len(files) == 4 and files == sorted(p.relative_to(gb).as_posix() for p in gb.rglob("*.safetensors"))
-    assert all((ga / f).read_bytes() == (gb / f).read_bytes() for f in files)
+    assert [f for f in files if (ga / f).read_bytes() != (gb / f).read_bytes()] == []
+    ca, cb = (json.loads((g / "config.json").read_text()) for g in (ga, gb))
+    assert ca.pop("run_dir") != cb.pop("run_dir") and ca == cb  # the config differs only by the run folder
 
 
 def test_per_class_adapters(tiny_sdxl, folder, tmp_path):

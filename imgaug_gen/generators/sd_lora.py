@@ -54,6 +54,7 @@ from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators import sd_textual_inversion as ti
 from imgaug_gen.generators.base import ConditionalGenerator, register_generator
 from imgaug_gen.generators.module import GeneratorModule
+from imgaug_gen.io import canonical_safetensors_header
 from imgaug_gen.generators.sd_family import (  # noqa: F401  (re-exported: the loading helpers' old home)
     COMPONENTS,
     FAMILIES,
@@ -474,6 +475,7 @@ class SDLoRAGenerator(ConditionalGenerator):
         # diffusers' LoRA writer takes a folder, not a file: write into a temp folder, then rename the file
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora.") as tmp:
             save_lora_weights(self.family, tmp, target.name, layers)
+            canonical_safetensors_header(Path(tmp) / target.name)  # equal weights, equal bytes
             os.replace(Path(tmp) / target.name, target)
 
     def _save_weights(self, path: Path) -> None:
@@ -580,7 +582,9 @@ class SDLoRAModule(GeneratorModule):
         self.ti = torch.nn.ModuleList(self._add_placeholders() if textual_inversion else [])
         self._check_prompt_lengths()
         self._add_adapters(gradient_checkpointing, train_text_encoder)
-        if per_class_adapters:  # a batch trains only the adapters of its classes
+        # a batch trains only the adapters of its classes; SDXL reads text encoder 1's penultimate layer,
+        # so LoRA on its last layer gets no gradient
+        if per_class_adapters or (train_text_encoder and self.family.name == "sdxl"):
             self.ddp_find_unused_parameters = True
         self.weight_dtype = torch.float32
         # Only the trained weights are checkpointed; on_load_checkpoint checks that they are all there.
