@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_DIR ?= demo_out
 
-.PHONY: install demo test test-all bench bench-fewshot clean
+.PHONY: install demo test test-all bench bench-fewshot bench-sd-fullsize clean
 
 # Installs (editable, with the dev extras and the known-good pins) unless this checkout is
 # already the importable imgaug_gen with its dependencies and its generator entry points present.
@@ -37,6 +37,10 @@ bench: install
 # the few-shot headline table (about an hour on 2 CPU cores)
 bench-fewshot: install
 	$(PYTHON) benchmarks/fewshot_digits.py
+
+# full-size SD-1.5 / SDXL architectures with random weights: one LoRA step + a 2-step sample (~6 min, 11 GiB RAM)
+bench-sd-fullsize: install
+	$(PYTHON) benchmarks/bench_sd_fullsize.py
 
 clean:
 	rm -rf $(DEMO_DIR) outputs multirun .pytest_cache

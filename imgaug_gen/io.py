@@ -59,6 +59,28 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        canonical_safetensors_header(tmp)
+
+
+def canonical_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite ``path``'s header with its ``__metadata__`` keys sorted (tensor data untouched).
+
+    safetensors writes the metadata map in hash order, so a file with two metadata entries (a
+    diffusers LoRA file: ``format`` and ``lora_adapter_metadata``) got different bytes for equal
+    content; sorted, equal content gives equal bytes. Not atomic: use it on a file not yet in place."""
+    import struct
+
+    path = Path(path)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta or len(meta) < 2:
+        return
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
 
 
 def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compress_level: int = 1) -> None:

@@ -31,7 +31,7 @@ def test_target_blocks_are_checked_before_any_build(overrides, match, tmp_path):
 
 
 def test_shipped_configs_pass_their_schemas(tmp_path):
-    for model in ("cgan", "ddpm", "sd_lora"):
+    for model in ("cgan", "ddpm", "sd_lora", "sdxl_lora"):
         for logger in ("csv", "tensorboard", "none"):
             cfg = compose_config("train", [f"run_dir={tmp_path}", f"model={model}", f"logger={logger}"])
             check_targets(cfg, KEYS, "train")

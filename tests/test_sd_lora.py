@@ -323,3 +323,46 @@ def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
     assert {d.name: len(list(d.glob("*.png"))) for d in (out / "train").iterdir()} == {str(c): 5 for c in range(10)}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_synthetic"] == 20 and metrics["n_real"] == 30 and "fid" not in metrics  # score=false
+
+
+def test_textual_inversion_alone(tiny_sd, tmp_path):
+    """model.lora=false model.textual_inversion=true on SD-1.x: one learned token per class, only its
+    vector trains (the embedding matrix is untouched), saved as diffusers' {token: [1, dim]} files that
+    plain `load_textual_inversion` reads."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from imgaug_gen.generators.sd_lora import SDLoRAModule
+
+    torch.manual_seed(0)
+    module = SDLoRAModule(num_classes=2, class_names=["golden_retriever", "cat"], image_shape=[3, 16, 16],
+                          pretrained=str(tiny_sd), num_inference_steps=2, lora=False, textual_inversion=True,
+                          textual_inversion_lr=0.1)
+    assert module.prompts == ["a photo of a <golden_retriever>", "a photo of a <cat>"]
+    assert module.lora_state_keys() == ["ti.0.vectors"] and not any("lora" in k for k in module.unet.state_dict())
+    emb = module.text_encoder.get_input_embeddings().weight
+    first = module.tokenizer.convert_tokens_to_ids("<golden_retriever>")
+    ids = module.tokenizer("golden retriever", add_special_tokens=False).input_ids
+    assert torch.allclose(module.ti[0].vectors[0], emb[ids].mean(0))  # initialised from the class name's words
+    before = emb.detach().clone()
+    opt = module.configure_optimizers()["optimizer"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0] and opt.param_groups[0]["lr"] == 0.1
+    module.training_step((torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 1])), 0).backward()
+    opt.step()
+    assert torch.equal(emb, before)  # no row of the matrix moved ...
+    assert not torch.allclose(module.ti[0].vectors, before[first:first + 2])  # ... the learned vectors did
+    gen = module.to_generator()
+    gen.save_pretrained(tmp_path / "g")
+    assert sorted(p.relative_to(tmp_path / "g").as_posix() for p in (tmp_path / "g").rglob("*.*")) == [
+        "config.json", "textual_inversion/class_000.safetensors", "textual_inversion/class_001.safetensors"]
+    sd = load_file(str(tmp_path / "g" / "textual_inversion" / "class_001.safetensors"))
+    assert list(sd) == ["<cat>"] and torch.equal(sd["<cat>"][0], module.ti[0].vectors[1].detach())
+    loaded = load_generator(tmp_path / "g")
+    a = loaded.sample([1, 0], seeds=[3, 4])
+    assert np.array_equal(a, gen.sample([1, 0], seeds=[3, 4]))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.load_textual_inversion(str(tmp_path / "g" / "textual_inversion" / "class_001.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=["a photo of a <cat>"], height=16, width=16, num_inference_steps=2, guidance_scale=7.5,
+               generator=[torch.Generator().manual_seed(3)], output_type="np").images
+    assert np.array_equal((np.clip(out, 0, 1) * 255).round().astype(np.uint8), a[:1])

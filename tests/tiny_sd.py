@@ -94,6 +94,81 @@ def build_tiny_sd(path: str | os.PathLike) -> Path:
     return path
 
 
+# The SDXL part of a tiny `train` override list: the same kind (`model=sdxl_lora` = sd_lora with SDXL
+# defaults; the family comes from the folder's model_index.json), 32 px images.
+TINY_SDXL = [
+    "model=sdxl_lora",
+    "data.channels=3",
+    "data.image_size=32",
+    "data.batch_size=2",
+    "model.lora_rank=4",
+    "model.lora_alpha=8",
+    "model.num_inference_steps=2",
+    "model.guidance_scale=2.0",
+    "trainer.max_steps=2",
+]
+
+
+def _tiny_clip(tokenizer, cls, hidden: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return cls(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, layer_norm_eps=1e-5, **extra))
+
+
+def tiny_vae(sample_size: int = 32, scaling_factor: float = 0.18215):
+    """A tiny AutoencoderKL (downscale factor 2), random init from the current torch seed."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=sample_size,
+                         scaling_factor=scaling_factor)
+
+
+def build_tiny_sdxl(path: str | os.PathLike) -> Path:
+    """A tiny random SDXL, as diffusers' SDXL pipeline tests build it (``get_dummy_components``), saved
+    with ``StableDiffusionXLPipeline.save_pretrained`` into ``path``; returns ``path``.
+
+    32 px images, VAE factor 2 (16x16 latents); two CLIP text encoders of different widths
+    (``CLIPTextModel`` hidden 16, ``CLIPTextModelWithProjection`` hidden 24 with projection 12), so
+    the UNet's ``cross_attention_dim`` is 16 + 24 = 40 and its ``text_time`` added embedding takes
+    ``6 * addition_time_embed_dim + projection_dim`` = 6 * 4 + 12 = 36 inputs.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=MAX_TOKENS)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=MAX_TOKENS)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=4, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=36,
+        cross_attention_dim=40, norm_num_groups=4)
+    torch.manual_seed(0)
+    vae = tiny_vae(32, scaling_factor=0.13025)
+    torch.manual_seed(0)
+    text_encoder = _tiny_clip(tokenizer, CLIPTextModel, 16)
+    torch.manual_seed(0)
+    text_encoder_2 = _tiny_clip(tokenizer_2, CLIPTextModelWithProjection, 24, projection_dim=12)
+    # SDXL's scheduler settings (Euler, scaled_linear betas, leading spacing), 100 training timesteps.
+    scheduler = EulerDiscreteScheduler.from_config(dict(
+        num_train_timesteps=100, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+        use_karras_sigmas=False))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.save_pretrained(str(path))
+    return path
+
+
 _CACHE: dict[str, Path] = {}
 
 
