@@ -193,6 +193,7 @@ def test_config_errors(tmp_path):
         gen.edit(np.zeros((1, 8, 8, 1), np.uint8), [0])
 
 
+@pytest.mark.slow  # fast variant: test_folder_kinds.py::test_folder_train_sample_and_img2img[ddpm]
 def test_train_then_generate_img2img_end_to_end(tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     env = cli_env()

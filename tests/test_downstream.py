@@ -112,6 +112,7 @@ def digits16():
     return {"train": (x[train], y[train]), "other": (x[other], y[other]), "test": (x[test], y[test])}
 
 
+@pytest.mark.slow  # fast variants: test_classifier_is_deterministic_and_handles_channels; CAS in test_evaluate
 def test_classifier_learns_digits_and_cas_matches_real(digits16):
     (xtr, ytr), (xo, yo), (xte, yte) = digits16["train"], digits16["other"], digits16["test"]
     real = train_and_test(xtr, ytr, xte, yte, 10, seed=0, return_details=True)

@@ -284,6 +284,7 @@ def test_hub_id_from_the_offline_cache(tiny_sd, tmp_path):
     assert np.array_equal(loaded.sample([0, 1], seeds=2), gen.sample([0, 1], seeds=2))
 
 
+@pytest.mark.slow  # fast variants: test_sdxl.py::test_train_then_generate_cli (same CLI path), test_folder_kinds[sd_lora]
 def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
     """python train.py model=sd_lora ... then generate.py mode=img2img and mode=sample."""
     run_dir = tmp_path / "run"
