@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from pathlib import Path
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pydantic import Field
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from imgaug_gen.errors import ConfigError
 
@@ -230,3 +234,126 @@ class ProgressPlotCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.write(trainer)
+
+
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0.0)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class ProgressLogCallback(pl.Callback):
+    """Plain progress lines a log file can hold (CI logs, SLURM ``.out``, ``make demo | tee``), one every
+    ``every_n_steps`` optimiser steps and one at the end, on stdout (flushed), rank 0 only::
+
+        step 200/3000 (7%)  train/d_loss=0.8123  train/g_loss=1.204  11.3 it/s  ETA 4m08s
+
+    ``it/s`` counts optimiser steps since the previous line; the ETA uses the rate since training started.
+    ``enabled``: ``auto`` prints only when stdout is not a terminal, and then stands in for the progress bar
+    (whose redrawn line would fill the file); ``true`` always prints (beside the bar); ``false`` never.
+    ``every_n_steps=0`` turns it off."""
+
+    def __init__(self, every_n_steps: Annotated[int, Field(ge=0)] = 100,
+                 enabled: Union[Literal["auto"], bool] = "auto"):
+        if enabled not in ("auto", True, False):
+            raise ConfigError(f"`callbacks.progress_log.enabled` = {enabled!r}; allowed: auto, true, false.")
+        self.every, self.enabled = int(every_n_steps), enabled
+        self.active = self.every > 0 and (enabled is True or (enabled == "auto" and not _stdout_is_terminal()))
+        self._last = -1
+        self._start: tuple[float, int] | None = None
+        self._prev: tuple[float, int] | None = None
+
+    @property
+    def replaces_progress_bar(self) -> bool:
+        """True when these lines stand in for the bar (``enabled=auto`` and stdout is not a terminal)."""
+        return self.active and self.enabled == "auto"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = self._prev = (time.perf_counter(), trainer.global_step)
+
+    def line(self, trainer) -> str:
+        """The progress line at the trainer's current step."""
+        now, step, max_steps = time.perf_counter(), trainer.global_step, trainer.max_steps
+        start = self._start or (now, step)
+        prev = self._prev or start
+        parts = [f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%)" if max_steps and max_steps > 0
+                 else f"step {step} (epoch {trainer.current_epoch})"]
+        for k, v in sorted(trainer.callback_metrics.items()):
+            if torch.is_tensor(v) and v.numel() == 1:
+                parts.append(f"{k}={float(v):.4g}")
+        rate = (step - prev[1]) / (now - prev[0]) if now > prev[0] and step > prev[1] else None
+        parts.append(f"{rate:.3g} it/s" if rate else "- it/s")
+        total_rate = (step - start[1]) / (now - start[0]) if now > start[0] and step > start[1] else None
+        if max_steps and max_steps > 0 and total_rate:
+            parts.append(f"ETA {_duration((max_steps - step) / total_rate)}")
+        parts.append(f"elapsed {_duration(now - start[0])}")
+        self._prev = (now, step)
+        return "  ".join(parts)
+
+    def _print(self, trainer) -> None:
+        self._last = trainer.global_step
+        if trainer.is_global_zero:
+            print(self.line(trainer), flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self.active and _due(trainer, self.every, self._last):
+            self._print(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.active and trainer.global_step != self._last:
+            self._print(trainer)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar counted in optimiser steps for a step-budgeted run (``trainer.max_steps``):
+    ``step 120/3000  4%|▍   | [00:10<03:52, 12.4it/s, train/d_loss=...]``. (Lightning's own bar counts
+    batches of the epoch and, with ``max_epochs=-1``, is titled ``Epoch 0/-2``.) Runs without
+    ``max_steps`` keep Lightning's epoch bar."""
+
+    STEP_BAR_FORMAT = "{desc}  {percentage:3.0f}%|{bar:20}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    @staticmethod
+    def _max_steps(trainer) -> int | None:
+        return int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else None
+
+    @property
+    def train_description(self) -> str:
+        max_steps = self._max_steps(self.trainer)
+        return f"step {self.trainer.global_step}/{max_steps}" if max_steps else super().train_description
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        if self._max_steps(self.trainer):
+            bar.bar_format = self.STEP_BAR_FORMAT
+            bar.unit = "step"
+        return bar
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        max_steps = self._max_steps(trainer)
+        if not max_steps:
+            return super().on_train_epoch_start(trainer, *args)
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        bar = self.train_progress_bar
+        bar.reset(total=max_steps)
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description(self.train_description)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        max_steps = self._max_steps(trainer)
+        if not max_steps:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is None or bar.disable or not (self._should_update(batch_idx + 1, None) or step >= max_steps):
+            return
+        bar.set_description(f"step {step}/{max_steps}", refresh=False)
+        bar.n = step
+        bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes

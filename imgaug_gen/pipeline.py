@@ -8,7 +8,8 @@
 6. Generate and write    (batches; with ``filter.enabled`` over-generate per class until enough pass;
                           classical augmentation after filtering; atomic PNGs, manifest lines, progress bar)
 7. Copy real images      (``include_real=true``; augmented copies with ``augment.apply_to=all``)
-8. Score the folder      (``metrics.json``: counts, FID/KID, precision/recall, per class; filter summary), preview, config
+8. Metadata              (the last shard merges the manifests; ``train/metadata.jsonl`` for Hugging Face ``imagefolder``)
+9. Score the folder      (``metrics.json``: counts, FID/KID, precision/recall, per class; filter summary), preview, config
 """
 
 from __future__ import annotations
@@ -345,7 +346,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run a generation job as configured; returns the metrics dict (also in metrics.json)."""
     import torch
 
-    from imgaug_gen.export import FolderWriter
+    from imgaug_gen.export import FolderWriter, read_manifest, write_hf_metadata
     from imgaug_gen.generators.base import load_generator, read_run_config
 
     # 1. Check inputs (and build the classical augmenter: a bad transform fails here).
@@ -378,9 +379,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         written += write_filtered_items(cfg, gen, real, plan, writer, scorers, augmenter, bar)
     metrics: dict[str, Any] = {"images_written_now": written, "seconds": round(time.perf_counter() - t0, 3)}
     metrics["images_per_second"] = round(written / metrics["seconds"], 2) if metrics["seconds"] > 0 else None
-    # 8. The last shard to finish merges the manifests; 9. it scores the folder and writes the report.
+    # 8. The last shard to finish merges the manifests, then writes train/metadata.jsonl from the final
+    # manifest (Hugging Face imagefolder columns); 9. it scores the folder and writes the report.
     if not finish_shards(cfg, plan):
         return metrics
+    write_hf_metadata(cfg.out_dir, read_manifest(cfg.out_dir))
     return write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics)
 
 

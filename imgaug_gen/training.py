@@ -76,6 +76,37 @@ def build_module(cfg: DictConfig, dm) -> Any:
     return module
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines (pytorch_lightning 2.6 logs
+    them through ``rank_zero_info`` on every fit; there is no switch for them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def quiet_lightning_tips() -> None:
+    """Install :class:`_NoAdverts` on the loggers Lightning's tips come through (idempotent)."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in logger.filters):
+            logger.addFilter(_NoAdverts())
+
+
+def progress_reporting(cfg: DictConfig, callbacks: list) -> dict[str, Any]:
+    """The Trainer's progress bar: Lightning's bar counted in optimiser steps (:class:`StepProgressBar`)
+    where the bar is on; off where the plain progress lines stand in for it (``callbacks.progress_log``
+    with ``enabled=auto`` and stdout not a terminal). Returns the Trainer arguments to override."""
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from imgaug_gen.callbacks import ProgressLogCallback, StepProgressBar
+
+    if any(isinstance(c, ProgressLogCallback) and c.replaces_progress_bar for c in callbacks):
+        return {"enable_progress_bar": False}
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())
+    return {}
+
+
 # Lightning notices that are expected here and only add noise to every run's log.
 _QUIET = (".*ModelCheckpoint with manual optimization.*", ".*You passed in a `val_dataloader` but have no.*",
           ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
@@ -91,6 +122,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     # 1. Check the config.
     check_train_config(cfg)
+    quiet_lightning_tips()
     import warnings
 
     for pattern in _QUIET:
@@ -116,7 +148,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for c in callbacks:
         if isinstance(c, ExportGeneratorCallback):
             c.extra.update(extra)
-    extra_trainer: dict[str, Any] = {}
+    extra_trainer: dict[str, Any] = progress_reporting(cfg, callbacks)
     if cfg.trainer.get("strategy") == "ddp" and module.ddp_find_unused_parameters:
         extra_trainer["strategy"] = "ddp_find_unused_parameters_true"
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False,

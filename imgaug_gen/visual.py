@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -28,15 +29,82 @@ def tile(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, fill: int = 255) ->
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    """An offline font: matplotlib's bundled DejaVu Sans (Latin, Greek, Cyrillic, ...), else PIL's
+    bundled default (FreeType when Pillow has it, else its bitmap font)."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=True), size)
+    except Exception:  # noqa: BLE001 (no matplotlib font or no FreeType: PIL's own)
+        pass
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _short(name, limit: int = 24) -> str:
+    name = str(name)
+    return name if len(name) <= limit else name[:limit - 1] + "\u2026"
+
+
+def font_size_for(cell: int) -> int:
+    """A label size that reads beside a cell of ``cell`` pixels (13 to 28 px)."""
+    return int(min(28, max(13, cell // 5)))
+
+
+def add_labels(grid: np.ndarray, rows: Sequence[tuple[str, float, float]] = (),
+               cols: Sequence[tuple[str, float, float]] = (), font_size: int = 14) -> np.ndarray:
+    """``grid`` (HWC or HW uint8) with white margins holding dark text: each row name left of the
+    grid, right-aligned and centred on its ``[y0, y1)``; each column title above, centred on its
+    ``[x0, x1)`` (grid pixel coordinates). Returns the larger RGB image."""
+    from PIL import Image, ImageDraw
+
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    gap = max(4, font_size // 3)
+    box = lambda t: probe.textbbox((0, 0), t, font=font)  # noqa: E731
+    left = max((box(t)[2] for t, _, _ in rows), default=0) + 2 * gap if rows else 0
+    line = box("Ag")
+    top = line[3] + 2 * gap if cols else 0
+    grid = _as_rgb(np.asarray(grid)[None])[0]
+    h, w = grid.shape[:2]
+    img = Image.new("RGB", (w + left, h + top), "white")
+    img.paste(Image.fromarray(grid), (left, top))
+    draw = ImageDraw.Draw(img)
+    mid = (line[1] + line[3]) / 2  # the text's vertical centre below its drawing origin
+    for text, y0, y1 in rows:
+        draw.text((left - gap - box(text)[2], top + (y0 + y1) / 2 - mid), text, fill=(0, 0, 0), font=font)
+    for text, x0, x1 in cols:
+        b = box(text)
+        draw.text((left + (x0 + x1) / 2 - (b[0] + b[2]) / 2, gap), text, fill=(0, 0, 0), font=font)
+    return np.asarray(img)
+
+
+def _row_spans(n: int, cell: int, pad: int, scale: int) -> list[tuple[float, float]]:
+    """Pixel ``[y0, y1)`` of row ``i`` of a :func:`tile` grid scaled by ``scale`` (same for columns)."""
+    return [((pad + i * (cell + pad)) * scale, (pad + i * (cell + pad) + cell) * scale) for i in range(n)]
+
+
 def class_grid(images: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
-               path: str | Path | None = None, scale: int | None = None) -> np.ndarray:
-    """One row per class (in label order). Saved to ``path`` if given."""
+               path: str | Path | None = None, scale: int | None = None, names: bool = True) -> np.ndarray:
+    """One row per class (in label order), each row named on the left (``names=False``: the bare
+    grid). Saved to ``path`` if given."""
     labels = np.asarray(labels)
-    rows = [[images[i] for i in np.flatnonzero(labels == c)] for c in range(len(class_names))]
-    grid = tile([r for r in rows if r])
+    present = [c for c in range(len(class_names)) if np.any(labels == c)]
+    rows = [[images[i] for i in np.flatnonzero(labels == c)] for c in present]
+    grid = tile(rows)
     if scale is None:
         scale = max(1, 64 // images.shape[1])
     grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid
+    if names:
+        spans = _row_spans(len(present), images.shape[1], 2, scale)
+        grid = add_labels(grid, rows=[(_short(class_names[c]), *span) for c, span in zip(present, spans)],
+                          font_size=font_size_for(images.shape[1] * scale))
     if path is not None:
         from imgaug_gen.io import atomic_save_image
 
@@ -44,37 +112,68 @@ def class_grid(images: np.ndarray, labels: Sequence[int], class_names: Sequence[
     return grid
 
 
+#: The contact sheet's columns: title, and which manifest records go there.
+PREVIEW_GROUPS = (
+    ("real", lambda r: r["source"] == "real" and not r.get("augment")),
+    ("synthetic", lambda r: r["source"] == "synthetic" and r.get("mode") == "sample" and not r.get("augment")),
+    ("img2img", lambda r: r["source"] == "synthetic" and r.get("mode") == "img2img" and not r.get("augment")),
+    ("augmented", lambda r: bool(r.get("augment"))),
+)
+
+
 def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequence[str],
                   per_group: int = 6, path: str | Path | None = None) -> Path:
-    """``OUT/preview.png``: one row per class; real | synthetic (sample) | synthetic (img2img)
-    | augmented copies, ``per_group`` of each, separated by blank cells."""
+    """``OUT/preview.png``: one row per class, named on the left; columns titled real | synthetic
+    (sample) | img2img | augmented copies (those present), ``per_group`` of each, blocks separated by
+    a blank cell."""
     from PIL import Image
 
     out_dir = Path(out_dir)
-    groups = [("real", lambda r: r["source"] == "real" and not r.get("augment")),
-              ("sample", lambda r: r["source"] == "synthetic" and r.get("mode") == "sample" and not r.get("augment")),
-              ("img2img", lambda r: r["source"] == "synthetic" and r.get("mode") == "img2img" and not r.get("augment")),
-              ("augmented", lambda r: bool(r.get("augment")))]
-    rows, blank = [], None
-    for name in class_names:
+    picked = {(name, g): [r for r in records if r["class_name"] == name and keep(r)][:per_group]
+              for name in class_names for g, keep in PREVIEW_GROUPS}
+    groups = [g for g, _ in PREVIEW_GROUPS if any(picked[(n, g)] for n in class_names)]
+    names = [n for n in class_names if any(picked[(n, g)] for g in groups)]
+    if not names:
+        raise ValueError("no images to preview")
+    loaded = {k: [np.asarray(Image.open(out_dir / r["file"]).convert("RGB")) for r in v] for k, v in picked.items()}
+    cell = next(imgs[0] for imgs in loaded.values() if imgs)
+    blank = np.full_like(cell, 255)
+    scale = max(1, 64 // cell.shape[0])
+    probe_font = font_size_for(cell.shape[0] * scale)
+    # Each column block is as wide as its fullest class (wide enough for its title), so columns line up.
+    widths = {g: max(max(len(loaded[(n, g)]) for n in names), _title_cells(g, cell.shape[1] * scale, probe_font))
+              for g in groups}
+    rows, cols, x = [], [], 0
+    for g in groups:
+        cols.append((g, *_col_span(x, widths[g], cell.shape[1], scale)))
+        x += widths[g] + 1
+    for n in names:
         row: list[np.ndarray] = []
-        for _, keep in groups:
-            picked = [r for r in records if r["class_name"] == name and keep(r)][:per_group]
-            imgs = [np.asarray(Image.open(out_dir / r["file"]).convert("RGB")) for r in picked]
-            if imgs:
-                if blank is None:
-                    blank = np.full_like(imgs[0], 255)
-                row += imgs + [blank]
-        if row:
-            rows.append(row[:-1])
+        for g in groups:
+            row += loaded[(n, g)] + [blank] * (widths[g] - len(loaded[(n, g)])) + [blank]
+        rows.append(row[:-1])
     grid = tile(rows)
-    scale = max(1, 64 // (blank.shape[0] if blank is not None else 64))
     grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid
+    spans = _row_spans(len(names), cell.shape[0], 2, scale)
+    grid = add_labels(grid, rows=[(_short(n), *s) for n, s in zip(names, spans)], cols=cols, font_size=probe_font)
     from imgaug_gen.io import atomic_save_image
 
     path = Path(path or out_dir / "preview.png")
     atomic_save_image(path, grid)
     return path
+
+
+def _col_span(first: int, n: int, cell: int, scale: int, pad: int = 2) -> tuple[float, float]:
+    """Pixel ``[x0, x1)`` of ``n`` cells of a :func:`tile` grid starting at cell ``first``, scaled."""
+    return (pad + first * (cell + pad)) * scale, (pad + (first + n) * (cell + pad) - pad) * scale
+
+
+def _title_cells(title: str, cell: int, font_size: int) -> int:
+    """How many cells of ``cell`` pixels a column title needs."""
+    from PIL import Image, ImageDraw
+
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), title, font=_font(font_size))[2]
+    return max(1, -(-(width + 4) // cell))
 
 
 def _optimiser_steps_per_batch(rows: list[dict]) -> int | None:
