@@ -109,7 +109,7 @@ def test_front_ends_end_to_end_on_a_user_folder(tiny_folder, tmp_path):
     res = _run(["generate.py", f"run_dir={run}", f"out_dir={out}", "n_per_class=3", "seed=0",
                 "include_real=true", "metrics.domain_steps=60"], env, ROOT)
     assert "FID=" in res.stdout and str(out / "train") in res.stdout
-    classes = sorted(p.name for p in (out / "train").iterdir())
+    classes = sorted(p.name for p in (out / "train").iterdir() if p.is_dir())
     assert classes == ["one one", "zero", "zwei_ü"]
     for c in classes:
         assert len(list((out / "train" / c).glob("*.png"))) == 3 + 5

@@ -32,7 +32,7 @@ def test_dots_spaces_unicode_class_folders_round_trip(tmp_path):
     run = _train(tmp_path, _folder(tmp_path / "img", names))
     out = tmp_path / "out"
     generate(gen_cfg(run, out, "score=false"))
-    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (out / "train").iterdir() if p.is_dir()) == sorted(names)
     for r in read_manifest(out):
         assert r["file"].startswith(f"train/{r['class_name']}/") and (out / r["file"]).is_file()
 
@@ -55,4 +55,4 @@ def test_class_names_override_renames_output_folders(tmp_path):
     run = _train(tmp_path, root, "data.class_names=[cat,dog,fox]")
     out = tmp_path / "out"
     generate(gen_cfg(run, out, "score=false"))
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["cat", "dog", "fox"]
+    assert sorted(p.name for p in (out / "train").iterdir() if p.is_dir()) == ["cat", "dog", "fox"]

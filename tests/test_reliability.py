@@ -22,7 +22,8 @@ def _consistent(out_dir):
     recs = read_manifest(out_dir)
     ids = [r["id"] for r in recs]
     assert len(ids) == len(set(ids))
-    on_disk = sorted(p.relative_to(out_dir).as_posix() for p in (out_dir / "train").rglob("*") if p.is_file())
+    on_disk = sorted(p.relative_to(out_dir).as_posix() for p in (out_dir / "train").rglob("*")
+                     if p.is_file() and p.name != "metadata.jsonl")  # the HF metadata is not an image
     assert on_disk == sorted(r["file"] for r in recs)
     assert not [p for p in out_dir.rglob("*") if ".tmp" in p.name]
 
