@@ -37,6 +37,17 @@ def test_shipped_configs_pass_their_schemas(tmp_path):
             check_targets(cfg, KEYS, "train")
 
 
+@pytest.mark.parametrize("experiment", ["folder_sd_lora", "folder_dafusion", "folder_datadream"])
+def test_stable_diffusion_recipes_compose_and_pass_their_schemas(experiment, tmp_path):
+    cfg = compose_config("train", [f"run_dir={tmp_path}", f"experiment={experiment}", f"data.root={tmp_path}",
+                                   f"model.pretrained={tmp_path}"])
+    check_targets(cfg, KEYS, "train")
+    if experiment == "folder_dafusion":
+        assert cfg.model.textual_inversion and not cfg.model.lora
+    if experiment == "folder_datadream":
+        assert cfg.model.per_class_adapters and cfg.model.train_text_encoder
+
+
 def test_signature_schema_follows_kwargs_up_the_hierarchy():
     from imgaug_gen.data import LabeledFolderDataModule
 
