@@ -1,24 +1,26 @@
 """The headline table: does synthetic data help a few-shot digits classifier?
 
     python benchmarks/fewshot_digits.py [--out bench_out/fewshot_digits] [--shots 5 10] [--subsets 0 1 2]
-                                        [--seeds 0 1 2 3 4] [--workers 2] [overrides ...]
+                                        [--seeds 0 1 2 3 4] [--workers 2] [--generators a,b] [overrides ...]
 
 Runs the real evaluation job (imgaug_gen.evaluation.evaluate, as ``python evaluate.py``) on the
 digits default: for shots 5 and 10, three few-shot subsets (each trains its own generators) x five
-classifier seeds, on real, real+classical and real+<generator>+classical@<policy> for
+classifier seeds, on real, real+classical and real+<generator>+classical@<policy> for the grid in
+``GENERATORS``:
 
-* ``cgan``        -- the plain cGAN recipe (``experiment=digits_cgan``: fixed DiffAugment);
-* ``cgan_lecam``  -- the same with LeCam (lambda 0.3) + ADA (target 0.6) and EMA decay 0.99;
-* ``ddpm``        -- the class-conditional DDPM (``experiment=digits_ddpm``), sampled from noise;
-* ``ddpm_img2img`` -- the same DDPM's SDEdit edits of the real images (strengths 0.3/0.5/0.7);
-* ``ddpm_blend``  -- the same DDPM's edits of in-class blends (``img2img.blend=[0.3,0.7]``: each real
-  image mixed with another of its class, then denoised at strength 0.5/0.7);
-* ``ddpm_aug``    -- a DDPM trained with non-leaking augmentation (``model.augment``: dihedral group,
-  p 0.5), its blend edits as for ``ddpm_blend``;
+* ``cgan`` / ``cgan_lecam`` -- the cGAN recipe (``experiment=digits_cgan``: fixed DiffAugment) before and
+  after LeCam (lambda 0.3) + ADA (target 0.6) + EMA decay 0.99; ``cgan_lecam_filter``: the latter's
+  samples through the quality filter (``filter.*``: classifier confidence >= 0.5, near-copies dropped);
+* ``ddpm_aug`` -- the class-conditional DDPM (``experiment=digits_ddpm``) trained with non-leaking
+  augmentation (``model.augment``: dihedral group, p 0.5), sampled from noise at its saved guidance 1.5 /
+  eta 0; ``ddpm_aug_g3`` (guidance 3), ``ddpm_aug_eta1`` (stochastic DDIM), ``ddpm_aug_filter`` (quality
+  filter), ``ddpm_aug_blend`` / ``ddpm_aug_blend_hi`` (edits of in-class blends, ``img2img.blend=[0.3,0.7]``,
+  strengths 0.5/0.7 or 0.8/0.9);
+* ``ddpm_small`` -- capacity: the same DDPM recipe with half the UNet width, its blend edits;
 
-consumed under the policies ``replace`` (p 0.5, DA-Fusion), ``kd`` (replace + distillation from the
-real+classical teacher, He et al.) and, for the cGANs, ``weighted`` (25 % synthetic per batch, weight
-0.5, distillation). The headline is chosen on the validation split and read once on the test split;
+consumed under the policies ``replace`` (p 0.5, DA-Fusion) and ``kd`` (replace + distillation from the
+real+classical teacher, He et al.). Sampling settings, strengths, filter, capacity and policy are all
+chosen on the validation split: the headline is the best validation gain, read once on the test split;
 gains are paired with 95 % cluster-bootstrap intervals. Prints the table (also OUT/results.md,
 OUT/eval.json, OUT/accuracy_vs_shots.png), the wall time and the verdict against the targets (+1.5
 points at 5 shots, +1.0 at 10, intervals excluding 0). Budget: 90 minutes on 2 CPU cores.
@@ -41,22 +43,34 @@ import _common  # noqa: F401  (offline environment variables)
 
 TARGETS = {"5": 0.015, "10": 0.010}
 POLICIES = {"replace": "{name:replace,p:0.5}",
-            "kd": "{name:replace,p:0.5,distill:0.5,temperature:2.0}",
-            "weighted": "{name:weighted,p:0.25,synthetic_weight:0.5,distill:0.5}"}
-BLEND = ["mode=img2img", "img2img.edits_per_image=10", "img2img.strengths=[0.5,0.7]", "img2img.blend=[0.3,0.7]"]
+            "kd": "{name:replace,p:0.5,distill:0.5,temperature:2.0}"}
+CGAN = ["experiment=digits_cgan", "logger=none"]
+LECAM = [*CGAN, "model.lecam_lambda=0.3", "model.ada_target=0.6", "model.ema_decay=0.99"]
+DDPM_AUG = ["experiment=digits_ddpm", "logger=none", "model.augment.p=0.5", "model.augment.ops=dihedral"]
+SMALL_UNET = ["model.unet.block_out_channels=[16,32,32]", "model.unet.attention_head_dim=4"]
+FILTER = ["filter.enabled=true", "filter.tau=0.5", "filter.delta=auto"]
+BLEND = ["mode=img2img", "img2img.edits_per_image=10", "img2img.blend=[0.3,0.7]"]
+SAMPLE = ["n_per_class=50"]
+# One entry per synthetic source; the validation split chooses among all of them (and their policies).
 GENERATORS = {
-    "cgan": {"train": ["experiment=digits_cgan", "logger=none"], "generate": ["n_per_class=100"],
-             "policies": ["replace", "kd", "weighted"]},
-    "cgan_lecam": {"train": ["experiment=digits_cgan", "logger=none", "model.lecam_lambda=0.3", "model.ada_target=0.6",
-                             "model.ema_decay=0.99"], "generate": ["n_per_class=100"],
-                   "policies": ["replace", "kd", "weighted"]},
-    "ddpm": {"train": ["experiment=digits_ddpm", "logger=none"], "generate": ["n_per_class=50"],
-             "policies": ["replace", "kd"]},
-    "ddpm_img2img": {"run_of": "ddpm", "generate": ["mode=img2img", "img2img.edits_per_image=5",
-                                                    "img2img.strengths=[0.3,0.5,0.7]"], "policies": ["replace"]},
-    "ddpm_blend": {"run_of": "ddpm", "generate": BLEND, "policies": ["replace", "kd"]},
-    "ddpm_aug": {"train": ["experiment=digits_ddpm", "logger=none", "model.augment.p=0.5",
-                           "model.augment.ops=dihedral"], "generate": BLEND, "policies": ["replace", "kd"]},
+    # cGAN before / after LeCam + ADA, and the after with the quality filter
+    "cgan": {"train": CGAN, "generate": ["n_per_class=100"], "policies": ["replace", "kd"]},
+    "cgan_lecam": {"train": LECAM, "generate": ["n_per_class=100"], "policies": ["replace", "kd"]},
+    "cgan_lecam_filter": {"run_of": "cgan_lecam", "generate": ["n_per_class=100", *FILTER], "policies": ["kd"]},
+    # the DDPM with non-leaking augmentation: samples at the saved guidance 1.5 / eta 0, stronger guidance,
+    # stochastic DDIM, filtered, and blend edits at two strength ranges
+    "ddpm_aug": {"train": DDPM_AUG, "generate": SAMPLE, "policies": ["replace", "kd"]},
+    "ddpm_aug_g3": {"run_of": "ddpm_aug", "generate": [*SAMPLE, "sample_kwargs.guidance_scale=3.0"],
+                    "policies": ["replace"]},
+    "ddpm_aug_eta1": {"run_of": "ddpm_aug", "generate": [*SAMPLE, "sample_kwargs.eta=1.0"], "policies": ["replace"]},
+    "ddpm_aug_filter": {"run_of": "ddpm_aug", "generate": [*SAMPLE, *FILTER], "policies": ["replace"]},
+    "ddpm_aug_blend": {"run_of": "ddpm_aug", "generate": [*BLEND, "img2img.strengths=[0.5,0.7]"],
+                       "policies": ["replace", "kd"]},
+    "ddpm_aug_blend_hi": {"run_of": "ddpm_aug", "generate": [*BLEND, "img2img.strengths=[0.8,0.9]"],
+                          "policies": ["replace"]},
+    # capacity: the same recipe with half the UNet width
+    "ddpm_small": {"train": [*DDPM_AUG, *SMALL_UNET], "generate": [*BLEND, "img2img.strengths=[0.5,0.7]"],
+                   "policies": ["replace"]},
 }
 
 
@@ -74,7 +88,8 @@ def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
     out = [f"out_dir={Path(args.out).resolve()}", f"shots=[{join(shots)}]", f"data_seeds=[{join(subsets)}]",
            f"seeds=[{join(args.seeds)}]", f"classifier.steps={args.classifier_steps}", "~policies",
            "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}", "~generators"]
-    out.append("+generators={" + ",".join(f"{k}:{_value(v)}" for k, v in GENERATORS.items()) + "}")
+    chosen = {k: v for k, v in GENERATORS.items() if not args.generators or k in args.generators}
+    out.append("+generators={" + ",".join(f"{k}:{_value(v)}" for k, v in chosen.items()) + "}")
     return [*out, *args.overrides]
 
 
@@ -90,7 +105,8 @@ def run_units(args) -> None:
             s, d = units.pop(0)
             cmd = [sys.executable, __file__, "--out", args.out, "--shots", str(s), "--subsets", str(d),
                    "--seeds", *map(str, args.seeds), "--classifier-steps", str(args.classifier_steps),
-                   "--workers", "0", "--unit", *args.overrides]
+                   "--workers", "0", "--unit",
+                   *(["--generators", ",".join(args.generators)] if args.generators else []), *args.overrides]
             log = open(log_dir / f"shots{s}_d{d}.log", "w")
             running.append(((s, d), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(2)
@@ -109,10 +125,15 @@ def main(argv=None) -> dict:
     p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--classifier-steps", type=int, default=400)
+    p.add_argument("--generators", type=lambda v: v.split(","), default=None,
+                   help="comma-separated grid entries to run (default: all; name an entry's run_of source too)")
     p.add_argument("--workers", type=int, default=2, help="parallel single-threaded (shots, subset) units; 0: inline")
     p.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # one unit of a --workers run
     p.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.generators or ()) - set(GENERATORS))
+    if unknown:
+        p.error(f"--generators: unknown entries {unknown}; choose from {sorted(GENERATORS)}")
 
     from imgaug_gen.config import compose_config
     from imgaug_gen.evaluation import evaluate
