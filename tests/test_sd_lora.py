@@ -156,6 +156,25 @@ def test_sample_and_img2img_per_image(gen):
         gen.sample([0], guidance_scale=-1)
 
 
+def test_training_step_feeds_the_vae_its_weight_dtype(tiny_sd):
+    """The training step casts the pixels to the VAE's weight dtype (read off its first conv, not
+    through ``ModelMixin.dtype``'s walk over every submodule): float32 by default, bfloat16 with
+    ``weight_dtype=bf16``; the loss stays finite and float32."""
+    from imgaug_gen.generators.sd_lora import SDLoRAModule
+
+    x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 2])
+    for weight_dtype, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):
+        torch.manual_seed(0)
+        module = SDLoRAModule(num_classes=3, class_names=["a", "b", "c"], image_shape=[3, 16, 16],
+                              pretrained=str(tiny_sd), num_inference_steps=2, weight_dtype=weight_dtype)
+        module.setup("fit")
+        seen = []
+        module.vae.encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        loss = module.training_step((x, y), 0)
+        assert module.vae.dtype == module.vae.encoder.conv_in.weight.dtype == expected
+        assert seen == [expected] and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_prompts():
     from imgaug_gen.generators.sd_lora import build_prompts
 

@@ -886,7 +886,8 @@ class SDLoRAModule(GeneratorModule):
         self.batches_seen += 1
         # 1. Encode the images to latents with the frozen VAE.
         with torch.no_grad():
-            dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            # the VAE's weight dtype (= vae.dtype; ModelMixin.dtype walks every submodule, ~0.3 ms a step)
+            dist = self.vae.encode(pixels.to(self.vae.encoder.conv_in.weight.dtype)).latent_dist
             latents = (dist.sample(generator=g) * self.vae.config.scaling_factor).to(self.weight_dtype)
         # 2. Noise (with the optional offset) at random timesteps.
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
