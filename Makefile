@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_DIR ?= demo_out
 
-.PHONY: install demo test test-all bench bench-fewshot bench-sd-fullsize clean
+.PHONY: install demo test test-all bench bench-fewshot bench-sd-lora bench-sd-fullsize clean
 
 # Installs (editable, with the dev extras and the known-good pins) unless this checkout is
 # already the importable imgaug_gen with its dependencies and its generator entry points present.
@@ -37,6 +37,11 @@ bench: install
 # the few-shot headline table (about an hour on 2 CPU cores)
 bench-fewshot: install
 	$(PYTHON) benchmarks/fewshot_digits.py
+
+# SD-LoRA training step: Lightning SDLoRAModule vs a plain diffusers + peft loop (SD-1.x and SDXL, ratio side
+# by side), then the tiny-model step / sampling tables (and the 512 px rows where CUDA is available)
+bench-sd-lora: install
+	$(PYTHON) benchmarks/bench_sd_lora.py
 
 # full-size SD-1.5 / SDXL architectures with random weights: one LoRA step + a 2-step sample (~6 min, 11 GiB RAM)
 bench-sd-fullsize: install

@@ -1,22 +1,36 @@
 """SD-LoRA benchmarks (prints tables; no asserts).
 
-1. CPU, always: the tiny random Stable Diffusion of the tests (tests/tiny_sd.py, 16 px) loaded
-   through ``model.pretrained``: time per optimiser step of ``SDLoRAModule`` through a real
-   Lightning ``Trainer`` (digits as RGB, batch 4 and 16, with and without gradient
-   checkpointing), peak RSS, and sampling time per image with ``micro_batch`` 1 (the default:
-   byte-exact batch independence) vs 8.
-2. CUDA, only when ``torch.cuda.is_available()``: a Stable Diffusion 1.5 *architecture*
+1. CPU, always (``--skip-compare`` to leave out): the LoRA training step of ``SDLoRAModule``
+   through a real Lightning ``Trainer`` vs the same step written as a plain diffusers + peft loop
+   in the shape of diffusers' ``train_text_to_image_lora.py`` (SD-1.x) and
+   ``train_dreambooth_lora_sdxl.py`` (SDXL), written here without imgaug_gen: components loaded
+   with ``from_pretrained`` from the same tiny random pipeline folder (tests/tiny_sd.py: SD-1.x
+   at 16 px, SDXL at 32 px), LoRA via ``unet.add_adapter``, AdamW + lr scheduler with
+   ``conf/model/sd_lora.yaml``'s values, class prompt embeddings encoded once before the loop,
+   and the same fixed list of digit batches (RGB, batch 4, LoRA rank 4, ``32-true``) through
+   the same ``DataLoader``. Time per iteration (one batch start to the next, so Lightning's loop,
+   its ``self.log`` and the lr scheduler step are inside it), warm-up steps dropped, the two
+   alternated (A B, B A, ...) in ``--compare-rounds`` rounds in one process; median ms/step of
+   each and the ratio Lightning / plain (target <= 1.05), SD-1.x and SDXL side by side.
+2. CPU, always (``--compare-only`` to leave out): the tiny random Stable Diffusion of the tests
+   (tests/tiny_sd.py, 16 px) loaded through ``model.pretrained``: time per optimiser step of
+   ``SDLoRAModule`` through a real Lightning ``Trainer`` (digits as RGB, batch 4 and 16, with
+   and without gradient checkpointing), peak RSS, and sampling time per image with
+   ``micro_batch`` 1 (the default: byte-exact batch independence) vs 8.
+3. CUDA, only when ``torch.cuda.is_available()``: a Stable Diffusion 1.5 *architecture*
    (UNet 860M, VAE, CLIP ViT-L text encoder) built locally from configs with random weights
    (nothing is downloaded), saved with ``save_pretrained`` and loaded back like a real base
    model; training steps/s and ``torch.cuda.max_memory_allocated`` at 512 px under
    ``bf16-mixed`` (batch 1 and 4, gradient checkpointing off/on), and 25-step sampling.
 
     python benchmarks/bench_sd_lora.py [--threads 1] [--train-steps 8] [--skip-gpu]
+        [--compare-rounds 4] [--compare-steps 20] [--skip-compare | --compare-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import sys
@@ -35,8 +49,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+@functools.cache
+def _cuda() -> bool:
+    return torch.cuda.is_available()  # not free without a GPU: asked once, not at every timestamp
+
+
 def _sync() -> None:
-    if torch.cuda.is_available():
+    if _cuda():
         torch.cuda.synchronize()
 
 
@@ -44,40 +63,281 @@ def _timer_callback():
     import pytorch_lightning as pl
 
     class StepTimer(pl.Callback):
+        """``starts`` / ``ends``: perf_counter at every on_train_batch_start / on_train_batch_end."""
+
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.starts, self.ends = [], []
+
+        @property
+        def times(self) -> list[float]:  # training_step + backward + optimiser step
+            return [e - s for s, e in zip(self.starts, self.ends)]
+
+        @property
+        def iterations(self) -> list[float]:  # one batch start to the next: everything the loop does per step
+            return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
         def on_train_batch_start(self, *a):
             _sync()
-            self.t0 = time.perf_counter()
+            self.starts.append(time.perf_counter())
 
         def on_train_batch_end(self, *a):
             _sync()
-            self.times.append(time.perf_counter() - self.t0)
+            self.ends.append(time.perf_counter())
 
     return StepTimer()
 
 
-def train_steps(pretrained: Path, *, image_size: int, batch: int, steps: int, accelerator: str, precision: str,
-                checkpointing: bool, rank: int = 4) -> tuple[float, object]:
-    """Median seconds per optimiser step (warm-up steps skipped) of a fresh SDLoRAModule."""
-    import pytorch_lightning as pl
-
+def _train_cfg(pretrained: Path, *, model: str, image_size: int, batch: int, checkpointing: bool, rank: int):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import build_datamodule, build_module
 
-    cfg = compose_config("train", [
-        "model=sd_lora", f"model.pretrained={pretrained}", f"model.lora_rank={rank}",
+    return compose_config("train", [
+        f"model={model}", f"model.pretrained={pretrained}", f"model.lora_rank={rank}",
         f"model.gradient_checkpointing={str(checkpointing).lower()}", "data=digits", "data.channels=3",
         f"data.image_size={image_size}", f"data.batch_size={batch}", "run_dir=/tmp/bench_sd_lora"])
+
+
+def lightning_run(pretrained: Path, *, image_size: int, batch: int, steps: int, accelerator: str, precision: str,
+                  checkpointing: bool, rank: int = 4, model: str = "sd_lora", batches: list | None = None):
+    """(StepTimer, module) of a fresh SDLoRAModule trained ``steps`` steps through a real Trainer, on
+    the datamodule's loader or, given ``batches``, on that fixed list of (pixels, labels)."""
+    import pytorch_lightning as pl
+
+    from imgaug_gen.training import build_datamodule, build_module
+
+    cfg = _train_cfg(pretrained, model=model, image_size=image_size, batch=batch, checkpointing=checkpointing,
+                     rank=rank)
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
     timer = _timer_callback()
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=dm)
+    if batches is None:
+        trainer.fit(module, datamodule=dm)
+    else:
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return timer, module
+
+
+def train_steps(pretrained: Path, *, image_size: int, batch: int, steps: int, accelerator: str, precision: str,
+                checkpointing: bool, rank: int = 4, model: str = "sd_lora") -> tuple[float, object]:
+    """Median seconds per optimiser step (warm-up steps skipped) of a fresh SDLoRAModule."""
+    timer, module = lightning_run(pretrained, image_size=image_size, batch=batch, steps=steps,
+                                  accelerator=accelerator, precision=precision, checkpointing=checkpointing,
+                                  rank=rank, model=model)
     return statistics.median(timer.times[2:] or timer.times), module
+
+
+# -- the plain diffusers + peft reference loop -------------------------------------------------------
+# Written the way diffusers' examples/text_to_image/train_text_to_image_lora.py and
+# examples/dreambooth/train_dreambooth_lora_sdxl.py write it (minus accelerate, which adds nothing on
+# one CPU process), with nothing from imgaug_gen: what a user would otherwise run by hand.
+def _model_defaults() -> dict:
+    """The optimiser / scheduler / prompt defaults of ``model=sd_lora`` (both loops use these)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "sd_lora.yaml")
+    return {k: cfg[k] for k in ("lr", "betas", "weight_decay", "eps", "lr_scheduler", "lr_warmup_steps",
+                                "lora_target_modules", "prompt_template")}
+
+
+def _plain_lora_training(unet, rank: int, num_steps: int):
+    """LoRA on the UNet's attention projections (as the scripts), AdamW over the LoRA weights, lr scheduler."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    d = _model_defaults()
+    unet_lora_config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                  target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    assert sorted(unet_lora_config.target_modules) == sorted(d["lora_target_modules"])
+    unet.add_adapter(unet_lora_config)
+    cast_training_params(unet, dtype=torch.float32)  # the trained weights in float32 (a no-op at 32-true)
+    lora_layers = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_layers, lr=d["lr"], betas=tuple(d["betas"]), weight_decay=d["weight_decay"],
+                                  eps=d["eps"])
+    lr_scheduler = get_scheduler(d["lr_scheduler"], optimizer=optimizer, num_warmup_steps=d["lr_warmup_steps"],
+                                 num_training_steps=num_steps)
+    return optimizer, lr_scheduler
+
+
+def _tokenize_prompt(tokenizer, prompt):
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, encoder_hidden_states,
+                added_cond_kwargs=None, weight_dtype=torch.float32) -> float:
+    """One step of the scripts' loop body: VAE encode, noise, timesteps, add_noise, UNet, MSE, step."""
+    import torch.nn.functional as F
+
+    latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
+    latents = latents * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    bsz = latents.shape[0]
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                      return_dict=False)[0]
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    loss.backward()
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+    logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}  # the scripts' per-step logs
+    return logs["step_loss"]
+
+
+def _plain_loop(batches, step_fn) -> list[float]:
+    """Seconds per iteration, one batch start to the next (as the Lightning side is timed). The
+    batches come through a DataLoader as in the scripts, the same one the Trainer is given."""
+    starts = []
+    for pixel_values, labels in torch.utils.data.DataLoader(batches, batch_size=None):
+        _sync()
+        starts.append(time.perf_counter())
+        step_fn(pixel_values, labels)
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def plain_sd_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4) -> list[float]:
+    """SD-1.x, train_text_to_image_lora.py's shape; returns the seconds per iteration."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = str(pretrained)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    optimizer, lr_scheduler = _plain_lora_training(unet, rank, len(batches))
+    # The text encoder does not train, so the prompts are encoded once before the loop (the dreambooth
+    # scripts' --pre_compute_text_embeddings; the module caches its class embeddings the same way):
+    # one prompt per class, each batch picks its labels' rows.
+    template = _model_defaults()["prompt_template"]
+    prompts = [template.format(class_name=c.replace("_", " ")) for c in class_names]
+    with torch.no_grad():
+        prompt_embeds = text_encoder(_tokenize_prompt(tokenizer, prompts), return_dict=False)[0]
+    unet.train()
+
+    def step(pixel_values, labels):
+        _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels])
+
+    return _plain_loop(batches, step)
+
+
+def sdxl_encode_prompt(text_encoders, tokenizers, prompt):
+    """train_dreambooth_lora_sdxl.py's encode_prompt: both encoders' penultimate hidden states
+    concatenated, the pooled projection of the second."""
+    prompt_embeds_list = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        out = text_encoder(_tokenize_prompt(tokenizer, prompt), output_hidden_states=True, return_dict=False)
+        pooled_prompt_embeds = out[0]  # the last encoder's projection is the one kept
+        prompt_embeds = out[-1][-2]  # penultimate hidden states
+        bs_embed, seq_len, _ = prompt_embeds.shape
+        prompt_embeds_list.append(prompt_embeds.view(bs_embed, seq_len, -1))
+    return torch.concat(prompt_embeds_list, dim=-1), pooled_prompt_embeds.view(bs_embed, -1)
+
+
+def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4,
+                    resolution: int = 32) -> list[float]:
+    """SDXL, train_dreambooth_lora_sdxl.py's shape; returns the seconds per iteration."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = str(pretrained)
+    tokenizer_one = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    tokenizer_two = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    text_encoder_one = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    text_encoder_two = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    vae.requires_grad_(False)
+    text_encoder_one.requires_grad_(False)
+    text_encoder_two.requires_grad_(False)
+    unet.requires_grad_(False)
+    optimizer, lr_scheduler = _plain_lora_training(unet, rank, len(batches))
+
+    def compute_time_ids(original_size, crops_coords_top_left):  # the script's compute_time_ids
+        target_size = (resolution, resolution)
+        add_time_ids = list(original_size + crops_coords_top_left + target_size)
+        return torch.tensor([add_time_ids]).to(dtype=torch.float32)
+
+    # Text encoders frozen: prompts encoded once before the loop (--pre_compute_text_embeddings), one per class.
+    template = _model_defaults()["prompt_template"]
+    prompts = [template.format(class_name=c.replace("_", " ")) for c in class_names]
+    with torch.no_grad():
+        prompt_embeds, unet_add_text_embeds = sdxl_encode_prompt([text_encoder_one, text_encoder_two],
+                                                            [tokenizer_one, tokenizer_two], prompts)
+    unet.train()
+
+    def step(pixel_values, labels):
+        # every image: original size = the resolution, no crop (the module's defaults)
+        add_time_ids = torch.cat([compute_time_ids((resolution, resolution), (0, 0)) for _ in labels])
+        unet_added_conditions = {"time_ids": add_time_ids, "text_embeds": unet_add_text_embeds[labels]}
+        _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels],
+                    added_cond_kwargs=unet_added_conditions)
+
+    return _plain_loop(batches, step)
+
+
+def fixed_batches(*, image_size: int, batch: int, n: int) -> tuple[list, list[str]]:
+    """The first ``n`` batches of the digits (RGB) datamodule's training loader, and its class names."""
+    from imgaug_gen.training import build_datamodule
+
+    cfg = _train_cfg(Path("unused"), model="sd_lora", image_size=image_size, batch=batch, checkpointing=False,
+                     rank=4)
+    dm = build_datamodule(cfg)
+    batches = []
+    while len(batches) < n:
+        for pixels, labels in dm.train_dataloader():
+            batches.append((pixels, labels))
+            if len(batches) == n:
+                break
+    return batches, list(dm.class_names)
+
+
+def bench_compare(steps: int, rounds: int, warmup: int = 3, batch: int = 4, rank: int = 4) -> list[list]:
+    """Lightning SDLoRAModule vs the plain loop, SD-1.x and SDXL, alternating in ``rounds`` rounds."""
+    from tiny_sd import build_tiny_sd, build_tiny_sdxl
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, build, model, size, plain_fn in (
+                ("SD-1.x", build_tiny_sd, "sd_lora", 16, plain_sd_lora),
+                ("SDXL", build_tiny_sdxl, "sdxl_lora", 32, plain_sdxl_lora)):
+            pretrained = build(Path(tmp) / model)
+            # warm-up + timed steps + 1: times are taken batch start to batch start
+            batches, class_names = fixed_batches(image_size=size, batch=batch, n=warmup + steps + 1)
+
+            def lightning():
+                timer, _ = lightning_run(pretrained, image_size=size, batch=batch, steps=len(batches),
+                                         accelerator="cpu", precision="32-true", checkpointing=False, rank=rank,
+                                         model=model, batches=batches)
+                return timer.iterations[warmup:]
+
+            def plain():
+                torch.manual_seed(0)
+                kw = {"resolution": size} if model == "sdxl_lora" else {}
+                return plain_fn(pretrained, batches, class_names, rank=rank, **kw)[warmup:]
+
+            light_t, plain_t = [], []
+            for r in range(rounds):  # A B, B A, ...: both see the same machine load
+                for which in ((lightning, plain) if r % 2 == 0 else (plain, lightning)):
+                    (light_t if which is lightning else plain_t).extend(which())
+            ml, mp = statistics.median(light_t), statistics.median(plain_t)
+            rows.append([f"{name}, tiny, {size} px, batch {batch}, LoRA r{rank}, 32-true", f"{ml * 1000:.1f}",
+                         f"{mp * 1000:.1f}", f"{ml / mp:.3f}", "yes" if ml / mp <= 1.05 else "NO",
+                         f"{len(light_t)} + {len(plain_t)}"])
+    return rows
 
 
 def bench_cpu(steps: int) -> list[list]:
@@ -175,6 +435,13 @@ def main() -> None:
                         "on a shared machine two threads per op can be 100x slower; 0 = torch's choice)")
     p.add_argument("--train-steps", type=int, default=8)
     p.add_argument("--skip-gpu", action="store_true")
+    p.add_argument("--compare-rounds", type=int, default=4,
+                   help="rounds of the Lightning vs plain diffusers + peft comparison (each runs both, alternating)")
+    p.add_argument("--compare-steps", type=int, default=20, help="timed steps per contender and round")
+    p.add_argument("--compare-warmup", type=int, default=3, help="steps dropped at the start of every run")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--skip-compare", action="store_true", help="only the CPU (and GPU) tables")
+    what.add_argument("--compare-only", action="store_true", help="only the Lightning vs plain comparison")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,7 +450,22 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")  # Lightning's "no validation_step" etc.: not what is measured
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars at every from_pretrained
+    diffusers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
+    if not args.skip_compare:
+        print_table(f"SD-LoRA training step, Lightning SDLoRAModule vs plain diffusers + peft loop, CPU "
+                    f"({torch.get_num_threads()} threads, median of {args.compare_rounds} alternating rounds x "
+                    f"{args.compare_steps} steps, {args.compare_warmup} warm-up steps dropped per run)",
+                    ["model, image size, batch", "Lightning ms/step", "plain ms/step", "ratio L/plain",
+                     "<= 1.05", "steps timed (L + plain)"],
+                    bench_compare(args.compare_steps, args.compare_rounds, args.compare_warmup))
+        if args.compare_only:
+            print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+            return
     header = ["what", "time", "rate", "memory", "note"]
     print_table(f"SD-LoRA, CPU (torch {torch.__version__}, {torch.get_num_threads()} threads)", header,
                 bench_cpu(args.train_steps))
