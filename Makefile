@@ -6,13 +6,15 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 DEMO_DIR ?= demo_out
+# Test processes (pytest-xdist, one file per worker at a time, one torch thread each): one per core, at most 4.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 1)
 
 .PHONY: install demo test test-all bench bench-fewshot bench-sd-lora bench-sd-fullsize clean
 
 # Installs (editable, with the dev extras and the known-good pins) unless this checkout is
 # already the importable imgaug_gen with its dependencies and its generator entry points present.
 install:
-	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, torch_fidelity, albumentations, hydra, sklearn, pytest, nbclient, importlinter, prdc, datasets; from importlib.metadata import entry_points; assert {'cgan', 'ddpm', 'sd_lora'} <= set(entry_points(group='imgaug_gen.generators').names); assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
+	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, torch_fidelity, albumentations, hydra, sklearn, pytest, nbclient, importlinter, prdc, datasets; import xdist; from importlib.metadata import entry_points; assert {'cgan', 'ddpm', 'sd_lora'} <= set(entry_points(group='imgaug_gen.generators').names); assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
 
 demo: install
@@ -21,11 +23,11 @@ demo: install
 # the layer contract (pyproject.toml [tool.importlinter]) first: a wrong-way import fails in seconds
 test: install
 	lint-imports
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 test-all: install
 	lint-imports
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: install
 	$(PYTHON) benchmarks/bench_cgan_step.py

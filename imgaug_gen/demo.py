@@ -1,6 +1,6 @@
 """``make demo``: train a small cGAN on the digits default, generate a scored folder, print where.
 
-python -m imgaug_gen.demo [--out demo_out] [--steps N] [--shots K]
+python -m imgaug_gen.demo [--out demo_out] [--steps N] [--shots K] [--n-per-class N] [train.py overrides ...]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (2 per GAN iteration)")
     p.add_argument("--shots", type=int, default=None, help="real images per class")
     p.add_argument("--n-per-class", type=int, default=100)
+    p.add_argument("overrides", nargs="*", help="extra train.py overrides (key=value), e.g. model.lr_g=2e-4")
     args = p.parse_args(argv)
 
     from imgaug_gen.config import compose_config
@@ -65,6 +66,7 @@ def main(argv=None) -> dict:
         overrides.append(f"trainer.max_steps={args.steps}")
     if args.shots:
         overrides.append(f"data.shots={args.shots}")
+    overrides += args.overrides
     train_cfg = compose_config("train", overrides)
     print(plan_message(train_cfg, args.n_per_class), flush=True)
     t0 = time.perf_counter()

@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores (make test: one per core): one thread each, here and in
+    # the subprocesses they start, or the processes' thread pools fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 
@@ -31,6 +35,10 @@ TINY_MODELS = {
 def _session_cache(tmp_path_factory):
     """One feature cache for the session (the domain network trains once), never in $HOME; the
     variable is restored afterwards."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
     old = os.environ.get("IMGAUG_GEN_CACHE")
     os.environ["IMGAUG_GEN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     yield Path(os.environ["IMGAUG_GEN_CACHE"])

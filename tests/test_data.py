@@ -92,6 +92,23 @@ def test_digits_all_shots_three_channels_and_size_8():
     assert len(x) == len(ref_x) == 1797 - len(dm.test_arrays()[1])
 
 
+def test_digits_read_without_sklearn_equals_load_digits(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from imgaug_gen.data import digits as digits_mod
+
+    ref = load_digits()
+    images, labels = digits_mod.load_digits_arrays()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(labels, ref.target)
+    assert labels.dtype == np.int64
+    # the fallback (the CSV not where it was) goes through load_digits and gives the same arrays
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    images2, labels2 = digits_mod.load_digits_arrays()
+    np.testing.assert_array_equal(images2, ref.images)
+    np.testing.assert_array_equal(labels2, labels)
+
+
 def _ids(dm):
     return [r["id"] for r in dm.train_records()]
 
