@@ -7,7 +7,9 @@ Each variant runs in its own process (so peak RSS is its own):
                 (the floor set by this machine's filesystem: each file costs a create and a rename)
   generate      the whole job (plan, generate, write PNGs + manifest atomically), score=false
   generate+score  the same plus per-image confidence and FID/KID of the folder (metrics.json)
-Target: generate / bare-forward <= 1.5 in time. The generator is the demo's cGAN
+"job s" times the work after each variant's imports (a process that has imported the package, as a
+notebook that calls ``generate()`` has); "process wall s" is the whole process, imports and start-up
+included. Target: generate / bare-forward <= 1.5 in time. The generator is the demo's cGAN
 (16 px, width 32); weights are random (speed does not depend on them). The variants run in
 alternating rounds and each keeps its fastest round, so a machine whose load changes during the
 run does not favour the variants that happened to run in a quiet moment.
@@ -75,6 +77,8 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
     else:
         from imgaug_gen.config import compose_config
         from imgaug_gen.pipeline import generate
+        import imgaug_gen.data, imgaug_gen.export  # noqa: E401,F401  (the job's imports, done before the clock
+        # starts as the other variants' are; the "process wall s" column counts every import)
 
         cfg = compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", f"n_per_class={n_per_class}",
                                           "include_real=false", "progress=false",
