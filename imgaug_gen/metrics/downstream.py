@@ -318,6 +318,7 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
     (a second panel: the paired gain over ``real+classical`` with its 95 % interval). Returns the path.
     """
     # The object-oriented API: no pyplot state, and the caller's backend (e.g. a notebook's inline) stays.
+    import matplotlib
     from matplotlib.figure import Figure
 
     require(len(results_by_shots) > 0, "`results_by_shots` is empty.")
@@ -332,8 +333,12 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
     with_gains = any("gain" in r for s in shots for r in results_by_shots[s].values())
     fig = Figure(figsize=(11 if with_gains else 6, 4), dpi=120)
     axes = fig.subplots(1, 2 if with_gains else 1, squeeze=False)[0]
+    # more methods than the 10 default colours: 20 paired colours and a marker per group of 10
+    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else \
+        [matplotlib.colormaps["tab20"](i % 20) for i in range(len(methods))]
     try:
         for i, m in enumerate(methods):
+            style = {"color": palette[i], "marker": "osD^v"[(i // 10) % 5] if len(methods) > 10 else "o"}
             got = [s for s in shots if m in results_by_shots[s]]
             rs = [results_by_shots[s][m] for s in got]
             xs = [float(s) * (1 + 0.012 * (i - len(methods) / 2)) for s in got]  # dodge overlapping bars
@@ -342,12 +347,12 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
                 err = np.array([[y - 100 * r["ci95"][0], 100 * r["ci95"][1] - y] for y, r in zip(ys, rs)]).T
             else:
                 err = np.array([100 * r["std"] for r in rs])
-            axes[0].errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m)
+            axes[0].errorbar(xs, ys, yerr=err, capsize=3, label=m, **style)
             if with_gains and all("gain" in r for r in rs):
                 g = [r["gain"] for r in rs]
                 gy = np.array([100 * v["mean"] for v in g])
                 gerr = np.array([[y - 100 * v["lo"], 100 * v["hi"] - y] for y, v in zip(gy, g)]).T
-                axes[1].errorbar(xs, gy, yerr=gerr, marker="o", capsize=3, label=m, color=f"C{i}")
+                axes[1].errorbar(xs, gy, yerr=gerr, capsize=3, label=m, **style)
         axes[0].set_ylabel("test accuracy (%)")
         if with_gains:
             axes[1].axhline(0.0, color="k", lw=0.8)
