@@ -24,10 +24,11 @@ def test_plan_message_names_the_work_and_the_time():
 
 def test_estimate_scales_with_the_steps_and_images():
     assert MEASURED["train_s"] > 0 and MEASURED["other_s"] > 0  # a measured figure, not a placeholder
-    full = estimate_seconds(2000, 100)
+    steps = MEASURED["steps"]
+    full = estimate_seconds(steps, 100)
     assert full == pytest.approx(MEASURED["train_s"] + MEASURED["other_s"])
-    assert estimate_seconds(4000, 100) - full == pytest.approx(MEASURED["train_s"])
-    assert estimate_seconds(300, 100) < full and estimate_seconds(2000, 10) < full
+    assert estimate_seconds(2 * steps, 100) - full == pytest.approx(MEASURED["train_s"])
+    assert estimate_seconds(300, 100) < full and estimate_seconds(steps, 10) < full
     short = plan_message(_cfg("trainer.max_steps=20", "data.shots=5"), 10)
     assert "(5 images/class, 16 px) for 20 optimiser steps" in short
     assert re.search(r": (under a minute|about \d+ min) on 2 CPU cores\.$", short)
