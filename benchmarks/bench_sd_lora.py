@@ -9,7 +9,8 @@
    ``conf/model/sd_lora.yaml``'s values, class prompt embeddings encoded once before the loop,
    and the same fixed list of digit batches (RGB, batch 4, LoRA rank 4, ``32-true``) through
    the same ``DataLoader``. Time per iteration (one batch start to the next, so Lightning's loop,
-   its ``self.log`` and the lr scheduler step are inside it), warm-up steps dropped, the two
+   its ``self.log`` of the interval's mean loss every ``trainer.log_every_n_steps`` = 20 steps as
+   ``train.py`` runs it, and the lr scheduler step are inside it), warm-up steps dropped, the two
    alternated (A B, B A, ...) in ``--compare-rounds`` rounds in one process; median ms/step of
    each and the ratio Lightning / plain (target <= 1.05), SD-1.x and SDXL side by side.
 2. CPU, always (``--compare-only`` to leave out): the tiny random Stable Diffusion of the tests
@@ -110,6 +111,7 @@ def lightning_run(pretrained: Path, *, image_size: int, batch: int, steps: int, 
     module = build_module(cfg, dm)
     timer = _timer_callback()
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps, logger=False,
+                         log_every_n_steps=int(cfg.trainer.log_every_n_steps),  # train.py's default (20)
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0)
     if batches is None:

@@ -262,3 +262,38 @@ def test_nonleaking_augmentation_trains_and_samples_with_the_identity(tmp_path):
         build(augment={"p": 2, "ops": "flips"})
     with pytest.raises(ConfigError, match="needs square images"):
         DDPMModule(3, ["a", "b", "c"], [1, 16, 32], unet=TINY_UNET, augment={"p": 0.5, "ops": "dihedral"})
+
+
+def test_loss_logged_as_interval_mean(tmp_path):
+    """train/loss is the mean of the steps since the previous write: metrics.csv holds it at Lightning's
+    logging steps, and the last step's interval reaches the returned metrics."""
+    import csv
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.training import build_datamodule, build_module
+
+    cfg = compose_config("train", ddpm_overrides(tmp_path / "run"))
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+
+    class Losses(pl.Callback):
+        def __init__(self):
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+
+    losses = Losses()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=7, log_every_n_steps=3, callbacks=[losses],
+                         logger=CSVLogger(tmp_path, name="log"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    l = losses.values
+    assert len(l) == 7
+    rows = [r for r in csv.DictReader(open(next(tmp_path.glob("log/*/metrics.csv")))) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [2, 5]
+    assert [float(r["train/loss"]) for r in rows] == pytest.approx([np.mean(l[0:3]), np.mean(l[3:6])], rel=1e-5)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(l[6], rel=1e-5)  # the last interval

@@ -531,7 +531,7 @@ class DDPMModule(GeneratorModule):
             target = noise
         pred = self.unet(x_t, t, class_labels=labels, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float())
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_interval_mean("train/loss", loss)
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:

@@ -910,8 +910,7 @@ class SDLoRAModule(GeneratorModule):
         #    time ids), and regress it.
         pred = self._predict(noisy, timesteps, labels)
         loss = self._loss(pred, target, timesteps)
-        if self._trainer is not None:
-            self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log_interval_mean("train/loss", loss)
         return loss
 
     # -- checkpoints: trained weights only ---------------------------------------------------------
