@@ -126,6 +126,11 @@ def gen_cfg(run_dir, out_dir, *extra):
                                        "progress=false", *extra])
 
 
+def class_counts(out_dir) -> dict[str, int]:
+    """{class folder: PNG count} under out_dir/train (its metadata.jsonl is not a class)."""
+    return {d.name: len(list(d.glob("*.png"))) for d in sorted((out_dir / "train").iterdir()) if d.is_dir()}
+
+
 def files_bytes(out_dir):
     """{relative path: bytes} of every PNG under out_dir/train."""
     return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted((out_dir / "train").rglob("*.png"))}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CALLBACKS, TINY_DATA, TINY_METRICS, cli_env
+from conftest import ROOT, TINY_CALLBACKS, TINY_DATA, TINY_METRICS, class_counts, cli_env
 from factories_ddpm import TINY_DDPM, TINY_UNET, make_generator
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator, per_image_seeds
@@ -210,7 +210,7 @@ def test_train_then_generate_img2img_end_to_end(tmp_path):
                         *TINY_METRICS, "progress=false", "device=cpu", "batch_size=32"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    per_class = {d.name: len(list(d.glob("*.png"))) for d in (out_dir / "train").iterdir()}
+    per_class = class_counts(out_dir)
     assert per_class == {str(c): 6 for c in range(10)}  # data.shots=6, one edit per real image
     records = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 60 and len({r["source_id"] for r in records}) == 60

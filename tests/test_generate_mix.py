@@ -12,17 +12,13 @@ from PIL import Image
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.export import is_kept, read_manifest
-from conftest import files_bytes, gen_cfg
+from conftest import class_counts, files_bytes, gen_cfg
 from imgaug_gen.pipeline import generate, plan_items, split_counts, synthetic_counts
 
 
 def png(out_dir, rec):
     a = np.asarray(Image.open(out_dir / rec["file"]))
     return a[..., None] if a.ndim == 2 else a
-
-
-def per_class_dirs(out_dir):
-    return {d.name: len(list(d.glob("*.png"))) for d in sorted((out_dir / "train").iterdir())}
 
 
 def test_augment_light_is_recorded_and_replayable(trained_cgan, tmp_path):
@@ -86,7 +82,7 @@ def test_mix_policy_exact_counts(trained_cgan, tmp_path, override, per_class):
     for c in map(str, range(10)):
         assert by_class[(c, "synthetic")] == per_class and by_class[(c, "real")] == 6
         assert m["counts"][c] == {"real": 6, "synthetic": per_class}
-        assert per_class_dirs(out)[c] == 6 + per_class
+        assert class_counts(out)[c] == 6 + per_class
         assert m["planned"][c] == {"real": 6, "sample": per_class}
 
 

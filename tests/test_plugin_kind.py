@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_CALLBACKS, TINY_DATA, TINY_METRICS
+from conftest import TINY_CALLBACKS, TINY_DATA, TINY_METRICS, class_counts
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
 
@@ -95,7 +95,7 @@ def test_a_plugin_kind_trains_loads_and_generates(toy_package, tmp_path):
     sys.modules.pop("toykind", None)
     metrics = generate(compose_config("generate", [f"run_dir={run}", f"out_dir={out}", "n_per_class=3",
                                                    "include_real=false", "score=false", "progress=false"]))
-    per_class = {d.name: len(list(d.glob("*.png"))) for d in (out / "train").iterdir() if d.is_dir()}
+    per_class = class_counts(out)
     assert per_class == {str(c): 3 for c in range(10)} and metrics["n_synthetic"] == 30
     with pytest.raises(ConfigError, match=r"`sample_kwargs` has unknown keys \['eta'\] for a `toy` generator"):
         base.load_generator(run / "generator").sample([0], eta=0.5)

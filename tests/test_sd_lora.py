@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_METRICS, cli_env
+from conftest import ROOT, TINY_METRICS, class_counts, cli_env
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator, per_image_seeds
 from tiny_sd import TINY_SD, build_tiny_sd
@@ -327,7 +327,7 @@ def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
         "img2img.strengths=[0.5,1.0]", "include_real=false")
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 30 and len({r["source_id"] for r in records}) == 30
-    assert {d.name: len(list(d.glob("*.png"))) for d in (out / "train").iterdir()} == {str(c): 3 for c in range(10)}
+    assert class_counts(out) == {str(c): 3 for c in range(10)}
     for rec in records:
         assert rec["mode"] == "img2img" and rec["generator"]["kind"] == "sd_lora" and rec["strength"] in (0.5, 1.0)
         assert rec["prompt"] == f"a photo of a {rec['class_name']}"  # the generator's prompt_for(label)
@@ -340,7 +340,7 @@ def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
     assert all(r["prompt"] == f"a photo of a {r['class_name']}" for r in records if r["source"] == "synthetic")
     assert not any("prompt" in r for r in records if r["source"] == "real")
     assert sum(r["source"] == "real" for r in records) == 30
-    assert {d.name: len(list(d.glob("*.png"))) for d in (out / "train").iterdir()} == {str(c): 5 for c in range(10)}
+    assert class_counts(out) == {str(c): 5 for c in range(10)}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_synthetic"] == 20 and metrics["n_real"] == 30 and "fid" not in metrics  # score=false
 
