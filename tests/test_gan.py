@@ -23,6 +23,24 @@ def _weights(run_dir):
     return load_file(str(run_dir / "generator" / "model.safetensors"))
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_while_training_only(tmp_path, channels_last):
+    """model.channels_last: the networks train in NHWC, the saved generator is contiguous and samples
+    the same as the in-memory EMA network it was saved from."""
+    from imgaug_gen.generators.base import load_generator
+
+    cfg = compose_config("train", train_overrides("cgan", tmp_path / "run", "trainer.max_steps=2",
+                                                  f"model.channels_last={str(channels_last).lower()}"))
+    _, objects = train(cfg)
+    weights = [p for p in objects["module"].parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in weights)
+    assert all(p.is_contiguous() != channels_last for p in weights)
+    saved = load_generator(tmp_path / "run" / "generator")
+    assert all(t.is_contiguous() for t in _weights(tmp_path / "run").values())
+    live = objects["module"].to_generator()
+    assert np.array_equal(saved.sample([0, 1, 2], seeds=3), live.sample([0, 1, 2], seeds=3))
+
+
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(compose_config("train", train_overrides("cgan", straight, "trainer.max_steps=8", "trainer.log_every_n_steps=1")))
