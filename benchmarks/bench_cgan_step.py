@@ -31,10 +31,13 @@ def plain_loop(args, batches) -> list[float]:
     from imgaug_gen.generators.gan import hinge_d_loss, hinge_g_loss
 
     m = make_module(args)
+    m.setup("fit")  # the module's training layout (model.channels_last), as the Trainer sets it
     opt_d, opt_g = m.configure_optimizers()
     times = []
     for real, labels in batches:
         t = time.perf_counter()
+        if m.hparams.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(real.shape[0], m.hparams.z_dim)
         m.generator.requires_grad_(False)
         with torch.no_grad():
