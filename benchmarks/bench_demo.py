@@ -26,12 +26,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment variables)
-from _common import print_table
+from _common import print_table, worktree
 
 ROOT = Path(__file__).resolve().parent.parent
 CURRENT = "current (experiment=digits_cgan)"
@@ -74,20 +73,6 @@ def rescore(folders: list[Path]) -> list[float]:
         records = [r for r in read_manifest(folder) if r.get("source") == "synthetic"]
         fids.append(float(evaluator.evaluate(load_folder_images(folder, records))["fid"]))
     return fids
-
-
-@contextlib.contextmanager
-def worktree(rev: str):
-    """A temporary detached ``git worktree`` of ``rev``, removed afterwards."""
-    tmp = Path(tempfile.mkdtemp(prefix="bench_demo_before_"))
-    path = tmp / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True,
-                   capture_output=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True)
-        tmp.rmdir()
 
 
 def main() -> None:

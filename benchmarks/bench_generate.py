@@ -14,12 +14,17 @@ included. Target: generate / bare-forward <= 1.5 in time. The generator is the d
 alternating rounds and each keeps its fastest round, so a machine whose load changes during the
 run does not favour the variants that happened to run in a quiet moment.
 
-python benchmarks/bench_generate.py [--n-per-class 500] [--size 16] [--rounds 3]
+``--before REV`` adds "files only" and "generate" as the package was at git revision REV (run from a
+temporary ``git worktree``, its package first on the path), in the same alternating rounds: the
+before/after of a writer change, measured side by side.
+
+python benchmarks/bench_generate.py [--n-per-class 500] [--size 16] [--rounds 3] [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,7 +34,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import peak_rss_mib, print_table
+from _common import peak_rss_mib, print_table, worktree
 
 HERE = Path(__file__).resolve().parent
 
@@ -94,6 +99,7 @@ def main():
     p.add_argument("--n-per-class", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", type=int, default=16)
+    p.add_argument("--before", metavar="REV", help="also run the writer and generate as at this git revision")
     p.add_argument("--worker", nargs=4, metavar=("MODE", "RUN", "OUT", "N"))
     args = p.parse_args()
     if args.worker:
@@ -101,24 +107,30 @@ def main():
         print("RESULT " + json.dumps(worker(mode, run_dir, out_dir, int(n))))
         return
     rows, results = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
+    variants = [(m, m, None) for m in ("bare-forward", "sample()", "files only", "generate", "generate+score")]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         make_run(tmp / "run", args.size)
         env = {**os.environ, "IMGAUG_GEN_CACHE": str(tmp / "cache")}
+        if args.before:
+            old_tree = stack.enter_context(worktree(args.before))
+            variants += [(f"{m} (git {args.before})", m, old_tree) for m in ("files only", "generate")]
         for rnd in range(args.rounds):
-            for mode in ("bare-forward", "sample()", "files only", "generate", "generate+score"):
+            for i, (name, mode, tree) in enumerate(variants):
+                run_env = env if tree is None else {
+                    **env, "PYTHONPATH": os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])}
                 t = time.perf_counter()
                 out = subprocess.run([sys.executable, __file__, "--worker", mode, str(tmp / "run"),
-                                      str(tmp / f"out_{rnd}_{mode}"), str(args.n_per_class)],
-                                     capture_output=True, text=True, env=env, cwd=HERE.parent)
+                                      str(tmp / f"out_{rnd}_{i}"), str(args.n_per_class)],
+                                     capture_output=True, text=True, env=run_env, cwd=tree or HERE.parent)
                 wall = time.perf_counter() - t
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 if not line:
-                    sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
+                    sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(line[0][7:])
-                r["wall"] = wall
-                if mode not in results or r["seconds"] < results[mode]["seconds"]:
-                    results[mode] = r
+                r["wall"], r["mode"] = wall, name
+                if name not in results or r["seconds"] < results[name]["seconds"]:
+                    results[name] = r
     for mode, r in results.items():
         rows.append([mode, r["images"], r["seconds"], r["images"] / r["seconds"], r["wall"], r["peak_rss_mib"]])
     base = results["bare-forward"]["seconds"]
@@ -129,6 +141,11 @@ def main():
                 ["variant", "images", "job s", "images/s", "time / bare", "process wall s", "peak RSS MiB"], rows)
     print(f"\ngenerate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
           f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}")
+    if args.before:
+        old = results[f"generate (git {args.before})"]["seconds"]
+        print(f"at git {args.before}: generate / bare forward = {old / base:.2f}; generate now / then = "
+              f"{results['generate']['seconds'] / old:.2f}; files only now / then = "
+              f"{results['files only']['seconds'] / results[f'files only (git {args.before})']['seconds']:.2f}")
 
 
 if __name__ == "__main__":

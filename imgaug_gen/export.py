@@ -144,10 +144,12 @@ class FolderWriter:
 
         The file is written in the background; its manifest line follows once it is in
         place (at the latest on :meth:`flush` / :meth:`close`)."""
-        rel = self.relpath(record["id"], int(record["label"]))
-        path = self.out_dir / rel
-        if Path(os.path.abspath(path)).parent.parent != Path(os.path.abspath(self.out_dir / SPLIT)):
-            raise ConfigError(f"refusing to write {path!s} outside `out_dir`/{SPLIT}.")
+        rec_id = str(record["id"])
+        if "/" in rec_id or "\\" in rec_id or "\x00" in rec_id:  # class folders are safe_class_dir names
+            raise ConfigError(f"refusing to write image id {rec_id!r}: an id is a file name inside "
+                              f"`out_dir`/{SPLIT}/<class>, without path separators.")
+        rel = self.relpath(rec_id, int(record["label"]))
+        path = os.path.join(self.out_dir, rel)
         record = {"file": rel, "class_name": self.class_names[int(record["label"])], **record}
         if self._pool is None:
             atomic_save_image(path, image)

@@ -26,13 +26,44 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert target.read_text() == "new" and oct(target.stat().st_mode & 0o777) != oct(0o600)
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 1), (5, 7, 3)])
-def test_images_round_trip_losslessly_at_any_compression(tmp_path, shape):
+def test_files_get_the_umask_mode_without_the_umask_being_touched(tmp_path, monkeypatch):
+    """Writer threads must not read the umask (reading it means setting it, process-wide): the
+    kernel applies it to the create call; every kind of write gets 0666 less the umask."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask called while writing"))
+        img = np.zeros((4, 4), np.uint8)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: atomic_save_image(tmp_path / "new_dir" / f"{i}.png", img), range(64)))
+        atomic_write_text(tmp_path / "t.txt", "x")
+        with atomic_path(tmp_path / "p.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    files = [tmp_path / "t.txt", tmp_path / "p.bin", *(tmp_path / "new_dir").iterdir()]
+    assert len(files) == 66
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o640)}
+
+
+@pytest.mark.parametrize("shape,mode", [((5, 7), "L"), ((5, 7, 1), "L"), ((5, 7, 2), "LA"), ((5, 7, 3), "RGB"),
+                                        ((5, 7, 4), "RGBA"), ((1, 300, 3), "RGB"), ((70, 70, 3), "RGB")])
+def test_images_round_trip_losslessly_at_any_compression(tmp_path, shape, mode):
     a = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
-    for level in (1, 9):
+    for level in (0, 1, 9):
         atomic_save_image(tmp_path / f"{level}.png", a, compress_level=level)
-        back = np.asarray(Image.open(tmp_path / f"{level}.png"))
+        with Image.open(tmp_path / f"{level}.png") as im:
+            im.load()  # PIL checks every chunk's CRC on load
+            assert (im.format, im.mode, im.size) == ("PNG", mode, (shape[1], shape[0]))
+            back = np.asarray(im)
         assert np.array_equal(back, a.reshape(back.shape))
+    # other formats go through PIL's writer
+    grey = a if a.ndim == 2 else a[:, :, 0]
+    atomic_save_image(tmp_path / "b.bmp", grey, format="BMP")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.bmp")), grey)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -41,3 +72,17 @@ def test_class_names_that_cannot_be_folders(name):
     with pytest.raises(ConfigError, match="cannot be a folder name inside `out_dir`"):
         safe_class_dir(name)
     assert safe_class_dir("cat 7") == "cat 7"
+
+
+@pytest.mark.parametrize("bad_id", ["../x", "a/b", "..\\x", "a\x00"])
+def test_folder_writer_refuses_ids_that_are_not_file_names(tmp_path, bad_id):
+    from imgaug_gen.export import FolderWriter
+
+    with FolderWriter(tmp_path / "out", ["a", "b"], {"job": 1}) as w:
+        w.write({"id": "ok", "label": 1}, np.zeros((3, 3), np.uint8))
+        with pytest.raises(ConfigError, match="without path separators"):
+            w.write({"id": bad_id, "label": 0}, np.zeros((3, 3), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["train/b/ok.png"]
+    assert [json.loads(l)["id"] for l in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()] == ["ok"]
