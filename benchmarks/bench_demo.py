@@ -30,9 +30,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment variables)
-from _common import print_table, worktree
+from _common import ROOT, print_table, worktree
 
-ROOT = Path(__file__).resolve().parent.parent
 CURRENT = "current (experiment=digits_cgan)"
 FORMER = "former recipe (3,000 steps, lr 2e-4)"
 FORMER_ARGS = ["--steps", "3000", "model.lr_g=2e-4", "model.lr_d=2e-4", "callbacks.fidelity.every_n_steps=1000"]

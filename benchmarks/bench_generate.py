@@ -14,6 +14,9 @@ included. Target: generate / bare-forward <= 1.5 in time. The generator is the d
 alternating rounds and each keeps its fastest round, so a machine whose load changes during the
 run does not favour the variants that happened to run in a quiet moment.
 
+A second table probes this machine's file system (the floor under any writer): per file, the wall
+and kernel CPU time (``os.times``) of a bare create, a write, a rename and an unlink.
+
 ``--before REV`` adds "files only" and "generate" as the package was at git revision REV (run from a
 temporary ``git worktree``, its package first on the path), in the same alternating rounds: the
 before/after of a writer change, measured side by side.
@@ -94,6 +97,29 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
     return {"mode": mode, "images": n, "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
 
 
+def fs_costs(folder: Path, n: int = 2000) -> list[list]:
+    """Per-file wall ms and kernel CPU ms of the file operations a folder writer makes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [str(folder / f"f{i}") for i in range(n)]
+
+    def write(p):
+        fd = os.open(p, os.O_WRONLY)
+        os.write(fd, b"x" * 300)
+        os.close(fd)
+
+    ops = [("create (O_CREAT|O_EXCL) + close", lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL))),
+           ("open + write 300 B + close", write),
+           ("rename", lambda p: os.replace(p, p + ".png")),
+           ("unlink", lambda p: os.unlink(p + ".png"))]
+    rows = []
+    for label, op in ops:
+        t, k = time.perf_counter(), os.times().system
+        for p in names:
+            op(p)
+        rows.append([label, (time.perf_counter() - t) / n * 1e3, (os.times().system - k) / n * 1e3])
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--n-per-class", type=int, default=500)
@@ -128,7 +154,7 @@ def main():
                 if not line:
                     sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(line[0][7:])
-                r["wall"], r["mode"] = wall, name
+                r["wall"] = wall
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
     for mode, r in results.items():
@@ -141,6 +167,9 @@ def main():
                 ["variant", "images", "job s", "images/s", "time / bare", "process wall s", "peak RSS MiB"], rows)
     print(f"\ngenerate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
           f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        print_table("\nThis machine's file system, per file (2,000 files)", ["operation", "wall ms", "kernel CPU ms"],
+                    fs_costs(Path(tmp)))
     if args.before:
         old = results[f"generate (git {args.before})"]["seconds"]
         print(f"at git {args.before}: generate / bare forward = {old / base:.2f}; generate now / then = "

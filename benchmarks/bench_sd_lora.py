@@ -12,7 +12,9 @@
    its ``self.log`` of the interval's mean loss every ``trainer.log_every_n_steps`` = 20 steps as
    ``train.py`` runs it, and the lr scheduler step are inside it), warm-up steps dropped, the two
    alternated (A B, B A, ...) in ``--compare-rounds`` rounds in one process; median ms/step of
-   each and the ratio Lightning / plain (target <= 1.05), SD-1.x and SDXL side by side.
+   each and the ratio Lightning / plain (target <= 1.05), SD-1.x and SDXL side by side. A third,
+   diagnostic contender runs the plain loop with its forward and backward as a closure passed to
+   ``optimizer.step``, the way Lightning's automatic optimisation runs them.
 2. CPU, always (``--compare-only`` to leave out): the tiny random Stable Diffusion of the tests
    (tests/tiny_sd.py, 16 px) loaded through ``model.pretrained``: time per optimiser step of
    ``SDLoRAModule`` through a real Lightning ``Trainer`` (digits as RGB, batch 4 and 16, with
@@ -169,25 +171,34 @@ def _tokenize_prompt(tokenizer, prompt):
 
 
 def _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, encoder_hidden_states,
-                added_cond_kwargs=None, weight_dtype=torch.float32) -> float:
-    """One step of the scripts' loop body: VAE encode, noise, timesteps, add_noise, UNet, MSE, step."""
+                added_cond_kwargs=None, weight_dtype=torch.float32, as_closure: bool = False) -> float:
+    """One step of the scripts' loop body: VAE encode, noise, timesteps, add_noise, UNet, MSE, step.
+    ``as_closure``: forward and backward run as a closure passed to ``optimizer.step``, the way
+    Lightning's automatic optimisation runs them (the diagnostic row of the comparison)."""
     import torch.nn.functional as F
 
-    latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
-    latents = latents * vae.config.scaling_factor
-    noise = torch.randn_like(latents)
-    bsz = latents.shape[0]
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
+    def forward_backward():
+        latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
+        latents = latents * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                          return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        loss.backward()
+        return loss
+
+    if as_closure:
+        loss = optimizer.step(forward_backward)
     else:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                      return_dict=False)[0]
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    loss.backward()
-    optimizer.step()
+        loss = forward_backward()
+        optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad()
     logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}  # the scripts' per-step logs
@@ -205,7 +216,8 @@ def _plain_loop(batches, step_fn) -> list[float]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
-def plain_sd_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4) -> list[float]:
+def plain_sd_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4,
+                  as_closure: bool = False) -> list[float]:
     """SD-1.x, train_text_to_image_lora.py's shape; returns the seconds per iteration."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -230,7 +242,8 @@ def plain_sd_lora(pretrained: Path, batches: list, class_names: list[str], *, ra
     unet.train()
 
     def step(pixel_values, labels):
-        _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels])
+        _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels],
+                    as_closure=as_closure)
 
     return _plain_loop(batches, step)
 
@@ -249,7 +262,7 @@ def sdxl_encode_prompt(text_encoders, tokenizers, prompt):
 
 
 def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4,
-                    resolution: int = 32) -> list[float]:
+                    resolution: int = 32, as_closure: bool = False) -> list[float]:
     """SDXL, train_dreambooth_lora_sdxl.py's shape; returns the seconds per iteration."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -286,7 +299,7 @@ def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, 
         add_time_ids = torch.cat([compute_time_ids((resolution, resolution), (0, 0)) for _ in labels])
         unet_added_conditions = {"time_ids": add_time_ids, "text_embeds": unet_add_text_embeds[labels]}
         _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels],
-                    added_cond_kwargs=unet_added_conditions)
+                    added_cond_kwargs=unet_added_conditions, as_closure=as_closure)
 
     return _plain_loop(batches, step)
 
@@ -326,19 +339,20 @@ def bench_compare(steps: int, rounds: int, warmup: int = 3, batch: int = 4, rank
                                          model=model, batches=batches)
                 return timer.iterations[warmup:]
 
-            def plain():
+            def plain(as_closure=False):
                 torch.manual_seed(0)
                 kw = {"resolution": size} if model == "sdxl_lora" else {}
-                return plain_fn(pretrained, batches, class_names, rank=rank, **kw)[warmup:]
+                return plain_fn(pretrained, batches, class_names, rank=rank, as_closure=as_closure, **kw)[warmup:]
 
-            light_t, plain_t = [], []
-            for r in range(rounds):  # A B, B A, ...: both see the same machine load
-                for which in ((lightning, plain) if r % 2 == 0 else (plain, lightning)):
-                    (light_t if which is lightning else plain_t).extend(which())
-            ml, mp = statistics.median(light_t), statistics.median(plain_t)
+            contenders = {"lightning": lightning, "plain": plain, "closure": functools.partial(plain, as_closure=True)}
+            times: dict[str, list[float]] = {k: [] for k in contenders}
+            for r in range(rounds):  # A B C, C B A, ...: all see the same machine load
+                for k in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
+                    times[k].extend(contenders[k]())
+            ml, mp, mc = (statistics.median(times[k]) for k in contenders)
             rows.append([f"{name}, tiny, {size} px, batch {batch}, LoRA r{rank}, 32-true", f"{ml * 1000:.1f}",
                          f"{mp * 1000:.1f}", f"{ml / mp:.3f}", "yes" if ml / mp <= 1.05 else "NO",
-                         f"{len(light_t)} + {len(plain_t)}"])
+                         f"{mc * 1000:.1f}", f"{mc / mp:.3f}", f"{len(times['lightning'])} + {len(times['plain'])}"])
     return rows
 
 
@@ -463,7 +477,7 @@ def main() -> None:
                     f"({torch.get_num_threads()} threads, median of {args.compare_rounds} alternating rounds x "
                     f"{args.compare_steps} steps, {args.compare_warmup} warm-up steps dropped per run)",
                     ["model, image size, batch", "Lightning ms/step", "plain ms/step", "ratio L/plain",
-                     "<= 1.05", "steps timed (L + plain)"],
+                     "<= 1.05", "plain, step as closure ms", "closure / plain", "steps timed (L + plain)"],
                     bench_compare(args.compare_steps, args.compare_rounds, args.compare_warmup))
         if args.compare_only:
             print(f"\ntotal {time.perf_counter() - t0:.0f} s")

@@ -134,6 +134,14 @@ def encode_png(array, compress_level: int = 1) -> bytes:
 _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
 
 
+def _small_png(array) -> bool:
+    """What :func:`encode_png` writes: uint8, at most 64 x 64 pixels, 1-4 channels."""
+    import numpy as np
+
+    return (array.dtype == np.uint8 and array.ndim in (2, 3) and array.shape[0] * array.shape[1] <= 64 * 64
+            and (array.ndim == 2 or array.shape[2] in _PNG_COLOUR_TYPE))
+
+
 def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compress_level: int = 1) -> None:
     """Save a uint8 HWC (C = 1 or 3) or HW array as an image, atomically.
 
@@ -145,11 +153,8 @@ def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compr
     import numpy as np
 
     array = np.asarray(array)
-    if (format.upper() == "PNG" and array.dtype == np.uint8 and array.shape[0] * array.shape[1] <= 64 * 64
-            and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in _PNG_COLOUR_TYPE))):
-        data = encode_png(array, compress_level)
-        with _atomic_file(path) as (f, _):
-            f.write(data)
+    if format.upper() == "PNG" and _small_png(array):
+        atomic_write_bytes(path, encode_png(array, compress_level))
         return
     from PIL import Image
 
