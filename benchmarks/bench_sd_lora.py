@@ -7,14 +7,20 @@
    with ``from_pretrained`` from the same tiny random pipeline folder (tests/tiny_sd.py: SD-1.x
    at 16 px, SDXL at 32 px), LoRA via ``unet.add_adapter``, AdamW + lr scheduler with
    ``conf/model/sd_lora.yaml``'s values, class prompt embeddings encoded once before the loop,
-   and the same fixed list of digit batches (RGB, batch 4, LoRA rank 4, ``32-true``) through
-   the same ``DataLoader``. Time per iteration (one batch start to the next, so Lightning's loop,
-   its ``self.log`` of the interval's mean loss every ``trainer.log_every_n_steps`` = 20 steps as
-   ``train.py`` runs it, and the lr scheduler step are inside it), warm-up steps dropped, the two
-   alternated (A B, B A, ...) in ``--compare-rounds`` rounds in one process; median ms/step of
-   each and the ratio Lightning / plain (target <= 1.05), SD-1.x and SDXL side by side. A third,
-   diagnostic contender runs the plain loop with its forward and backward as a closure passed to
-   ``optimizer.step``, the way Lightning's automatic optimisation runs them.
+   and the same fixed list of digit batches (RGB, LoRA rank 4, ``32-true``) through
+   the same ``DataLoader``. The contenders run in one process with their steps interleaved one by
+   one: a callback at every Lightning batch start runs one iteration of the plain loop and one of the
+   diagnostic loop below, so all three see the same seconds of machine load (on a shared machine the
+   load drifts by more than the gap measured). Lightning's time per iteration runs from the end of
+   that callback to its next call (Lightning's loop, its ``self.log`` of the interval's mean loss
+   every ``trainer.log_every_n_steps`` = 20 steps as ``train.py`` runs it, the lr scheduler step and
+   its fetch of the next batch are inside it); a plain loop's iteration is its fetch and its step.
+   ``--compare-rounds`` rounds, each with fresh contenders, warm-up steps dropped; median ms/step of
+   each, the ratio Lightning / plain (target <= 1.05) with a 95 % interval from resampling rounds,
+   SD-1.x and SDXL side by side, at each batch size of ``--compare-batches``. The diagnostic
+   contender is the same ``SDLoRAModule`` without a Trainer (its ``training_step``, backward, its own
+   optimiser and lr scheduler from ``configure_optimizers``, in a plain loop): Lightning - module =
+   the cost of Lightning's loop and hooks per step, module / plain = the module's own cost.
 2. CPU, always (``--compare-only`` to leave out): the tiny random Stable Diffusion of the tests
    (tests/tiny_sd.py, 16 px) loaded through ``model.pretrained``: time per optimiser step of
    ``SDLoRAModule`` through a real Lightning ``Trainer`` (digits as RGB, batch 4 and 16, with
@@ -27,7 +33,7 @@
    ``bf16-mixed`` (batch 1 and 4, gradient checkpointing off/on), and 25-step sampling.
 
     python benchmarks/bench_sd_lora.py [--threads 1] [--train-steps 8] [--skip-gpu]
-        [--compare-rounds 4] [--compare-steps 20] [--skip-compare | --compare-only]
+        [--compare-rounds 4] [--compare-steps 20] [--compare-batches 4 16] [--skip-compare | --compare-only]
 """
 
 from __future__ import annotations
@@ -100,9 +106,11 @@ def _train_cfg(pretrained: Path, *, model: str, image_size: int, batch: int, che
 
 
 def lightning_run(pretrained: Path, *, image_size: int, batch: int, steps: int, accelerator: str, precision: str,
-                  checkpointing: bool, rank: int = 4, model: str = "sd_lora", batches: list | None = None):
-    """(StepTimer, module) of a fresh SDLoRAModule trained ``steps`` steps through a real Trainer, on
-    the datamodule's loader or, given ``batches``, on that fixed list of (pixels, labels)."""
+                  checkpointing: bool, rank: int = 4, model: str = "sd_lora", batches: list | None = None,
+                  timer=None):
+    """(timer, module) of a fresh SDLoRAModule trained ``steps`` steps through a real Trainer, on
+    the datamodule's loader or, given ``batches``, on that fixed list of (pixels, labels); ``timer``:
+    the timing callback (default a StepTimer)."""
     import pytorch_lightning as pl
 
     from imgaug_gen.training import build_datamodule, build_module
@@ -111,7 +119,7 @@ def lightning_run(pretrained: Path, *, image_size: int, batch: int, steps: int, 
                      rank=rank)
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
-    timer = _timer_callback()
+    timer = timer or _timer_callback()
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps, logger=False,
                          log_every_n_steps=int(cfg.trainer.log_every_n_steps),  # train.py's default (20)
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -171,54 +179,66 @@ def _tokenize_prompt(tokenizer, prompt):
 
 
 def _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, encoder_hidden_states,
-                added_cond_kwargs=None, weight_dtype=torch.float32, as_closure: bool = False) -> float:
-    """One step of the scripts' loop body: VAE encode, noise, timesteps, add_noise, UNet, MSE, step.
-    ``as_closure``: forward and backward run as a closure passed to ``optimizer.step``, the way
-    Lightning's automatic optimisation runs them (the diagnostic row of the comparison)."""
+                added_cond_kwargs=None, weight_dtype=torch.float32) -> float:
+    """One step of the scripts' loop body: VAE encode, noise, timesteps, add_noise, UNet, MSE, step."""
     import torch.nn.functional as F
 
-    def forward_backward():
-        latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
-        latents = latents * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        bsz = latents.shape[0]
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
-        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        if noise_scheduler.config.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                          return_dict=False)[0]
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-        loss.backward()
-        return loss
-
-    if as_closure:
-        loss = optimizer.step(forward_backward)
+    latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
+    latents = latents * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    bsz = latents.shape[0]
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
     else:
-        loss = forward_backward()
-        optimizer.step()
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                      return_dict=False)[0]
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    loss.backward()
+    optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad()
     logs = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}  # the scripts' per-step logs
     return logs["step_loss"]
 
 
-def _plain_loop(batches, step_fn) -> list[float]:
-    """Seconds per iteration, one batch start to the next (as the Lightning side is timed). The
-    batches come through a DataLoader as in the scripts, the same one the Trainer is given."""
-    starts = []
-    for pixel_values, labels in torch.utils.data.DataLoader(batches, batch_size=None):
-        _sync()
-        starts.append(time.perf_counter())
-        step_fn(pixel_values, labels)
-    return [b - a for a, b in zip(starts, starts[1:])]
+def _interleaved_timer(loops: dict, batches: list):
+    """A callback that runs one iteration of each plain loop in ``loops`` (name -> loop body) at every
+    Lightning batch start, so all contenders' steps alternate one by one in the same seconds of
+    machine load (a busy neighbour then slows all alike, instead of whichever ran in that minute).
+
+    ``times[name]``: seconds per iteration of each plain loop (fetch from its own DataLoader over the
+    same batches, then its step); ``times["lightning"]``: from the end of this hook to its next call
+    (Lightning's step, backward, optimiser and scheduler steps, logging, its fetch of the next batch
+    and its hooks: everything the Trainer does per iteration), the plain loops' time excluded."""
+    import pytorch_lightning as pl
+
+    class Interleaved(pl.Callback):
+        def __init__(self):
+            self.times = {"lightning": [], **{k: [] for k in loops}}
+            self.fetch = {k: iter(torch.utils.data.DataLoader(batches, batch_size=None)) for k in loops}
+            self.resumed = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            _sync()
+            now = time.perf_counter()
+            if self.resumed is not None:
+                self.times["lightning"].append(now - self.resumed)
+            for k in (list(loops) if batch_idx % 2 == 0 else list(reversed(loops))):
+                t0 = time.perf_counter()
+                loops[k](*next(self.fetch[k]))
+                _sync()
+                self.times[k].append(time.perf_counter() - t0)
+            self.resumed = time.perf_counter()
+
+    return Interleaved()
 
 
-def plain_sd_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4,
-                  as_closure: bool = False) -> list[float]:
-    """SD-1.x, train_text_to_image_lora.py's shape; returns the seconds per iteration."""
+def plain_sd_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4):
+    """SD-1.x, train_text_to_image_lora.py's shape, set up for ``len(batches)`` steps; returns its
+    loop body ``step(pixel_values, labels)``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -242,10 +262,9 @@ def plain_sd_lora(pretrained: Path, batches: list, class_names: list[str], *, ra
     unet.train()
 
     def step(pixel_values, labels):
-        _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels],
-                    as_closure=as_closure)
+        _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels])
 
-    return _plain_loop(batches, step)
+    return step
 
 
 def sdxl_encode_prompt(text_encoders, tokenizers, prompt):
@@ -262,8 +281,9 @@ def sdxl_encode_prompt(text_encoders, tokenizers, prompt):
 
 
 def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4,
-                    resolution: int = 32, as_closure: bool = False) -> list[float]:
-    """SDXL, train_dreambooth_lora_sdxl.py's shape; returns the seconds per iteration."""
+                    resolution: int = 32):
+    """SDXL, train_dreambooth_lora_sdxl.py's shape, set up for ``len(batches)`` steps; returns its loop
+    body ``step(pixel_values, labels)``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -299,9 +319,32 @@ def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, 
         add_time_ids = torch.cat([compute_time_ids((resolution, resolution), (0, 0)) for _ in labels])
         unet_added_conditions = {"time_ids": add_time_ids, "text_embeds": unet_add_text_embeds[labels]}
         _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels],
-                    added_cond_kwargs=unet_added_conditions, as_closure=as_closure)
+                    added_cond_kwargs=unet_added_conditions)
 
-    return _plain_loop(batches, step)
+    return step
+
+
+def module_without_trainer(pretrained: Path, *, image_size: int, batch: int, rank: int, model: str):
+    """The diagnostic contender: ``SDLoRAModule`` built as ``lightning_run`` builds it, trained in
+    the plain loop without a Trainer (``training_step``, backward, the optimiser and lr scheduler
+    of its ``configure_optimizers``, zero_grad); returns that loop body ``step(pixel_values, labels)``."""
+    from imgaug_gen.training import build_datamodule, build_module
+
+    cfg = _train_cfg(pretrained, model=model, image_size=image_size, batch=batch, checkpointing=False, rank=rank)
+    module = build_module(cfg, build_datamodule(cfg))
+    module.train()
+    optimizers = module.configure_optimizers()
+    optimizer, lr_scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+
+    def step(pixel_values, labels):
+        loss = module.training_step((pixel_values, labels), 0)
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        loss.detach().item()  # as the plain loop's per-step log
+
+    return step
 
 
 def fixed_batches(*, image_size: int, batch: int, n: int) -> tuple[list, list[str]]:
@@ -320,8 +363,20 @@ def fixed_batches(*, image_size: int, batch: int, n: int) -> tuple[list, list[st
     return batches, list(dm.class_names)
 
 
-def bench_compare(steps: int, rounds: int, warmup: int = 3, batch: int = 4, rank: int = 4) -> list[list]:
-    """Lightning SDLoRAModule vs the plain loop, SD-1.x and SDXL, alternating in ``rounds`` rounds."""
+def _ratio_ci(num: list[list[float]], den: list[list[float]], n_boot: int = 2000) -> tuple[float, float, float]:
+    """median(num) / median(den) over all steps, and its 95 % interval from resampling whole rounds
+    (the steps of one round share its load, so rounds, not steps, are the independent units)."""
+    ratio = lambda idx: (statistics.median(x for i in idx for x in num[i])  # noqa: E731
+                         / statistics.median(x for i in idx for x in den[i]))
+    rng = np.random.default_rng(0)
+    boots = sorted(ratio(rng.integers(0, len(num), len(num))) for _ in range(n_boot))
+    return ratio(range(len(num))), boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
+
+
+def bench_compare(steps: int, rounds: int, warmup: int = 3, batch_sizes: tuple[int, ...] = (4,),
+                  rank: int = 4) -> list[list]:
+    """Lightning SDLoRAModule vs the plain loop (and the module without a Trainer), SD-1.x and SDXL, at
+    each batch size: in each of ``rounds`` rounds, fresh contenders whose steps alternate one by one."""
     from tiny_sd import build_tiny_sd, build_tiny_sdxl
 
     rows = []
@@ -330,29 +385,28 @@ def bench_compare(steps: int, rounds: int, warmup: int = 3, batch: int = 4, rank
                 ("SD-1.x", build_tiny_sd, "sd_lora", 16, plain_sd_lora),
                 ("SDXL", build_tiny_sdxl, "sdxl_lora", 32, plain_sdxl_lora)):
             pretrained = build(Path(tmp) / model)
-            # warm-up + timed steps + 1: times are taken batch start to batch start
-            batches, class_names = fixed_batches(image_size=size, batch=batch, n=warmup + steps + 1)
-
-            def lightning():
-                timer, _ = lightning_run(pretrained, image_size=size, batch=batch, steps=len(batches),
-                                         accelerator="cpu", precision="32-true", checkpointing=False, rank=rank,
-                                         model=model, batches=batches)
-                return timer.iterations[warmup:]
-
-            def plain(as_closure=False):
-                torch.manual_seed(0)
-                kw = {"resolution": size} if model == "sdxl_lora" else {}
-                return plain_fn(pretrained, batches, class_names, rank=rank, as_closure=as_closure, **kw)[warmup:]
-
-            contenders = {"lightning": lightning, "plain": plain, "closure": functools.partial(plain, as_closure=True)}
-            times: dict[str, list[float]] = {k: [] for k in contenders}
-            for r in range(rounds):  # A B C, C B A, ...: all see the same machine load
-                for k in (list(contenders) if r % 2 == 0 else list(reversed(contenders))):
-                    times[k].extend(contenders[k]())
-            ml, mp, mc = (statistics.median(times[k]) for k in contenders)
-            rows.append([f"{name}, tiny, {size} px, batch {batch}, LoRA r{rank}, 32-true", f"{ml * 1000:.1f}",
-                         f"{mp * 1000:.1f}", f"{ml / mp:.3f}", "yes" if ml / mp <= 1.05 else "NO",
-                         f"{mc * 1000:.1f}", f"{mc / mp:.3f}", f"{len(times['lightning'])} + {len(times['plain'])}"])
+            for batch in batch_sizes:
+                # warm-up + timed steps + 1: Lightning's iterations are timed from one batch start to the next
+                batches, class_names = fixed_batches(image_size=size, batch=batch, n=warmup + steps + 1)
+                kw = {"image_size": size, "batch": batch, "rank": rank, "model": model}
+                extra = {"resolution": size} if model == "sdxl_lora" else {}
+                times: dict[str, list[list[float]]] = {"lightning": [], "plain": [], "module": []}
+                for _ in range(rounds):
+                    torch.manual_seed(0)
+                    loops = {"plain": plain_fn(pretrained, batches, class_names, rank=rank, **extra),
+                             "module": module_without_trainer(pretrained, **kw)}
+                    timer, _ = lightning_run(pretrained, steps=len(batches), accelerator="cpu", precision="32-true",
+                                             checkpointing=False, batches=batches,
+                                             timer=_interleaved_timer(loops, batches), **kw)
+                    for k, t in timer.times.items():
+                        times[k].append(t[warmup:warmup + steps])
+                ml, mp, mm = (statistics.median(x for r in times[k] for x in r) for k in times)
+                ratio, lo, hi = _ratio_ci(times["lightning"], times["plain"])
+                rows.append([f"{name}, tiny, {size} px, batch {batch}, LoRA r{rank}, 32-true", f"{ml * 1000:.1f}",
+                             f"{mp * 1000:.1f}", f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]",
+                             f"{'yes' if ratio <= 1.05 else 'NO'} / {'yes' if hi <= 1.05 else 'no'}",
+                             f"{mm * 1000:.1f}", f"{mm / mp:.3f}", f"{(ml - mm) * 1000:.2f}",
+                             f"{sum(map(len, times['lightning']))} each"])
     return rows
 
 
@@ -455,6 +509,8 @@ def main() -> None:
                    help="rounds of the Lightning vs plain diffusers + peft comparison (each runs both, alternating)")
     p.add_argument("--compare-steps", type=int, default=20, help="timed steps per contender and round")
     p.add_argument("--compare-warmup", type=int, default=3, help="steps dropped at the start of every run")
+    p.add_argument("--compare-batches", type=int, nargs="+", default=[4, 16],
+                   help="batch sizes of the comparison (Lightning's loop costs the same per step at any size)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--skip-compare", action="store_true", help="only the CPU (and GPU) tables")
     what.add_argument("--compare-only", action="store_true", help="only the Lightning vs plain comparison")
@@ -474,11 +530,14 @@ def main() -> None:
     t0 = time.perf_counter()
     if not args.skip_compare:
         print_table(f"SD-LoRA training step, Lightning SDLoRAModule vs plain diffusers + peft loop, CPU "
-                    f"({torch.get_num_threads()} threads, median of {args.compare_rounds} alternating rounds x "
-                    f"{args.compare_steps} steps, {args.compare_warmup} warm-up steps dropped per run)",
-                    ["model, image size, batch", "Lightning ms/step", "plain ms/step", "ratio L/plain",
-                     "<= 1.05", "plain, step as closure ms", "closure / plain", "steps timed (L + plain)"],
-                    bench_compare(args.compare_steps, args.compare_rounds, args.compare_warmup))
+                    f"({torch.get_num_threads()} threads; medians over {args.compare_rounds} rounds x "
+                    f"{args.compare_steps} steps, the contenders' steps interleaved one by one, "
+                    f"{args.compare_warmup} warm-up steps dropped per round; interval: rounds resampled)",
+                    ["model, image size, batch", "Lightning ms/step", "plain ms/step",
+                     "ratio L/plain [95 % CI]", "<= 1.05: ratio / interval", "module, no Trainer ms", "module / plain", "Lightning - module ms",
+                     "steps timed"],
+                    bench_compare(args.compare_steps, args.compare_rounds, args.compare_warmup,
+                                  tuple(args.compare_batches)))
         if args.compare_only:
             print(f"\ntotal {time.perf_counter() - t0:.0f} s")
             return
