@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
@@ -46,7 +46,7 @@ class FolderWriter:
 
     def __init__(self, out_dir: str | os.PathLike, class_names: list[str], job: dict[str, Any],
                  overwrite: bool = False, shard: int = 0, num_shards: int = 1, io_workers: int = 4,
-                 max_pending: int = 256):
+                 max_pending: int = 256, chunk: int = 64):
         self.out_dir = Path(out_dir)
         self.class_dirs = [safe_class_dir(c) for c in class_names]
         self.class_names = list(class_names)
@@ -56,10 +56,16 @@ class FolderWriter:
         self.records: dict[str, dict] = self._recover()
         self._fh = None
         # PNG encoding and file writes run on threads (they release the GIL), overlapping the
-        # generator; a manifest line is appended only once its file is in place.
+        # generator; a manifest line is appended only once its file is in place. The images go to
+        # the threads ``chunk`` at a time: one task (and one hand-over between threads) per image
+        # cost as much CPU in locks and GIL switches as the writing itself, and on 2 cores that
+        # CPU is taken from the generator.
         self._pool = ThreadPoolExecutor(max_workers=io_workers) if io_workers > 0 else None
-        self._pending: collections.deque = collections.deque()
+        self._batch: list[tuple[dict, str | None, np.ndarray | None]] = []  # (record, path, image) not yet sent
+        self._pending: collections.deque = collections.deque()  # (records, future) of chunks being written
+        self._pending_records = 0
         self.max_pending = max_pending
+        self.chunk = max(int(chunk), 1)
 
     # -- opening -------------------------------------------------------------------
     def _claim(self, overwrite: bool) -> None:
@@ -155,19 +161,32 @@ class FolderWriter:
             atomic_save_image(path, image)
             self._append(record)
         else:
-            self._pending.append((record, self._pool.submit(atomic_save_image, path, np.array(image))))
-            self._drain(self.max_pending)
+            self._queue(record, path, np.array(image))
         return record
 
     def write_rejected(self, record: dict[str, Any]) -> dict:
         """A manifest line with no file (a candidate the quality filter rejected), kept in
         order after the pending writes so a resumed run skips it."""
         record = {"class_name": self.class_names[int(record["label"])], **record, "kept": False}
-        done: Future = Future()
-        done.set_result(None)
-        self._pending.append((record, done))
-        self._drain(self.max_pending if self._pool is not None else 0)
+        if self._pool is None:
+            self._append(record)
+        else:
+            self._queue(record, None, None)
         return record
+
+    def _queue(self, record: dict, path: str | None, image: np.ndarray | None) -> None:
+        self._batch.append((record, path, image))
+        if len(self._batch) >= self.chunk:
+            self._send()
+            self._drain(self.max_pending)
+
+    def _send(self) -> None:
+        """Hand the queued images to a writer thread as one task."""
+        if self._batch:
+            batch, self._batch = self._batch, []
+            future = self._pool.submit(_save_images, [(path, image) for _, path, image in batch if path is not None])
+            self._pending.append(([record for record, _, _ in batch], future))
+            self._pending_records += len(batch)
 
     def _append(self, record: dict) -> None:
         if self._fh is None:
@@ -176,13 +195,17 @@ class FolderWriter:
         self.records[record["id"]] = record
 
     def _drain(self, keep: int) -> None:
-        while len(self._pending) > keep:
-            record, future = self._pending.popleft()
+        while self._pending_records > keep:
+            records, future = self._pending.popleft()
             future.result()  # re-raises a failed write
-            self._append(record)
+            self._pending_records -= len(records)
+            for record in records:
+                self._append(record)
 
     def flush(self) -> None:
         """Wait for every pending file and write out its manifest line."""
+        if self._pool is not None:
+            self._send()
         self._drain(0)
         if self._fh is not None:
             self._fh.flush()
@@ -206,6 +229,12 @@ class FolderWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _save_images(items: list[tuple[str, np.ndarray]]) -> None:
+    """One writer-thread task: ``atomic_save_image`` for each (path, image), in order."""
+    for path, image in items:
+        atomic_save_image(path, image)
 
 
 def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:

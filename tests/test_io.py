@@ -86,3 +86,47 @@ def test_folder_writer_refuses_ids_that_are_not_file_names(tmp_path, bad_id):
     written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
     assert written == ["train/b/ok.png"]
     assert [json.loads(l)["id"] for l in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()] == ["ok"]
+
+
+@pytest.mark.parametrize("io_workers", [0, 1, 2])
+def test_folder_writer_chunks_keep_order_and_lines_follow_files(tmp_path, io_workers):
+    """Images go to the writer threads ``chunk`` at a time; manifest lines (kept and rejected) come
+    out in the order written, each kept one only once its file is in place, whatever the threads."""
+    from imgaug_gen.export import FolderWriter
+
+    out = tmp_path / "out"
+    order = []
+    with FolderWriter(out, ["a", "b"], {"job": 1}, io_workers=io_workers, chunk=4, max_pending=5) as w:
+        for i in range(23):
+            rec = {"id": f"x{i:02d}", "label": i % 2}
+            if i % 7 == 3:
+                w.write_rejected(rec)
+            else:
+                w.write(rec, np.full((4, 4), i, np.uint8))
+            order.append(rec["id"])
+            for line in (out / "manifest.jsonl").read_text().splitlines() if (out / "manifest.jsonl").exists() else []:
+                r = json.loads(line)  # every line already written names a file in place (or none)
+                assert r.get("kept", True) is False or (out / r["file"]).is_file()
+    lines = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == order
+    assert sum(r.get("kept", True) is False for r in lines) == 3
+    for r in lines:
+        if r.get("kept", True):
+            assert np.asarray(Image.open(out / r["file"])).max() == int(r["id"][1:])
+
+
+def test_folder_writer_a_failed_chunk_raises_and_writes_no_lines_for_it(tmp_path):
+    from imgaug_gen.export import FolderWriter
+
+    out = tmp_path / "out"
+    w = FolderWriter(out, ["a", "b"], {"job": 1}, io_workers=1, chunk=4)
+    for i in range(4):
+        w.write({"id": f"ok{i}", "label": 0}, np.zeros((3, 3), np.uint8))
+    w.flush()
+    (out / "train").mkdir(exist_ok=True)
+    (out / "train" / "b").write_text("a file where the class folder should be")
+    w.write({"id": "bad", "label": 1}, np.zeros((3, 3), np.uint8))
+    with pytest.raises(OSError):
+        w.close()
+    ids = [json.loads(l)["id"] for l in (out / "manifest.jsonl").read_text().splitlines()]
+    assert ids == ["ok0", "ok1", "ok2", "ok3"]
