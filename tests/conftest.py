@@ -134,3 +134,18 @@ def class_counts(out_dir) -> dict[str, int]:
 def files_bytes(out_dir):
     """{relative path: bytes} of every PNG under out_dir/train."""
     return {p.relative_to(out_dir).as_posix(): p.read_bytes() for p in sorted((out_dir / "train").rglob("*.png"))}
+
+
+def kill_when(proc, ready, timeout=300):
+    """SIGKILL the subprocess ``proc`` as soon as ``ready()`` is true (polled every 50 ms); fails if
+    it ends first or never gets there."""
+    import signal
+    import time
+
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()[-2000:]
+        assert time.time() - t0 < timeout, "never reached the kill point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -6,9 +6,8 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import ROOT, cli_env, files_bytes, gen_cfg, train_overrides
+from conftest import ROOT, cli_env, files_bytes, gen_cfg, kill_when, train_overrides
 
 from imgaug_gen.export import read_manifest
 
@@ -55,16 +54,6 @@ def test_torchrun_ranks_write_disjoint_shards(trained_cgan, tmp_path):
     assert _lines(ranks) == _lines(one)
 
 
-def _kill_when(proc, ready, timeout=300):
-    t0 = time.time()
-    while not ready():
-        assert proc.poll() is None, "finished before it could be killed: " + proc.stderr.read()[-2000:]
-        assert time.time() - t0 < timeout, "never reached the kill point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 def test_generate_killed_with_sigkill_then_rerun_finishes_the_job(trained_cgan, tmp_path):
     from imgaug_gen.pipeline import generate
 
@@ -75,7 +64,7 @@ def test_generate_killed_with_sigkill_then_rerun_finishes_the_job(trained_cgan, 
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     manifest = out / "manifest.jsonl"
-    _kill_when(proc, lambda: manifest.is_file() and manifest.stat().st_size > 40_000)  # ~ a third written
+    kill_when(proc, lambda: manifest.is_file() and manifest.stat().st_size > 40_000)  # ~ a third written
     assert proc.returncode == -signal.SIGKILL
     assert 0 < len(read_manifest(out)) < 1500 and not (out / "metrics.json").exists()
     rerun = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
@@ -101,7 +90,7 @@ def test_train_killed_with_sigkill_resumes_to_the_same_generator(tmp_path):
     proc = subprocess.Popen(cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     ckpts = killed / "checkpoints"
-    _kill_when(proc, lambda: (ckpts / "last.ckpt").is_file())  # Lightning writes it atomically
+    kill_when(proc, lambda: (ckpts / "last.ckpt").is_file())  # Lightning writes it atomically
     assert proc.returncode == -signal.SIGKILL
     import torch
 
