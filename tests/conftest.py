@@ -149,3 +149,30 @@ def kill_when(proc, ready, timeout=300):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def train_killed_and_resumed(cmd, tmp_path, first_step: int, max_steps: int):
+    """The SIGKILL resume protocol of a real ``train.py``: ``cmd(run_dir, *extra)`` (its argv) runs
+    uninterrupted into ``tmp_path/full``; a second run into ``tmp_path/killed`` is SIGKILLed as soon as
+    it has written ``checkpoints/last.ckpt`` (Lightning writes it atomically), then resumed from it
+    with ``ckpt_path=``. Returns the two run folders, to compare what they wrote."""
+    import signal
+    import subprocess
+
+    import torch
+
+    env = cli_env()
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    done = subprocess.run(cmd(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    ckpt = killed / "checkpoints" / "last.ckpt"
+    kill_when(proc, ckpt.is_file)
+    assert proc.returncode == -signal.SIGKILL
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert first_step <= step < max_steps  # killed part-way, after a checkpoint
+    resumed = subprocess.run(cmd(killed, f"ckpt_path={ckpt}"), cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return full, killed

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import ROOT, cli_env, files_bytes, gen_cfg, kill_when, train_overrides
+from conftest import ROOT, cli_env, files_bytes, gen_cfg, kill_when, train_killed_and_resumed, train_overrides
 
 from imgaug_gen.export import read_manifest
 
@@ -77,28 +77,13 @@ def test_generate_killed_with_sigkill_then_rerun_finishes_the_job(trained_cgan, 
 def test_train_killed_with_sigkill_resumes_to_the_same_generator(tmp_path):
     """SIGKILL a real train.py after a checkpoint, resume with ckpt_path=: the final generator
     equals the uninterrupted run's, byte for byte (step, optimisers, EMA, data order, RNG)."""
-    env = cli_env()
     common = ["trainer.max_steps=200", "callbacks.checkpoint.every_n_train_steps=4", "callbacks.fidelity.every_n_steps=0"]
 
     def cmd(run, *extra):
         over = [o for o in train_overrides("cgan", run, *common) if not o.startswith("run_dir")]
         return [sys.executable, str(ROOT / "train.py"), *over, f"hydra.run.dir={run}", *extra]
 
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    done = subprocess.run(cmd(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    ckpts = killed / "checkpoints"
-    kill_when(proc, lambda: (ckpts / "last.ckpt").is_file())  # Lightning writes it atomically
-    assert proc.returncode == -signal.SIGKILL
-    import torch
-
-    step = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-    assert 4 <= step < 200
-    resumed = subprocess.run(cmd(killed, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"), cwd=tmp_path,
-                             env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, killed = train_killed_and_resumed(cmd, tmp_path, first_step=4, max_steps=200)
     a = (full / "generator" / "model.safetensors").read_bytes()
     b = (killed / "generator" / "model.safetensors").read_bytes()
     assert a == b

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, gen_cfg, write_digit_folder
+from conftest import ROOT, cli_env, gen_cfg, train_killed_and_resumed, write_digit_folder
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator
 from tiny_sd import TINY_SDXL, build_tiny_sdxl, tiny_vae
@@ -332,30 +332,12 @@ def test_train_killed_with_sigkill_resumes_to_the_same_generator(tiny_sdxl, fold
     """SIGKILL a real `train.py model=sdxl_lora` (LoRA + textual inversion) once it has written a
     checkpoint, resume with ckpt_path=: the generator's weight files (LoRA, both encoders' learned
     embeddings) equal the uninterrupted run's, byte for byte."""
-    import signal
-
-    from conftest import kill_when
-
-    env = cli_env()
-
     def cmd(run, *extra):
         over = [o for o in overrides(tiny_sdxl, folder, run, "model.textual_inversion=true", "trainer.max_steps=60")
                 if not o.startswith("run_dir")]
         return [sys.executable, str(ROOT / "train.py"), *over, f"hydra.run.dir={run}", *extra]
 
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    done = subprocess.run(cmd(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    ckpt = killed / "checkpoints" / "last.ckpt"
-    kill_when(proc, ckpt.is_file)  # Lightning writes it atomically
-    assert proc.returncode == -signal.SIGKILL
-    step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
-    assert 2 <= step < 60
-    resumed = subprocess.run(cmd(killed, f"ckpt_path={ckpt}"), cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, killed = train_killed_and_resumed(cmd, tmp_path, first_step=2, max_steps=60)
     files = sorted(p.relative_to(full / "generator").as_posix() for p in (full / "generator").rglob("*.safetensors"))
     assert len(files) == 4  # the LoRA weights and one embedding file per class
     assert [f for f in files if (full / "generator" / f).read_bytes() != (killed / "generator" / f).read_bytes()] == []
