@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.io import atomic_path, atomic_save_image, atomic_write_json, atomic_write_text, safe_class_dir
+from imgaug_gen.io import (atomic_path, atomic_save_image, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                          safe_class_dir)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -25,6 +26,34 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and oct(target.stat().st_mode & 0o777) != oct(0o600)
 
+
+
+def test_bytes_written_through_descriptors_keep_the_old_file_when_the_disk_fills(tmp_path, monkeypatch):
+    """atomic_write_bytes (the per-image path, on bare descriptors): a write that fails after the
+    temp file exists leaves the old file, no temp file and no open descriptor; relative paths and
+    missing folders work."""
+    import errno
+    import os
+
+    target = tmp_path / "deep" / "er" / "a.bin"
+    atomic_write_bytes(str(target), b"old")
+    real_write, closed = os.write, []
+    real_close = os.close
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd)))
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(target, b"new" * 1000)
+    monkeypatch.setattr(os, "write", real_write)
+    assert target.read_bytes() == b"old" and len(closed) == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.bin"]
+    monkeypatch.chdir(target.parent)
+    atomic_write_bytes("b.bin", bytes(range(256)) * 300)
+    assert (target.parent / "b.bin").read_bytes() == bytes(range(256)) * 300
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.bin", "b.bin"]
 
 def test_files_get_the_umask_mode_without_the_umask_being_touched(tmp_path, monkeypatch):
     """Writer threads must not read the umask (reading it means setting it, process-wide): the

@@ -27,9 +27,12 @@ from imgaug_gen.nets.ema import ema_decay, ema_update
 
 
 def _noise(seeds: Sequence[int], z_dim: int, device) -> torch.Tensor:
-    """One noise vector per image, each from its own seed (batch-independent)."""
-    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds]).to(device)
+    """One noise vector per image, each from its own seed (batch-independent): one generator
+    re-seeded per image draws the same numbers as a fresh one per seed, without building it."""
+    g, z = torch.Generator(), torch.empty(len(seeds), z_dim)
+    for row, s in zip(z, seeds):
+        torch.randn(z_dim, generator=g.manual_seed(int(s)), out=row)
+    return z.to(device)
 
 
 @register_generator("cgan")
