@@ -19,9 +19,9 @@ per file, the wall and kernel CPU time (``os.times``) of a bare create, a write,
 unlink. ``--dir`` chooses where the folders go (default ``bench_out/bench_generate``, beside the
 project's other outputs, as a user's ``out_dir`` would be). The per-file create cost is a fact of
 the disk, not of the writer, and it decides how far generate can be from the bare forward: on the
-machine these figures come from it ranged from 0.04 to 0.7 ms between directories of the same ext4
-device and from one hour to the next. Run it with ``--dir`` on the disk your folders go to, and
-read the probe beside the ratio.
+machine these figures come from it ranged from 0.03 to 0.95 ms on the same ext4 device, high for the
+first few thousand creates after the disk had been idle for tens of seconds and low within a long
+burst. Run it with ``--dir`` on the disk your folders go to, and read the probe beside the ratio.
 
 ``--before REV`` adds "files only" and "generate" as the package was at git revision REV (run from a
 temporary ``git worktree``, its package first on the path), in the same alternating rounds: the
