@@ -55,13 +55,13 @@ class FolderWriter:
         self._claim(overwrite)
         self.records: dict[str, dict] = self._recover()
         self._fh = None
-        # PNG encoding and file writes run on threads (they release the GIL), overlapping the
-        # generator; a manifest line is appended only once its file is in place. The images go to
-        # the threads ``chunk`` at a time: one task (and one hand-over between threads) per image
-        # cost as much CPU in locks and GIL switches as the writing itself, and on 2 cores that
-        # CPU is taken from the generator. One thread by default: the writing is mostly Python
-        # under the GIL, and four threads fighting for it burnt 2.5x the CPU per image of one
-        # (350 vs 131 us on 16 px PNGs, same files), again taken from the generator.
+        # PNG encoding and file writes run on a writer thread, overlapping the generator (whose
+        # tensor ops, zlib and the file system calls release the GIL); a manifest line is appended
+        # only once its file is in place. Images go to the thread ``chunk`` at a time: one task (one
+        # hand-over between threads) per image cost as much CPU in locks and GIL switches as the
+        # writing itself. One thread by default: the rest of the writing is Python under the GIL,
+        # and four threads fighting for it burnt 2.5x the CPU per image of one (350 vs 131 us on
+        # 16 px PNGs); on 2 cores that CPU is taken from the generator.
         self._pool = ThreadPoolExecutor(max_workers=io_workers) if io_workers > 0 else None
         self._batch: list[tuple[dict, str | None, np.ndarray | None]] = []  # (record, path, image) not yet sent
         self._pending: collections.deque = collections.deque()  # (records, future) of chunks being written

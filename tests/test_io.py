@@ -27,7 +27,6 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert target.read_text() == "new" and oct(target.stat().st_mode & 0o777) != oct(0o600)
 
 
-
 def test_bytes_written_through_descriptors_keep_the_old_file_when_the_disk_fills(tmp_path, monkeypatch):
     """atomic_write_bytes (the per-image path, on bare descriptors): a write that fails after the
     temp file exists leaves the old file, no temp file and no open descriptor; relative paths and
@@ -54,6 +53,7 @@ def test_bytes_written_through_descriptors_keep_the_old_file_when_the_disk_fills
     atomic_write_bytes("b.bin", bytes(range(256)) * 300)
     assert (target.parent / "b.bin").read_bytes() == bytes(range(256)) * 300
     assert sorted(p.name for p in target.parent.iterdir()) == ["a.bin", "b.bin"]
+
 
 def test_files_get_the_umask_mode_without_the_umask_being_touched(tmp_path, monkeypatch):
     """Writer threads must not read the umask (reading it means setting it, process-wide): the
