@@ -7,7 +7,9 @@ Each variant runs in its own process (so peak RSS is its own):
                 (the floor set by this machine's filesystem: each file costs a create and a rename)
   generate      the whole job (plan, generate, write PNGs + manifest atomically), score=false
   generate+score  the same plus per-image confidence and FID/KID of the folder (metrics.json)
-"job s" times the work after each variant's imports (a process that has imported the package, as a
+Every variant runs with the process settings the jobs make (``imgaug_gen.runtime.prepare_process``:
+denormals flushed, glibc malloc keeping freed blocks), so the bare forward is the same forward the job
+runs. "job s" times the work after each variant's imports (a process that has imported the package, as a
 notebook that calls ``generate()`` has); "process wall s" is the whole process, imports and start-up
 included. Target: generate / bare-forward <= 1.5 in time. The generator is the demo's cGAN
 (16 px, width 32); weights are random (speed does not depend on them). The variants run in
@@ -23,7 +25,7 @@ machine these figures come from it ranged from 0.03 to 0.95 ms on the same ext4 
 first few thousand creates after the disk had been idle for tens of seconds and low within a long
 burst. Run it with ``--dir`` on the disk your folders go to, and read the probe beside the ratio.
 
-``--before REV`` adds "files only" and "generate" as the package was at git revision REV (run from a
+``--before REV`` adds "bare-forward", "files only" and "generate" as the package was at git revision REV (run from a
 temporary ``git worktree``, its package first on the path), in the same alternating rounds: the
 before/after of a writer change, measured side by side.
 
@@ -65,6 +67,10 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
 
     from imgaug_gen.generators.base import load_generator
 
+    with contextlib.suppress(ImportError):  # a --before revision may predate it: its jobs ran as they did then
+        from imgaug_gen.runtime import prepare_process
+
+        prepare_process()  # the process settings generate.py makes, for every variant (a fair bare forward)
     n = 10 * n_per_class
     if mode == "files only":
         import numpy as np
@@ -150,7 +156,7 @@ def main():
         env = {**os.environ, "IMGAUG_GEN_CACHE": str(tmp / "cache")}
         if args.before:
             old_tree = stack.enter_context(worktree(args.before))
-            variants += [(f"{m} (git {args.before})", m, old_tree) for m in ("files only", "generate")]
+            variants += [(f"{m} (git {args.before})", m, old_tree) for m in ("bare-forward", "files only", "generate")]
         for rnd in range(args.rounds):
             this_round = {}
             for i, (name, mode, tree) in enumerate(variants):
@@ -186,10 +192,11 @@ def main():
         print_table(f"\nThe file system under {args.dir}, per file (2,000 files)",
                     ["operation", "wall ms", "kernel CPU ms"], fs_costs(Path(tmp)))
     if args.before:
-        old = results[f"generate (git {args.before})"]["seconds"]
-        print(f"at git {args.before}: generate / bare forward = {old / base:.2f}; generate now / then = "
-              f"{results['generate']['seconds'] / old:.2f}; files only now / then = "
-              f"{results['files only']['seconds'] / results[f'files only (git {args.before})']['seconds']:.2f}")
+        then = {m: results[f"{m} (git {args.before})"]["seconds"] for m in ("bare-forward", "files only", "generate")}
+        print(f"at git {args.before}: generate / its bare forward = {then['generate'] / then['bare-forward']:.2f}; "
+              f"now / then: bare forward {base / then['bare-forward']:.2f}, files only "
+              f"{results['files only']['seconds'] / then['files only']:.2f}, generate "
+              f"{results['generate']['seconds'] / then['generate']:.2f}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from imgaug_gen.errors import ConfigError, require
+from imgaug_gen.runtime import prepare_process
 
 log = logging.getLogger(__name__)
 
@@ -534,8 +535,6 @@ def _evaluate_subset(cfg: DictConfig, entries: dict, policies: dict, shots, data
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the downstream evaluation configured by ``conf/evaluate.yaml``; returns the eval.json content."""
-    import torch
-
     from imgaug_gen.io import atomic_write_json, atomic_write_text
     from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
 
@@ -543,7 +542,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     entries, policies = check_evaluate_config(cfg)
     root = Path(cfg.out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    torch.set_flush_denormal(True)
+    prepare_process()
     recipe = OmegaConf.to_container(cfg.classifier, resolve=True) or {}
     wanted = _wanted_methods(cfg)
     shots_list = _shots_list(cfg)

@@ -26,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgaug_gen.errors import ConfigError
+from imgaug_gen.runtime import prepare_process
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +345,6 @@ class Scorers:
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run a generation job as configured; returns the metrics dict (also in metrics.json)."""
-    import torch
-
     from imgaug_gen.export import FolderWriter, read_manifest, write_hf_metadata
     from imgaug_gen.generators.base import load_generator, read_run_config
 
@@ -354,8 +353,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     augmenter = check_generate_config(cfg)
     gen_dir = _generator_dir(Path(cfg.run_dir))
     gen_config = read_run_config(gen_dir)  # kind and format version, before loading weights
-    # 2. Load the generator (denormal floats flushed: see training.py).
-    torch.set_flush_denormal(True)
+    # 2. Load the generator (denormal floats flushed, freed tensor memory reused: runtime.py).
+    prepare_process()
     gen = load_generator(gen_dir, device=_device(cfg.device))
     if any(s["mode"] == "img2img" for s in _mix_sources(cfg)) and not gen.supports_edit:
         gen.edit(np.zeros((0, 1, 1, 1), np.uint8), [])  # raises the kind's clear error

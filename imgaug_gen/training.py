@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from imgaug_gen.config import instantiate_checked
 from imgaug_gen.loggers import TrimLogOnResume
 from imgaug_gen.errors import ConfigError
+from imgaug_gen.runtime import prepare_process
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     run_dir = Path(cfg.run_dir)
-    # Weights drifting towards zero produce denormal floats, which made CPU steps 2x slower
-    # late in training (benchmarks/bench_cgan_step.py); flushing them changes nothing visible.
-    torch.set_flush_denormal(True)
+    prepare_process()  # denormals flushed, freed tensor memory reused (runtime.py)
     pl.seed_everything(cfg.seed, workers=True)
 
     # 2. Data: validated here, before any network is built.
