@@ -67,9 +67,11 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
 
     from imgaug_gen.generators.base import load_generator
 
-    with contextlib.suppress(ImportError):  # a --before revision may predate it: its jobs ran as they did then
+    try:
         from imgaug_gen.runtime import prepare_process
-
+    except ImportError:  # a --before revision predating it: its jobs ran without it
+        pass
+    else:
         prepare_process()  # the process settings generate.py makes, for every variant (a fair bare forward)
     n = 10 * n_per_class
     if mode == "files only":

@@ -38,9 +38,9 @@ def keep_freed_memory() -> bool:
     torch's CPU allocator is plain ``malloc``/``free``. A forward at batch 64 allocates and frees
     activations of a few MiB; glibc serves those with ``mmap`` and returns them to the kernel on
     ``free``, so every batch faults its memory in again, page by page. On the 2-core VM the
-    benchmarks ran on this was over a million page faults and a third to a half of the time of a
-    20,000-image cGAN forward (``benchmarks/bench_generate.py``); with these thresholds the faults
-    fall about 70-fold. This is what jemalloc or tcmalloc (PyTorch's CPU tuning guide's advice) do
+    benchmarks ran on, a 20,000-image cGAN forward (``benchmarks/bench_generate.py``) took 1.15-1.5
+    million page faults, and these thresholds cut them about 70-fold and its time by a few percent to
+    a half, depending on what a fault cost on the machine at the time. This is what jemalloc or tcmalloc (PyTorch's CPU tuning guide's advice) do
     by default; ``mallopt`` gets it without a preloaded library. Returns whether it changed anything:
     not on other C libraries, under a preloaded allocator, when the user set glibc's malloc
     variables themselves, or with ``IMGAUG_GEN_MALLOC=default``.
