@@ -14,7 +14,7 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sche
 # Installs (editable, with the dev extras and the known-good pins) unless this checkout is
 # already the importable imgaug_gen with its dependencies and its generator entry points present.
 install:
-	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, torch_fidelity, albumentations, hydra, sklearn, pytest, nbclient, importlinter, prdc, datasets; import xdist; from importlib.metadata import entry_points; assert {'cgan', 'ddpm', 'sd_lora'} <= set(entry_points(group='imgaug_gen.generators').names); assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
+	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, torch_fidelity, albumentations, hydra, sklearn, pytest, nbclient, importlinter, prdc, datasets; import xdist; from importlib.metadata import entry_points; assert {'cgan', 'ddpm', 'sd_lora'} <= set(entry_points(group='imgaug_gen.generators').names); assert {'digits', 'folder'} <= set(entry_points(group='imgaug_gen.data').names); assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
 
 demo: install

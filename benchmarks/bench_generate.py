@@ -5,7 +5,12 @@ Each variant runs in its own process (so peak RSS is its own):
   sample()      the generator contract: per-image seeds -> uint8 images, no files
   files only    the folder writer alone: the same count of PNGs + manifest lines, no generator
                 (the floor set by this machine's filesystem: each file costs a create and a rename)
-  generate      the whole job (plan, generate, write PNGs + manifest atomically), score=false
+  generate      the whole job (plan, generate, write PNGs + manifest atomically and durably:
+                each PNG fsynced before its rename, the class folders and the manifest at each
+                flush; the folder lock taken once per job), score=false
+  generate, durable=false  the same without any fsync (``generate.py durable=false``): the cost of
+                durability, side by side
+  files only, durable=false  the writer alone without fsync
   generate+score  the same plus per-image confidence and FID/KID of the folder (metrics.json)
 Every variant runs with the process settings the jobs make (``imgaug_gen.runtime.prepare_process``:
 denormals flushed, glibc malloc keeping freed blocks), so the bare forward is the same forward the job
@@ -58,8 +63,15 @@ def make_run(run_dir: Path, size: int) -> None:
     torch.manual_seed(0)
     m = CGANModule(num_classes=10, class_names=[str(i) for i in range(10)], image_shape=[1, size, size])
     gen = m.to_generator()
-    gen.config["data"] = {"_target_": "imgaug_gen.data.DigitsDataModule", "image_size": size, "shots": 50}
+    gen.config["data"] = {"kind": "digits", "args": {"image_size": size, "shots": 50}}
     gen.save_pretrained(run_dir / "generator")
+    # the same generator in the format a --before revision of format 1 reads
+    legacy = run_dir.with_name(run_dir.name + "_v1") / "generator"
+    legacy.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((run_dir / "generator" / "config.json").read_text())
+    cfg.update(format_version=1, data={"_target_": "imgaug_gen.data.DigitsDataModule", "image_size": size, "shots": 50})
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    (legacy / "model.safetensors").write_bytes((run_dir / "generator" / "model.safetensors").read_bytes())
 
 
 def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
@@ -74,7 +86,12 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
     else:
         prepare_process()  # the process settings generate.py makes, for every variant (a fair bare forward)
     n = 10 * n_per_class
-    if mode == "files only":
+    durable = not mode.endswith("durable=false")
+    if not durable:
+        from imgaug_gen.io import set_durable
+
+        set_durable(False)
+    if mode.startswith("files only"):
         import numpy as np
 
         from imgaug_gen.export import FolderWriter
@@ -103,7 +120,7 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
         # starts as the other variants' are; the "process wall s" column counts every import)
 
         cfg = compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", f"n_per_class={n_per_class}",
-                                          "include_real=false", "progress=false",
+                                          "include_real=false", "progress=false", *([] if durable else ["durable=false"]),
                                           f"score={'true' if mode == 'generate+score' else 'false'}"])
         t = time.perf_counter()
         generate(cfg)
@@ -151,7 +168,8 @@ def main():
         return
     rows, results, per_round = [], {}, []
     args.dir.mkdir(parents=True, exist_ok=True)
-    variants = [(m, m, None) for m in ("bare-forward", "sample()", "files only", "generate", "generate+score")]
+    variants = [(m, m, None) for m in ("bare-forward", "sample()", "files only", "files only, durable=false",
+                                       "generate", "generate, durable=false", "generate+score")]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         make_run(tmp / "run", args.size)
@@ -165,7 +183,8 @@ def main():
                 run_env = env if tree is None else {
                     **env, "PYTHONPATH": os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])}
                 t = time.perf_counter()
-                out = subprocess.run([sys.executable, __file__, "--worker", mode, str(tmp / "run"),
+                run = tmp / ("run" if tree is None else "run_v1")
+                out = subprocess.run([sys.executable, __file__, "--worker", mode, str(run),
                                       str(tmp / f"out_{rnd}_{i}"), str(args.n_per_class)],
                                      capture_output=True, text=True, env=run_env, cwd=tree or HERE.parent)
                 wall = time.perf_counter() - t
@@ -186,7 +205,11 @@ def main():
     print_table(f"Generation of {10 * args.n_per_class} images ({args.size}px cGAN, CPU; fastest of "
                 f"{args.rounds} alternating rounds)",
                 ["variant", "images", "job s", "images/s", "time / bare", "process wall s", "peak RSS MiB"], rows)
-    print(f"\ngenerate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
+    print(f"\ndurability (fsync of every file, folder and manifest flush): generate {results['generate']['seconds']:.2f} s "
+          f"vs {results['generate, durable=false']['seconds']:.2f} s without, "
+          f"{results['generate']['seconds'] / results['generate, durable=false']['seconds']:.2f}x; writer alone "
+          f"{results['files only']['seconds'] / results['files only, durable=false']['seconds']:.2f}x")
+    print(f"generate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
           f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}; "
           f"generate / bare forward of each round (same round, side by side): "
           f"{', '.join(f'{x:.2f}' for x in per_round)}")

@@ -35,6 +35,7 @@ A re-run with the same command reuses finished runs, folders and classifier resu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from imgaug_gen.errors import ConfigError, require
+from imgaug_gen.io import FolderLock, overlaps
 from imgaug_gen.runtime import prepare_process
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,13 @@ def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, A
 
     require(cfg.get("out_dir") not in (None, "", "???"), "`out_dir` is required: python evaluate.py out_dir=EVAL_DIR.")
     validate(cfg, Evaluate, "evaluate")
+    root = (cfg.get("data") or {}).get("root")
+    if root not in (None, "", "???"):
+        root = str(Path(str(root)).expanduser())
+        require(not (Path(root).exists() and overlaps(cfg.out_dir, root)),
+                f"`out_dir` = {str(cfg.out_dir)!r} and `data.root` = {root!r} overlap (one is, contains or lies inside "
+                "the other): the evaluation's runs and folders would land among your images. Choose an `out_dir` "
+                "outside `data.root`.")
     if len(cfg.seeds) < 3:
         log.warning("only %d classifier seed(s): the intervals are not meaningful (use seeds=[0,1,2,3,4])", len(cfg.seeds))
     if cfg.selection == "val":
@@ -232,6 +241,9 @@ def _train_entry(cfg: DictConfig, name: str, entry: dict, shots: int | None, dat
         info = json.loads(done.read_text())
         info["reused"] = True
         return info
+    # Retraining: the old marker goes first, so a retrain killed part-way (then the config reverted) is
+    # never taken for the finished run it replaces.
+    done.unlink(missing_ok=True)
     log.info("[%s, shots=%s, data_seed=%s] training: %s", name, shots, data_seed, " ".join(overrides))
     t0 = time.perf_counter()
     metrics, _ = train(tcfg)
@@ -261,7 +273,7 @@ def _check_run_data(run_dir: Path, shots: int | None, data: Mapping[str, Any], w
     generator that saw validation or test images would leak them into the scores)."""
     from imgaug_gen.generators.base import read_run_config
 
-    recorded = (read_run_config(run_dir / "generator").get("data") or {})
+    recorded = (read_run_config(run_dir / "generator").get("data") or {}).get("args") or {}
     require(recorded.get("shots") == shots,
             f"`{where}` = {str(run_dir)!r} was trained with data.shots={recorded.get('shots')!r}, but this "
             f"evaluation uses shots={shots!r}: its generator saw other real images. Evaluate it with "
@@ -535,13 +547,23 @@ def _evaluate_subset(cfg: DictConfig, entries: dict, policies: dict, shots, data
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the downstream evaluation configured by ``conf/evaluate.yaml``; returns the eval.json content."""
+    # 1. Check the config; claim every (shots, subset) unit of the output folder this job computes, so a
+    # second copy of the job stops at once, while jobs on disjoint units (a benchmark's parallel workers,
+    # a cluster array over shots) share one folder.
+    entries, policies = check_evaluate_config(cfg)
+    root = Path(cfg.out_dir).resolve()
+    with contextlib.ExitStack() as stack:
+        for shots in _shots_list(cfg):
+            for data_seed in cfg.data_seeds:
+                name = f"evaluate.shots{shots if shots is not None else 'all'}_d{int(data_seed)}.lock"
+                stack.enter_context(FolderLock(root, name, "evaluate.py job"))
+        return _evaluate(cfg, entries, policies, root)
+
+
+def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dict[str, Any]:
     from imgaug_gen.io import atomic_write_json, atomic_write_text
     from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
 
-    # 1. Check the config.
-    entries, policies = check_evaluate_config(cfg)
-    root = Path(cfg.out_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     prepare_process()
     recipe = OmegaConf.to_container(cfg.classifier, resolve=True) or {}
     wanted = _wanted_methods(cfg)

@@ -18,20 +18,39 @@ output is refused unless ``overwrite=true``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
 import os
-import shutil
+import re
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
 
-from imgaug_gen.data.manifest import MANIFEST, is_kept, load_folder_images, read_manifest  # noqa: F401 (re-exported)
+from imgaug_gen.data.manifest import (  # noqa: F401 (re-exported)
+    MANIFEST,
+    SPLIT,
+    is_kept,
+    load_folder_images,
+    read_manifest,
+    record_path,
+)
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.io import atomic_save_image, atomic_write_json, atomic_write_text, safe_class_dir
+from imgaug_gen.io import (
+    FolderLock,
+    atomic_save_image,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    is_durable as io_durable,
+    read_image_array,
+    unique_class_dirs,
+)
 
-SPLIT = "train"
+log = logging.getLogger(__name__)
+
 JOB_FILE = "job.json"
 #: The Hugging Face ``imagefolder`` metadata file, in ``OUT/train``.
 HF_METADATA = "metadata.jsonl"
@@ -41,19 +60,66 @@ def manifest_shard_name(shard: int, num_shards: int) -> str:
     return MANIFEST if num_shards == 1 else f"manifest.shard{shard:03d}-of-{num_shards:03d}.jsonl"
 
 
+#: Files a generate job writes at the top of its folder (besides its manifests and shard markers);
+#: ``overwrite=true`` removes these and the image files a previous job's manifest lists, nothing else.
+OWN_FILES = ("metrics.json", "config.yaml", "preview.png", "merged.json")
+#: Entries of a folder that hold no output: Hydra's, the job log, the locks.
+IGNORED = (".hydra", "generate.log")
+CLAIM_LOCK = "claim.lock"  # held briefly: reading / writing job.json, clearing, merging
+#: an output file name of this project inside a class folder (a previous job's, possibly unlisted after a kill)
+_OWN_IMAGE = re.compile(r"^(syn|edit)_\d{7}\.png$|^(real|aug)_.+\.png$|^\..+\.png\.[0-9a-f]{8}\.tmp$")
+
+
+def refuse_foreign_folder(out_dir: str | os.PathLike) -> None:
+    """A non-empty folder without a generate job record holds the user's files: never an output folder."""
+    out_dir = Path(out_dir)
+    if (out_dir / JOB_FILE).is_file() or not out_dir.is_dir():
+        return
+    theirs = sorted(p.name for p in out_dir.iterdir() if not _ignorable(p.name))
+    if theirs:
+        raise ConfigError(
+            f"`out_dir` = {str(out_dir)!r} is not empty and holds no generate.py job record ({JOB_FILE}): "
+            f"its files ({theirs[:5]}) were not written by imgaug_gen, and nothing of them is deleted or "
+            "overwritten. Choose an empty or new `out_dir`.")
+
+
+def writer_lock_name(shard: int, num_shards: int) -> str:
+    return "generate.lock" if num_shards == 1 else f"generate.shard{shard:03d}-of-{num_shards:03d}.lock"
+
+
+def _ignorable(name: str) -> bool:
+    return name in IGNORED or name == JOB_FILE or name.endswith(".lock")
+
+
 class FolderWriter:
-    """Atomic, resumable writer of one job's images and manifest lines."""
+    """Atomic, resumable writer of one job's images and manifest lines.
+
+    One writer per (folder, shard): :class:`~imgaug_gen.io.FolderLock` ``generate[.shardXXX-of-YYY].lock``
+    is held for the writer's life, so a second copy of the same job (two terminals, a re-queued
+    cluster job) stops at once with an error naming the holder; shards of one job never block each
+    other. The job record (``job.json``) is read and written under a short ``claim.lock``.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, class_names: list[str], job: dict[str, Any],
                  overwrite: bool = False, shard: int = 0, num_shards: int = 1, io_workers: int = 1,
-                 max_pending: int = 256, chunk: int = 64):
+                 max_pending: int = 256, chunk: int = 64, flush_every: int = 4096, lock: FolderLock | None = None):
         self.out_dir = Path(out_dir)
-        self.class_dirs = [safe_class_dir(c) for c in class_names]
+        self.class_dirs = unique_class_dirs(class_names, "the generator's `class_names`")
         self.class_names = list(class_names)
         self.job = job
+        self.shard, self.num_shards = int(shard), int(num_shards)
         self.manifest_path = self.out_dir / manifest_shard_name(shard, num_shards)
-        self._claim(overwrite)
-        self.records: dict[str, dict] = self._recover()
+        # the job's lock: held by the caller for the job's life (generate), or here for the writer's
+        self._own_lock = lock is None
+        self.lock = lock or FolderLock(self.out_dir, writer_lock_name(shard, num_shards), "generate.py job").acquire()
+        try:
+            with FolderLock(self.out_dir, CLAIM_LOCK, "generate.py job").acquire(blocking=True):
+                self._claim(overwrite)
+            self.records: dict[str, dict] = self._recover()
+        except BaseException:
+            if self._own_lock:
+                self.lock.release()
+            raise
         self._fh = None
         # PNG encoding and file writes run on a writer thread, overlapping the generator (whose
         # tensor ops, zlib and the file system calls release the GIL); a manifest line is appended
@@ -68,6 +134,9 @@ class FolderWriter:
         self._pending_records = 0
         self.max_pending = max_pending
         self.chunk = max(int(chunk), 1)
+        self.flush_every = max(int(flush_every), 1)
+        self._unflushed = 0
+        self._dirty_dirs: set[str] = set()
 
     # -- opening -------------------------------------------------------------------
     def _claim(self, overwrite: bool) -> None:
@@ -81,31 +150,65 @@ class FolderWriter:
                 if not overwrite:
                     raise ConfigError(
                         f"`out_dir` = {str(self.out_dir)!r} already holds the output of a different job "
-                        f"(see {job_file}). Choose another `out_dir`, or pass `overwrite=true` to replace it."
-                    )
+                        f"(a generate.py job; see {job_file}). Choose another `out_dir`, or pass `overwrite=true` to replace that job's "
+                        "output (only the files its manifests list are removed).")
+                self._refuse_if_other_writers()
                 self._clear()
-        elif self.out_dir.is_dir() and any(self.out_dir.iterdir()):
-            theirs = [p.name for p in self.out_dir.iterdir() if p.name not in (".hydra", "generate.log")]
-            if theirs and not overwrite:
-                raise ConfigError(
-                    f"`out_dir` = {str(self.out_dir)!r} is not empty and was not written by imgaug_gen "
-                    f"(holds {sorted(theirs)[:5]}). Choose an empty or new `out_dir`, or pass `overwrite=true`."
-                )
-            if theirs:
-                self._clear()
+        else:
+            refuse_foreign_folder(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(job_file, self.job)
         # metadata.jsonl describes a finished folder: until this job finishes again, none (the
         # ``imagefolder`` builder silently drops images a stale one does not list).
         (self.out_dir / SPLIT / HF_METADATA).unlink(missing_ok=True)
+        (self.out_dir / "merged.json").unlink(missing_ok=True)
+
+    def _refuse_if_other_writers(self) -> None:
+        for p in sorted(self.out_dir.glob("generate*.lock")):
+            if p.name != self.lock.name and FolderLock(self.out_dir, p.name).is_held_elsewhere():
+                h = FolderLock(self.out_dir, p.name).holder()
+                raise ConfigError(f"`overwrite=true` on `out_dir` = {str(self.out_dir)!r}, but another generate.py job "
+                                  f"is writing there ({p.name}: pid {h.get('pid', '?')} on {h.get('host', '?')}). "
+                                  "Wait for it to finish or stop it first.")
 
     def _clear(self) -> None:
-        for p in self.out_dir.iterdir():
-            if p.name in (".hydra", "generate.log"):
-                continue
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        """Remove a previous job's output: the files its manifests list (each checked to lie in the folder),
+        this project's files in its class folders and at the top; nothing else. Empty folders go too."""
+        removed, class_dirs = 0, set()
+        for manifest in sorted(self.out_dir.glob("manifest*.jsonl")):
+            for line in manifest.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and is_kept(rec):
+                    path = record_path(self.out_dir, rec)
+                    class_dirs.add(path.parent)
+                    if path.is_file():
+                        path.unlink()
+                        removed += 1
+            manifest.unlink()
+        for folder in class_dirs:
+            if folder.is_dir():
+                for entry in os.scandir(folder):
+                    if entry.is_file(follow_symlinks=False) and _OWN_IMAGE.match(entry.name):
+                        os.unlink(entry.path)
+                        removed += 1
+        for name in (*OWN_FILES, f"{SPLIT}/{HF_METADATA}"):
+            (self.out_dir / name).unlink(missing_ok=True)
+        for p in self.out_dir.glob("shard*.done"):
+            p.unlink()
+        for folder in sorted(class_dirs, reverse=True) + [self.out_dir / SPLIT]:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: files we did not write stay
+        left = sorted(p.name for p in self.out_dir.iterdir() if not _ignorable(p.name))
+        log.info("overwrite: removed %d files of the previous job in %s%s", removed, self.out_dir,
+                 f"; left in place (not written by it): {left[:5]}" if left else "")
 
     def _recover(self) -> dict[str, dict]:
+        """This shard's manifest read back: a line stays only if its file lies in the folder and decodes
+        (a killed run's torn last line, a file lost with the page cache in a power cut, or a line edited to
+        point elsewhere are dropped, and the image made again)."""
         records: dict[str, dict] = {}
         if self.manifest_path.is_file():
             for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
@@ -113,12 +216,23 @@ class FolderWriter:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn last line from a killed run
-                # a rejected candidate has no file; any other line needs its file in place
-                if not is_kept(rec) or (self.out_dir / rec["file"]).is_file():
+                if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+                    continue
+                # a rejected candidate has no file; any other line needs its file in place, whole
+                if not is_kept(rec) or self._file_ok(rec):
                     records[rec["id"]] = rec
         # Rewrite the manifest cleanly (atomically); orphan files are dropped by remove_orphans.
         atomic_write_text(self.manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
         return records
+
+    def _file_ok(self, rec: dict) -> bool:
+        try:
+            read_image_array(record_path(self.out_dir, rec))
+        except ConfigError as e:
+            if os.path.exists(os.path.join(self.out_dir, str(rec.get("file")))):
+                log.warning("dropping manifest line %r: %s", rec.get("id"), e)
+            return False
+        return True
 
     def remove_orphans(self, planned_ids: Iterable[str]) -> int:
         """Delete PNGs of planned ids that have no manifest line (written, then killed), and the
@@ -158,6 +272,7 @@ class FolderWriter:
                               f"`out_dir`/{SPLIT}/<class>, without path separators.")
         rel = self.relpath(rec_id, int(record["label"]))
         path = os.path.join(self.out_dir, rel)
+        self._dirty_dirs.add(os.path.dirname(path))
         record = {"file": rel, "class_name": self.class_names[int(record["label"])], **record}
         if self._pool is None:
             atomic_save_image(path, image)
@@ -195,6 +310,21 @@ class FolderWriter:
             self._fh = open(self.manifest_path, "a", encoding="utf-8")
         self._fh.write(json.dumps(record, sort_keys=True) + "\n")
         self.records[record["id"]] = record
+        self._unflushed += 1
+        if self._unflushed >= self.flush_every:
+            self._sync()
+
+    def _sync(self) -> None:
+        """Make the lines written so far durable: the class folders first (the renamed files' names),
+        then the manifest (fsync), so a line that survives a power cut names a file that survived."""
+        for d in sorted(self._dirty_dirs):
+            fsync_dir(d)
+        self._dirty_dirs.clear()
+        if self._fh is not None:
+            self._fh.flush()
+            if io_durable():
+                os.fsync(self._fh.fileno())
+        self._unflushed = 0
 
     def _drain(self, keep: int) -> None:
         while self._pending_records > keep:
@@ -209,8 +339,7 @@ class FolderWriter:
         if self._pool is not None:
             self._send()
         self._drain(0)
-        if self._fh is not None:
-            self._fh.flush()
+        self._sync()
 
     def close(self) -> None:
         try:
@@ -220,6 +349,8 @@ class FolderWriter:
                 self._pool.shutdown(wait=True)
                 self._pool = None
             self._close_manifest()
+            if self._own_lock:
+                self.lock.release()
 
     def _close_manifest(self) -> None:
         if self._fh is not None:
@@ -237,6 +368,47 @@ def _save_images(items: list[tuple[str, np.ndarray]]) -> None:
     """One writer-thread task: ``atomic_save_image`` for each (path, image), in order."""
     for path, image in items:
         atomic_save_image(path, image)
+
+
+def finish_shard(out_dir: str | os.PathLike, shard: int, num_shards: int, items: int) -> bool:
+    """Mark shard ``shard`` done; True for exactly one shard of the job: the one that finds every shard
+    done and no merge made yet, which then merges the manifests (and the caller scores the folder and
+    calls :func:`mark_merged`). Shards finishing together wait for each other's check here only (a
+    short ``claim.lock``); a merger killed before :func:`mark_merged` is followed by whichever shard
+    is re-run."""
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / f"shard{shard:03d}-of-{num_shards:03d}.done", {"items": int(items)})
+    with FolderLock(out_dir, CLAIM_LOCK, "generate.py job").acquire(blocking=True):
+        done = all((out_dir / f"shard{s:03d}-of-{num_shards:03d}.done").is_file() for s in range(num_shards))
+        if not done or (out_dir / "merged.json").is_file():
+            return False
+        merging = FolderLock(out_dir, "merge.lock", "generate.py merge")
+        try:
+            merging.acquire()
+        except ConfigError:
+            return False  # another shard is merging right now
+    try:
+        if (out_dir / "merged.json").is_file():
+            merging.release()
+            return False
+        log.info("shard %d of %d: every shard is done; merging the manifests", shard, num_shards)
+        merge_manifests(out_dir, num_shards)
+    except BaseException:
+        merging.release()
+        raise
+    _MERGE_LOCKS[str(out_dir)] = merging
+    return True
+
+
+_MERGE_LOCKS: dict[str, FolderLock] = {}
+
+
+def mark_merged(out_dir: str | os.PathLike, num_shards: int) -> None:
+    """The merge (and report) of a sharded job is complete: no later shard merges again."""
+    atomic_write_json(Path(out_dir) / "merged.json", {"num_shards": int(num_shards)})
+    lock = _MERGE_LOCKS.pop(str(Path(out_dir)), None)
+    if lock is not None:
+        lock.release()
 
 
 def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:

@@ -1,6 +1,12 @@
-"""Atomic file writes: everything goes to a temp name in the same folder, then
-``os.replace`` renames it, so a reader (or a killed run) never sees half a file;
-and the one rule for turning a class name into a folder name."""
+"""The file-system rules every job follows.
+
+* Atomic, durable writes: everything goes to a temp name in the same folder, is fsynced, then
+  ``os.replace`` renames it, so a reader (or a killed run, or a power loss) never sees half a file.
+* Confinement: a path read from a folder's own files (a manifest line, a checkpoint, a
+  generator's config.json) must resolve inside that folder (:func:`confined`).
+* One writer per folder: :class:`FolderLock`, an OS lock held for a job's life.
+* Hostile images: :func:`open_image` checks the pixel count from the header before decoding.
+* The one rule for turning a class name into a folder name (:func:`safe_class_dir`)."""
 
 from __future__ import annotations
 
@@ -40,15 +46,48 @@ def _create_beside(path: str) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path} after 100 tries")
 
 
+#: fsync every file before its rename (and the manifests at each flush). A job may turn it off for
+#: scratch output (``generate.py durable=false``); see :func:`set_durable`.
+_DURABLE = True
+
+
+def set_durable(durable: bool) -> bool:
+    """Whether atomic writes fsync before renaming (process-wide, default True); returns the old value."""
+    global _DURABLE
+    old, _DURABLE = _DURABLE, bool(durable)
+    return old
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so the names renamed into it survive a power loss (no-op where unsupported)."""
+    if not _DURABLE:
+        return
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[tuple[BinaryIO, Path]]:
-    """Yield an open binary file at a temp name beside ``path`` (and that name); on success close
-    it and rename it onto ``path``, on failure close and remove it."""
+    """Yield an open binary file at a temp name beside ``path`` (and that name); on success fsync,
+    close it and rename it onto ``path``, on failure close and remove it."""
     fd, tmp = _create_beside(os.fspath(path))
     tmp = Path(tmp)
     f = open(fd, "wb")
     try:
         yield f, tmp
+        if _DURABLE and f.closed:  # a writer that reopened the temp path by name (atomic_path)
+            _fsync_path(tmp)
+        elif _DURABLE:
+            f.flush()
+            os.fsync(f.fileno())
         f.close()
         os.replace(tmp, path)
     except BaseException:
@@ -67,18 +106,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
 
 
+def _fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """``data`` to ``path`` atomically (temp name beside it, then rename).
 
     The same steps as :func:`_atomic_file` on bare file descriptors, without a file object or a
     context manager: a generation job writes every image through here, and on small PNGs that
-    Python scaffolding cost about as much CPU as the create, write and rename themselves."""
+    Python scaffolding cost about as much CPU as the create, write and rename themselves. The
+    bytes are fsynced before the rename (unless :func:`set_durable` turned that off), so after a
+    power loss a name is either the old file or the whole new one."""
     path = os.fspath(path)
     fd, tmp = _create_beside(path)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if _DURABLE:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
@@ -196,3 +247,238 @@ def safe_class_dir(name: str) -> str:
             "separator or a leading dot). Rename the class (e.g. in `class_names`) to a plain name."
         )
     return name
+
+
+def unique_class_dirs(names, where: str = "class names") -> list[str]:
+    """``safe_class_dir`` of each name, refusing two that would share a folder: equal after NFC
+    normalisation and case-folding (``café`` typed two ways; ``Cat`` / ``cat`` on a case-insensitive
+    file system)."""
+    dirs = [safe_class_dir(n) for n in names]
+    seen: dict[str, str] = {}
+    for original, d in zip(names, dirs):
+        key = d.casefold()
+        if key in seen:
+            raise ConfigError(
+                f"{where}: {seen[key]!r} and {original!r} name the same folder once Unicode-normalised (NFC) and "
+                "case-folded, so their images would merge into one class folder on some file systems. Rename one "
+                "of them.")
+        seen[key] = original
+    return dirs
+
+
+# -- confinement -------------------------------------------------------------------------------
+def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path`` resolves (symlinks and ``..`` followed) to ``root`` or below it."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether one of the two folders is, contains or lies inside the other (resolved)."""
+    return is_inside(a, b) or is_inside(b, a)
+
+
+def confined(root: str | os.PathLike, name: Any, key: str, prefix: str | None = None) -> Path:
+    """``root/name`` for a relative path ``name`` read from one of ``root``'s own files, refusing
+    anything that could leave ``root``: a non-string, an absolute path, a ``..`` component, a
+    backslash or NUL, a name outside ``prefix/`` (when given), or a symlink that resolves outside.
+    ``key`` names where the value was read (``manifest.jsonl line 'syn_0000001': file``)."""
+    ok = isinstance(name, str) and name.strip() != "" and "\\" not in name and "\x00" not in name
+    parts = name.split("/") if ok else []
+    ok = ok and not name.startswith("/") and ".." not in parts and not (len(name) > 1 and name[1] == ":")
+    if ok and prefix is not None:
+        ok = len(parts) > 1 and parts[0] == prefix
+    path = Path(root) / name if ok else None
+    if path is None or not is_inside(path, root):
+        inside = f"under `{prefix}/` " if prefix else ""
+        raise ConfigError(
+            f"{key} = {name!r} is not a relative path {inside}inside {str(root)!r}: a folder's files may name only "
+            "files of that folder. The folder was edited or comes from an untrusted source; fix that value or "
+            "regenerate the folder.")
+    return path
+
+
+# -- hostile images ----------------------------------------------------------------------------
+def max_image_pixels() -> int | None:
+    """The pixel limit of every image read: PIL's ``Image.MAX_IMAGE_PIXELS`` (its decompression-bomb
+    limit, about 89 million pixels unless the user changed it; None = no limit)."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+def open_image(path: str | os.PathLike, key: str | None = None, expect_size: tuple[int, int] | None = None):
+    """Open an image lazily and check its header before any pixel is decoded: at most
+    :func:`max_image_pixels` pixels, and ``expect_size`` = (width, height) when given. Returns the
+    (not yet decoded) PIL image; the caller decodes it (``np.asarray``, ``.load()``) and closes it.
+    Raises :class:`ConfigError` naming ``key`` (default: the path)."""
+    import warnings
+
+    from PIL import Image
+
+    where = key or f"image {str(path)!r}"
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with the file named
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses it at open
+        raise ConfigError(f"{where} is too large: {e} It is over the limit of {limit} pixels (PIL's "
+                          "`Image.MAX_IMAGE_PIXELS`, its decompression-bomb guard). Remove it.") from None
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read as an image ({type(e).__name__}: {e}).") from None
+    w, h = im.size
+    if limit is not None and w * h > limit:
+        im.close()
+        raise ConfigError(f"{where} is {w}x{h} = {w * h} pixels, over the limit of {limit} "
+                          "(PIL's `Image.MAX_IMAGE_PIXELS`, its decompression-bomb guard). Remove it.")
+    if expect_size is not None and (w, h) != tuple(expect_size):
+        im.close()
+        raise ConfigError(f"{where} is {w}x{h} pixels; the other images here are "
+                          f"{expect_size[0]}x{expect_size[1]}. Every image of a folder must have the same size.")
+    return im
+
+
+def read_image_array(path: str | os.PathLike, key: str | None = None,
+                     expect_size: tuple[int, int] | None = None):
+    """uint8 ``[H, W]`` / ``[H, W, C]`` pixels of an image, checked by :func:`open_image` first."""
+    import numpy as np
+
+    im = open_image(path, key, expect_size)
+    try:
+        return np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as e:  # truncated / corrupt data after a valid header
+        raise ConfigError(f"{key or f'image {str(path)!r}'} cannot be decoded ({type(e).__name__}: {e}).") from None
+    finally:
+        im.close()
+
+
+# -- one writer per folder ---------------------------------------------------------------------
+class FolderLock:
+    """An exclusive OS lock (``flock``) on ``folder/name``, held for a job's life.
+
+    The kernel releases it when the process ends, however it ends (SIGKILL included), so a killed job
+    resumes with the same command; a second job that finds it held stops with an error naming the
+    holder (pid, host, start time and command, which the holder writes into the file). The file
+    itself stays (it is tiny): removing a lock file that another process may be opening would let
+    two jobs hold two different files. Where ``fcntl`` does not exist (Windows) the lock is a no-op;
+    on network file systems that do not honour ``flock`` it may not exclude another machine's job.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str, what: str = "job"):
+        self.folder, self.name, self.what = Path(folder), name, what
+        self.path = self.folder / name
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder(self) -> dict:
+        """What the holder wrote into the lock file (empty if unreadable)."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self, blocking: bool = False) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: nothing to exclude with
+            return self
+        self._made_folder = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            h = self.holder()
+            who = (f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}: "
+                   f"{h.get('command', '?')}") if h else "a process that has not written its details yet"
+            raise ConfigError(
+                f"`{self.folder}` is in use by another {self.what} ({who}). Wait for it to finish or stop it, or "
+                f"choose another folder. If no such process runs (a network file system that ignores locks), "
+                f"delete {str(self.path)!r}.") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._write_details()
+        return self
+
+    def _write_details(self) -> None:
+        import socket
+        import sys
+        import time
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv) or sys.executable}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (json.dumps(info, sort_keys=True) + "\n").encode("utf-8"), 0)
+
+    def is_held_elsewhere(self) -> bool:
+        """Whether another process holds this lock right now (tested without keeping it)."""
+        if self._fd is not None or not self.path.is_file():
+            return False
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing the descriptor releases a lock it took
+        return False
+
+    def release(self, failed: bool = False) -> None:
+        """Release the lock. ``failed``: the job stopped before writing anything, so a folder this lock
+        created holding nothing but its lock files goes again (a refused job leaves no trace)."""
+        if self._fd is None:
+            return
+        if failed and getattr(self, "_made_folder", False):
+            names = {p.name for p in self.folder.iterdir()}
+            if all(n.endswith(".lock") for n in names):
+                for n in names:
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.folder / n)
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+        os.close(self._fd)  # closing the only descriptor of the open file releases the flock
+        self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self if self.held else self.acquire()
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.release(failed=exc_type is not None)
+
+
+def is_durable() -> bool:
+    """Whether atomic writes fsync (see :func:`set_durable`)."""
+    return _DURABLE
+
+
+def tree_hash(path: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) of every file under ``path``, subfolders included, with their relative
+    names (hidden files, such as temp files of a write in progress, are left out); of the file itself
+    for a file. A generator folder's identity (``generate`` keeps no image of another generator) and a
+    prior's (recorded with every generator started from it)."""
+    import hashlib
+
+    root = Path(path)
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else []
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    for p in files:
+        h.update((p.relative_to(root).as_posix() if root.is_dir() else p.name).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

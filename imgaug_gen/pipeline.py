@@ -31,6 +31,8 @@ from imgaug_gen.runtime import prepare_process
 log = logging.getLogger(__name__)
 
 MODES = ("sample", "img2img")
+#: The most images (candidates included) one generate job plans: its plan is held in memory.
+MAX_PLANNED = 20_000_000
 #: Offset of the classical-augmentation seed stream from ``cfg.seed`` (independent of the generator's).
 AUGMENT_SEED_OFFSET = 1_000_003
 
@@ -77,6 +79,37 @@ def check_generate_config(cfg: DictConfig):
     return build_augmenter(cfg.get("augment"))
 
 
+def _data_root(data: Any) -> str | None:
+    """The image folder a data config or a recorded data kind reads (None: an embedded data set)."""
+    if data is None:
+        return None
+    data = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else data
+    if not isinstance(data, dict):
+        return None
+    root = (data.get("args") or {}).get("root") if "args" in data else data.get("root")
+    return root if isinstance(root, str) and root not in ("", "???") else None
+
+
+def check_out_dir(cfg: DictConfig, gen_config: dict) -> None:
+    """``out_dir`` may not be, contain or lie inside the run folder or the training images (a job only
+    ever deletes what it wrote, and a folder of your files is never an output folder)."""
+    import os
+
+    from imgaug_gen.io import overlaps
+
+    out = os.path.expanduser(str(cfg.out_dir))
+    protected = {"run_dir": str(cfg.run_dir)}
+    for key, data in (("data.root", cfg.get("data")), ("the generator's recorded data.root", gen_config.get("data"))):
+        root = _data_root(data)
+        if root is not None:
+            protected.setdefault(key, os.path.expanduser(root))
+    for key, path in protected.items():
+        if os.path.exists(path) and overlaps(out, path):
+            raise ConfigError(f"`out_dir` = {str(cfg.out_dir)!r} and {key} = {path!r} overlap (one is, contains or lies "
+                              "inside the other): a generate job writes, and may later remove, its own "
+                              "files there. Choose an `out_dir` outside both, e.g. a new folder next to them.")
+
+
 def _blend_range(cfg: DictConfig) -> tuple[float, float] | None:
     """``img2img.blend`` as ``(lo, hi)`` (checked by the schema), or None (plain edits)."""
     b = cfg.img2img.get("blend")
@@ -96,14 +129,18 @@ def _device(name: str) -> str:
 
 
 # -- 3. real data ------------------------------------------------------------------------
-def rebuild_datamodule(gen_config: dict, data_override: Any = None):
-    """The run's data module (from the generator's saved data config, or an override)."""
+def rebuild_datamodule(gen_config: dict, data_override: Any = None, source: str = "the generator's config.json"):
+    """The run's data module: from the data kind the generator recorded (data, never a call target),
+    or from ``data=...`` on the command line (the user's own config, built by Hydra)."""
     from imgaug_gen.config import instantiate_checked as instantiate
+    from imgaug_gen.data.kinds import build_data
 
-    data_cfg = data_override if data_override is not None else gen_config.get("data")
-    if data_cfg is None:
+    if data_override is not None:
+        dm = instantiate(OmegaConf.create(data_override) if isinstance(data_override, dict) else data_override)
+    elif gen_config.get("data") is None:
         raise ConfigError("the generator records no data config; pass `data=...` to generate.py.")
-    dm = instantiate(OmegaConf.create(data_cfg) if isinstance(data_cfg, dict) else data_cfg)
+    else:
+        dm = build_data(gen_config["data"], f"data` in `{source}")
     dm.setup("fit")
     if list(dm.class_names) != list(gen_config["class_names"]):
         raise ConfigError(f"the data's classes {list(dm.class_names)} differ from the generator's "
@@ -181,6 +218,14 @@ def plan_items(cfg: DictConfig, num_classes: int, real_labels: np.ndarray, real_
 
     counts = synthetic_counts(cfg, num_classes, real_labels)
     real_labels = np.asarray(real_labels, dtype=np.int64)
+    planned = sum(_candidates(n, cfg) for per in counts.values() for n in per.values())
+    planned += len(real_labels) * (int(bool(cfg.include_real)) + (augmenter.copies_per_image if augmenter is not None
+                                                                   and augmenter.apply_to == "all" else 0))
+    if planned > MAX_PLANNED:
+        raise ConfigError(f"this job plans {planned} images (with `filter.max_factor` candidates), over the limit of "
+                          f"{MAX_PLANNED} per job (each planned image is held in memory). Lower `n_per_class` / "
+                          "`mix.target_per_class` / `img2img.edits_per_image`, or split the job into several "
+                          "`out_dir`s with different `seed`s.")
     items: list[Item] = []
     # sample: classes one after the other
     n_sample = [_candidates(counts[c].get("sample", 0), cfg) for c in range(num_classes)]
@@ -287,18 +332,13 @@ def _augment(augmenter, it: Item, img: np.ndarray, rec: dict) -> np.ndarray:
 
 
 def generator_fingerprint(gen_dir: Path) -> str:
-    """sha256 of the generator folder's files: a retrained generator is another job (its old
-    images must not be kept as if they were this generator's)."""
-    import hashlib
+    """sha256 of every file of the generator folder, subfolders included (an sd_lora generator's
+    class adapters and embeddings live there), with their relative paths: a retrained generator is
+    another job, whose old images must not be kept as if they were this generator's. Hidden files
+    (temp files of a write in progress) are left out."""
+    from imgaug_gen.io import tree_hash
 
-    h = hashlib.sha256()
-    for p in sorted(Path(gen_dir).iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            h.update(p.name.encode())
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
+    return tree_hash(gen_dir)
 
 
 def launcher_shard(cfg: DictConfig) -> DictConfig:
@@ -345,21 +385,40 @@ class Scorers:
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run a generation job as configured; returns the metrics dict (also in metrics.json)."""
-    from imgaug_gen.export import FolderWriter, read_manifest, write_hf_metadata
-    from imgaug_gen.generators.base import load_generator, read_run_config
+    from imgaug_gen.export import refuse_foreign_folder, writer_lock_name
+    from imgaug_gen.generators.base import read_run_config
+    from imgaug_gen.io import FolderLock, set_durable
 
-    # 1. Check inputs (and build the classical augmenter: a bad transform fails here).
+    # 1. Check inputs (and build the classical augmenter: a bad transform fails here); claim the folder.
     cfg = launcher_shard(cfg)
     augmenter = check_generate_config(cfg)
     gen_dir = _generator_dir(Path(cfg.run_dir))
-    gen_config = read_run_config(gen_dir)  # kind and format version, before loading weights
+    gen_config = read_run_config(gen_dir)  # kind, format version, no `_target_`: before loading weights
+    check_out_dir(cfg, gen_config)
+    refuse_foreign_folder(cfg.out_dir)  # before a lock file is made there (checked again under the lock)
+    lock = FolderLock(cfg.out_dir, writer_lock_name(cfg.shard, cfg.num_shards), "generate.py job").acquire()
+    durable = set_durable(bool(cfg.durable))
+    ok = False
+    try:
+        metrics = _generate(cfg, augmenter, gen_dir, gen_config, lock)
+        ok = True
+        return metrics
+    finally:
+        set_durable(durable)
+        lock.release(failed=not ok)
+
+
+def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock) -> dict[str, Any]:
+    from imgaug_gen.export import FolderWriter, mark_merged, read_manifest, write_hf_metadata
+    from imgaug_gen.generators.base import load_generator
+
     # 2. Load the generator (denormal floats flushed, freed tensor memory reused: runtime.py).
     prepare_process()
     gen = load_generator(gen_dir, device=_device(cfg.device))
     if any(s["mode"] == "img2img" for s in _mix_sources(cfg)) and not gen.supports_edit:
         gen.edit(np.zeros((0, 1, 1, 1), np.uint8), [])  # raises the kind's clear error
     # 3. Rebuild the real data.
-    dm = rebuild_datamodule(gen_config, cfg.get("data"))
+    dm = rebuild_datamodule(gen_config, cfg.get("data"), str(gen_dir / "config.json"))
     real = RealData(*dm.train_arrays(), dm.train_records())
     if augmenter is not None:
         augmenter.check(real.images.shape[1:])
@@ -367,7 +426,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     plan = plan_shard(cfg, gen, real, augmenter)
     writer = FolderWriter(Path(cfg.out_dir), gen.class_names, job_record(cfg, gen, gen_dir, plan, augmenter),
                           overwrite=cfg.overwrite, shard=cfg.shard, num_shards=cfg.num_shards,
-                          io_workers=int(cfg.io_workers))
+                          io_workers=int(cfg.io_workers), lock=lock)
     writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in plan.mine)
     # 6. Scorers: per-image confidence, the quality filter, FID/KID at the end.
     scorers = build_scorers(cfg, dm, real)
@@ -383,7 +442,10 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     if not finish_shards(cfg, plan):
         return metrics
     write_hf_metadata(cfg.out_dir, read_manifest(cfg.out_dir))
-    return write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics)
+    metrics = write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics)
+    if cfg.num_shards > 1:
+        mark_merged(cfg.out_dir, cfg.num_shards)
+    return metrics
 
 
 @dataclass
@@ -540,18 +602,12 @@ def write_filtered_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, 
 
 
 def finish_shards(cfg: DictConfig, plan: ShardPlan) -> bool:
-    """A shard marks itself done; True for whichever finishes last (it merges the manifests)."""
-    from imgaug_gen.export import merge_manifests
-    from imgaug_gen.io import atomic_write_json
+    """A shard marks itself done; True for exactly one shard, the one that merges the manifests."""
+    from imgaug_gen.export import finish_shard
 
     if cfg.num_shards == 1:
         return True
-    out_dir = Path(cfg.out_dir)
-    atomic_write_json(out_dir / f"shard{cfg.shard:03d}-of-{cfg.num_shards:03d}.done", {"items": len(plan.mine)})
-    if not all((out_dir / f"shard{s:03d}-of-{cfg.num_shards:03d}.done").is_file() for s in range(cfg.num_shards)):
-        return False
-    merge_manifests(out_dir, cfg.num_shards)
-    return True
+    return finish_shard(cfg.out_dir, int(cfg.shard), int(cfg.num_shards), len(plan.mine))
 
 
 def write_report(cfg: DictConfig, gen, dm, real: RealData, plan: ShardPlan, scorers: Scorers, augmenter,

@@ -64,3 +64,18 @@ def keep_freed_memory() -> bool:
     log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB (%s)", MMAP_THRESHOLD >> 20,
               TRIM_THRESHOLD >> 20, "set" if ok else "refused")
     return ok
+
+
+#: the variables launchers set to a process's rank (torchrun, Lightning's DDP launcher, srun, MPI)
+_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def is_launch_rank_zero() -> bool:
+    """Whether this process is the first of its launch (every rank variable a launcher set is 0):
+    only it claims a job's folder. Read from the environment, so it is known before any Trainer or
+    process group exists."""
+    for var in _RANK_VARS:
+        value = os.environ.get(var)
+        if value not in (None, "", "0"):
+            return False
+    return True

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imgaug_gen.errors import ConfigError
 
 Mode = Literal["sample", "img2img"]
+#: the most images (or edits per real image) a generate job plans per class; the whole plan is
+#: bounded too (``imgaug_gen.pipeline.MAX_PLANNED``): every planned item is held in memory
+MAX_PER_CLASS = 10_000_000
 Fraction = Field(ge=0, le=1)
 
 
@@ -24,7 +27,7 @@ class _Block(BaseModel):
 
 
 class Img2Img(_Block):
-    edits_per_image: int = Field(ge=1)
+    edits_per_image: int = Field(ge=1, le=MAX_PER_CLASS)
     strengths: list[float] = Field(min_length=1)
     blend: Optional[tuple[float, float]] = None
 
@@ -49,8 +52,8 @@ class Source(_Block):
 
 
 class Mix(_Block):
-    synthetic_ratio: Optional[float] = Field(default=None, ge=0)
-    target_per_class: Optional[int] = Field(default=None, ge=0)
+    synthetic_ratio: Optional[float] = Field(default=None, ge=0, le=MAX_PER_CLASS, allow_inf_nan=False)
+    target_per_class: Optional[int] = Field(default=None, ge=0, le=MAX_PER_CLASS)
     sources: list[Source] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -73,7 +76,7 @@ class Filter(_Block):
     delta: Optional[float | Literal["auto"]]
     metric: Literal["cosine", "l2"]
     space: Literal["features", "pixels"]
-    max_factor: float = Field(ge=1)
+    max_factor: float = Field(ge=1, le=100, allow_inf_nan=False)
     classifier_data: Literal["train", "reference"]
 
     @field_validator("delta")
@@ -112,7 +115,7 @@ class Generate(_Block):
     run_dir: str = Field(min_length=1)
     out_dir: str = Field(min_length=1)
     mode: Mode
-    n_per_class: int = Field(ge=0)
+    n_per_class: int = Field(ge=0, le=MAX_PER_CLASS)
     seed: int
     include_real: bool
     img2img: Img2Img
@@ -121,14 +124,15 @@ class Generate(_Block):
     precision_recall_k: int = Field(ge=1)
     score_max_images: Optional[int] = Field(ge=1)
     sample_kwargs: Optional[dict[str, Any]]  # checked by the generator kind (each declares its keys)
-    batch_size: int = Field(ge=1)
-    io_workers: int = Field(ge=0)
+    batch_size: int = Field(ge=1, le=65536)
+    io_workers: int = Field(ge=0, le=64)
     device: str
     score: bool
     progress: bool
     overwrite: bool
+    durable: bool = True
     shard: int = Field(ge=0)
-    num_shards: int = Field(ge=1)
+    num_shards: int = Field(ge=1, le=100_000)
     data: Any = None  # a data config: validated by the data module
     augment: Any = None  # checked by build_augmenter
     metrics: Optional[Metrics] = None
@@ -153,12 +157,16 @@ def _value_at(data: Any, loc: tuple) -> Any:
     return data
 
 
-def validate(config: Any, schema: type[BaseModel], name: str, prefix: str | None = None) -> BaseModel:
+def validate(config: Any, schema: type[BaseModel], name: str, prefix: str | None = None,
+             source: str | None = None) -> BaseModel:
     """``config`` (a DictConfig or a mapping) checked against ``schema``; the first problem raises a
     :class:`ConfigError` ``` `key` = value: what is expected (conf/<name>.yaml) ```. ``prefix``: the
-    block's key in its job config (``metrics``), put in front of the keys named in messages."""
+    block's key in its job config (``metrics``), put in front of the keys named in messages.
+    ``source``: the file the values were read from (a generator's config.json), named instead of
+    ``conf/<name>.yaml``."""
     from omegaconf import DictConfig, OmegaConf
 
+    where = source or f"conf/{name}.yaml"
     data = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
     try:
         return schema.model_validate(data)
@@ -172,14 +180,16 @@ def validate(config: Any, schema: type[BaseModel], name: str, prefix: str | None
             loc, msg = loc[:-1], f"too few items (item {loc[-1]} is missing)"
         if err["type"] == "extra_forbidden":
             allowed = sorted(_fields_at(schema, loc[:-1]))
-            raise ConfigError(f"`{_where(loc)}` is not a key of the {name} config (conf/{name}.yaml); "
+            raise ConfigError(f"`{_where(loc)}` is not a key of the {name} config ({where}); "
                               f"allowed here: {allowed}. Check the spelling.") from None
         if not loc:  # a cross-field rule of the top-level config
-            raise ConfigError(f"{msg} (conf/{name}.yaml).") from None
+            raise ConfigError(f"{msg} ({where}).") from None
         if msg.startswith("`"):  # a cross-field rule of a block: already names its keys
-            raise ConfigError(f"{msg}.") from None
-        raise ConfigError(f"`{_where(loc)}` = {_value_at(data, loc)!r}: {msg[0].lower() + msg[1:]} "
-                          f"(conf/{name}.yaml).") from None
+            raise ConfigError(f"{msg}{'' if source is None else f' ({where})'}.") from None
+        value = repr(_value_at(data, loc))
+        if len(value) > 200:
+            value = value[:200] + "..."
+        raise ConfigError(f"`{_where(loc)}` = {value}: {msg[0].lower() + msg[1:]} ({where}).") from None
 
 
 def _model_in(ann: Any) -> type[BaseModel] | None:

@@ -10,6 +10,7 @@ checkpoint, loaded with ``weights_only=True``), 6. save the generator and report
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from imgaug_gen.config import instantiate_checked
 from imgaug_gen.loggers import TrimLogOnResume
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.runtime import prepare_process
+from imgaug_gen.io import FolderLock, is_inside, overlaps
+from imgaug_gen.runtime import is_launch_rank_zero, prepare_process
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,41 @@ def check_train_config(cfg: DictConfig) -> None:
     if ckpt is not None and not Path(ckpt).is_file():
         raise ConfigError(f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "
                           "to resume, or leave `ckpt_path` unset to start fresh.")
+    root = (cfg.get("data") or {}).get("root")
+    if root not in (None, "", "???") and overlaps(cfg.run_dir, os.path.expanduser(str(root))):
+        raise ConfigError(f"`run_dir` = {str(cfg.run_dir)!r} and `data.root` = {str(root)!r} overlap (one is, contains "
+                          "or lies inside the other): the run's generator/, checkpoints/ and samples/ would land among "
+                          "your images, and be read as classes next time. Choose a `run_dir` outside `data.root`.")
+    if ckpt is not None:
+        check_checkpoint_paths(ckpt)
+
+
+#: ModelCheckpoint state entries that name files Lightning may delete on the next save.
+_CKPT_PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
+
+
+def check_checkpoint_paths(ckpt: str | os.PathLike) -> None:
+    """Every file a checkpoint's callback state names must lie in the folder that state names as its
+    ``dirpath``, with no ``..`` in it: Lightning's ModelCheckpoint deletes the previous ``last`` /
+    ``best`` files on resume and checks only that they sit lexically under its folder, so a tampered
+    ``<dirpath>/../../victim`` would be removed. Read with ``weights_only=True`` (no code runs)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    for name, cb in (state.get("callbacks") or {}).items() if isinstance(state, dict) else ():
+        if not isinstance(cb, dict) or not any(k in cb for k in _CKPT_PATH_KEYS):
+            continue
+        dirpath = cb.get("dirpath")
+        paths = [(k, cb.get(k)) for k in _CKPT_PATH_KEYS] + [("best_k_models", p) for p in (cb.get("best_k_models") or {})]
+        for key, p in paths:
+            if not p:
+                continue
+            ok = isinstance(p, str) and isinstance(dirpath, str) and ".." not in Path(p).parts and is_inside(p, dirpath)
+            if not ok:
+                raise ConfigError(f"`ckpt_path` = {str(ckpt)!r}: its {name} state names {key} = {str(p)[:300]!r}, which "
+                                  f"is not a file inside its checkpoint folder {dirpath!r}. Lightning would delete it on "
+                                  "resume; the checkpoint was edited or comes from an untrusted source. Resume from "
+                                  "a checkpoint this run wrote.")
 
 
 def _instantiate_all(node, **kwargs) -> list:
@@ -115,12 +152,6 @@ _QUIET = (".*ModelCheckpoint with manual optimization.*", ".*You passed in a `va
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train a generator as configured; returns (metrics, objects)."""
-    import pytorch_lightning as pl
-    from hydra.utils import instantiate
-
-    from imgaug_gen.callbacks import ExportGeneratorCallback, FidelityCallback
-    from imgaug_gen.io import atomic_write_text
-
     # 1. Check the config.
     check_train_config(cfg)
     quiet_lightning_tips()
@@ -129,6 +160,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     run_dir = Path(cfg.run_dir)
+    # One job per run folder: a second train.py on it (two terminals, a re-queued cluster job) stops here.
+    # Under DDP only the launching rank claims it; the kernel drops the lock when the process dies.
+    lock = FolderLock(run_dir, "train.lock", "train.py job").acquire() if is_launch_rank_zero() else None
+    ok = False
+    try:
+        out = _train(cfg, run_dir)
+        ok = True
+        return out
+    finally:
+        if lock is not None:
+            lock.release(failed=not ok)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from imgaug_gen.callbacks import ExportGeneratorCallback, FidelityCallback
+    from imgaug_gen.data.kinds import data_record
+    from imgaug_gen.io import atomic_write_text
+
     prepare_process()  # denormals flushed, freed tensor memory reused (runtime.py)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -143,7 +195,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if not any(isinstance(c, ExportGeneratorCallback) for c in callbacks):
         callbacks.append(ExportGeneratorCallback(str(run_dir / "generator"), every_n_steps=0))
     callbacks.append(TrimLogOnResume())
-    extra = {"run_dir": str(run_dir.resolve()), "data": OmegaConf.to_container(cfg.data, resolve=True)}
+    extra = {"run_dir": str(run_dir.resolve()), "data": data_record(dm)}
     for c in callbacks:
         if isinstance(c, ExportGeneratorCallback):
             c.extra.update(extra)

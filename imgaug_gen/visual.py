@@ -126,7 +126,7 @@ def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequenc
     """``OUT/preview.png``: one row per class, named on the left; columns titled real | synthetic
     (sample) | img2img | augmented copies (those present), ``per_group`` of each, blocks separated by
     a blank cell."""
-    from PIL import Image
+    from imgaug_gen.data.manifest import load_folder_images
 
     out_dir = Path(out_dir)
     picked = {(name, g): [r for r in records if r["class_name"] == name and keep(r)][:per_group]
@@ -135,7 +135,7 @@ def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequenc
     names = [n for n in class_names if any(picked[(n, g)] for g in groups)]
     if not names:
         raise ValueError("no images to preview")
-    loaded = {k: [np.asarray(Image.open(out_dir / r["file"]).convert("RGB")) for r in v] for k, v in picked.items()}
+    loaded = {k: [_as_rgb(load_folder_images(out_dir, [r]))[0] for r in v] for k, v in picked.items()}
     cell = next(imgs[0] for imgs in loaded.values() if imgs)
     blank = np.full_like(cell, 255)
     scale = max(1, 64 // cell.shape[0])

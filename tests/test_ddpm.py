@@ -178,7 +178,7 @@ def test_config_errors(tmp_path):
                                           r"keep its x0 predictions in \[-1, 1\].*"
                                           r"`model.sample_scheduler.thresholding=true`"):
         build(sample_scheduler={"_target_": "diffusers.DPMSolverMultistepScheduler", "num_train_timesteps": 10})
-    with pytest.raises(ConfigError, match="`model.train_scheduler.class_name` names 'Nope'"):
+    with pytest.raises(ConfigError, match="`model.train_scheduler.class_name` = 'Nope' is not a diffusers scheduler class"):
         build(train_scheduler={"class_name": "Nope", "config": {}})
     gen = make_generator()
     with pytest.raises(ConfigError, match=r"`sample_kwargs` has unknown keys \['steps'\]"):

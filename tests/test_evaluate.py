@@ -73,7 +73,7 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
         runs = {d: g["subsets"][d]["run_dir"] for d in ("0", "1")}
         assert runs["0"] != runs["1"]
         for d, run in runs.items():
-            data = read_run_config(f"{run}/generator")["data"]
+            data = read_run_config(f"{run}/generator")["data"]["args"]
             assert data["shots"] == shots and data["seed"] == int(d)
     # the headline is the generative method with the best mean validation gain
     sel = ev["selected"]

@@ -75,8 +75,11 @@ def test_refuses_other_jobs_folder_unless_overwrite(trained_cgan, tmp_path):
     assert all(r["seed"] is None or r["source"] == "synthetic" for r in read_manifest(out))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "thesis.tex").write_text("keep me")
-    with pytest.raises(ConfigError, match="is not empty and was not written by imgaug_gen"):
-        generate(gen_cfg(trained_cgan, tmp_path / "foreign"))
+    for extra in ([], ["overwrite=true"]):  # a folder of the user's files: refused either way, nothing deleted
+        with pytest.raises(ConfigError, match="is not empty and holds no generate.py job record") as e:
+            generate(gen_cfg(trained_cgan, tmp_path / "foreign", *extra))
+        assert "overwrite" not in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == ["thesis.tex"]
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "keep me"
 
 

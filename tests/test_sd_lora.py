@@ -6,6 +6,7 @@ config errors, and train.py -> generate.py end to end. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -71,7 +72,7 @@ def test_train_writes_run_in_diffusers_lora_format(trained, gen, tiny_sd):
     files = sorted(p.name for p in (run_dir / "generator").iterdir())
     assert files == ["config.json", "pytorch_lora_weights.safetensors"]
     cfg = json.loads((run_dir / "generator" / "config.json").read_text())
-    assert cfg["kind"] == "sd_lora" and cfg["format_version"] == 1 and cfg["pretrained"] == str(tiny_sd.resolve())
+    assert cfg["kind"] == "sd_lora" and cfg["format_version"] == 2 and cfg["pretrained"] == str(tiny_sd.resolve())
     assert cfg["prompts"][3] == "a photo of a 3" and cfg["image_shape"] == [3, 16, 16]
     assert cfg["lora"]["unet"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
                                    "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
@@ -386,3 +387,43 @@ def test_textual_inversion_alone(tiny_sd, tmp_path):
     out = pipe(prompt=["a photo of a <cat>"], height=16, width=16, num_inference_steps=2, guidance_scale=7.5,
                generator=[torch.Generator().manual_seed(3)], output_type="np").images
     assert np.array_equal((np.clip(out, 0, 1) * 255).round().astype(np.uint8), a[:1])
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("lora_weights", "../outside.safetensors"), ("lora_weights", "/tmp/abs.safetensors"),
+    ("lora_weights", "pytorch_lora_weights.bin"), ("lora_weights", "sub/../../outside.safetensors"),
+    ("class_adapters", ["../outside.safetensors"] * 10), ("sample_scheduler", "UNet2DConditionModel"),
+])
+def test_a_shared_folder_names_only_its_own_safetensors(trained, tmp_path, field, bad):
+    """A shared generator's config.json may name only .safetensors files inside its folder (never a
+    pickled .bin that diffusers would unpickle, never a path outside), and only diffusers schedulers."""
+    g = tmp_path / "g"
+    shutil.copytree(trained[0] / "generator", g)
+    (tmp_path / "outside.safetensors").write_bytes((g / "pytorch_lora_weights.safetensors").read_bytes())
+    (g / "pytorch_lora_weights.bin").write_bytes(b"pickle")
+    cfg = json.loads((g / "config.json").read_text())
+    cfg[field] = bad
+    (g / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=field):
+        load_generator(g)
+
+
+def test_a_retrained_generator_with_an_unchanged_config_is_another_job(tiny_sd, tmp_path):
+    """Textual inversion lives in a subfolder: retraining changes it while config.json stays the same;
+    the old images must not be kept as the new generator's."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import gen_cfg
+    from imgaug_gen.pipeline import generate
+
+    run = tmp_path / "run"
+    _train(tiny_sd, run, "model.textual_inversion=true", "model.lora=false")
+    config = (run / "generator" / "config.json").read_bytes()
+    generate(gen_cfg(run, tmp_path / "out", "score=false", "n_per_class=1", "include_real=false",
+                     "+sample_kwargs.num_inference_steps=1"))
+    ti = run / "generator" / "textual_inversion" / "class_000.safetensors"
+    save_file({k: v + 0.1 for k, v in load_file(str(ti)).items()}, str(ti))  # "retrained": new embeddings
+    assert (run / "generator" / "config.json").read_bytes() == config
+    with pytest.raises(ConfigError, match="different job"):
+        generate(gen_cfg(run, tmp_path / "out", "score=false", "n_per_class=1", "include_real=false",
+                         "+sample_kwargs.num_inference_steps=1"))

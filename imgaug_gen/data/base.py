@@ -239,12 +239,12 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
         *,
-        image_size: Annotated[int, Field(ge=8)] = 32,
+        image_size: Annotated[int, Field(ge=8, le=4096)] = 32,
         channels: Literal[1, 3] = 3,
-        shots: Optional[Annotated[int, Field(ge=1)]] = None,
+        shots: Optional[Annotated[int, Field(ge=1, le=10**7)]] = None,
         seed: int = 0,
-        batch_size: Annotated[int, Field(ge=1)] = 64,
-        num_workers: Annotated[int, Field(ge=0)] = 0,
+        batch_size: Annotated[int, Field(ge=1, le=65536)] = 64,
+        num_workers: Annotated[int, Field(ge=0, le=1024)] = 0,
         test_fraction: Fraction = 0.2,
         val_fraction: Fraction = 0.0,
         split_seed: int = 0,
@@ -265,6 +265,18 @@ class ImageDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self._ready = False
 
+    def record_args(self) -> dict[str, Any]:
+        """The constructor arguments a run records (generator ``config.json``: ``data.args``), from
+        which :func:`imgaug_gen.data.kinds.build_data` rebuilds this data module."""
+        from omegaconf import OmegaConf
+
+        def plain(v):
+            if OmegaConf.is_config(v):
+                return OmegaConf.to_container(v, resolve=True)
+            return list(v) if isinstance(v, tuple) else v
+
+        return {k: plain(v) for k, v in self._args.items()}
+
     # ---- to implement -----------------------------------------------------------
     def _check_args(self) -> None:
         """Subclass-specific argument checks (run before any loading)."""
@@ -279,7 +291,7 @@ class ImageDataModule(pl.LightningDataModule):
         check_args(type(self), "data", self._args)
         names = self.class_names_override
         if names is not None:
-            from imgaug_gen.io import safe_class_dir
+            from imgaug_gen.io import safe_class_dir, unique_class_dirs
 
             for i, n in enumerate(names):
                 require(isinstance(n, str), f"`data.class_names[{i}]` = {n!r}; give a string.")
@@ -288,6 +300,7 @@ class ImageDataModule(pl.LightningDataModule):
                 except ConfigError as e:
                     raise ConfigError(f"`data.class_names[{i}]`: {e}") from None
             require(len(set(names)) == len(names), f"`data.class_names` = {names} repeats a name.")
+            unique_class_dirs(names, "`data.class_names`")
         tf, vf = self.test_fraction, self.val_fraction
         require(float(vf) + float(tf) < 1.0,
                 f"`data.val_fraction` + `data.test_fraction` = {vf!r} + {tf!r} leaves no training images; "

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from imgaug_gen.data.base import ImageDataModule, LoadedImages
+from imgaug_gen.data.kinds import register_data_kind
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -35,6 +36,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return digits.images, digits.target.astype(np.int64)
 
 
+@register_data_kind("digits")
 class DigitsDataModule(ImageDataModule):
     """``sklearn.datasets.load_digits`` scaled to uint8, resized (bilinear) to ``image_size``.
 

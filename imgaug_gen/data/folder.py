@@ -19,6 +19,7 @@ from pydantic import Field
 from PIL import Image, ImageOps
 
 from imgaug_gen.data.base import ImageDataModule, LoadedImages, sanitize_id
+from imgaug_gen.data.kinds import register_data_kind
 from imgaug_gen.errors import ConfigError, require
 
 log = logging.getLogger("imgaug_gen.data")
@@ -42,6 +43,7 @@ class _Unreadable(Exception):
     """A file PIL cannot decode (internal; turned into ConfigError or a skip)."""
 
 
+@register_data_kind("folder")
 class LabeledFolderDataModule(ImageDataModule):
     """Images in ``root/<class_name>/...``; classes are the sorted sub-folder names.
 
@@ -76,6 +78,13 @@ class LabeledFolderDataModule(ImageDataModule):
         self.on_corrupt = on_corrupt
         self.extensions = extensions
 
+    def record_args(self) -> dict[str, Any]:
+        """As :meth:`ImageDataModule.record_args`, with ``root`` made absolute (a run is read from anywhere)."""
+        args = super().record_args()
+        if args.get("root") is not None:
+            args["root"] = os.path.abspath(os.path.expanduser(str(args["root"])))
+        return args
+
     # ---- 1. arguments -------------------------------------------------------------
     def _check_args(self) -> None:
         require(
@@ -101,12 +110,26 @@ class LabeledFolderDataModule(ImageDataModule):
             return None
         return {"." + e.strip().lstrip(".").lower() for e in self.extensions}
 
-    def _class_files(self, class_dir: Path) -> list[tuple[Path, bool]]:
-        """(file, must_decode) for every candidate file under ``class_dir``, sorted."""
+    def _class_files(self, class_dir: Path, seen: dict[str, Path]) -> list[tuple[Path, bool]]:
+        """(file, must_decode) for every candidate file under ``class_dir``, sorted.
+
+        Symlinked folders are followed, each real folder at most once (``seen``: real path -> the
+        folder it was first listed as, shared by all classes): a link back to a folder already
+        listed (``loop -> .``) or a second link to the same folder is skipped and logged, so no
+        image is listed twice and a loop cannot make the walk explode."""
         wanted = self._wanted_exts()
         out = []
         for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            kept = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                sub = Path(dirpath) / d
+                real = os.path.realpath(sub)
+                if real in seen:
+                    log.info("not following %s: it is the folder %s, already listed", sub, seen[real])
+                    continue
+                seen[real] = sub
+                kept.append(d)
+            dirnames[:] = kept
             for fn in sorted(filenames):
                 if fn.startswith("."):
                     continue
@@ -121,11 +144,13 @@ class LabeledFolderDataModule(ImageDataModule):
     # ---- 3. decoding --------------------------------------------------------------
     def _decode(self, path: Path) -> np.ndarray:
         """One file -> uint8 ``[H, W, C]`` at the target size; raises :class:`_Unreadable`."""
+        from imgaug_gen.io import open_image
+
         try:
-            with warnings.catch_warnings():
-                # keep PIL's decompression-bomb limit, and treat its warning as a failure too
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as im:
+            # PIL's decompression-bomb limit, checked from the header before any pixel is decoded
+            with open_image(path) as im:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
                     im.load()
                     im = ImageOps.exif_transpose(im)
                     im = to_mode(im, "L" if self.channels == 1 else "RGB")
@@ -152,6 +177,16 @@ class LabeledFolderDataModule(ImageDataModule):
                 "in its own folder: root/<class_name>/<image>."
             )
 
+        from imgaug_gen.io import unique_class_dirs
+
+        unique_class_dirs([p.name for p in class_dirs], f"`data.root` {str(root)!r}: class folders")
+        seen: dict[str, Path] = {}
+        for class_dir in class_dirs:
+            real = os.path.realpath(class_dir)
+            if real in seen:
+                raise ConfigError(f"class folders {str(seen[real])!r} and {str(class_dir)!r} are the same folder "
+                                  "(a symlink): their images would be listed under two classes. Remove one of them.")
+            seen[real] = class_dir
         images: list[np.ndarray] = []
         labels: list[int] = []
         ids: list[str] = []
@@ -161,7 +196,7 @@ class LabeledFolderDataModule(ImageDataModule):
         for c, class_dir in enumerate(class_dirs):
             n_before = len(labels)
             n_skipped_before = len(skipped)
-            for path, must_decode in self._class_files(class_dir):
+            for path, must_decode in self._class_files(class_dir, seen):
                 try:
                     arr = self._decode(path)
                 except _Unreadable as e:

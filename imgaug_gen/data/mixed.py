@@ -32,7 +32,6 @@ sampler and loss (:func:`imgaug_gen.metrics.downstream.train_and_test`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -290,18 +289,16 @@ def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, synthetic: torch.Tens
 # -- a generate.py folder as a dataset -------------------------------------------------------------------
 
 def _folder_records(out_dir: Path) -> list[dict]:
-    from imgaug_gen.data.manifest import read_manifest
+    from imgaug_gen.data.manifest import read_manifest, record_path
 
     require(out_dir.is_dir(), f"`out_dir` = {str(out_dir)!r} is not a folder; give a generate.py out_dir.")
     require((out_dir / "manifest.jsonl").is_file(),
             f"`{out_dir}` holds no manifest.jsonl; give a folder written by generate.py (a sharded job writes "
             "manifest.jsonl when its last shard finishes).")
-    try:
-        records = read_manifest(out_dir)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"`{out_dir / 'manifest.jsonl'}` is not valid JSON lines ({e}); re-run generate.py "
-                          "with the same command to repair it.") from None
+    records = read_manifest(out_dir)  # ConfigError on a torn or non-object line
     require(len(records) > 0, f"`{out_dir / 'manifest.jsonl'}` lists no images.")
+    for r in records:  # every file inside the folder, before any is read
+        record_path(out_dir, r)
     return records
 
 
@@ -354,7 +351,11 @@ class MixedFolderDataset(Dataset):
         self.real_groups = np.asarray(real_groups, dtype=np.int64)
         self.syn_groups = np.asarray(syn_groups, dtype=np.int64)
         self.records = real_recs + syn_recs
+        self._item_records = ([None] * len(real_labels) if real is not None else real_recs) + syn_recs
         self.transform = transform
+        # (width, height) every file must have, from the first one read (checked from each header)
+        self._size: tuple[int, int] | None = None if self._arrays is None else (self._arrays.shape[2],
+                                                                                 self._arrays.shape[1])
 
     @property
     def num_classes(self) -> int:
@@ -368,10 +369,14 @@ class MixedFolderDataset(Dataset):
         if i < self.n_real and self._arrays is not None:
             a = self._arrays[i]
         else:
-            from PIL import Image
+            from imgaug_gen.data.manifest import record_path
+            from imgaug_gen.io import read_image_array
 
-            with Image.open(self.out_dir / self.files[i]) as im:
-                a = np.asarray(im)
+            rec = self._item_records[i]
+            a = read_image_array(record_path(self.out_dir, rec), f"`{self.out_dir / self.files[i]}` (manifest line "
+                                 f"{rec.get('id')!r})", expect_size=self._size)
+            if self._size is None:
+                self._size = (a.shape[1], a.shape[0])
         return a[..., None] if a.ndim == 2 else a
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -14,17 +14,89 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from imgaug_gen.errors import ConfigError
 
-FORMAT_VERSION = 1
+#: 2: the training data is recorded as a data kind (``{"kind", "args"}``); format 1 named a Hydra
+#: ``_target_`` there, which is never called from a loaded file (``python -m imgaug_gen.upgrade RUN``).
+FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: a generator's config.json is small; a larger file is refused before it is parsed
+MAX_CONFIG_BYTES = 16 * 2**20
+#: format-1 ``data._target_`` values that ``python -m imgaug_gen.upgrade`` rewrites as data kinds
+LEGACY_DATA_TARGETS = {
+    "imgaug_gen.data.DigitsDataModule": "digits",
+    "imgaug_gen.data.digits.DigitsDataModule": "digits",
+    "imgaug_gen.data.LabeledFolderDataModule": "folder",
+    "imgaug_gen.data.folder.LabeledFolderDataModule": "folder",
+}
+
+
+# -- what a generator folder's config.json may hold ------------------------------------------------
+Int = Annotated[int, Field(ge=0, le=2**53)]
+
+
+class DataRecord(BaseModel):
+    """The data a run trained on: a registered data kind and its arguments (``imgaug_gen.data.kinds``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field(min_length=1, max_length=200)
+    args: dict[str, Any]
+
+
+class GeneratorConfig(BaseModel):
+    """The keys every kind's config.json holds. A kind's ``config_schema`` adds its own; the built-in
+    kinds refuse any other key (a plug-in kind that declares no schema gets this one, open)."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = Field(min_length=1, max_length=200)
+    format_version: int = Field(ge=1, le=FORMAT_VERSION)
+    num_classes: int = Field(ge=1, le=100_000)
+    class_names: list[Annotated[str, Field(min_length=1, max_length=1000)]]
+    image_shape: tuple[Annotated[int, Field(ge=1, le=4)], Annotated[int, Field(ge=1, le=16384)],
+                       Annotated[int, Field(ge=1, le=16384)]]
+    data: Optional[DataRecord] = None
+    run_dir: Optional[str] = None
+    trained_steps: Optional[Int] = None
+
+    @model_validator(mode="after")
+    def _classes(self):
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"`class_names` has {len(self.class_names)} names for num_classes={self.num_classes}")
+        from imgaug_gen.io import unique_class_dirs
+
+        try:
+            unique_class_dirs(self.class_names, "`class_names`")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class StrictGeneratorConfig(GeneratorConfig):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _find_targets(value: Any, where: str = "") -> list[tuple[str, Any]]:
+    """Every ``_target_`` key in a JSON value, with its path."""
+    found = []
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            path = f"{where}.{k}" if where else str(k)
+            if k == "_target_":
+                found.append((path, v))
+            else:
+                found += _find_targets(v, path)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _find_targets(v, f"{where}[{i}]")
+    return found
 
 _REGISTRY: dict[str, type["ConditionalGenerator"]] = {}
 #: Package entry-point group naming each kind's generator class (``kind = "module:Class"``). The
@@ -98,18 +170,35 @@ def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
             f"`{path}` holds no saved generator (no {CONFIG_NAME}).{hint} Pass the folder written by "
             "train.py (`run_dir=RUN`, which contains `RUN/generator/`)."
         )
+    if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"`{cfg_file}` is {cfg_file.stat().st_size} bytes; a generator config is at most "
+                          f"{MAX_CONFIG_BYTES} bytes. The folder is damaged or not a generator folder.")
     try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"`{cfg_file}` is not valid JSON ({e}); the run folder is damaged.") from e
+        config = json.loads(cfg_file.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, or nesting too deep
+        raise ConfigError(f"`{cfg_file}` is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the run folder is "
+                          "damaged.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"`{cfg_file}` holds a JSON {type(config).__name__}, not an object; the run folder is damaged.")
     version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise ConfigError(
             f"`{cfg_file}` has format_version={version!r}, this imgaug_gen reads versions <= "
             f"{FORMAT_VERSION}. Upgrade imgaug_gen to load it."
         )
-    if "kind" not in config:
+    targets = _find_targets(config)
+    if targets:
+        key, value = targets[0]
+        legacy = key == "data._target_" and value in LEGACY_DATA_TARGETS and version == 1
+        hint = (f" It was written by an older imgaug_gen; upgrade it once with `python -m imgaug_gen.upgrade {path}`."
+                if legacy else " Remove it: only your own command-line configs may name classes to build.")
+        raise ConfigError(f"`{cfg_file}`: `{key}` = {str(value)[:200]!r}. A generator folder is data and is never "
+                          f"allowed to name code to run (Hydra `_target_`).{hint}")
+    if not isinstance(config.get("kind"), str):
         raise ConfigError(f"`{cfg_file}` names no generator `kind`; the run folder is damaged.")
+    from imgaug_gen.schemas import validate
+
+    validate(config, GeneratorConfig, "generator", source=str(cfg_file))
     return config
 
 
@@ -123,6 +212,35 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu",
     return cls.from_pretrained(path, device=device)
 
 
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes in a safetensors file, read from its header alone (no tensor
+    data is read): what a config must build before the weights are loaded."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(100 * 2**20, path.stat().st_size - 8):
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"`{path}` is not a valid safetensors file ({type(e).__name__}: {e}); the generator "
+                          "folder is damaged.") from None
+
+
+def check_state_matches(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], weights: Path) -> None:
+    """The module built from config.json must have exactly the weight file's tensors and shapes."""
+    mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing, unexpected = sorted(set(mine) - set(shapes)), sorted(set(shapes) - set(mine))
+    wrong = sorted(k for k in set(mine) & set(shapes) if mine[k] != shapes[k])
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{wrong[0]}: config.json builds {mine[wrong[0]]}, the file holds {shapes[wrong[0]]}")
+        raise ConfigError(f"`{weights}` does not match `{weights.parent / CONFIG_NAME}` ({detail}); the generator "
+                          "folder was edited or is damaged.")
+
+
 class ConditionalGenerator(nn.Module):
     """Base class: ``sample`` (noise -> images) and optionally ``edit`` (img2img).
 
@@ -132,6 +250,8 @@ class ConditionalGenerator(nn.Module):
     """
 
     kind: ClassVar[str] = "base"
+    #: the keys of this kind's config.json (checked before anything is built from it)
+    config_schema: ClassVar[type[BaseModel]] = GeneratorConfig
     supports_edit: ClassVar[bool] = False
     #: the keyword options ``sample`` / ``edit`` accept (generate.py's ``sample_kwargs``); any other is refused
     sample_kwargs: ClassVar[tuple[str, ...]] = ()
@@ -247,6 +367,11 @@ class ConditionalGenerator(nn.Module):
             raise ConfigError(f"`sample_kwargs` has unknown keys {unknown} for a `{self.kind}` generator; allowed: "
                               f"{list(self.sample_kwargs)} (remove the others).")
 
+    def check_runs(self) -> None:
+        """Run the network once on a batch of one (called on the meta device while loading, so a config
+        that builds a network that cannot run is refused at load time, not at the first sample).
+        Kinds override it; the default checks nothing."""
+
     def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
         raise NotImplementedError
 
@@ -276,24 +401,42 @@ class ConditionalGenerator(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu"):
         """Load a saved generator of this class (use :func:`load_generator` for any kind)."""
+        from imgaug_gen.schemas import validate
+
         config = read_run_config(path)
         if config["kind"] != cls.kind:
             raise ConfigError(
                 f"`{path}` holds a `{config['kind']}` generator; load it with "
                 f"`imgaug_gen.load_generator` (or the `{config['kind']}` class), not `{cls.__name__}`."
             )
+        cfg_file = Path(path) / CONFIG_NAME
+        validate(config, cls.config_schema, f"{cls.kind} generator", source=str(cfg_file))
         config = {k: v for k, v in config.items() if k not in ("kind", "format_version")}
-        model = cls._build(config, Path(path))
+        try:
+            model = cls._build(config, Path(path))
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
+                ZeroDivisionError, NotImplementedError) as e:  # a value the schema let through that the kind refuses
+            raise ConfigError(f"`{cfg_file}` does not describe a loadable `{cls.kind}` generator "
+                              f"({type(e).__name__}: {str(e)[:300]}); the folder was edited or is damaged.") from None
         return model.to(device).eval()
 
     @classmethod
     def _build(cls, config: dict[str, Any], path: Path) -> "ConditionalGenerator":
-        """Construct from config and load weights from ``path``."""
+        """Construct from config and load weights from ``path``: the network is first built on the
+        meta device (no memory) and checked against the weight file's header, so a config that names
+        a huge or different network is refused before anything is allocated."""
         from safetensors.torch import load_file
 
-        model = cls(config)
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise ConfigError(f"`{weights}` is missing; the generator folder is incomplete.")
+        shapes = safetensors_shapes(weights)
+        with torch.device("meta"):
+            probe = cls(config)
+            check_state_matches(probe, shapes, weights)
+            probe.check_runs()  # one forward of the network on meta tensors: shapes only, no memory
+        model = cls(config)
         model.load_state_dict(load_file(str(weights)))
         return model

@@ -24,7 +24,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,22 +33,30 @@ from diffusers import UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from imgaug_gen.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from imgaug_gen.generators.base import (
     ConditionalGenerator,
+    StrictGeneratorConfig,
     from_uint8_nhwc,
     register_generator,
     to_uint8_nhwc,
 )
 from imgaug_gen.generators.module import GeneratorModule
+from imgaug_gen.generators.schedulers import (
+    build_scheduler,
+    check_same_schedule,
+    check_x0_clipping,
+    convert_scheduler,
+    plain as _plain,
+    scheduler_spec,
+)
 from imgaug_gen.nets.ema import ema_decay, ema_update
 
 log = logging.getLogger(__name__)
 
 # UNet2DModel arguments that come from the data, not from `model.unet`.
 _DATA_UNET_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "class_embed_type")
-# Scheduler settings that define the noise schedule: sampling must use the one it was trained with.
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                  "prediction_type", "rescale_betas_zero_snr")
 # Samplers selectable by name at generation time (`sample_kwargs.scheduler=...`).
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -56,107 +64,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {}),
 }
 SAMPLE_KWARGS = ("num_inference_steps", "guidance_scale", "eta", "scheduler")
-
-
-# -- schedulers as config ------------------------------------------------------------------
-def _plain(value: Any) -> Any:
-    """diffusers config values -> JSON-able plain Python (lists, dicts, numbers, strings)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def scheduler_spec(scheduler: SchedulerMixin) -> dict[str, Any]:
-    """What config.json (and the checkpoint's hparams) hold for a scheduler."""
-    return {"class_name": type(scheduler).__name__, "config": _plain(scheduler.config)}
-
-
-def _scheduler_class(name: str, key: str) -> type:
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ConfigError(f"`{key}` names {name!r}, which is not a diffusers scheduler class; use e.g. "
-                          "DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler.")
-    return cls
-
-
-def _init_params(cls: type) -> set[str]:
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
-
-
-def build_scheduler(value: Any, key: str) -> SchedulerMixin:
-    """A scheduler from an instance (what Hydra built), a Hydra node with ``_target_``, or a
-    saved spec ``{"class_name": ..., "config": {...}}``."""
-    if isinstance(value, SchedulerMixin):
-        return value
-    if isinstance(value, Mapping) and "_target_" in value:
-        from hydra.utils import instantiate
-
-        try:
-            value = instantiate(dict(value))
-        except Exception as e:  # Hydra wraps the constructor's error
-            raise ConfigError(f"`{key}` could not be built ({e}); give a diffusers scheduler "
-                              "`_target_` and only arguments it accepts.") from e
-        if not isinstance(value, SchedulerMixin):
-            raise ConfigError(f"`{key}._target_` built a {type(value).__name__}, not a diffusers scheduler.")
-        return value
-    if isinstance(value, Mapping) and "class_name" in value:
-        cls = _scheduler_class(value["class_name"], f"{key}.class_name")
-        config = {k: v for k, v in dict(value.get("config") or {}).items() if k in _init_params(cls)}
-        return cls.from_config(config)
-    raise ConfigError(f"`{key}` = {value!r} is not a scheduler; give a Hydra node such as "
-                      "`{_target_: diffusers.DDIMScheduler, num_train_timesteps: 1000}`.")
-
-
-def clips_x0(scheduler: SchedulerMixin) -> bool:
-    """Whether the sampler keeps its x0 predictions in the data range (clip or threshold)."""
-    return bool(scheduler.config.get("clip_sample", False) or scheduler.config.get("thresholding", False))
-
-
-def convert_scheduler(scheduler: SchedulerMixin, class_name: str, **overrides) -> SchedulerMixin:
-    """The same noise schedule run by another scheduler class (unknown settings dropped; x0
-    clipping carried over as thresholding where the target has no ``clip_sample``)."""
-    cls = _scheduler_class(class_name, "scheduler")
-    allowed = _init_params(cls)
-    config = {k: v for k, v in _plain(scheduler.config).items() if k in allowed}
-    if clips_x0(scheduler) and "clip_sample" not in allowed and "thresholding" in allowed:
-        limit = (scheduler.config.get("sample_max_value", 1.0) if scheduler.config.get("thresholding")
-                 else scheduler.config.get("clip_sample_range", 1.0))
-        config.update(thresholding=True, sample_max_value=float(limit))
-    return cls.from_config({**config, **overrides})
-
-
-def check_same_schedule(train: SchedulerMixin, sample: SchedulerMixin,
-                        keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler")) -> None:
-    """Sampling must integrate the noise schedule the network was trained on."""
-    a, b = _plain(train.config), _plain(sample.config)
-    diff = {k: (a.get(k), b.get(k)) for k in _SCHEDULE_KEYS if k in a and k in b and a.get(k) != b.get(k)}
-    same_alphas = (train.alphas_cumprod.shape == sample.alphas_cumprod.shape
-                   and torch.allclose(train.alphas_cumprod, sample.alphas_cumprod))
-    if diff or not same_alphas:
-        shown = ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diff.items()) or "alphas_cumprod differ"
-        raise ConfigError(
-            f"`{keys[1]}` uses a different noise schedule than `{keys[0]}` ({shown}). Give both the same "
-            f"{', '.join(_SCHEDULE_KEYS[:4])} and prediction_type (conf/model/ddpm.yaml interpolates them "
-            f"from `{keys[0]}`)."
-        )
-
-
-def check_x0_clipping(train: SchedulerMixin, sample: SchedulerMixin,
-                      keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler")) -> None:
-    """A pixel-space model trained with clipped x0 needs a sampler that clips too (without it,
-    DPM-Solver++ on the cosine schedule diverges from the first step)."""
-    if clips_x0(train) and not clips_x0(sample):
-        raise ConfigError(
-            f"`{keys[1]}` ({type(sample).__name__}) does not keep its x0 predictions in [-1, 1], but "
-            f"`{keys[0]}.clip_sample` is true. Set `{keys[1]}.thresholding=true` (with "
-            f"`{keys[1]}.sample_max_value=1.0`), or `{keys[1]}.clip_sample=true` where the scheduler has it."
-        )
 
 
 # -- the network -----------------------------------------------------------------------------
@@ -242,6 +149,39 @@ class SampleOptions:
     scheduler: str | None  # None: the saved sample_scheduler
 
 
+class SchedulerRecord(BaseModel):
+    """A scheduler in config.json: a diffusers scheduler class name and its settings (checked by
+    :func:`~imgaug_gen.generators.schedulers.build_scheduler`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    class_name: str = Field(min_length=1, max_length=100)
+    config: dict[str, Any] = {}
+
+
+class DDPMConfig(StrictGeneratorConfig):
+    """A ddpm generator's config.json."""
+
+    unet: dict[str, Any]
+    train_scheduler: SchedulerRecord
+    sample_scheduler: SchedulerRecord
+    num_inference_steps: int = Field(default=20, ge=1, le=100_000)
+    guidance_scale: float = Field(default=1.0, ge=0, le=1000, allow_inf_nan=False)
+    eta: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    prior: Optional[dict[str, Any]] = None
+
+    @field_validator("unet")
+    @classmethod
+    def _bounded(cls, v: dict) -> dict:
+        widths = v.get("block_out_channels", [])
+        if not (isinstance(widths, list) and 1 <= len(widths) <= 8
+                and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 4096 for w in widths)):
+            raise ValueError(f"`unet.block_out_channels` = {str(widths)[:100]}: give 1 to 8 widths of 1 to 4096")
+        layers = v.get("layers_per_block", 1)
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= 16:
+            raise ValueError(f"`unet.layers_per_block` = {layers!r}: give an integer in [1, 16]")
+        return v
+
+
 @register_generator("ddpm")
 class DDPMGenerator(ConditionalGenerator):
     """The EMA UNet of a DDPM run plus its schedulers, behind the generator contract.
@@ -254,6 +194,7 @@ class DDPMGenerator(ConditionalGenerator):
 
     supports_edit = True
     sample_kwargs = SAMPLE_KWARGS
+    config_schema = DDPMConfig
 
     def __init__(self, config: dict[str, Any], unet: UNet2DModel | None = None):
         super().__init__(config)
@@ -266,12 +207,18 @@ class DDPMGenerator(ConditionalGenerator):
         self.unet = unet if unet is not None else build_unet(self.config["unet"])
         self._templates: dict[str | None, SchedulerMixin] = {
             None: build_scheduler(self.config["sample_scheduler"], "sample_scheduler")}
+        build_scheduler(self.config["train_scheduler"], "train_scheduler")  # checked like the sampler
         self._step_params: dict[type, set[str]] = {}
         self._warned: set[tuple[float, int]] = set()
 
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    def check_runs(self) -> None:
+        c, h, w = self.image_shape
+        self.unet(torch.zeros(1, c, h, w), torch.zeros(1, dtype=torch.long),
+                  class_labels=torch.full((1,), self.null_class), return_dict=False)
 
     # 1. Check the sampling options.
     def sample_options(self, kwargs: Mapping[str, Any], prefix: str = "sample_kwargs") -> SampleOptions:
@@ -424,10 +371,11 @@ class DDPMModule(GeneratorModule):
         super().__init__()
         # The schedulers are stored as plain specs, so that hparams (and the checkpoint) hold no objects.
         train = build_scheduler(train_scheduler if train_scheduler is not None else
-                                {"class_name": "DDPMScheduler", "config": {}}, "model.train_scheduler")
+                                {"class_name": "DDPMScheduler", "config": {}}, "model.train_scheduler",
+                                allow_target=True)
         sample = build_scheduler(sample_scheduler if sample_scheduler is not None else
                                  {"class_name": "DDIMScheduler", "config": _plain(train.config)},
-                                 "model.sample_scheduler")
+                                 "model.sample_scheduler", allow_target=True)
         check_same_schedule(train, sample)
         check_x0_clipping(train, sample)
         train_scheduler, sample_scheduler = scheduler_spec(train), scheduler_spec(sample)

@@ -11,14 +11,18 @@ so Lightning's ``global_step`` (and ``trainer.max_steps``) counts 2 per batch.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.generators.base import ConditionalGenerator, register_generator, to_uint8_nhwc
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from imgaug_gen.generators.base import ConditionalGenerator, StrictGeneratorConfig, register_generator, to_uint8_nhwc
 from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.nets.cgan import CGANGenerator as _GeneratorNet
 from imgaug_gen.nets.cgan import ProjectionDiscriminator
@@ -35,15 +39,36 @@ def _noise(seeds: Sequence[int], z_dim: int, device) -> torch.Tensor:
     return z.to(device)
 
 
+class GANConfig(StrictGeneratorConfig):
+    """A cGAN generator's config.json."""
+
+    z_dim: Annotated[int, Field(ge=1, le=4096)]
+    width: Annotated[int, Field(ge=1, le=2048)]
+    prior: Optional[dict] = None
+
+    @model_validator(mode="after")
+    def _square(self):
+        _, h, w = self.image_shape
+        if h != w or h < 8 or h & (h - 1) or h > 2048:
+            raise ValueError(f"`image_shape` = {list(self.image_shape)}: the cGAN makes square power-of-two images "
+                             "of 8 to 2048 pixels")
+        return self
+
+
 @register_generator("cgan")
 class GANGenerator(ConditionalGenerator):
     """The EMA generator network of a cGAN run, behind the generator contract."""
+
+    config_schema = GANConfig
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         c, h, _ = self.image_shape
         self.net = _GeneratorNet(self.num_classes, image_size=h, channels=c,
                                  z_dim=config["z_dim"], width=config["width"])
+
+    def check_runs(self) -> None:
+        self.net(torch.zeros(1, self.config["z_dim"]), torch.zeros(1, dtype=torch.long))
 
     def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
         z = _noise(seeds, self.config["z_dim"], self.device)

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from imgaug_gen.errors import ConfigError
+from imgaug_gen.generators.schedulers import scheduler_class
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -240,7 +241,8 @@ def load_vae(vae: str, cache_dir: str | None = None, key: str = "model.vae", **k
     from diffusers import AutoencoderKL
 
     with load_errors(vae, key):
-        return AutoencoderKL.from_pretrained(vae, cache_dir=cache_dir, local_files_only=hf_offline(), **kw)
+        return AutoencoderKL.from_pretrained(vae, cache_dir=cache_dir, local_files_only=hf_offline(),
+                                             use_safetensors=True, **kw)
 
 
 def load_components(family: Family, pretrained: str, revision: str | None = None, variant: str | None = None,
@@ -260,14 +262,17 @@ def load_components(family: Family, pretrained: str, revision: str | None = None
             comps[slot] = transformers.CLIPTokenizer.from_pretrained(pretrained, subfolder=slot, **kw)
         comps["noise_scheduler"] = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw)
         sched_cfg = DDPMScheduler.load_config(pretrained, subfolder="scheduler", **kw)  # names the pipeline's class
-        sched_cls = getattr(diffusers, sched_cfg.get("_class_name") or "", None) or diffusers.PNDMScheduler
+        name = sched_cfg.get("_class_name")
+        sched_cls = scheduler_class(name, f"{key}: scheduler/_class_name") if name else diffusers.PNDMScheduler
         comps["scheduler"] = sched_cls.from_config(sched_cfg)
         if vae is None:
-            comps["vae"] = diffusers.AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **kw)
+            comps["vae"] = diffusers.AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant,
+                                                                  use_safetensors=True, **kw)
         for slot, cls_name in zip(family.text_encoders, family.encoder_classes):
             comps[slot] = getattr(transformers, cls_name).from_pretrained(pretrained, subfolder=slot,
-                                                                          variant=variant, **kw)
-        comps["unet"] = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **kw)
+                                                                          variant=variant, use_safetensors=True, **kw)
+        comps["unet"] = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant,
+                                                             use_safetensors=True, **kw)
     if vae is not None:
         comps["vae"] = load_vae(vae, cache_dir)
     return comps

@@ -44,16 +44,18 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators import sd_textual_inversion as ti
-from imgaug_gen.generators.base import ConditionalGenerator, register_generator
+from imgaug_gen.generators.base import ConditionalGenerator, StrictGeneratorConfig, register_generator
 from imgaug_gen.generators.module import GeneratorModule
+from imgaug_gen.generators.schedulers import convert_scheduler, scheduler_class
 from imgaug_gen.io import canonical_safetensors_header
 from imgaug_gen.generators.sd_family import (  # noqa: F401  (re-exported: the loading helpers' old home)
     COMPONENTS,
@@ -79,27 +81,6 @@ SAMPLE_KWARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "mi
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _MIXED = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-
-
-# -- schedulers --------------------------------------------------------------------------------
-def scheduler_class(name: str | None, key: str = "model.sample_scheduler"):
-    """The diffusers scheduler class called ``name`` (None: None); ConfigError if there is none."""
-    if not name:
-        return None
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ConfigError(f"`{key}` = {name!r} is not a diffusers scheduler class; use e.g. DDIMScheduler, "
-                          "DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler or null (the "
-                          "base model's own).")
-    return cls
-
-
-def swap_scheduler(scheduler, name: str | None, key: str = "model.sample_scheduler"):
-    """``scheduler`` rebuilt as diffusers class ``name`` from the same config (None: unchanged)."""
-    cls = scheduler_class(name, key)
-    return scheduler if cls is None else cls.from_config(scheduler.config)
 
 
 def _check_lr_scheduler(name: str) -> None:
@@ -260,6 +241,82 @@ def _quiet_diffusers(quiet: bool = True):
 
 
 # -- the generator ---------------------------------------------------------------------------
+def weights_file(folder: Path, name: Any, key: str) -> Path:
+    """A weight file a generator's config.json names: a relative ``.safetensors`` path inside the
+    folder (never a pickled ``.bin``, never outside), present."""
+    from imgaug_gen.io import confined
+
+    where = f"`{folder / 'config.json'}`: `{key}`"
+    path = confined(folder, name, where)
+    if not str(name).endswith(".safetensors"):
+        raise ConfigError(f"{where} = {name!r}: weights are read from .safetensors files only (no pickled .bin); "
+                          "the folder was edited or comes from an untrusted source.")
+    if not path.is_file():
+        raise ConfigError(f"`{path}` is missing; the generator folder is incomplete.")
+    return path
+
+
+class LoRARecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(ge=1, le=4096)
+    alpha: float = Field(ge=0, le=1e6, allow_inf_nan=False)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(max_length=200)]] = Field(max_length=1000)
+
+
+class TextualInversionRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[Annotated[str, Field(min_length=1, max_length=200)]]
+    init: Optional[str] = None
+    files: list[str]
+
+
+class SDConfig(StrictGeneratorConfig):
+    """An sd_lora generator's config.json."""
+
+    pretrained: str = Field(min_length=1, max_length=4096)
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    cache_dir: Optional[str] = None
+    family: Literal["sd", "sdxl"] = "sd"
+    vae: Optional[str] = None
+    original_size: Optional[tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]] = None
+    crops_coords_top_left: Optional[tuple[Annotated[int, Field(ge=0, le=16384)],
+                                          Annotated[int, Field(ge=0, le=16384)]]] = None
+    force_zeros_for_empty_prompt: bool = True
+    prompts: list[Annotated[str, Field(max_length=10_000)]]
+    prompt_template: Optional[str] = None
+    class_prompts: dict[str, str] = {}
+    identifier_tokens: Union[None, str, list[Optional[str]], dict[str, str]] = None
+    negative_prompt: Optional[str] = None
+    num_inference_steps: int = Field(ge=1, le=10_000)
+    guidance_scale: float = Field(ge=0, le=1000, allow_inf_nan=False)
+    sample_scheduler: Optional[str] = None
+    micro_batch: int = Field(default=1, ge=1, le=4096)
+    inference_dtype: Optional[Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]] = "auto"
+    lora: Optional[dict[str, Optional[LoRARecord]]] = None
+    lora_weights: Optional[str] = None
+    class_adapters: Optional[list[str]] = None
+    textual_inversion: Optional[TextualInversionRecord] = None
+    prior: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _per_class(self):
+        for key in ("prompts", "class_adapters"):
+            v = getattr(self, key)
+            if v is not None and len(v) != self.num_classes:
+                raise ValueError(f"`{key}` has {len(v)} entries for num_classes={self.num_classes}")
+        if self.textual_inversion is not None and len(self.textual_inversion.tokens) != self.num_classes:
+            raise ValueError(f"`textual_inversion.tokens` has {len(self.textual_inversion.tokens)} entries for "
+                             f"num_classes={self.num_classes}")
+        if self.sample_scheduler is not None:
+            try:
+                scheduler_class(self.sample_scheduler, "sample_scheduler")
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+
 @register_generator("sd_lora")
 class SDLoRAGenerator(ConditionalGenerator):
     """Stable Diffusion (1.x/2.x or SDXL) with LoRA adapters and/or learned class tokens behind the
@@ -278,6 +335,7 @@ class SDLoRAGenerator(ConditionalGenerator):
 
     supports_edit = True
     sample_kwargs = SAMPLE_KWARGS
+    config_schema = SDConfig
 
     def __init__(self, config: dict[str, Any], *, unet, vae, text_encoder, tokenizer, scheduler,
                  text_encoder_2=None, tokenizer_2=None, autocast_dtype: torch.dtype | None = None,
@@ -327,10 +385,10 @@ class SDLoRAGenerator(ConditionalGenerator):
         if self._folder is None:
             raise RuntimeError(f"the class adapter {name!r} is neither loaded nor in a generator folder")
         file = self.config["class_adapters"][int(label)]
-        if not (self._folder / file).is_file():
-            raise ConfigError(f"`{self._folder / file}` is missing; the generator folder is incomplete.")
+        weights_file(self._folder, file, f"class_adapters[{int(label)}]")
         with _quiet_diffusers():
-            self.pipeline().load_lora_weights(str(self._folder), weight_name=file, adapter_name=name)
+            self.pipeline().load_lora_weights(str(self._folder), weight_name=file, adapter_name=name,
+                                              use_safetensors=True)
         self.to(self.vae.dtype)  # peft keeps a new adapter in float32
         self.eval()  # the new adapter's modules (dropout) start in train mode
 
@@ -509,8 +567,10 @@ class SDLoRAGenerator(ConditionalGenerator):
     def _build(cls, config: dict[str, Any], path: Path) -> "SDLoRAGenerator":
         fam = FAMILIES[config.get("family") or "sd"]
         lora_file = config.get("lora_weights")
-        if lora_file and not (path / lora_file).is_file():
-            raise ConfigError(f"`{path / lora_file}` is missing; the generator folder is incomplete.")
+        if lora_file:
+            weights_file(path, lora_file, "lora_weights")
+        for label, file in enumerate(config.get("class_adapters") or []):
+            weights_file(path, file, f"class_adapters[{label}]")
         key = f"pretrained` in `{path / 'config.json'}"
         pretrained = resolve_pretrained(config.get("pretrained"), config.get("revision"), key=key,
                                         cache_dir=config.get("cache_dir"))
@@ -522,12 +582,12 @@ class SDLoRAGenerator(ConditionalGenerator):
         with load_errors(pretrained, key):
             pipe = fam.pipeline_class().from_pretrained(
                 pretrained, revision=config.get("revision"), variant=config.get("variant"),
-                cache_dir=config.get("cache_dir"), local_files_only=hf_offline(), **fam.pipeline_kwargs(config),
-                **extra)
-        pipe.scheduler = swap_scheduler(pipe.scheduler, config.get("sample_scheduler"))
+                cache_dir=config.get("cache_dir"), local_files_only=hf_offline(), use_safetensors=True,
+                **fam.pipeline_kwargs(config), **extra)
+        pipe.scheduler = convert_scheduler(pipe.scheduler, config.get("sample_scheduler"), "sample_scheduler")
         if lora_file:
             with _quiet_diffusers(not (config.get("lora") or {}).get("text_encoder")):
-                pipe.load_lora_weights(str(path), weight_name=lora_file)
+                pipe.load_lora_weights(str(path), weight_name=lora_file, use_safetensors=True)
         if config.get("textual_inversion"):
             ti.load_embeddings(pipe, path, fam.name, config["textual_inversion"]["tokens"])
         comps = {slot: getattr(pipe, slot) for slot in ("unet", "vae", *fam.text_encoders, *fam.tokenizers)}
@@ -616,7 +676,8 @@ class SDLoRAModule(GeneratorModule):
         self.text_lora_config = (make_lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout,
                                                   hp.text_encoder_target_modules, "model.text_encoder_target_modules")
                                  if hp.lora and hp.train_text_encoder else None)
-        scheduler_class(hp.sample_scheduler)
+        if hp.sample_scheduler is not None:
+            scheduler_class(hp.sample_scheduler, "model.sample_scheduler")
         _check_lr_scheduler(hp.lr_scheduler)
         return h, w
 
@@ -641,7 +702,7 @@ class SDLoRAModule(GeneratorModule):
     def _set_components(self, comps: dict[str, Any]) -> None:
         hp = self.hparams
         self.noise_scheduler = comps["noise_scheduler"]
-        self.sample_scheduler = swap_scheduler(comps["scheduler"], hp.sample_scheduler)
+        self.sample_scheduler = convert_scheduler(comps["scheduler"], hp.sample_scheduler, "model.sample_scheduler")
         if hp.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=hp.prediction_type)
         self.vae, self.unet = comps["vae"], comps["unet"]

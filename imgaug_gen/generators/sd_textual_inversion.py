@@ -128,12 +128,12 @@ def load_embeddings(pipe, path: Path, family_name: str, tokens: Sequence[str]) -
     if missing:
         raise ConfigError(f"`{missing[0]}` is missing ({len(missing)} textual-inversion files); the generator "
                           "folder is incomplete.")
-    if family_name != "sdxl":
-        pipe.load_textual_inversion([str(f) for f in files], token=list(tokens))
-        return
     from safetensors.torch import load_file
 
-    sds = [load_file(str(f)) for f in files]
+    sds = [load_file(str(f)) for f in files]  # read here: safetensors only, never a pickle
+    if family_name != "sdxl":
+        pipe.load_textual_inversion(sds, token=list(tokens))
+        return
     for key, encoder, tokenizer in zip(SDXL_KEYS, ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")):
         pipe.load_textual_inversion([sd[key] for sd in sds], token=list(tokens),
                                     text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer))

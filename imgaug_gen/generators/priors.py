@@ -1,0 +1,333 @@
+"""Start a generator from a prior: a network that already knows the domain, adapted to new classes.
+
+A prior is a local folder. Loading it is one function per source, each returning the prior's modules
+and the facts the data must match (image size, channels, classes, noise schedule); the steps after
+that are shared by every kind:
+
+* :func:`grow_embedding` gives the user's classes their own rows of a class embedding, starting from
+  the prior's null row or the mean of its class rows (``model.init_class_embeddings``), so that at
+  step 0 the model samples what the prior samples;
+* :func:`apply_finetune` chooses what trains (``model.finetune``): ``full`` (every weight),
+  ``lora`` (peft LoRA adapters on chosen layers, the base frozen, as in SD-LoRA) or ``embeddings``
+  (the class rows only, the analogue of textual inversion);
+* :func:`merged_copy` folds LoRA adapters back into plain layers, so a saved generator is
+  self-contained (it loads without the prior's folder, and without peft);
+* :func:`prior_record` is what a generator's config.json and the manifest record of its prior
+  (path and content hash).
+
+Everything is read as data: safetensors only, offline, a project generator through
+:func:`~imgaug_gen.generators.base.load_generator` (no ``_target_``), a diffusers folder with
+``use_safetensors=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+from imgaug_gen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FinetuneMode = Literal["full", "lora", "embeddings"]
+FINETUNE_MODES = ("full", "lora", "embeddings")
+InitMode = Literal["null", "mean"]
+
+
+# -- what a prior is -------------------------------------------------------------------------------
+def prior_record(path: str | Path, source: str, **facts: Any) -> dict[str, Any]:
+    """What a generator records of the prior it started from (config.json ``prior``, manifest)."""
+    from imgaug_gen.io import tree_hash
+
+    path = Path(path).resolve()
+    return {"path": str(path), "sha256": tree_hash(path), "source": source, **facts}
+
+
+def resolve_prior(pretrained: Any, key: str = "model.pretrained") -> Path:
+    """``model.pretrained`` as an existing local folder (nothing is downloaded)."""
+    if not isinstance(pretrained, str) or not pretrained.strip():
+        raise ConfigError(f"`{key}` = {pretrained!r}; give a local folder (a run of this project, or a diffusers "
+                          "UNet2DModel / DDPMPipeline folder).")
+    path = Path(pretrained).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"`{key}` = {pretrained!r} is not a folder. Point it at a local copy: nothing is "
+                          "downloaded at run time (e.g. `huggingface-cli download google/ddpm-cifar10-32 "
+                          "--local-dir priors/ddpm-cifar10-32` once, on a machine with internet).")
+    return path
+
+
+# -- DDPM priors -----------------------------------------------------------------------------------
+@dataclass
+class DiffusionPrior:
+    """A loaded diffusion prior: its UNet (weights on CPU), facts, and where its class rows are."""
+
+    unet: Any  # diffusers UNet2DModel
+    source: str  # "imgaug_gen" | "diffusers_unet" | "diffusers_pipeline"
+    path: Path
+    image_shape: tuple[int, int, int]  # (C, H, W) the prior was trained at
+    train_scheduler: dict | None  # {"class_name", "config"}; None: the folder holds none
+    num_classes: int | None  # the prior's classes (None: unconditional)
+    class_names: list[str] | None
+    has_null: bool  # the last row of each block is a null (unconditional) class
+    aug_blocks: int = 1  # non-leaking augmentation blocks of its embedding
+    extra: dict = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return prior_record(self.path, self.source, num_classes=self.num_classes, class_names=self.class_names)
+
+
+def _sample_hw(sample_size: Any) -> tuple[int, int]:
+    if isinstance(sample_size, (list, tuple)):
+        return int(sample_size[0]), int(sample_size[1])
+    return int(sample_size), int(sample_size)
+
+
+def load_ddpm_prior(pretrained: Any, key: str = "model.pretrained") -> DiffusionPrior:
+    """A ddpm prior from a local folder: a run or generator folder of this project (kind ``ddpm``, any
+    classes), a diffusers ``UNet2DModel`` folder, or a ``DDPMPipeline`` / ``DDIMPipeline`` folder."""
+    from diffusers import UNet2DModel
+
+    from imgaug_gen.generators.base import CONFIG_NAME, load_generator, read_run_config
+
+    path = resolve_prior(pretrained, key)
+    gen_dir = path / "generator" if (path / "generator" / CONFIG_NAME).is_file() else path
+    config_file = gen_dir / CONFIG_NAME
+    if config_file.is_file() and "kind" in _read_json(config_file, key):
+        kind = read_run_config(gen_dir)["kind"]
+        if kind != "ddpm":
+            raise ConfigError(f"`{key}` = {str(pretrained)!r} holds a `{kind}` generator; a ddpm starts from a ddpm "
+                              "prior (a run of model=ddpm, or a diffusers UNet2DModel / DDPMPipeline folder).")
+        gen = load_generator(gen_dir)
+        k = gen.num_classes
+        blocks = int(gen.unet.config.num_class_embeds) // (k + 1)
+        return DiffusionPrior(gen.unet, "imgaug_gen", gen_dir, tuple(gen.image_shape), gen.config["train_scheduler"],
+                              k, gen.class_names, True, blocks)
+    unet_dir, scheduler = path, None
+    index = path / "model_index.json"
+    if index.is_file():
+        info = _read_json(index, key)
+        if (path / "unet").is_dir():
+            unet_dir = path / "unet"
+        else:
+            raise ConfigError(f"`{key}` = {str(pretrained)!r} is a {info.get('_class_name')} folder without a unet/ "
+                              "subfolder; give a DDPMPipeline / DDIMPipeline folder, or the UNet2DModel folder itself.")
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        if sched_file.is_file():
+            cfg = _read_json(sched_file, key)
+            scheduler = {"class_name": "DDPMScheduler",
+                         "config": {k: v for k, v in cfg.items() if not str(k).startswith("_")}}
+    unet_cfg = _read_json(unet_dir / "config.json", key) if (unet_dir / "config.json").is_file() else {}
+    if unet_cfg.get("_class_name") != "UNet2DModel":
+        raise ConfigError(f"`{key}` = {str(pretrained)!r} is neither a run of this project nor a diffusers UNet2DModel "
+                          f"/ DDPMPipeline folder (its config.json names {unet_cfg.get('_class_name')!r}). Give the "
+                          "folder train.py wrote, or one written by UNet2DModel / DDPMPipeline.save_pretrained.")
+    if unet_cfg.get("class_embed_type") not in (None,):
+        raise ConfigError(f"`{key}`: the UNet's class_embed_type = {unet_cfg.get('class_embed_type')!r}; only UNets "
+                          "with a class-embedding table (or none) can take new classes.")
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ConfigError(f"`{key}` = {str(pretrained)!r}: the UNet could not be loaded from safetensors ({e}). Weights "
+                          "are read from diffusion_pytorch_model.safetensors only (never a pickled .bin).") from None
+    h, w = _sample_hw(unet.config.sample_size)
+    n = unet.config.num_class_embeds
+    return DiffusionPrior(unet, "diffusers_pipeline" if index.is_file() else "diffusers_unet", path,
+                          (int(unet.config.in_channels), h, w), scheduler, None if n is None else int(n), None,
+                          False, 1)
+
+
+def _read_json(path: Path, key: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"`{key}`: {path} is not readable JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{key}`: {path} holds no JSON object.")
+    return data
+
+
+def check_prior_shape(prior_shape: Sequence[int], data_shape: Sequence[int], pretrained: str,
+                      key: str = "model.pretrained") -> None:
+    """The data must have the prior's image size and channels (named with both values and the fix)."""
+    (pc, ph, pw), (dc, dh, dw) = (int(v) for v in prior_shape), (int(v) for v in data_shape)
+    if pc != dc:
+        raise ConfigError(f"`data.channels` = {dc}, but the prior `{key}` = {pretrained!r} makes {pc}-channel images. "
+                          f"Set `data.channels={pc}` (images are converted on loading), or use another prior.")
+    if (ph, pw) != (dh, dw):
+        raise ConfigError(f"`data.image_size` = {dh} (images {dh}x{dw}), but the prior `{key}` = {pretrained!r} was "
+                          f"trained at {ph}x{pw}. Set `data.image_size={ph}` (your images are resized on loading), "
+                          "or use a prior trained at your size.")
+
+
+def grow_embedding(old: torch.Tensor | None, *, old_classes: int | None, old_has_null: bool, old_blocks: int,
+                   new_classes: int, new_blocks: int, dim: int, init: InitMode = "null") -> torch.Tensor:
+    """The class-embedding table of the new model: ``(new_classes + 1) * new_blocks`` rows (row
+    ``y + (new_classes + 1) * k`` is class ``y`` under augmentation ``k``; the last row of a block is
+    the null class). Every new class row starts from the prior's null row (``init="null"``: then the
+    model conditioned on a new class samples exactly what the prior samples unconditionally) or the
+    mean of the prior's class rows (``"mean"``); the null rows from the prior's null row. A prior
+    without a null row uses the zero vector for it when unconditional (no table: the zero row adds
+    nothing) and the mean of its rows when class-conditional; blocks the prior lacks start as its
+    first block."""
+    rows = torch.zeros((new_classes + 1) * new_blocks, dim)
+    for k in range(new_blocks):
+        if old is None:
+            null = mean = torch.zeros(dim)
+        else:
+            kb = k if k < old_blocks else 0
+            stride = (old_classes or 0) + (1 if old_has_null else 0)
+            block = old[kb * stride:(kb + 1) * stride].float()
+            classes = block[:old_classes] if old_has_null else block
+            mean = classes.mean(0) if len(classes) else torch.zeros(dim)
+            null = block[old_classes] if old_has_null else mean
+        start = k * (new_classes + 1)
+        rows[start:start + new_classes] = (null if init == "null" else mean)
+        rows[start + new_classes] = null
+    return rows
+
+
+def ddpm_unet_from_prior(prior: DiffusionPrior, num_classes: int, aug_blocks: int, init: InitMode) -> Any:
+    """The prior's UNet with a class embedding for the user's classes (and the null class), every other
+    weight copied."""
+    from diffusers import UNet2DModel
+
+    from imgaug_gen.generators.schedulers import plain
+
+    config = {k: v for k, v in plain(prior.unet.config).items()}
+    config["num_class_embeds"] = (num_classes + 1) * aug_blocks
+    config["class_embed_type"] = None
+    unet = UNet2DModel.from_config(config)
+    state = {k: v for k, v in prior.unet.state_dict().items() if not k.startswith("class_embedding.")}
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"class_embedding.weight"}:
+        raise ConfigError(f"`model.pretrained` = {str(prior.path)!r}: its UNet's weights do not fit its config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    old = prior.unet.class_embedding.weight.detach() if prior.unet.class_embedding is not None else None
+    dim = unet.class_embedding.weight.shape[1]
+    with torch.no_grad():
+        unet.class_embedding.weight.copy_(grow_embedding(
+            old, old_classes=prior.num_classes, old_has_null=prior.has_null, old_blocks=prior.aug_blocks,
+            new_classes=num_classes, new_blocks=aug_blocks, dim=dim, init=init))
+    return unet
+
+
+# -- cGAN priors -----------------------------------------------------------------------------------
+@dataclass
+class GANPrior:
+    generator: nn.Module  # the run's EMA generator network
+    discriminator_state: dict | None  # from RUN/checkpoints/last.ckpt (None: not asked for)
+    path: Path
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+    z_dim: int
+    width: int
+
+    def record(self) -> dict[str, Any]:
+        return prior_record(self.path, "imgaug_gen", num_classes=self.num_classes, class_names=self.class_names)
+
+
+def load_gan_prior(pretrained: Any, with_discriminator: bool = True, key: str = "model.pretrained") -> GANPrior:
+    """A cGAN run of this project: its EMA generator (``RUN/generator``) and, for the discriminator, the
+    ``discriminator.*`` weights of ``RUN/checkpoints/last.ckpt`` (read with ``weights_only=True``)."""
+    from imgaug_gen.generators.base import CONFIG_NAME, load_generator, read_run_config
+
+    path = resolve_prior(pretrained, key)
+    run = path.parent if path.name == "generator" else path
+    gen_dir = run / "generator"
+    if not (gen_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"`{key}` = {str(pretrained)!r} holds no generator/ folder; a cGAN starts from a cGAN run "
+                          "(the folder train.py model=cgan wrote).")
+    kind = read_run_config(gen_dir)["kind"]
+    if kind != "cgan":
+        raise ConfigError(f"`{key}` = {str(pretrained)!r} holds a `{kind}` generator; a cGAN starts from a cGAN run.")
+    gen = load_generator(gen_dir)
+    d_state = None
+    if with_discriminator:
+        ckpt = run / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise ConfigError(f"`{key}` = {str(pretrained)!r} has no checkpoints/last.ckpt, which holds the "
+                              "discriminator. Point at the whole run folder, or set "
+                              "`model.pretrained_discriminator=false` to start the discriminator from scratch.")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        d_state = {k[len("discriminator."):]: v for k, v in state.items() if k.startswith("discriminator.")}
+    return GANPrior(gen.net, d_state, run, tuple(gen.image_shape), gen.num_classes, gen.class_names,
+                    int(gen.config["z_dim"]), int(gen.config["width"]))
+
+
+def grow_rows(old: torch.Tensor, new_classes: int, init: InitMode, null_value: float) -> torch.Tensor:
+    """A per-class table (``[classes, dim]``) for new classes: each row the mean of the prior's rows
+    (``"mean"``), or the value that conditions on no class (``"null"``: gain 1, bias 0, projection 0)."""
+    row = old.float().mean(0) if init == "mean" else torch.full((old.shape[1],), float(null_value))
+    return row.expand(new_classes, -1).clone()
+
+
+# -- what trains -----------------------------------------------------------------------------------
+def lora_config(lora: dict | None, key: str = "model.lora"):
+    from peft import LoraConfig
+
+    lora = dict(lora or {})
+    unknown = sorted(set(lora) - {"rank", "alpha", "dropout", "target_modules"})
+    if unknown:
+        raise ConfigError(f"`{key}` has unknown keys {unknown}; allowed: rank, alpha, dropout, target_modules.")
+    rank = lora.get("rank", 8)
+    targets = lora.get("target_modules")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 1024):
+        raise ConfigError(f"`{key}.rank` = {rank!r}; give an integer in [1, 1024].")
+    if not (isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)):
+        raise ConfigError(f"`{key}.target_modules` = {targets!r}; give a list of layer names, e.g. "
+                          "[to_q, to_k, to_v, to_out.0] (attention) and/or [conv1, conv2] (convolutions).")
+    alpha = lora.get("alpha") or rank
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(lora.get("dropout", 0.0)),
+                      init_lora_weights=True, target_modules=list(targets))
+
+
+def apply_finetune(net: nn.Module, mode: str, embeddings: Sequence[nn.Parameter], lora: dict | None = None,
+                   key: str = "model") -> nn.Module:
+    """Choose what trains in ``net`` (in place; returns it): ``full`` every weight; ``lora`` peft LoRA
+    adapters on ``lora.target_modules`` with the rest frozen; ``embeddings`` nothing but the class
+    rows. In every mode the class rows (``embeddings``: parameters of ``net``) train: the new classes
+    live there. LoRA starts at zero (B = 0), so the adapted network equals the prior at step 0."""
+    if mode not in FINETUNE_MODES:
+        raise ConfigError(f"`{key}.finetune` = {mode!r}; allowed: {list(FINETUNE_MODES)}.")
+    if mode == "lora":
+        from peft import inject_adapter_in_model
+
+        cfg = lora_config(lora, f"{key}.lora")
+        try:
+            inject_adapter_in_model(cfg, net)
+        except ValueError as e:  # no layer matched
+            raise ConfigError(f"`{key}.lora.target_modules` = {list(cfg.target_modules)}: {e}") from None
+    keep = {id(p) for p in embeddings}
+    for name, p in net.named_parameters():
+        trains = mode == "full" or id(p) in keep or (mode == "lora" and "lora_" in name)
+        p.requires_grad_(trains)
+    return net
+
+
+def merged_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with every LoRA adapter merged into its base layer and the peft layers
+    replaced by the plain ones (the same function, a plain module); ``net`` itself if it has none."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not any(isinstance(m, BaseTunerLayer) for m in net.modules()):
+        return net
+    out = copy.deepcopy(net)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            parent = out.get_submodule(parent_name) if parent_name else out
+            setattr(parent, child, module.get_base_layer())
+    return out
+
+
+def trainable(net: nn.Module) -> list[nn.Parameter]:
+    return [p for p in net.parameters() if p.requires_grad]
