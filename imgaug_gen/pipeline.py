@@ -534,7 +534,12 @@ def _progress(cfg: DictConfig, writer, plan: ShardPlan):
 
 
 def _generator_info(cfg: DictConfig, gen) -> dict:
-    return {"kind": gen.kind, "run_dir": str(Path(cfg.run_dir).resolve())}
+    """A synthetic image's ``generator`` in the manifest: its kind, run and (when it started from one) prior."""
+    info = {"kind": gen.kind, "run_dir": str(Path(cfg.run_dir).resolve())}
+    prior = gen.config.get("prior")
+    if isinstance(prior, dict):
+        info["prior"] = {k: prior.get(k) for k in ("path", "sha256", "source")}
+    return info
 
 
 def write_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, writer, scorers: Scorers, augmenter,

@@ -35,6 +35,7 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("`run_dir` is not set; pass `run_dir=PATH` (train.py sets it to the Hydra run folder).")
     validate(cfg, Train, "train")
     check_targets(cfg, ("data", "model", "trainer", "callbacks", "logger"), "train")
+    check_model_against_data(cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(ckpt).is_file():
         raise ConfigError(f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "
@@ -46,6 +47,20 @@ def check_train_config(cfg: DictConfig) -> None:
                           "your images, and be read as classes next time. Choose a `run_dir` outside `data.root`.")
     if ckpt is not None:
         check_checkpoint_paths(ckpt)
+
+
+def check_model_against_data(cfg: DictConfig) -> None:
+    """The model class's own checks against the data's shape (``GeneratorModule.check_config``: a prior of
+    another image size or channel count), from the config alone: before any image is read."""
+    from hydra.utils import get_class
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    cls = get_class(model["_target_"])
+    data = cfg.get("data") or {}
+    if hasattr(cls, "check_config") and data.get("image_size") is not None:
+        size = int(data.image_size)
+        cls.check_config({k: v for k, v in model.items() if not k.startswith("_")},
+                         (int(data.get("channels", 3)), size, size))
 
 
 #: ModelCheckpoint state entries that name files Lightning may delete on the next save.

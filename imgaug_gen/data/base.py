@@ -18,7 +18,7 @@ import logging
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterator, Literal, Optional, Sequence
+from typing import Annotated, Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -249,6 +249,7 @@ class ImageDataModule(pl.LightningDataModule):
         val_fraction: Fraction = 0.0,
         split_seed: int = 0,
         class_names: Optional[Sequence[str]] = None,
+        classes: Optional[Annotated[list[Union[int, str]], Field(min_length=2)]] = None,
     ) -> None:
         # the annotations are the `data` block's schema (checked in setup by schemas.check_args)
         self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -263,6 +264,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.test_fraction = test_fraction
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.classes = None if classes is None else list(classes)
         self._ready = False
 
     def record_args(self) -> dict[str, Any]:
@@ -312,8 +314,8 @@ class ImageDataModule(pl.LightningDataModule):
         # 1. Check arguments (cheap, before touching any file)
         self._check_common_args()
         self._check_args()
-        # 2. Load every labelled image (subclass)
-        data = self._load()
+        # 2. Load every labelled image (subclass), keep the classes asked for
+        data = self._select_classes(self._load())
         require(
             len(data.class_names) >= 2,
             f"Found {len(data.class_names)} class(es) {data.class_names}; at least 2 classes are "
@@ -356,6 +358,32 @@ class ImageDataModule(pl.LightningDataModule):
                 self.test_fraction,
             )
         log.debug("training images per class: %s", dict(zip(self.class_names, counts.tolist())))
+
+    def _select_classes(self, data: LoadedImages) -> LoadedImages:
+        """``data.classes``: only these classes, relabelled 0.. in the order given. An entry is a class
+        name (a folder's name; the digits' "0" .. "9") or an index into the sorted classes (the digit
+        itself). Each class keeps its own test / validation split (drawn per class name), so a subset's
+        splits are the full data's."""
+        if self.classes is None:
+            return data
+        picked: list[int] = []
+        for i, c in enumerate(self.classes):
+            if isinstance(c, str) and c in data.class_names:
+                idx = data.class_names.index(c)
+            elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(data.class_names):
+                idx = c
+            else:
+                raise ConfigError(f"`data.classes[{i}]` = {c!r} is not a class of this data; its classes are "
+                                  f"{data.class_names} (give names, or indices 0..{len(data.class_names) - 1}).")
+            require(idx not in picked, f"`data.classes` = {self.classes} names class {data.class_names[idx]!r} twice.")
+            picked.append(idx)
+        keep = np.isin(data.labels, picked)
+        remap = {old: new for new, old in enumerate(picked)}
+        keep_idx = np.flatnonzero(keep)
+        return LoadedImages(images=data.images[keep_idx], labels=np.asarray([remap[int(v)] for v in data.labels[keep_idx]],
+                                                                           dtype=np.int64),
+                            class_names=[data.class_names[i] for i in picked],
+                            ids=[data.ids[i] for i in keep_idx], paths=[data.paths[i] for i in keep_idx])
 
     def _split(self, data: LoadedImages) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fixed per-class (test, validation, rest) split from ``split_seed`` alone: the test split

@@ -24,7 +24,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Annotated, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,11 +43,23 @@ from imgaug_gen.generators.base import (
     to_uint8_nhwc,
 )
 from imgaug_gen.generators.module import GeneratorModule
+from imgaug_gen.generators.priors import (
+    DiffusionPrior,
+    FinetuneMode,
+    InitMode,
+    apply_finetune,
+    check_prior_shape,
+    ddpm_unet_from_prior,
+    load_ddpm_prior,
+    merged_copy,
+)
 from imgaug_gen.generators.schedulers import (
     build_scheduler,
     check_same_schedule,
     check_x0_clipping,
+    SCHEDULE_KEYS,
     convert_scheduler,
+    init_params,
     plain as _plain,
     scheduler_spec,
 )
@@ -138,6 +150,73 @@ def build_unet(config: Mapping[str, Any]) -> UNet2DModel:
         return UNet2DModel.from_config(dict(config))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"`model.unet` does not make a valid diffusers UNet2DModel: {e}") from e
+
+
+# -- starting from a prior -------------------------------------------------------------------
+#: conf/model/ddpm.yaml's `unet` and `train_scheduler` (a test keeps them equal): with `model.pretrained`,
+#: a value left at its default gives way to the prior's; one set to something else must agree with it.
+DEFAULT_UNET = {"block_out_channels": [32, 64, 64], "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], "layers_per_block": 1,
+                "norm_num_groups": 8, "attention_head_dim": 8}
+DEFAULT_TRAIN_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.0001,
+                           "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": True}
+
+
+def _differs(given: Any, default: Any, prior: Any) -> bool:
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return norm(given) != norm(default) and norm(given) != norm(prior)
+
+
+def check_prior_architecture(unet: Mapping[str, Any] | None, prior: DiffusionPrior) -> None:
+    """With a prior the architecture is the prior's: a `model.unet` value other than the default must match it."""
+    theirs = _plain(prior.unet.config)
+    for key, value in dict(unet or {}).items():
+        if _differs(value, DEFAULT_UNET.get(key), theirs.get(key)):
+            raise ConfigError(f"`model.unet.{key}` = {value!r}, but the prior `model.pretrained` = {str(prior.path)!r} "
+                              f"has {key} = {theirs.get(key)!r}. The architecture comes from the prior: remove the "
+                              "override (or start from scratch without `model.pretrained`).")
+
+
+def prior_schedulers(prior: DiffusionPrior, train: SchedulerMixin, sample: SchedulerMixin):
+    """The prior's noise schedule and prediction type for training and sampling; the configured sampler
+    class and its options (spacing, thresholding, ...) are kept. A schedule setting set to something
+    other than the default that disagrees with the prior is an error."""
+    if prior.train_scheduler is None:
+        log.warning("the prior %s holds no scheduler: training with `model.train_scheduler` as configured; it must "
+                    "be the schedule the prior was trained with", prior.path)
+        return train, sample
+    theirs = build_scheduler(prior.train_scheduler, f"the scheduler of {prior.path}")
+    given, mine = _plain(train.config), _plain(theirs.config)
+    for key in (*SCHEDULE_KEYS, "clip_sample"):
+        if key in given and key in mine and _differs(given[key], DEFAULT_TRAIN_SCHEDULER.get(key), mine[key]):
+            raise ConfigError(f"`model.train_scheduler.{key}` = {given[key]!r}, but the prior `model.pretrained` = "
+                              f"{str(prior.path)!r} was trained with {key} = {mine[key]!r}. The noise schedule comes "
+                              "with the prior: remove the override.")
+    options = {k: v for k, v in _plain(sample.config).items() if k not in SCHEDULE_KEYS and k in init_params(type(sample))}
+    return theirs, convert_scheduler(theirs, type(sample).__name__, **options)
+
+
+def ddpm_prior_shape(pretrained: Any) -> tuple[int, int, int]:
+    """(C, H, W) a ddpm prior makes, from its config files alone (no weights read)."""
+    import json
+    from pathlib import Path
+
+    from imgaug_gen.generators.priors import resolve_prior
+
+    path = resolve_prior(pretrained)
+    for cfg in (path / "generator" / "config.json", path / "config.json", path / "unet" / "config.json"):
+        if cfg.is_file():
+            try:
+                data = json.loads(cfg.read_text())
+            except ValueError:
+                continue
+            if isinstance(data.get("image_shape"), list):
+                return tuple(int(v) for v in data["image_shape"])
+            if data.get("_class_name") == "UNet2DModel":
+                size = data.get("sample_size")
+                h, w = (size, size) if isinstance(size, int) else tuple(size)
+                return int(data.get("in_channels", 3)), int(h), int(w)
+    return load_ddpm_prior(pretrained).image_shape
 
 
 # -- the generator ---------------------------------------------------------------------------
@@ -367,7 +446,10 @@ class DDPMModule(GeneratorModule):
                  num_inference_steps: int = 20, guidance_scale: float = 1.5, eta: float = 0.0,
                  cond_drop_prob: float = 0.1, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999),
                  weight_decay: float = 0.0, lr_warmup_steps: int = 0, ema_decay: float = 0.999,
-                 noise_seed: int | None = None, augment: Mapping[str, Any] | None = None):
+                 noise_seed: int | None = None, augment: Mapping[str, Any] | None = None,
+                 pretrained: Optional[str] = None, finetune: FinetuneMode = "full",
+                 init_class_embeddings: InitMode = "null_class", lora: Optional[dict[str, Any]] = None,
+                 embedding_lr: Optional[Annotated[float, Field(gt=0)]] = None):
         super().__init__()
         # The schedulers are stored as plain specs, so that hparams (and the checkpoint) hold no objects.
         train = build_scheduler(train_scheduler if train_scheduler is not None else
@@ -376,6 +458,15 @@ class DDPMModule(GeneratorModule):
         sample = build_scheduler(sample_scheduler if sample_scheduler is not None else
                                  {"class_name": "DDIMScheduler", "config": _plain(train.config)},
                                  "model.sample_scheduler", allow_target=True)
+        prior = None
+        if pretrained is not None:  # 0. Start from a prior: its schedule, architecture and weights
+            prior = load_ddpm_prior(pretrained)
+            check_prior_shape(prior.image_shape, image_shape, pretrained)
+            check_prior_architecture(unet, prior)
+            train, sample = prior_schedulers(prior, train, sample)
+        elif finetune != "full":
+            raise ConfigError(f"`model.finetune` = {finetune!r} adapts a prior; set `model.pretrained=PATH` (a ddpm run "
+                              "or a diffusers UNet2DModel / DDPMPipeline folder), or `model.finetune=full`.")
         check_same_schedule(train, sample)
         check_x0_clipping(train, sample)
         train_scheduler, sample_scheduler = scheduler_spec(train), scheduler_spec(sample)
@@ -399,7 +490,13 @@ class DDPMModule(GeneratorModule):
             raise ConfigError(f"`model.augment.p` = {aug_p!r}; give a probability in [0, 1] (0 disables).")
         self._aug_classes = augment_group_size(aug_ops, image_shape) if aug_p > 0 else 1
         self.save_hyperparameters()
-        self.unet = build_unet(unet_config(num_classes, image_shape, unet, self._aug_classes))
+        if prior is None:
+            self.unet = build_unet(unet_config(num_classes, image_shape, unet, self._aug_classes))
+            self.prior = None
+        else:
+            self.unet = ddpm_unet_from_prior(prior, num_classes, self._aug_classes, init_class_embeddings)
+            self.prior = {**prior.record(), "finetune": finetune}
+        apply_finetune(self.unet, finetune, [self.unet.class_embedding.weight], lora)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.noise_scheduler = train
         self.sample_scheduler = sample
@@ -418,15 +515,24 @@ class DDPMModule(GeneratorModule):
     def to_generator(self) -> DDPMGenerator:
         hp = self.hparams
         return DDPMGenerator.from_unet(
-            self.ema, num_classes=hp.num_classes, class_names=hp.class_names, image_shape=hp.image_shape,
+            merged_copy(self.ema), num_classes=hp.num_classes, class_names=hp.class_names, image_shape=hp.image_shape,
             train_scheduler=self.noise_scheduler, sample_scheduler=self.sample_scheduler,
-            num_inference_steps=hp.num_inference_steps, guidance_scale=hp.guidance_scale, eta=hp.eta)
+            num_inference_steps=hp.num_inference_steps, guidance_scale=hp.guidance_scale, eta=hp.eta,
+            extra=None if self.prior is None else {"prior": self.prior})
+
+    @classmethod
+    def check_config(cls, args: Mapping[str, Any], image_shape: Sequence[int]) -> None:
+        """Before any data is read: a prior's image size and channels against the data's."""
+        if args.get("pretrained") is not None:
+            check_prior_shape(ddpm_prior_shape(args["pretrained"]), image_shape, args["pretrained"])
 
     # -- training ------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                weight_decay=hp.weight_decay)
+        emb = self.unet.class_embedding.weight
+        rest = [p for p in self.unet.parameters() if p.requires_grad and p is not emb]
+        groups = [{"params": [emb], "lr": hp.embedding_lr or hp.lr}] + ([{"params": rest}] if rest else [])
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         if hp.lr_warmup_steps <= 0:
             return opt
         warmup = int(hp.lr_warmup_steps)

@@ -11,19 +11,27 @@ so Lightning's ``global_step`` (and ``trainer.max_steps``) counts 2 per batch.
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Sequence
+from typing import Annotated, Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from imgaug_gen.errors import ConfigError
-from typing import Annotated
-
-from pydantic import Field, model_validator
 
 from imgaug_gen.generators.base import ConditionalGenerator, StrictGeneratorConfig, register_generator, to_uint8_nhwc
 from imgaug_gen.generators.module import GeneratorModule
+from imgaug_gen.generators.priors import (
+    FinetuneMode,
+    InitMode,
+    apply_finetune,
+    check_prior_shape,
+    grow_rows,
+    load_gan_prior,
+    merged_copy,
+    trainable,
+)
 from imgaug_gen.nets.cgan import CGANGenerator as _GeneratorNet
 from imgaug_gen.nets.cgan import ProjectionDiscriminator
 from imgaug_gen.nets.diffaug import POLICIES, AdaptiveAugmentProbability, diff_augment
@@ -84,6 +92,48 @@ class GANGenerator(ConditionalGenerator):
         return gen
 
 
+def _from_prior(key: str, given: int, default: int, theirs: int, pretrained: str) -> int:
+    """A size set to something other than its default must be the prior's; else the prior's is used."""
+    if given != default and given != theirs:
+        raise ConfigError(f"`{key}` = {given}, but the prior `model.pretrained` = {pretrained!r} has {theirs}. The "
+                          "networks come from the prior: remove the override.")
+    return int(theirs)
+
+
+def prior_discriminator_width(prior) -> int | None:
+    state = prior.discriminator_state
+    return None if state is None else int(state["blocks.0.conv1.weight_orig"].shape[0])
+
+
+def class_rows(net) -> list:
+    """The class-conditional parameters of a cGAN network: the conditional norms' gains and biases (G),
+    the projection embedding (D)."""
+    return [p for name, p in net.named_parameters()
+            if name.endswith(("gain.weight", "bias.weight")) or name.startswith("embed.")]
+
+
+def load_grown(net, state: dict, num_classes: int, init: str) -> None:
+    """``state`` (a prior's weights, other classes) into ``net`` (this run's classes): every weight copied,
+    each per-class table grown to the new classes (:func:`~imgaug_gen.generators.priors.grow_rows`: mean of
+    the prior's rows, or the no-class value); a spectral norm's power-iteration vector over the classes
+    starts afresh."""
+    mine = net.state_dict()
+    grown = {}
+    for k, v in state.items():
+        if k not in mine:
+            raise ConfigError(f"the prior's weight {k!r} has no place in this network; is it a cGAN run of this project?")
+        if k.endswith(("gain.weight", "bias.weight", "embed.weight_orig")):
+            null = 1.0 if k.endswith("gain.weight") else 0.0
+            grown[k] = grow_rows(v, num_classes, init, null)
+        elif k.endswith("embed.weight_u"):
+            grown[k] = mine[k]
+        elif tuple(v.shape) != tuple(mine[k].shape):
+            raise ConfigError(f"the prior's weight {k!r} is {tuple(v.shape)}, this network's {tuple(mine[k].shape)}.")
+        else:
+            grown[k] = v
+    net.load_state_dict(grown)
+
+
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
 
@@ -112,7 +162,9 @@ class CGANModule(GeneratorModule):
                  diffaug: Sequence[str] | None = POLICIES, ema_decay: float = 0.999,
                  ema_start_step: int = 0, lecam_lambda: float = 0.0, lecam_ema_decay: float = 0.99,
                  ada_target: float | None = None, ada_interval: int = 4, ada_kimg: float = 20.0,
-                 channels_last: bool = True):
+                 channels_last: bool = True, pretrained: Optional[str] = None, pretrained_discriminator: bool = True,
+                 finetune: FinetuneMode = "full", init_class_embeddings: InitMode = "class_mean",
+                 freeze_d: Annotated[int, Field(ge=0, le=16)] = 0, lora: Optional[dict[str, Any]] = None):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -138,8 +190,31 @@ class CGANModule(GeneratorModule):
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
         self.ada = (AdaptiveAugmentProbability(ada_target, int(ada_interval), int(float(ada_kimg) * 1000))
                     if ada_target is not None else None)
+        prior = None
+        if pretrained is not None:  # start from a cGAN run: its sizes, its weights, new class rows
+            prior = load_gan_prior(pretrained, pretrained_discriminator)
+            check_prior_shape(prior.image_shape, image_shape, pretrained)
+            d_prior = prior_discriminator_width(prior)
+            z_dim = _from_prior("model.z_dim", z_dim, 64, prior.z_dim, pretrained)
+            g_width = _from_prior("model.g_width", g_width, 32, prior.width, pretrained)
+            d_width = _from_prior("model.d_width", d_width, 32, d_prior, pretrained) if d_prior else d_width
+        elif finetune != "full" or freeze_d:
+            raise ConfigError(f"`model.finetune` = {finetune!r} / `model.freeze_d` = {freeze_d} adapt a prior; set "
+                              "`model.pretrained=RUN` (a cGAN run), or leave them at full / 0.")
         self.generator = _GeneratorNet(num_classes, image_size=h, channels=c, z_dim=z_dim, width=g_width)
         self.discriminator = ProjectionDiscriminator(num_classes, image_size=h, channels=c, width=d_width)
+        if freeze_d > len(self.discriminator.blocks):
+            raise ConfigError(f"`model.freeze_d` = {freeze_d}; this discriminator has {len(self.discriminator.blocks)} "
+                              "blocks (give at most that many).")
+        self.prior = None
+        if prior is not None:
+            load_grown(self.generator, prior.generator.state_dict(), num_classes, init_class_embeddings)
+            if prior.discriminator_state is not None:
+                load_grown(self.discriminator, prior.discriminator_state, num_classes, init_class_embeddings)
+            self.prior = {**prior.record(), "finetune": finetune, "freeze_d": int(freeze_d)}
+        apply_finetune(self.generator, finetune, class_rows(self.generator), lora)
+        for block in list(self.discriminator.blocks)[:freeze_d]:  # Freeze-D (Mo et al. 2020): D's first blocks
+            block.requires_grad_(False)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.iteration = 0  # GAN iterations (one D + one G step)
 
@@ -155,15 +230,16 @@ class CGANModule(GeneratorModule):
     # -- what the rest of the framework needs ---------------------------------------
     def to_generator(self) -> GANGenerator:
         hp = self.hparams
-        return GANGenerator.from_net(self.ema, num_classes=hp.num_classes, class_names=hp.class_names,
-                                     image_shape=hp.image_shape)
+        return GANGenerator.from_net(merged_copy(self.ema), num_classes=hp.num_classes, class_names=hp.class_names,
+                                     image_shape=hp.image_shape, extra=None if self.prior is None else {"prior": self.prior})
 
     # -- training -------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
         # foreach: one multi-tensor update instead of a Python loop over the parameters
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas), foreach=True)
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas), foreach=True)
+        # only what trains: Lightning's toggle_optimizer would switch a frozen weight in an optimizer back on
+        opt_g = torch.optim.Adam(trainable(self.generator), lr=hp.lr_g, betas=tuple(hp.betas), foreach=True)
+        opt_d = torch.optim.Adam(trainable(self.discriminator), lr=hp.lr_d, betas=tuple(hp.betas), foreach=True)
         return [opt_d, opt_g]
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -22,6 +22,11 @@ class GeneratorModule(pl.LightningModule):
 
     #: DDP must look for parameters without gradients (a GAN's D step leaves G unused).
     ddp_find_unused_parameters: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, args: Mapping[str, Any], image_shape: Sequence[int]) -> None:
+        """Checks of the ``model`` block against the data's (C, H, W) that ``train.py`` runs before any
+        image is read (a prior of another size, say); ``args`` are the block's arguments. None here."""
 
     def to_generator(self) -> ConditionalGenerator:
         """The current (EMA) model behind the generator contract, sharing this module's weights."""

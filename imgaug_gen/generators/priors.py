@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FinetuneMode = Literal["full", "lora", "embeddings"]
 FINETUNE_MODES = ("full", "lora", "embeddings")
-InitMode = Literal["null", "mean"]
+InitMode = Literal["null_class", "class_mean"]
 
 
 # -- what a prior is -------------------------------------------------------------------------------
@@ -167,12 +167,12 @@ def check_prior_shape(prior_shape: Sequence[int], data_shape: Sequence[int], pre
 
 
 def grow_embedding(old: torch.Tensor | None, *, old_classes: int | None, old_has_null: bool, old_blocks: int,
-                   new_classes: int, new_blocks: int, dim: int, init: InitMode = "null") -> torch.Tensor:
+                   new_classes: int, new_blocks: int, dim: int, init: InitMode = "null_class") -> torch.Tensor:
     """The class-embedding table of the new model: ``(new_classes + 1) * new_blocks`` rows (row
     ``y + (new_classes + 1) * k`` is class ``y`` under augmentation ``k``; the last row of a block is
-    the null class). Every new class row starts from the prior's null row (``init="null"``: then the
+    the null class). Every new class row starts from the prior's null row (``init="null_class"``: then the
     model conditioned on a new class samples exactly what the prior samples unconditionally) or the
-    mean of the prior's class rows (``"mean"``); the null rows from the prior's null row. A prior
+    mean of the prior's class rows (``"class_mean"``); the null rows from the prior's null row. A prior
     without a null row uses the zero vector for it when unconditional (no table: the zero row adds
     nothing) and the mean of its rows when class-conditional; blocks the prior lacks start as its
     first block."""
@@ -188,7 +188,7 @@ def grow_embedding(old: torch.Tensor | None, *, old_classes: int | None, old_has
             mean = classes.mean(0) if len(classes) else torch.zeros(dim)
             null = block[old_classes] if old_has_null else mean
         start = k * (new_classes + 1)
-        rows[start:start + new_classes] = (null if init == "null" else mean)
+        rows[start:start + new_classes] = (null if init == "null_class" else mean)
         rows[start + new_classes] = null
     return rows
 
@@ -264,8 +264,9 @@ def load_gan_prior(pretrained: Any, with_discriminator: bool = True, key: str = 
 
 def grow_rows(old: torch.Tensor, new_classes: int, init: InitMode, null_value: float) -> torch.Tensor:
     """A per-class table (``[classes, dim]``) for new classes: each row the mean of the prior's rows
-    (``"mean"``), or the value that conditions on no class (``"null"``: gain 1, bias 0, projection 0)."""
-    row = old.float().mean(0) if init == "mean" else torch.full((old.shape[1],), float(null_value))
+    (``"class_mean"``), or the value that conditions on no class (``"null_class"``: gain 1, bias 0,
+    projection 0)."""
+    row = old.float().mean(0) if init == "class_mean" else torch.full((old.shape[1],), float(null_value))
     return row.expand(new_classes, -1).clone()
 
 

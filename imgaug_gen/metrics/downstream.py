@@ -19,6 +19,7 @@ Timing: ~2-4 s per call for a few hundred 16x16 images on 2 CPU cores with the d
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,8 @@ from imgaug_gen.metrics.features import fit_classifier_steps, images_to_tensor, 
 
 __all__ = [
     "RECIPE",
+    "load_features",
+    "save_classifier",
     "SmallCNN",
     "classification_accuracy_score",
     "compare_methods",
@@ -58,6 +61,8 @@ RECIPE: dict[str, Any] = {
     "weight_decay": 5e-4,
     "label_smoothing": 0.05,
     "max_shift": 2,   # pixels at input_size; 0 disables the train-time shift
+    "init": None,     # a classifier of this recipe trained on other classes (save_classifier): its features start
+                      # the network, the head is new (transfer); None: from scratch
 }
 
 
@@ -110,6 +115,8 @@ def check_recipe(overrides: Mapping[str, Any], key: str = "recipe") -> dict[str,
             f"`{key}.batch_size` = {r['batch_size']!r}; give a positive int.")
     require(isinstance(r["input_size"], int) and r["input_size"] >= 8,
             f"`{key}.input_size` = {r['input_size']!r}; give an int >= 8 (the classifier's input size in pixels).")
+    require(r["init"] is None or isinstance(r["init"], (str, os.PathLike)),
+            f"`{key}.init` = {r['init']!r}; give the path of a saved classifier (save_classifier) or null.")
     return r
 
 
@@ -205,6 +212,8 @@ def train_and_test(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = SmallCNN(int(num_classes), channels, tuple(r["widths"]))
+    if r["init"] is not None:
+        load_features(model, r["init"], r)
     model.train()
     fit_classifier_steps(model, list(model.parameters()), xtr, ytr_t, steps=steps, batch_size=bs, lr=r["lr"],
                          weight_decay=r["weight_decay"], max_shift=int(r["max_shift"]),
@@ -227,6 +236,44 @@ def train_and_test(
     if return_model:
         out["model"] = model
     return out
+
+
+def save_classifier(model: SmallCNN, path: str | os.PathLike, **recipe: Any) -> Path:
+    """Save a :func:`train_and_test` model (``return_model=True``) as the ``init`` of later runs of the same
+    recipe (safetensors; the recipe and class count in its metadata)."""
+    from imgaug_gen.io import atomic_save_safetensors
+
+    r = check_recipe(recipe)
+    meta = {"widths": json.dumps(list(r["widths"])), "input_size": str(int(r["input_size"])),
+            "in_channels": str(int(model.features[0].in_channels)), "num_classes": str(int(model.head.out_features))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(path, model.state_dict(), metadata=meta)
+    return path
+
+
+def load_features(model: SmallCNN, init: str | os.PathLike, recipe: Mapping[str, Any]) -> None:
+    """Transfer: ``model``'s feature layers from the classifier saved at ``init`` (same recipe: widths,
+    input size and channels must match); its head stays the freshly initialised one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(init)
+    require(path.is_file(), f"`classifier.init` = {str(init)!r} is not a file; give a classifier saved with "
+                            "imgaug_gen.metrics.downstream.save_classifier (or `classifier.init: {classes: [...]}` in "
+                            "evaluate.py to train one).")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    want = {"widths": json.dumps(list(recipe["widths"])), "input_size": str(int(recipe["input_size"])),
+            "in_channels": str(int(model.features[0].in_channels))}
+    for k, v in want.items():
+        require(meta.get(k) == v, f"`classifier.init` = {str(init)!r} was trained with {k}={meta.get(k)!r}; this "
+                                  f"recipe has {k}={v}. Train the init with the same classifier recipe and channels.")
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    require(not unexpected and set(missing) == {"head.weight", "head.bias"},
+            f"`classifier.init` = {str(init)!r} does not hold this recipe's network (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}).")
 
 
 def predict_logits(model: nn.Module, images: np.ndarray, input_size: int | None = None) -> torch.Tensor:
@@ -315,7 +362,7 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
 
     ``results_by_shots``: ``{shots: compare_methods(...)}`` (error bars: ± std), or evaluate.py's
     results whose entries carry ``ci95`` (error bars: the 95 % interval of the mean) and ``gain``
-    (a second panel: the paired gain over ``real+classical`` with its 95 % interval). Returns the path.
+    (a second panel: the paired gain over the baseline with its 95 % interval). Returns the path.
     """
     # The object-oriented API: no pyplot state, and the caller's backend (e.g. a notebook's inline) stays.
     import matplotlib
@@ -356,7 +403,7 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
         axes[0].set_ylabel("test accuracy (%)")
         if with_gains:
             axes[1].axhline(0.0, color="k", lw=0.8)
-            axes[1].set_ylabel("gain over real+classical (points, 95 % CI)")
+            axes[1].set_ylabel("gain over the baseline (points, 95 % CI)")
         for ax in axes:
             ax.set_xlabel("real images per class (shots)")
             if len(shots) > 1 and float(shots[-1]) / max(float(shots[0]), 1e-9) >= 8:

@@ -15,8 +15,10 @@ def ema_decay(step: int, max_decay: float) -> float:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers (e.g. batch-norm
-    statistics) are copied."""
+    statistics) are copied. Frozen parameters (``requires_grad`` false: a prior's weights under LoRA or
+    embedding-only fine-tuning) are equal in both and skipped."""
     for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - decay)
+        if p.requires_grad:
+            p_ema.lerp_(p.detach(), 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
