@@ -56,3 +56,38 @@ def worktree(rev: str):
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True)
         tmp.rmdir()
+
+
+def hydra_value(v) -> str:
+    """A Hydra override value for a str / list / dict (strings quoted)."""
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    return "'" + str(v) + "'" if isinstance(v, str) else str(v)
+
+
+def run_units(script: str, args, argv: list[str]) -> None:
+    """The (shots, subset) units of an evaluation benchmark, each in its own single-threaded process
+    (``script argv --shots S --subsets D --workers 0 --unit``), ``args.workers`` at a time; logs in
+    ``args.out/logs``. The small networks here use one core about as well as two."""
+    import sys
+
+    units = [(s, d) for s in args.shots for d in args.subsets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list = []
+    log_dir = Path(args.out) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    while units or running:
+        while units and len(running) < args.workers:
+            s, d = units.pop(0)
+            cmd = [sys.executable, script, *argv, "--shots", str(s), "--subsets", str(d), "--workers", "0", "--unit"]
+            log = open(log_dir / f"shots{s}_d{d}.log", "w")
+            running.append(((s, d), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for unit, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((unit, proc))
+                print(f"unit shots={unit[0]} subset={unit[1]} finished (exit {proc.returncode})", flush=True)
+                if proc.returncode:
+                    raise SystemExit(f"unit {unit} failed; see {log_dir}/shots{unit[0]}_d{unit[1]}.log")

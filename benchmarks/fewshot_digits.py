@@ -33,13 +33,11 @@ Re-running the same command reuses finished work (generators, folders, classifie
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment variables)
+from _common import hydra_value, run_units
 
 TARGETS = {"5": 0.015, "10": 0.010}
 POLICIES = {"replace": "{name:replace,p:0.5}",
@@ -75,48 +73,14 @@ GENERATORS = {
 }
 
 
-def _value(v) -> str:
-    """A Hydra override value for a str / list / dict (strings quoted)."""
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}:{_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ",".join(_value(x) for x in v) + "]"
-    return "'" + str(v) + "'" if isinstance(v, str) else str(v)
-
-
 def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
     join = lambda v: ",".join(map(str, v))  # noqa: E731
     out = [f"out_dir={Path(args.out).resolve()}", f"shots=[{join(shots)}]", f"data_seeds=[{join(subsets)}]",
            f"seeds=[{join(args.seeds)}]", f"classifier.steps={args.classifier_steps}", "~policies",
            "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}", "~generators"]
     chosen = {k: v for k, v in GENERATORS.items() if not args.generators or k in args.generators}
-    out.append("+generators={" + ",".join(f"{k}:{_value(v)}" for k, v in chosen.items()) + "}")
+    out.append("+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}")
     return [*out, *args.overrides]
-
-
-def run_units(args) -> None:
-    """Each (shots, subset) in its own single-threaded process, ``args.workers`` at a time."""
-    units = [(s, d) for s in args.shots for d in args.subsets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running: list[tuple[tuple, subprocess.Popen]] = []
-    log_dir = Path(args.out) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    while units or running:
-        while units and len(running) < args.workers:
-            s, d = units.pop(0)
-            cmd = [sys.executable, __file__, "--out", args.out, "--shots", str(s), "--subsets", str(d),
-                   "--seeds", *map(str, args.seeds), "--classifier-steps", str(args.classifier_steps),
-                   "--workers", "0", "--unit",
-                   *(["--generators", ",".join(args.generators)] if args.generators else []), *args.overrides]
-            log = open(log_dir / f"shots{s}_d{d}.log", "w")
-            running.append(((s, d), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-        time.sleep(2)
-        for unit, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((unit, proc))
-                print(f"unit shots={unit[0]} subset={unit[1]} finished (exit {proc.returncode})", flush=True)
-                if proc.returncode:
-                    raise SystemExit(f"unit {unit} failed; see {log_dir}/shots{unit[0]}_d{unit[1]}.log")
 
 
 def main(argv=None) -> dict:
@@ -141,7 +105,10 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     if args.workers > 0:
-        run_units(args)
+        run_units(__file__, args, ["--out", args.out, "--seeds", *map(str, args.seeds), "--classifier-steps",
+                                   str(args.classifier_steps),
+                                   *(["--generators", ",".join(args.generators)] if args.generators else []),
+                                   *args.overrides])
     ev = evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     minutes = (time.perf_counter() - t0) / 60
     if args.unit:

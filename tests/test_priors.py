@@ -296,3 +296,16 @@ def test_evaluate_transfer_and_the_chosen_baseline(tmp_path):
     assert ev["classifier_init"].endswith(".safetensors") and f"`{chosen['method']}`" in (tmp_path / "ev" / "results.md").read_text()
     with pytest.raises(ConfigError, match="the init must learn from other classes"):
         evaluate(compose_config("evaluate", [*over, "data.classes=[3,4,5]"]))
+
+
+def test_the_ddpm_defaults_a_prior_overrides_are_the_yaml_defaults():
+    """With a prior, a `model.unet` / `model.train_scheduler` value left at its default gives way to the prior's:
+    the code's idea of "default" must be conf/model/ddpm.yaml's."""
+    from omegaconf import OmegaConf
+
+    from imgaug_gen.generators.ddpm import DEFAULT_TRAIN_SCHEDULER, DEFAULT_UNET
+
+    yaml = OmegaConf.load(ROOT / "conf" / "model" / "ddpm.yaml")
+    assert OmegaConf.to_container(yaml.unet) == DEFAULT_UNET
+    sched = OmegaConf.to_container(yaml.train_scheduler)
+    assert {k: sched[k] for k in DEFAULT_TRAIN_SCHEDULER} == DEFAULT_TRAIN_SCHEDULER

@@ -1,0 +1,293 @@
+"""Does a prior make generated data help? Novel digits, 1 to 10 shots, generators from scratch vs from a prior.
+
+    python benchmarks/fewshot_novel_digits.py [--out bench_out/fewshot_novel] [--shots 1 2 5 10] [--subsets 0 1 2]
+                                              [--seeds 0 1 2 3 4] [--workers 2] [--generators a,b] [overrides ...]
+
+The protocol (16 px digits):
+
+* digits 0-4 are the *base* classes: all their training-split images train one prior per generator kind
+  (``experiment=digits_ddpm_base``, ``experiment=digits_cgan_base``) and the base classifier
+  (``classifier.init={classes: [0,1,2,3,4]}``, the fixed recipe);
+* digits 5-9 are the *novel* classes, at 1, 2, 5 and 10 shots, 3 few-shot subsets x 5 classifier seeds,
+  scored on their fixed validation split (recipes and the baseline are chosen there) and test split
+  (read once);
+* rows: the baselines ``real``, ``real+classical``, ``transfer`` and ``transfer+classical`` (the base
+  classifier's features, a new head), and for each kind the generator trained *from scratch* on the shots
+  and *from the prior* (its fine-tuning modes in ``GENERATORS``), each under ``replace`` and ``kd``, all on
+  the transfer classifier; the baseline is the best non-generative recipe on validation.
+
+It runs the real jobs: ``train.py`` for the priors, ``evaluate.py`` (:func:`imgaug_gen.evaluation.evaluate`)
+for everything else, one (shots, subset) unit per single-threaded worker process, then assembles the table
+from their finished work. A second part measures how fast a prior-started ddpm reaches the from-scratch
+one's final folder FID (validation FID every 25 steps, subset 0). Re-running the same command reuses every
+finished prior, generator, folder and classifier result. Budget: 90 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (offline environment variables)
+from _common import ROOT, hydra_value, print_table, run_units
+
+BASE, NOVEL = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+TARGETS = {"1": 0.030, "2": 0.030, "5": 0.010}
+POLICIES = {"replace": "{name:replace,p:0.5}", "kd": "{name:replace,p:0.5,distill:0.5,temperature:2.0}"}
+SMALL_UNET = ["model.unet.block_out_channels=[16,32,32]", "model.unet.attention_head_dim=4"]
+SCRATCH_STEPS = {"ddpm": 400, "cgan": 800}
+PRIOR_STEPS = {"ddpm": 200, "cgan": 400}
+DDPM = ["experiment=digits_ddpm", "logger=none", *SMALL_UNET, f"trainer.max_steps={SCRATCH_STEPS['ddpm']}",
+        "model.lr_warmup_steps=20"]
+CGAN = ["experiment=digits_cgan", "logger=none", f"trainer.max_steps={SCRATCH_STEPS['cgan']}"]
+SAMPLE = ["n_per_class=50", "sample_kwargs.num_inference_steps=10"]
+EDITS = ["mode=img2img", "img2img.edits_per_image=10", "img2img.strengths=[0.4,0.6]",
+         "sample_kwargs.num_inference_steps=10"]
+
+
+def prior_runs(out: Path) -> dict[str, Path]:
+    return {"ddpm": out / "priors" / "ddpm", "cgan": out / "priors" / "cgan"}
+
+
+def grid(out: Path) -> dict[str, dict]:
+    """One entry per synthetic source; the validation split chooses among all of them and their policies."""
+    priors = prior_runs(out)
+
+    def from_prior(kind: str, *extra: str) -> list[str]:
+        base = DDPM if kind == "ddpm" else CGAN
+        return [*base, f"model.pretrained={priors[kind]}", f"trainer.max_steps={PRIOR_STEPS[kind]}", *extra]
+
+    both = ["replace", "kd"]
+    g3 = [*SAMPLE, "sample_kwargs.guidance_scale=3.0"]
+    emb_lr = "model.embedding_lr=3e-2"  # the new classes' rows learn fast in every mode
+    return {
+        # from scratch on the shots
+        "ddpm_scratch": {"train": DDPM, "generate": SAMPLE, "policies": both},
+        "cgan_scratch": {"train": CGAN, "generate": ["n_per_class=50"], "policies": both},
+        # from the base-class prior: each fine-tuning mode, guidance 1.5 (saved) and 3, and edits of the shots
+        "ddpm_prior_full": {"train": from_prior("ddpm", "model.finetune=full", "model.lr=3e-4", emb_lr),
+                            "generate": SAMPLE, "policies": both},
+        "ddpm_prior_full_g3": {"run_of": "ddpm_prior_full", "generate": g3, "policies": both},
+        "ddpm_prior_lora": {"train": from_prior("ddpm", "model.finetune=lora", "model.lr=1e-3", emb_lr),
+                            "generate": SAMPLE, "policies": both},
+        "ddpm_prior_emb": {"train": from_prior("ddpm", "model.finetune=embeddings", emb_lr), "generate": SAMPLE,
+                           "policies": both},
+        "ddpm_prior_emb_g3": {"run_of": "ddpm_prior_emb", "generate": g3, "policies": both},
+        "ddpm_prior_edits": {"run_of": "ddpm_prior_full", "generate": EDITS, "policies": both},
+        "ddpm_prior_emb600": {"train": from_prior("ddpm", "model.finetune=embeddings", "model.embedding_lr=5e-2",
+                                                  "trainer.max_steps=600"), "generate": SAMPLE, "policies": both},
+        "ddpm_prior_full_lo": {"train": from_prior("ddpm", "model.finetune=full", "model.lr=1e-4", emb_lr,
+                                                   "trainer.max_steps=100"), "generate": SAMPLE, "policies": both},
+        "cgan_prior_full": {"train": from_prior("cgan", "model.finetune=full", "model.freeze_d=1"),
+                            "generate": ["n_per_class=50"], "policies": both},
+    }
+
+
+def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
+    join = lambda v: ",".join(map(str, v))  # noqa: E731
+    out = Path(args.out).resolve()
+    chosen = {k: v for k, v in grid(out).items() if not args.generators or k in args.generators}
+    return [f"out_dir={out}", f"shots=[{join(shots)}]", f"data_seeds=[{join(subsets)}]", f"seeds=[{join(args.seeds)}]",
+            f"data.classes=[{join(NOVEL)}]", f"classifier.init={{classes:[{join(BASE)}]}}",
+            f"classifier.steps={args.classifier_steps}", "~policies",
+            "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}", "~generators",
+            "+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}", *args.overrides]
+
+
+def train_priors(out: Path) -> dict[str, float]:
+    """The two base-class priors, side by side in two single-threaded processes (skipped when done)."""
+    runs = {"ddpm": ["experiment=digits_ddpm_base", *SMALL_UNET], "cgan": ["experiment=digits_cgan_base"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs, seconds = {}, {}
+    for kind, over in runs.items():
+        run = prior_runs(out)[kind]
+        if (run / "prior_done.json").is_file():
+            seconds[kind] = json.loads((run / "prior_done.json").read_text())["seconds"]
+            continue
+        run.parent.mkdir(parents=True, exist_ok=True)
+        log = open(run.parent / f"{kind}.log", "w")
+        procs[kind] = (time.perf_counter(), subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *over, "logger=csv", "callbacks.fidelity=null",
+             f"hydra.run.dir={run}"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    for kind, (t0, proc) in procs.items():
+        if proc.wait():
+            raise SystemExit(f"the {kind} prior failed; see {prior_runs(out)[kind].parent / f'{kind}.log'}")
+        seconds[kind] = round(time.perf_counter() - t0, 1)
+        (prior_runs(out)[kind] / "prior_done.json").write_text(json.dumps({"seconds": seconds[kind]}))
+    return seconds
+
+
+def fid_by_steps(args, ev: dict) -> list[list]:
+    """Optimiser steps a prior-started ddpm needs to reach the from-scratch ddpm's final folder FID (subset 0,
+    each shots value): validation FID of the prior run every 25 steps (50 images per class, the folder's count
+    and feature space) beside the scratch run's folder FID after its SCRATCH_STEPS["ddpm"] steps."""
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.training import train
+
+    out = Path(args.out).resolve()
+    rows = []
+    entry = grid(out)["ddpm_prior_full"]["train"]
+    for shots in args.shots:
+        scratch = ev["generators"].get(str(shots), {}).get("ddpm_scratch", {}).get("subsets", {}).get("0", {})
+        target = (scratch.get("generate") or {}).get("fid")
+        if target is None:
+            continue
+        run = out / "fid_by_steps" / f"shots{shots}"
+        done = run / "fid_history.json"
+        if not done.is_file():
+            cfg = compose_config("train", [*entry, f"run_dir={run}", f"data.shots={shots}", "data.seed=0", "seed=0",
+                                           "data.image_size=16", f"data.classes=[{','.join(map(str, NOVEL))}]",
+                                           "data.val_fraction=0.2", "callbacks.fidelity.every_n_steps=25",
+                                           "callbacks.fidelity.n_per_class=50", "callbacks.fidelity.at_end=true",
+                                           "callbacks.samples=null", "callbacks.progress=null"])
+            train(cfg)
+            history = [(int(r["global_step"]), float(r["val/fid"])) for r in _csv_rows(run / "metrics.csv")
+                       if r.get("val/fid")]
+            done.write_text(json.dumps(history))
+        history = json.loads(done.read_text())
+        reached = next((s for s, f in history if f <= target), None)
+        rows.append([shots, SCRATCH_STEPS["ddpm"], round(target, 3),
+                     ", ".join(f"{s}: {f:.2f}" for s, f in history), reached if reached is not None else "not reached",
+                     "met" if reached is not None and reached <= SCRATCH_STEPS["ddpm"] / 4 else "NOT met"])
+    return rows
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def generator_rows(ev: dict) -> list[list]:
+    rows = []
+    for shots, gens in ev["generators"].items():
+        for g, info in gens.items():
+            cas = info.get("cas") or {}
+            fmt = lambda v, f=".3f": "—" if v is None else format(v, f)  # noqa: E731
+            rows.append([shots, g, fmt(info.get("fid"), ".2f"), fmt(100 * cas["mean"] if cas else None, ".1f"),
+                         fmt(info.get("copy_rate")), fmt(info.get("memorisation")),
+                         fmt(info.get("train_seconds"), ".0f") if not info.get("reused_run") else
+                         fmt(info.get("train_seconds"), ".0f") + " (earlier run)"])
+    return rows
+
+
+def verdicts(ev: dict) -> list[str]:
+    """The acceptance lines: the validation-chosen prior-started recipe vs the chosen baseline, and the
+    prior-started vs the from-scratch generator's copy rate and CAS at 1 and 2 shots."""
+    out = []
+    results, gens = ev["results"], ev["generators"]
+    prior_methods = [m for m in results[next(iter(results))] if "_prior" in m]
+    score = {m: sum(results[s][m]["val_gain"]["mean"] for s in results if "val_gain" in results[s].get(m, {}))
+             for m in prior_methods}
+    if not score:
+        return ["no prior-started method was evaluated"]
+    best = max(score, key=score.get)
+    out.append(f"validation-chosen prior-started recipe: {best}")
+    for s, target in TARGETS.items():
+        g = results.get(s, {}).get(best, {}).get("gain")
+        if g is None:
+            continue
+        met = g["mean"] >= target and g["lo"] > 0
+        out.append(f"  {s} shots vs `{ev['baselines'][s]['method']}`: {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, "
+                   f"{100 * g['hi']:+.1f}] (target >= +{100 * target:.1f}, interval excluding 0) -> "
+                   f"{'met' if met else 'NOT met'}")
+    if "10" in results and best in results["10"]:
+        g = results["10"][best]["gain"]
+        out.append(f"  10 shots (reported): {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]")
+    gen = best.split("+")[1]
+    kind = gen.split("_")[0]
+    for s in ("1", "2"):
+        if s not in gens or gen not in gens[s] or f"{kind}_scratch" not in gens[s]:
+            continue
+        mine, theirs = gens[s][gen], gens[s][f"{kind}_scratch"]
+        cr, cr0 = mine.get("copy_rate"), theirs.get("copy_rate")
+        cas, cas0 = (mine.get("cas") or {}).get("mean"), (theirs.get("cas") or {}).get("mean")
+        if None not in (cr, cr0):
+            out.append(f"  {s} shots copy rate {gen} {cr:.3f} vs {kind}_scratch {cr0:.3f} (target <= half) -> "
+                       f"{'met' if cr <= cr0 / 2 else 'NOT met'}")
+        if None not in (cas, cas0):
+            out.append(f"  {s} shots CAS {gen} {100 * cas:.1f} vs {kind}_scratch {100 * cas0:.1f} (target >= +5) -> "
+                       f"{'met' if cas - cas0 >= 0.05 else 'NOT met'}")
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_out/fewshot_novel")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
+    p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--classifier-steps", type=int, default=300)
+    p.add_argument("--generators", type=lambda v: v.split(","), default=None,
+                   help="comma-separated grid entries (default: all; name an entry's run_of source too)")
+    p.add_argument("--workers", type=int, default=2, help="parallel single-threaded (shots, subset) units; 0: inline")
+    p.add_argument("--no-fid-steps", action="store_true", help="skip the FID-by-steps measurement")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results" / "fewshot_novel_digits.md",
+                   help="where the result tables are written as markdown (the docs site's results page)")
+    p.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.generators or ()) - set(grid(Path(args.out))))
+    if unknown:
+        p.error(f"--generators: unknown entries {unknown}; choose from {sorted(grid(Path(args.out)))}")
+
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.evaluation import evaluate
+
+    t0 = time.perf_counter()
+    if args.unit:
+        return evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
+    prior_seconds = train_priors(Path(args.out).resolve())
+    if args.workers > 0:
+        run_units(__file__, args, ["--out", args.out, "--seeds", *map(str, args.seeds), "--classifier-steps",
+                                   str(args.classifier_steps), "--no-fid-steps",
+                                   *(["--generators", ",".join(args.generators)] if args.generators else []),
+                                   *args.overrides])
+    ev = evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
+    steps = [] if args.no_fid_steps else fid_by_steps(args, ev)
+    minutes = (time.perf_counter() - t0) / 60
+    table = Path(ev["files"]["table"]).read_text()
+    print("\n" + table)
+    print_table("Generators (means over subsets): folder FID (domain features), CAS, copy rate, memorisation, "
+                "training seconds", ["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"],
+                generator_rows(ev))
+    print(f"\npriors: ddpm {prior_seconds.get('ddpm')} s, cgan {prior_seconds.get('cgan')} s (training, base classes)")
+    if steps:
+        print_table("FID by optimiser steps: a prior-started ddpm (validation FID) vs the from-scratch ddpm's final "
+                    "folder FID (subset 0)", ["shots", "scratch steps", "scratch final FID", "prior: step: FID",
+                                              "prior reaches it at", "<= a quarter"], steps)
+    lines = verdicts(ev)
+    print("\n" + "\n".join(lines))
+    print(f"\nwall time: {minutes:.1f} min (budget 90 min on 2 CPU cores)\nfiles: {ev['files']}")
+    write_docs(args.docs, table, generator_rows(ev), steps, lines, minutes, prior_seconds)
+    return ev
+
+
+def write_docs(path: Path, table: str, gen_rows: list, steps: list, lines: list[str], minutes: float,
+               prior_seconds: dict) -> None:
+    """The result page the docs site shows (docs/results/), written by the benchmark, never by hand."""
+    def md(header, rows):
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                         + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+    text = ["# Novel digits from a prior", "",
+            "Written by `python benchmarks/fewshot_novel_digits.py` "
+            f"({minutes:.1f} min on 2 CPU cores; priors {prior_seconds}).", "", "## Accuracy", "", table, "",
+            "## Generators", "", md(["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"],
+                                    gen_rows), ""]
+    if steps:
+        text += ["## FID by optimiser steps", "", md(["shots", "scratch steps", "scratch final FID", "prior: step: FID",
+                                                       "prior reaches it at", "<= a quarter"], steps), ""]
+    text += ["## Verdict", "", *[f"- {line.strip()}" for line in lines], ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
