@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -63,26 +62,17 @@ def grid(out: Path) -> dict[str, dict]:
         return [*base, f"model.pretrained={priors[kind]}", f"trainer.max_steps={PRIOR_STEPS[kind]}", *extra]
 
     both = ["replace", "kd"]
-    g3 = [*SAMPLE, "sample_kwargs.guidance_scale=3.0"]
     emb_lr = "model.embedding_lr=3e-2"  # the new classes' rows learn fast in every mode
     return {
         # from scratch on the shots
         "ddpm_scratch": {"train": DDPM, "generate": SAMPLE, "policies": both},
         "cgan_scratch": {"train": CGAN, "generate": ["n_per_class=50"], "policies": both},
-        # from the base-class prior: each fine-tuning mode, guidance 1.5 (saved) and 3, and edits of the shots
+        # from the base-class prior: two fine-tuning modes, and edits of the shots by the fine-tuned model
         "ddpm_prior_full": {"train": from_prior("ddpm", "model.finetune=full", "model.lr=3e-4", emb_lr),
-                            "generate": SAMPLE, "policies": both},
-        "ddpm_prior_full_g3": {"run_of": "ddpm_prior_full", "generate": g3, "policies": both},
-        "ddpm_prior_lora": {"train": from_prior("ddpm", "model.finetune=lora", "model.lr=1e-3", emb_lr),
                             "generate": SAMPLE, "policies": both},
         "ddpm_prior_emb": {"train": from_prior("ddpm", "model.finetune=embeddings", emb_lr), "generate": SAMPLE,
                            "policies": both},
-        "ddpm_prior_emb_g3": {"run_of": "ddpm_prior_emb", "generate": g3, "policies": both},
         "ddpm_prior_edits": {"run_of": "ddpm_prior_full", "generate": EDITS, "policies": both},
-        "ddpm_prior_emb600": {"train": from_prior("ddpm", "model.finetune=embeddings", "model.embedding_lr=5e-2",
-                                                  "trainer.max_steps=600"), "generate": SAMPLE, "policies": both},
-        "ddpm_prior_full_lo": {"train": from_prior("ddpm", "model.finetune=full", "model.lr=1e-4", emb_lr,
-                                                   "trainer.max_steps=100"), "generate": SAMPLE, "policies": both},
         "cgan_prior_full": {"train": from_prior("cgan", "model.finetune=full", "model.freeze_d=1"),
                             "generate": ["n_per_class=50"], "policies": both},
     }
@@ -100,32 +90,32 @@ def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
 
 
 def train_priors(out: Path) -> dict[str, float]:
-    """The two base-class priors, side by side in two single-threaded processes (skipped when done)."""
-    runs = {"ddpm": ["experiment=digits_ddpm_base", *SMALL_UNET], "cgan": ["experiment=digits_cgan_base"]}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs, seconds = {}, {}
+    """The two base-class priors, one after the other on every core (skipped when done)."""
+    runs = {"ddpm": ["experiment=digits_ddpm_base"], "cgan": ["experiment=digits_cgan_base"]}
+    seconds = {}
     for kind, over in runs.items():
         run = prior_runs(out)[kind]
         if (run / "prior_done.json").is_file():
             seconds[kind] = json.loads((run / "prior_done.json").read_text())["seconds"]
             continue
         run.parent.mkdir(parents=True, exist_ok=True)
-        log = open(run.parent / f"{kind}.log", "w")
-        procs[kind] = (time.perf_counter(), subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), *over, "logger=csv", "callbacks.fidelity=null",
-             f"hydra.run.dir={run}"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
-    for kind, (t0, proc) in procs.items():
-        if proc.wait():
-            raise SystemExit(f"the {kind} prior failed; see {prior_runs(out)[kind].parent / f'{kind}.log'}")
+        t0 = time.perf_counter()
+        with open(run.parent / f"{kind}.log", "w") as log:
+            code = subprocess.call([sys.executable, str(ROOT / "train.py"), *over, "logger=csv",
+                                    "callbacks.fidelity=null", f"hydra.run.dir={run}"], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=ROOT)
+        if code:
+            raise SystemExit(f"the {kind} prior failed; see {run.parent / f'{kind}.log'}")
         seconds[kind] = round(time.perf_counter() - t0, 1)
-        (prior_runs(out)[kind] / "prior_done.json").write_text(json.dumps({"seconds": seconds[kind]}))
+        (run / "prior_done.json").write_text(json.dumps({"seconds": seconds[kind]}))
     return seconds
 
 
 def fid_by_steps(args, ev: dict) -> list[list]:
     """Optimiser steps a prior-started ddpm needs to reach the from-scratch ddpm's final folder FID (subset 0,
-    each shots value): validation FID of the prior run every 25 steps (50 images per class, the folder's count
-    and feature space) beside the scratch run's folder FID after its SCRATCH_STEPS["ddpm"] steps."""
+    each shots value): validation FID of the prior run every 25 steps up to a quarter of the scratch run's
+    steps (50 images per class, the folder's count and feature space) beside the scratch run's folder FID
+    after its SCRATCH_STEPS["ddpm"] steps."""
     from imgaug_gen.config import compose_config
     from imgaug_gen.training import train
 
@@ -140,11 +130,12 @@ def fid_by_steps(args, ev: dict) -> list[list]:
         run = out / "fid_by_steps" / f"shots{shots}"
         done = run / "fid_history.json"
         if not done.is_file():
-            cfg = compose_config("train", [*entry, f"run_dir={run}", f"data.shots={shots}", "data.seed=0", "seed=0",
+            cfg = compose_config("train", [*entry, f"trainer.max_steps={SCRATCH_STEPS['ddpm'] // 4}", f"run_dir={run}", f"data.shots={shots}", "data.seed=0", "seed=0",
                                            "data.image_size=16", f"data.classes=[{','.join(map(str, NOVEL))}]",
                                            "data.val_fraction=0.2", "callbacks.fidelity.every_n_steps=25",
                                            "callbacks.fidelity.n_per_class=50", "callbacks.fidelity.at_end=true",
-                                           "callbacks.samples=null", "callbacks.progress=null"])
+                                           "callbacks.samples=null", "callbacks.progress=null",
+                                           "model.num_inference_steps=10"])  # the folders' sampler steps
             train(cfg)
             history = [(int(r["global_step"]), float(r["val/fid"])) for r in _csv_rows(run / "metrics.csv")
                        if r.get("val/fid")]
