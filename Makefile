@@ -1,5 +1,6 @@
 # make demo   installs if needed, trains a small cGAN on digits, generates a folder, prints where and its scores
 # make test   installs if needed, runs the test suite
+# make docs   serves the docs site (mkdocs); make test-latest: the newest dependencies the bounds allow
 # make bench  runs the benchmark scripts (printed tables)
 PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
@@ -9,25 +10,45 @@ DEMO_DIR ?= demo_out
 # Test processes (pytest-xdist, one file per worker at a time, one torch thread each): one per core, at most 4.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))" 2>/dev/null || echo 1)
 
-.PHONY: install demo test test-all bench bench-fewshot bench-sd-lora bench-sd-fullsize clean
+.PHONY: install demo test test-all test-latest lint docs bench bench-fewshot bench-novel bench-sd-lora bench-sd-fullsize clean
 
 # Installs (editable, with the dev extras and the known-good pins) unless this checkout is
 # already the importable imgaug_gen with its dependencies and its generator entry points present.
 install:
-	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, torch_fidelity, albumentations, hydra, sklearn, pytest, nbclient, importlinter, prdc, datasets; import xdist; from importlib.metadata import entry_points; assert {'cgan', 'ddpm', 'sd_lora'} <= set(entry_points(group='imgaug_gen.generators').names); assert {'digits', 'folder'} <= set(entry_points(group='imgaug_gen.data').names); assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
+	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, torch_fidelity, albumentations, hydra, sklearn, pytest, nbclient, importlinter, prdc, datasets, mkdocs, material, mkdocstrings_handlers.python; import xdist; import shutil; assert shutil.which('ruff'); from importlib.metadata import entry_points; assert {'cgan', 'ddpm', 'sd_lora'} <= set(entry_points(group='imgaug_gen.generators').names); assert {'digits', 'folder'} <= set(entry_points(group='imgaug_gen.data').names); assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
 
 demo: install
 	$(PYTHON) -m imgaug_gen.demo --out $(DEMO_DIR)
 
-# the layer contract (pyproject.toml [tool.importlinter]) first: a wrong-way import fails in seconds
-test: install
+# the fast checks first (layers, lint, format, the docs site), then the tests
+lint: install
 	lint-imports
+	ruff check .
+	ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --quiet
+
+test: lint
 	$(PYTHON) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
-test-all: install
-	lint-imports
+test-all: lint
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The newest versions the pyproject bounds allow (no constraints.txt; torch and torchvision stay the installed
+# ones) in a fresh virtual environment over the installed packages, then the SD, SDXL, metrics and cGAN tests:
+# the next dependency drift fails here, not at a user's.
+LATEST_VENV ?= build/latest-venv
+test-latest: install
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv --system-site-packages $(LATEST_VENV)
+	$(PYTHON) tests/latest_requirements.py > $(LATEST_VENV)/requirements.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r $(LATEST_VENV)/requirements.txt
+	$(LATEST_VENV)/bin/python -m pip freeze | grep -iE "^(diffusers|transformers|peft|pytorch-lightning|torchmetrics|accelerate|huggingface.hub)=" || true
+	$(LATEST_VENV)/bin/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile \
+	  tests/test_sd_lora.py tests/test_sdxl.py tests/test_metrics.py tests/test_gan.py
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs serve
 
 bench: install
 	$(PYTHON) benchmarks/bench_cgan_step.py
@@ -36,9 +57,12 @@ bench: install
 	$(PYTHON) benchmarks/bench_sd_lora.py
 	$(PYTHON) benchmarks/bench_load.py
 
-# the few-shot headline table (about an hour on 2 CPU cores)
+# the few-shot headline tables (each about 90 minutes on 2 CPU cores)
 bench-fewshot: install
 	$(PYTHON) benchmarks/fewshot_digits.py
+
+bench-novel: install
+	$(PYTHON) benchmarks/fewshot_novel_digits.py
 
 # SD-LoRA training step: Lightning SDLoRAModule vs a plain diffusers + peft loop (SD-1.x and SDXL, ratio side
 # by side), then the tiny-model step / sampling tables (and the 512 px rows where CUDA is available)
@@ -50,4 +74,4 @@ bench-sd-fullsize: install
 	$(PYTHON) benchmarks/bench_sd_fullsize.py
 
 clean:
-	rm -rf $(DEMO_DIR) outputs multirun .pytest_cache
+	rm -rf $(DEMO_DIR) outputs multirun .pytest_cache build

@@ -49,8 +49,7 @@ def worktree(rev: str):
     change, run side by side with the current code), removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_before_"))
     path = tmp / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True, capture_output=True)
     try:
         yield path
     finally:

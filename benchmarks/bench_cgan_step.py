@@ -13,8 +13,9 @@ import argparse
 import statistics
 import time
 
-import _common  # noqa: F401  (environment)
 import torch
+
+import _common  # noqa: F401  (environment)
 from _common import print_table
 
 
@@ -22,8 +23,13 @@ def make_module(args):
     from imgaug_gen.generators.gan import CGANModule
 
     torch.manual_seed(0)
-    return CGANModule(num_classes=10, class_names=[str(i) for i in range(10)], image_shape=[1, args.size, args.size],
-                      g_width=args.width, d_width=args.width)
+    return CGANModule(
+        num_classes=10,
+        class_names=[str(i) for i in range(10)],
+        image_shape=[1, args.size, args.size],
+        g_width=args.width,
+        d_width=args.width,
+    )
 
 
 def plain_loop(args, batches) -> list[float]:
@@ -73,9 +79,19 @@ def lightning_loop(args, batches) -> list[float]:
             times.append(time.perf_counter() - self.t)
 
     m = make_module(args)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2 * len(batches), logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Timer()], num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=20)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2 * len(batches),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=20,
+    )
     trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return times
 
@@ -89,18 +105,28 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(args.batch, 1, args.size, args.size, generator=g) * 2 - 1,
-                torch.randint(0, 10, (args.batch,), generator=g)) for _ in range(args.iters)]
+    batches = [
+        (
+            torch.rand(args.batch, 1, args.size, args.size, generator=g) * 2 - 1,
+            torch.randint(0, 10, (args.batch,), generator=g),
+        )
+        for _ in range(args.iters)
+    ]
     plain, light = [], []
     for _ in range(args.rounds):  # alternate so both see the same load
         plain += plain_loop(args, batches)[5:]
         light += lightning_loop(args, batches)[5:]
     mp, ml = statistics.median(plain), statistics.median(light)
-    rows = [["plain PyTorch loop", len(plain), mp * 1e3, statistics.mean(plain) * 1e3, 1.0],
-            ["Lightning CGANModule", len(light), ml * 1e3, statistics.mean(light) * 1e3, ml / mp]]
-    print_table(f"cGAN training iteration (D+G step, EMA), {args.size}px, width {args.width}, batch {args.batch}, "
-                f"CPU threads {torch.get_num_threads()}",
-                ["loop", "iterations", "median ms", "mean ms", "ratio (median)"], rows)
+    rows = [
+        ["plain PyTorch loop", len(plain), mp * 1e3, statistics.mean(plain) * 1e3, 1.0],
+        ["Lightning CGANModule", len(light), ml * 1e3, statistics.mean(light) * 1e3, ml / mp],
+    ]
+    print_table(
+        f"cGAN training iteration (D+G step, EMA), {args.size}px, width {args.width}, batch {args.batch}, "
+        f"CPU threads {torch.get_num_threads()}",
+        ["loop", "iterations", "median ms", "mean ms", "ratio (median)"],
+        rows,
+    )
     print(f"\nLightning / plain = {ml / mp:.3f} (target <= 1.05)")
 
 

@@ -42,10 +42,19 @@ def _peak_rss_mib() -> float:
 
 def build_module(image_size: int):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import build_datamodule, build_module as _build
+    from imgaug_gen.jobs.train import build_datamodule
+    from imgaug_gen.jobs.train import build_module as _build
 
-    cfg = compose_config("train", ["model=ddpm", f"data.image_size={image_size}", "data.batch_size=64",
-                                   "run_dir=/tmp/bench_ddpm", "trainer.accelerator=cpu"])
+    cfg = compose_config(
+        "train",
+        [
+            "model=ddpm",
+            f"data.image_size={image_size}",
+            "data.batch_size=64",
+            "run_dir=/tmp/bench_ddpm",
+            "trainer.accelerator=cpu",
+        ],
+    )
     dm = build_datamodule(cfg)
     return _build(cfg, dm), dm, cfg
 
@@ -91,8 +100,9 @@ def bench_sampling(device: str, batch: int, steps: int, repeats: int) -> list[tu
     def reference():
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         with torch.no_grad():
-            out = pipe(batch_size=batch, generator=generators, num_inference_steps=steps, eta=0.0,
-                       output_type="np").images
+            out = pipe(
+                batch_size=batch, generator=generators, num_inference_steps=steps, eta=0.0, output_type="np"
+            ).images
         _sync(device)
         return out
 
@@ -109,10 +119,18 @@ def bench_sampling(device: str, batch: int, steps: int, repeats: int) -> list[tu
     what = f"{batch} imgs, 16px, {steps} DDIM steps"
     return [
         ("sample", f"diffusers DDIMPipeline (UNet with labels fixed), {what}", f"{med['pipe']:.3f} s", "1.00"),
-        ("sample", f"ours, guidance_scale=1 (same work), {what}", f"{med['ours']:.3f} s",
-         f"{med['ours'] / med['pipe']:.2f}"),
-        ("sample", f"ours, guidance_scale=2 (CFG: 2x batch), {what}", f"{med['cfg']:.3f} s",
-         f"{med['cfg'] / med['pipe']:.2f}"),
+        (
+            "sample",
+            f"ours, guidance_scale=1 (same work), {what}",
+            f"{med['ours']:.3f} s",
+            f"{med['ours'] / med['pipe']:.2f}",
+        ),
+        (
+            "sample",
+            f"ours, guidance_scale=2 (CFG: 2x batch), {what}",
+            f"{med['cfg']:.3f} s",
+            f"{med['cfg'] / med['pipe']:.2f}",
+        ),
         ("sample", "max |ours - pipeline| (uint8 levels, same noise)", str(max_diff), ""),
     ]
 
@@ -140,10 +158,18 @@ def _train_one(device: str, size: int, steps: int, threads: int | None) -> tuple
     module, dm, _ = build_module(size)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[StepTimer()], limit_val_batches=0,
-                         num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StepTimer()],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=dm)
     if device.startswith("cuda"):
         mem = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB cuda max allocated"
@@ -160,17 +186,27 @@ def bench_training(device: str, sizes: tuple[int, ...], steps: int, threads: int
     for size in sizes:
         with ctx.Pool(1) as pool:
             step, mem, n_params = pool.apply(_train_one, (device, size, steps, threads))
-        rows.append(("train", f"DDPMModule step (Lightning), {size}px, batch 64, UNet {n_params / 1e6:.2f}M params",
-                     f"{step * 1000:.0f} ms/step", mem))
+        rows.append(
+            (
+                "train",
+                f"DDPMModule step (Lightning), {size}px, batch 64, UNet {n_params / 1e6:.2f}M params",
+                f"{step * 1000:.0f} ms/step",
+                mem,
+            )
+        )
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads; default 1 on CPU (these small nets gain nothing from intra-op threads, "
-                        "and on a shared 2-core machine extra threads stall), 0 = torch's own default")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; default 1 on CPU (these small nets gain nothing from intra-op threads, "
+        "and on a shared 2-core machine extra threads stall), 0 = torch's own default",
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=5)
@@ -183,8 +219,10 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = bench_sampling(args.device, args.batch, args.steps, args.repeats)
     rows += bench_training(args.device, (16, 32), args.train_steps, args.threads)
-    print(f"\nbench_ddpm  device={args.device}  torch threads={torch.get_num_threads()}  "
-          f"torch {torch.__version__}  (median of {args.repeats} interleaved runs)")
+    print(
+        f"\nbench_ddpm  device={args.device}  torch threads={torch.get_num_threads()}  "
+        f"torch {torch.__version__}  (median of {args.repeats} interleaved runs)"
+    )
     widths = [max(len(str(r[i])) for r in rows + [("part", "what", "time", "ratio / memory")]) for i in range(4)]
     header = ("part", "what", "time", "ratio / memory")
     for r in [header, tuple("-" * w for w in widths), *rows]:

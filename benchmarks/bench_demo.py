@@ -42,16 +42,26 @@ def run_demo(out: Path, extra: list[str], root: Path = ROOT) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a fresh run every time (no earlier checkpoints or folder)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "imgaug_gen.demo", "--out", str(out), *extra], cwd=root,
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgaug_gen.demo", "--out", str(out), *extra],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"demo failed ({root}, {extra}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     trained = re.search(r"trained in (\d+)s", proc.stdout)
     fid = re.search(r"FID=([0-9.]+)", proc.stdout)
     steps = re.search(r"^trainer:\n(?:  .*\n)*?  max_steps: (\d+)", (out / "run" / "config.yaml").read_text(), re.M)
-    return {"train_s": float(trained.group(1)), "fid": float(fid.group(1)), "wall_s": wall,
-            "steps": f"{int(steps.group(1)):,}" if steps else "?", "folder": out / "data"}
+    return {
+        "train_s": float(trained.group(1)),
+        "fid": float(fid.group(1)),
+        "wall_s": wall,
+        "steps": f"{int(steps.group(1)):,}" if steps else "?",
+        "folder": out / "data",
+    }
 
 
 def rescore(folders: list[Path]) -> list[float]:
@@ -59,8 +69,8 @@ def rescore(folders: list[Path]) -> list[float]:
     current code's domain features (one extractor, one reference)."""
     from imgaug_gen.config import compose_config
     from imgaug_gen.data.manifest import load_folder_images, read_manifest
+    from imgaug_gen.jobs.train import build_datamodule
     from imgaug_gen.metrics import FidelityEvaluator, build_feature_extractor
-    from imgaug_gen.training import build_datamodule
 
     cfg = compose_config("train", ["experiment=digits_cgan", "run_dir=/tmp/unused"])
     dm = build_datamodule(cfg)
@@ -108,12 +118,30 @@ def main() -> None:
     rows = []
     for name, runs in results.items():
         b = best[name]
-        rows.append([name, b["steps"], b["train_s"], b["train_s"] / base,
-                     " / ".join(f"{r['fid']:.2f}" for r in runs),
-                     f"{rescored[name]:.2f}" if name in rescored else "-", b["wall_s"]])
-    print_table(f"make demo, side by side ({args.rounds} round(s), fastest training kept)",
-                ["recipe", "optimiser steps", "training s", f"training / {base_name.split(' (')[0]}",
-                 "folder FID (its printout)", "folder FID (current features)", "demo wall s"], rows)
+        rows.append(
+            [
+                name,
+                b["steps"],
+                b["train_s"],
+                b["train_s"] / base,
+                " / ".join(f"{r['fid']:.2f}" for r in runs),
+                f"{rescored[name]:.2f}" if name in rescored else "-",
+                b["wall_s"],
+            ]
+        )
+    print_table(
+        f"make demo, side by side ({args.rounds} round(s), fastest training kept)",
+        [
+            "recipe",
+            "optimiser steps",
+            "training s",
+            f"training / {base_name.split(' (')[0]}",
+            "folder FID (its printout)",
+            "folder FID (current features)",
+            "demo wall s",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

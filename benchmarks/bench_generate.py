@@ -109,19 +109,28 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
         if mode == "bare-forward":
             with torch.no_grad():
                 for i in range(0, n, 64):
-                    gen.net(torch.randn(len(labels[i:i + 64]), gen.config["z_dim"]), labels[i:i + 64])
+                    gen.net(torch.randn(len(labels[i : i + 64]), gen.config["z_dim"]), labels[i : i + 64])
         else:
             gen.sample(labels.numpy(), seeds=0, batch_size=64)
         seconds = time.perf_counter() - t
     else:
+        import imgaug_gen.data  # noqa: E401,F401  (the job's imports, done before the clock
         from imgaug_gen.config import compose_config
-        from imgaug_gen.pipeline import generate
-        import imgaug_gen.data, imgaug_gen.export  # noqa: E401,F401  (the job's imports, done before the clock
+        from imgaug_gen.jobs.generate import generate
         # starts as the other variants' are; the "process wall s" column counts every import)
 
-        cfg = compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", f"n_per_class={n_per_class}",
-                                          "include_real=false", "progress=false", *([] if durable else ["durable=false"]),
-                                          f"score={'true' if mode == 'generate+score' else 'false'}"])
+        cfg = compose_config(
+            "generate",
+            [
+                f"run_dir={run_dir}",
+                f"out_dir={out_dir}",
+                f"n_per_class={n_per_class}",
+                "include_real=false",
+                "progress=false",
+                *([] if durable else ["durable=false"]),
+                f"score={'true' if mode == 'generate+score' else 'false'}",
+            ],
+        )
         t = time.perf_counter()
         generate(cfg)
         seconds = time.perf_counter() - t
@@ -138,10 +147,12 @@ def fs_costs(folder: Path, n: int = 2000) -> list[list]:
         os.write(fd, b"x" * 300)
         os.close(fd)
 
-    ops = [("create (O_CREAT|O_EXCL) + close", lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL))),
-           ("open + write 300 B + close", write),
-           ("rename", lambda p: os.replace(p, p + ".png")),
-           ("unlink", lambda p: os.unlink(p + ".png"))]
+    ops = [
+        ("create (O_CREAT|O_EXCL) + close", lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL))),
+        ("open + write 300 B + close", write),
+        ("rename", lambda p: os.replace(p, p + ".png")),
+        ("unlink", lambda p: os.unlink(p + ".png")),
+    ]
     rows = []
     for label, op in ops:
         t, k = time.perf_counter(), os.times().system
@@ -157,9 +168,13 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--before", metavar="REV", help="also run the writer and generate as at this git revision")
-    p.add_argument("--dir", type=Path, default=HERE.parent / "bench_out" / "bench_generate",
-                   help="where the generated folders (and the file-system probe) go, in a fresh temporary "
-                        "subfolder removed afterwards; default: bench_out/bench_generate")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=HERE.parent / "bench_out" / "bench_generate",
+        help="where the generated folders (and the file-system probe) go, in a fresh temporary "
+        "subfolder removed afterwards; default: bench_out/bench_generate",
+    )
     p.add_argument("--worker", nargs=4, metavar=("MODE", "RUN", "OUT", "N"))
     args = p.parse_args()
     if args.worker:
@@ -168,8 +183,18 @@ def main():
         return
     rows, results, per_round = [], {}, []
     args.dir.mkdir(parents=True, exist_ok=True)
-    variants = [(m, m, None) for m in ("bare-forward", "sample()", "files only", "files only, durable=false",
-                                       "generate", "generate, durable=false", "generate+score")]
+    variants = [
+        (m, m, None)
+        for m in (
+            "bare-forward",
+            "sample()",
+            "files only",
+            "files only, durable=false",
+            "generate",
+            "generate, durable=false",
+            "generate+score",
+        )
+    ]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         make_run(tmp / "run", args.size)
@@ -180,13 +205,28 @@ def main():
         for rnd in range(args.rounds):
             this_round = {}
             for i, (name, mode, tree) in enumerate(variants):
-                run_env = env if tree is None else {
-                    **env, "PYTHONPATH": os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])}
+                run_env = (
+                    env
+                    if tree is None
+                    else {**env, "PYTHONPATH": os.pathsep.join([str(tree), env.get("PYTHONPATH", "")])}
+                )
                 t = time.perf_counter()
                 run = tmp / ("run" if tree is None else "run_v1")
-                out = subprocess.run([sys.executable, __file__, "--worker", mode, str(run),
-                                      str(tmp / f"out_{rnd}_{i}"), str(args.n_per_class)],
-                                     capture_output=True, text=True, env=run_env, cwd=tree or HERE.parent)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        mode,
+                        str(run),
+                        str(tmp / f"out_{rnd}_{i}"),
+                        str(args.n_per_class),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=run_env,
+                    cwd=tree or HERE.parent,
+                )
                 wall = time.perf_counter() - t
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 if not line:
@@ -202,26 +242,39 @@ def main():
     base = results["bare-forward"]["seconds"]
     for row in rows:
         row.insert(4, row[2] / base)
-    print_table(f"Generation of {10 * args.n_per_class} images ({args.size}px cGAN, CPU; fastest of "
-                f"{args.rounds} alternating rounds)",
-                ["variant", "images", "job s", "images/s", "time / bare", "process wall s", "peak RSS MiB"], rows)
-    print(f"\ndurability (fsync of every file, folder and manifest flush): generate {results['generate']['seconds']:.2f} s "
-          f"vs {results['generate, durable=false']['seconds']:.2f} s without, "
-          f"{results['generate']['seconds'] / results['generate, durable=false']['seconds']:.2f}x; writer alone "
-          f"{results['files only']['seconds'] / results['files only, durable=false']['seconds']:.2f}x")
-    print(f"generate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
-          f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}; "
-          f"generate / bare forward of each round (same round, side by side): "
-          f"{', '.join(f'{x:.2f}' for x in per_round)}")
+    print_table(
+        f"Generation of {10 * args.n_per_class} images ({args.size}px cGAN, CPU; fastest of "
+        f"{args.rounds} alternating rounds)",
+        ["variant", "images", "job s", "images/s", "time / bare", "process wall s", "peak RSS MiB"],
+        rows,
+    )
+    print(
+        "\ndurability (fsync of every file, folder and manifest flush): "
+        f"generate {results['generate']['seconds']:.2f} s "
+        f"vs {results['generate, durable=false']['seconds']:.2f} s without, "
+        f"{results['generate']['seconds'] / results['generate, durable=false']['seconds']:.2f}x; writer alone "
+        f"{results['files only']['seconds'] / results['files only, durable=false']['seconds']:.2f}x"
+    )
+    print(
+        f"generate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
+        f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}; "
+        f"generate / bare forward of each round (same round, side by side): "
+        f"{', '.join(f'{x:.2f}' for x in per_round)}"
+    )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        print_table(f"\nThe file system under {args.dir}, per file (2,000 files)",
-                    ["operation", "wall ms", "kernel CPU ms"], fs_costs(Path(tmp)))
+        print_table(
+            f"\nThe file system under {args.dir}, per file (2,000 files)",
+            ["operation", "wall ms", "kernel CPU ms"],
+            fs_costs(Path(tmp)),
+        )
     if args.before:
         then = {m: results[f"{m} (git {args.before})"]["seconds"] for m in ("bare-forward", "files only", "generate")}
-        print(f"at git {args.before}: generate / its bare forward = {then['generate'] / then['bare-forward']:.2f}; "
-              f"now / then: bare forward {base / then['bare-forward']:.2f}, files only "
-              f"{results['files only']['seconds'] / then['files only']:.2f}, generate "
-              f"{results['generate']['seconds'] / then['generate']:.2f}")
+        print(
+            f"at git {args.before}: generate / its bare forward = {then['generate'] / then['bare-forward']:.2f}; "
+            f"now / then: bare forward {base / then['bare-forward']:.2f}, files only "
+            f"{results['files only']['seconds'] / then['files only']:.2f}, generate "
+            f"{results['generate']['seconds'] / then['generate']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -21,22 +21,37 @@ import sys
 import time
 from pathlib import Path
 
+from bench_generate import make_run
+
 import _common  # noqa: F401
 from _common import peak_rss_mib, print_table
-from bench_generate import make_run
 
 HERE = Path(__file__).resolve().parent
 
 
 def child(run_dir: str, out_dir: str, n_per_class: int) -> None:
     from imgaug_gen.config import compose_config
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     t = time.perf_counter()
-    m = generate(compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", f"n_per_class={n_per_class}",
-                                             "include_real=false", "progress=false", "score=true"]))
-    print(json.dumps({"seconds": time.perf_counter() - t, "rss_mib": peak_rss_mib(), "n": m["n_synthetic"],
-                      "fid": m.get("fid")}))
+    m = generate(
+        compose_config(
+            "generate",
+            [
+                f"run_dir={run_dir}",
+                f"out_dir={out_dir}",
+                f"n_per_class={n_per_class}",
+                "include_real=false",
+                "progress=false",
+                "score=true",
+            ],
+        )
+    )
+    print(
+        json.dumps(
+            {"seconds": time.perf_counter() - t, "rss_mib": peak_rss_mib(), "n": m["n_synthetic"], "fid": m.get("fid")}
+        )
+    )
 
 
 def _cmd(run_dir, out_dir, n):
@@ -54,8 +69,11 @@ def consistent(out_dir: Path) -> bool:
     recs = read_manifest(out_dir)
     ids = [r["id"] for r in recs]
     files = sorted(p.relative_to(out_dir).as_posix() for p in (out_dir / "train").rglob("*") if p.is_file())
-    return len(ids) == len(set(ids)) and files == sorted(r["file"] for r in recs) and \
-        not any(".tmp" in p.name for p in out_dir.rglob("*"))
+    return (
+        len(ids) == len(set(ids))
+        and files == sorted(r["file"] for r in recs)
+        and not any(".tmp" in p.name for p in out_dir.rglob("*"))
+    )
 
 
 def main() -> None:
@@ -77,8 +95,11 @@ def main() -> None:
     big = run_child(run_dir, root / "big", n_big)
     for name, r in (("generate 1/5", small), ("generate full", big)):
         rows.append([name, r["n"], round(r["seconds"], 1), round(r["n"] / r["seconds"]), round(r["rss_mib"])])
-    print_table("generate.py, 16 px cGAN, score=true (streamed FID/KID)",
-                ["job", "images", "seconds", "images/s", "peak RSS MiB"], rows)
+    print_table(
+        "generate.py, 16 px cGAN, score=true (streamed FID/KID)",
+        ["job", "images", "seconds", "images/s", "peak RSS MiB"],
+        rows,
+    )
     print(f"peak RSS ratio full / (1/5): {big['rss_mib'] / small['rss_mib']:.2f} (flat = ~1; 5x the images)")
 
     killed = root / "killed"
@@ -92,13 +113,30 @@ def main() -> None:
     proc.wait()
     done_before = manifest.read_bytes().count(b"\n")
     resumed = run_child(run_dir, killed, n_big)
-    same = sorted((big_dir := root / "big").joinpath("manifest.jsonl").read_text().splitlines()) == \
-        sorted(manifest.read_text().splitlines())
-    print_table("kill at 50 % (SIGKILL), then the same command again",
-                ["lines at kill", "resume seconds", "uninterrupted seconds", "resume / uninterrupted",
-                 "folder consistent", "manifest = uninterrupted"],
-                [[done_before, round(resumed["seconds"], 1), round(big["seconds"], 1),
-                  round(resumed["seconds"] / big["seconds"], 2), consistent(killed), same]])
+    same = sorted((big_dir := root / "big").joinpath("manifest.jsonl").read_text().splitlines()) == sorted(
+        manifest.read_text().splitlines()
+    )
+    print_table(
+        "kill at 50 % (SIGKILL), then the same command again",
+        [
+            "lines at kill",
+            "resume seconds",
+            "uninterrupted seconds",
+            "resume / uninterrupted",
+            "folder consistent",
+            "manifest = uninterrupted",
+        ],
+        [
+            [
+                done_before,
+                round(resumed["seconds"], 1),
+                round(big["seconds"], 1),
+                round(resumed["seconds"] / big["seconds"], 2),
+                consistent(killed),
+                same,
+            ]
+        ],
+    )
     del big_dir
 
 

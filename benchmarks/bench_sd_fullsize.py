@@ -6,7 +6,7 @@ freed as soon as the stage is done, so the peak is one UNet plus small things:
 
 1. the text encoder(s) (SD-1.5: CLIP ViT-L; SDXL: CLIP ViT-L + OpenCLIP bigG with projection):
    encode the class prompt and the empty prompt with the family's encoding
-   (``imgaug_gen.generators.sd_family``: SDXL = penultimate hidden states concatenated + pooled
+   (``imgaug_gen.generators.sd.family``: SDXL = penultimate hidden states concatenated + pooled
    projection), then freed;
 2. the VAE: encode the training images to latents (kept for decoding);
 3. the UNet: LoRA on the attention projections (the ``sd_lora`` kind's ``make_lora_config`` and
@@ -37,51 +37,115 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import peak_rss_mib, print_table  # noqa: E402  (sets HF_HUB_OFFLINE=1)
-
 import torch  # noqa: E402
+
+from _common import peak_rss_mib, print_table  # noqa: E402  (sets HF_HUB_OFFLINE=1)
 
 TOKENIZER_DIR = ROOT / "tests" / "assets" / "tiny_clip_tokenizer"  # small BPE vocabulary; ids < 49408
 
 # -- published configs (config.json of runwayml/stable-diffusion-v1-5 and
 #    stabilityai/stable-diffusion-xl-base-1.0; keys that are the class defaults are left out) ---------
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1)
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    mid_block_scale_factor=1,
+)
 SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_embed_type_num_heads=64,
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,  # 6 * 256 + 1280 (pooled bigG)
-    norm_num_groups=32, norm_eps=1e-5, act_fn="silu", downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
-    mid_block_scale_factor=1)
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 * 256 + 1280 (pooled bigG)
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    mid_block_scale_factor=1,
+)
 VAE = dict(  # SD-1.5 and SDXL share the architecture; SDXL's scaling factor is 0.13025
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    act_fn="silu")
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    act_fn="silu",
+)
 CLIP_VIT_L = dict(  # SD-1.5 text_encoder, SDXL text_encoder
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5)
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    layer_norm_eps=1e-5,
+)
 OPENCLIP_BIGG = dict(  # SDXL text_encoder_2 (CLIPTextModelWithProjection)
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5)
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 steps_offset=1, prediction_type="epsilon")
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+    layer_norm_eps=1e-5,
+)
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 
 ARCH = {
-    "sd15": {"family": "sd", "unet": SD15_UNET, "vae": dict(VAE, sample_size=512, scaling_factor=0.18215),
-             "encoders": [("CLIPTextModel", CLIP_VIT_L)], "scheduler": "PNDMScheduler",
-             "sched_extra": dict(skip_prk_steps=True, set_alpha_to_one=False, clip_sample=False)},
-    "sdxl": {"family": "sdxl", "unet": SDXL_UNET,
-             "vae": dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-             "encoders": [("CLIPTextModel", CLIP_VIT_L), ("CLIPTextModelWithProjection", OPENCLIP_BIGG)],
-             "scheduler": "EulerDiscreteScheduler",
-             "sched_extra": dict(timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)},
+    "sd15": {
+        "family": "sd",
+        "unet": SD15_UNET,
+        "vae": dict(VAE, sample_size=512, scaling_factor=0.18215),
+        "encoders": [("CLIPTextModel", CLIP_VIT_L)],
+        "scheduler": "PNDMScheduler",
+        "sched_extra": dict(skip_prk_steps=True, set_alpha_to_one=False, clip_sample=False),
+    },
+    "sdxl": {
+        "family": "sdxl",
+        "unet": SDXL_UNET,
+        "vae": dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        "encoders": [("CLIPTextModel", CLIP_VIT_L), ("CLIPTextModelWithProjection", OPENCLIP_BIGG)],
+        "scheduler": "EulerDiscreteScheduler",
+        "sched_extra": dict(timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False),
+    },
 }
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,8 +173,16 @@ class Bench:
         return text
 
     def row(self, family, what, params=None, seconds=None, note=""):
-        self.rows.append([family, what, "" if params is None else f"{params / 1e6:,.1f} M",
-                          "" if seconds is None else f"{seconds:.2f} s", self.memory(), note])
+        self.rows.append(
+            [
+                family,
+                what,
+                "" if params is None else f"{params / 1e6:,.1f} M",
+                "" if seconds is None else f"{seconds:.2f} s",
+                self.memory(),
+                note,
+            ]
+        )
 
     @contextlib.contextmanager
     def timed(self):
@@ -126,8 +198,13 @@ class Bench:
         with self.timed() as t, torch.device(self.device):
             torch.manual_seed(0)
             module = factory().to(dtype=dtype).eval().requires_grad_(False)
-        self.row(family, f"build {name}", sum(p.numel() for p in module.parameters()), t["s"],
-                 f"random init, {str(dtype).removeprefix('torch.')}")
+        self.row(
+            family,
+            f"build {name}",
+            sum(p.numel() for p in module.parameters()),
+            t["s"],
+            f"random init, {str(dtype).removeprefix('torch.')}",
+        )
         return module
 
 
@@ -136,21 +213,35 @@ def encode_prompts(b: Bench, name: str, spec: dict, fam, n: int):
     import transformers
 
     tok = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
-    encoders = [b.build(name, f"text encoder {i + 1} ({cls}, {cfg['hidden_size']} wide)",
-                        lambda cls=cls, cfg=cfg: getattr(transformers, cls)(transformers.CLIPTextConfig(
-                            **cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id)), b.dtype)
-                for i, (cls, cfg) in enumerate(spec["encoders"])]
+    encoders = [
+        b.build(
+            name,
+            f"text encoder {i + 1} ({cls}, {cfg['hidden_size']} wide)",
+            lambda cls=cls, cfg=cfg: getattr(transformers, cls)(
+                transformers.CLIPTextConfig(
+                    **cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+                )
+            ),
+            b.dtype,
+        )
+        for i, (cls, cfg) in enumerate(spec["encoders"])
+    ]
 
     def ids(text):
-        return tok([text] * n, padding="max_length", max_length=77, truncation=True,
-                   return_tensors="pt").input_ids.to(b.device)
+        return tok([text] * n, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(
+            b.device
+        )
 
     with b.timed() as t, torch.no_grad():
         cond = fam.encode(encoders, [ids("a photo of a golden retriever")] * len(encoders))
         uncond = fam.encode(encoders, [ids("")] * len(encoders))
-    b.row(name, "encode prompt + empty prompt", None, t["s"], f"hidden {tuple(cond[0].shape)}" +
-          ("" if cond[1] is None else f", pooled {tuple(cond[1].shape)}"))
+    b.row(
+        name,
+        "encode prompt + empty prompt",
+        None,
+        t["s"],
+        f"hidden {tuple(cond[0].shape)}" + ("" if cond[1] is None else f", pooled {tuple(cond[1].shape)}"),
+    )
     del encoders
     gc.collect()
     return cond, uncond
@@ -160,7 +251,7 @@ def lora_step(b: Bench, name: str, unet, latents, cond, fam, noise_scheduler):
     """Stage 3a: LoRA on the UNet and one AdamW step of the epsilon MSE."""
     from diffusers.training_utils import cast_training_params
 
-    from imgaug_gen.generators.sd_lora import UNET_TARGETS, make_lora_config
+    from imgaug_gen.generators.sd.lora import UNET_TARGETS, make_lora_config
 
     unet.add_adapter(make_lora_config(b.args.rank, b.args.rank, 0.0, UNET_TARGETS))
     cast_training_params(unet, dtype=torch.float32)
@@ -168,8 +259,13 @@ def lora_step(b: Bench, name: str, unet, latents, cond, fam, noise_scheduler):
         unet.enable_gradient_checkpointing()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    b.row(name, f"LoRA r{b.args.rank} on {'/'.join(UNET_TARGETS)}", sum(p.numel() for p in params), None,
-          "trainable, float32")
+    b.row(
+        name,
+        f"LoRA r{b.args.rank} on {'/'.join(UNET_TARGETS)}",
+        sum(p.numel() for p in params),
+        None,
+        "trainable, float32",
+    )
     opt = torch.optim.AdamW(params, lr=1e-4)
     size = b.args.size
     for step in range(b.args.steps):
@@ -185,9 +281,13 @@ def lora_step(b: Bench, name: str, unet, latents, cond, fam, noise_scheduler):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        b.row(name, f"train step {step + 1} (batch {len(latents)}, {size} px, latents "
-              f"{latents.shape[-1]}x{latents.shape[-1]})", None, t["s"],
-              f"loss {loss.item():.3f}" + (", grad ckpt" if b.args.gradient_checkpointing else ""))
+        b.row(
+            name,
+            f"train step {step + 1} (batch {len(latents)}, {size} px, latents {latents.shape[-1]}x{latents.shape[-1]})",
+            None,
+            t["s"],
+            f"loss {loss.item():.3f}" + (", grad ckpt" if b.args.gradient_checkpointing else ""),
+        )
     unet.eval()
 
 
@@ -200,16 +300,28 @@ def sample(b: Bench, name: str, spec: dict, fam, unet, vae, cond, uncond, schedu
     pipe = fam.pipeline_class()(vae=vae, unet=unet, scheduler=scheduler, **slots, **fam.pipeline_kwargs({}))
     pipe.set_progress_bar_config(disable=True)
     with b.timed() as t, torch.no_grad(), b.autocast():  # SDXL: a float32 VAE decodes half-precision latents
-        image = pipe(height=b.args.size, width=b.args.size, num_inference_steps=2, guidance_scale=5.0,
-                     generator=torch.Generator(device=b.device).manual_seed(0), output_type="np", **kw).images
-    b.row(name, f"sample: 2 {spec['scheduler']} steps, CFG, VAE decode", None, t["s"],
-          f"image {tuple(image.shape[1:])}, finite {bool(torch.isfinite(torch.from_numpy(image)).all())}")
+        image = pipe(
+            height=b.args.size,
+            width=b.args.size,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            generator=torch.Generator(device=b.device).manual_seed(0),
+            output_type="np",
+            **kw,
+        ).images
+    b.row(
+        name,
+        f"sample: 2 {spec['scheduler']} steps, CFG, VAE decode",
+        None,
+        t["s"],
+        f"image {tuple(image.shape[1:])}, finite {bool(torch.isfinite(torch.from_numpy(image)).all())}",
+    )
 
 
 def run_family(b: Bench, name: str) -> None:
     import diffusers
 
-    from imgaug_gen.generators.sd_family import FAMILIES
+    from imgaug_gen.generators.sd.family import FAMILIES
 
     spec, n = ARCH[name], b.args.batch
     fam = FAMILIES[spec["family"]]
@@ -222,8 +334,7 @@ def run_family(b: Bench, name: str) -> None:
         pixels = torch.rand(n, 3, b.args.size, b.args.size, device=b.device, dtype=vae_dtype) * 2 - 1
         latents = (vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor).to(b.dtype)
     b.row(name, "VAE encode", None, t["s"], f"latents {tuple(latents.shape)}")
-    unet = b.build(name, "UNet (UNet2DConditionModel)", lambda: diffusers.UNet2DConditionModel(**spec["unet"]),
-                   b.dtype)
+    unet = b.build(name, "UNet (UNet2DConditionModel)", lambda: diffusers.UNet2DConditionModel(**spec["unet"]), b.dtype)
     sched_cfg = dict(SCHEDULER, **spec["sched_extra"])
     lora_step(b, name, unet, latents, cond, fam, diffusers.DDPMScheduler.from_config(SCHEDULER))
     sample(b, name, spec, fam, unet, vae, cond, uncond, getattr(diffusers, spec["scheduler"]).from_config(sched_cfg))
@@ -255,9 +366,12 @@ def main() -> None:
     for name in args.family:
         run_family(b, name)
     where = torch.cuda.get_device_name() if b.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print_table(f"Full-size SD architectures, random weights ({where}, torch {torch.__version__}, frozen "
-                f"{args.dtype}, {args.size} px)", ["model", "what", "parameters", "time", "peak RSS so far", "note"],
-                b.rows)
+    print_table(
+        f"Full-size SD architectures, random weights ({where}, torch {torch.__version__}, frozen "
+        f"{args.dtype}, {args.size} px)",
+        ["model", "what", "parameters", "time", "peak RSS so far", "note"],
+        b.rows,
+    )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -52,10 +52,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import peak_rss_mib, print_table  # noqa: E402  (sets HF_HUB_OFFLINE=1)
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from _common import peak_rss_mib, print_table  # noqa: E402  (sets HF_HUB_OFFLINE=1)
 
 
 @functools.cache
@@ -99,31 +99,63 @@ def _timer_callback():
 def _train_cfg(pretrained: Path, *, model: str, image_size: int, batch: int, checkpointing: bool, rank: int):
     from imgaug_gen.config import compose_config
 
-    return compose_config("train", [
-        f"model={model}", f"model.pretrained={pretrained}", f"model.lora_rank={rank}",
-        f"model.gradient_checkpointing={str(checkpointing).lower()}", "data=digits", "data.channels=3",
-        f"data.image_size={image_size}", f"data.batch_size={batch}", "run_dir=/tmp/bench_sd_lora"])
+    return compose_config(
+        "train",
+        [
+            f"model={model}",
+            f"model.pretrained={pretrained}",
+            f"model.lora.rank={rank}",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+            "data=digits",
+            "data.channels=3",
+            f"data.image_size={image_size}",
+            f"data.batch_size={batch}",
+            "run_dir=/tmp/bench_sd_lora",
+        ],
+    )
 
 
-def lightning_run(pretrained: Path, *, image_size: int, batch: int, steps: int, accelerator: str, precision: str,
-                  checkpointing: bool, rank: int = 4, model: str = "sd_lora", batches: list | None = None,
-                  timer=None):
+def lightning_run(
+    pretrained: Path,
+    *,
+    image_size: int,
+    batch: int,
+    steps: int,
+    accelerator: str,
+    precision: str,
+    checkpointing: bool,
+    rank: int = 4,
+    model: str = "sd_lora",
+    batches: list | None = None,
+    timer=None,
+):
     """(timer, module) of a fresh SDLoRAModule trained ``steps`` steps through a real Trainer, on
     the datamodule's loader or, given ``batches``, on that fixed list of (pixels, labels); ``timer``:
     the timing callback (default a StepTimer)."""
     import pytorch_lightning as pl
 
-    from imgaug_gen.training import build_datamodule, build_module
+    from imgaug_gen.jobs.train import build_datamodule, build_module
 
-    cfg = _train_cfg(pretrained, model=model, image_size=image_size, batch=batch, checkpointing=checkpointing,
-                     rank=rank)
+    cfg = _train_cfg(
+        pretrained, model=model, image_size=image_size, batch=batch, checkpointing=checkpointing, rank=rank
+    )
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
     timer = timer or _timer_callback()
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps, logger=False,
-                         log_every_n_steps=int(cfg.trainer.log_every_n_steps),  # train.py's default (20)
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        logger=False,
+        log_every_n_steps=int(cfg.trainer.log_every_n_steps),  # train.py's default (20)
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     if batches is None:
         trainer.fit(module, datamodule=dm)
     else:
@@ -131,12 +163,30 @@ def lightning_run(pretrained: Path, *, image_size: int, batch: int, steps: int, 
     return timer, module
 
 
-def train_steps(pretrained: Path, *, image_size: int, batch: int, steps: int, accelerator: str, precision: str,
-                checkpointing: bool, rank: int = 4, model: str = "sd_lora") -> tuple[float, object]:
+def train_steps(
+    pretrained: Path,
+    *,
+    image_size: int,
+    batch: int,
+    steps: int,
+    accelerator: str,
+    precision: str,
+    checkpointing: bool,
+    rank: int = 4,
+    model: str = "sd_lora",
+) -> tuple[float, object]:
     """Median seconds per optimiser step (warm-up steps skipped) of a fresh SDLoRAModule."""
-    timer, module = lightning_run(pretrained, image_size=image_size, batch=batch, steps=steps,
-                                  accelerator=accelerator, precision=precision, checkpointing=checkpointing,
-                                  rank=rank, model=model)
+    timer, module = lightning_run(
+        pretrained,
+        image_size=image_size,
+        batch=batch,
+        steps=steps,
+        accelerator=accelerator,
+        precision=precision,
+        checkpointing=checkpointing,
+        rank=rank,
+        model=model,
+    )
     return statistics.median(timer.times[2:] or timer.times), module
 
 
@@ -149,8 +199,11 @@ def _model_defaults() -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "sd_lora.yaml")
-    return {k: cfg[k] for k in ("lr", "betas", "weight_decay", "eps", "lr_scheduler", "lr_warmup_steps",
-                                "lora_target_modules", "prompt_template")}
+    return {
+        **{k: cfg.optim[k] for k in ("lr", "betas", "weight_decay", "eps", "lr_scheduler", "lr_warmup_steps")},
+        "lora_target_modules": cfg.lora.target_modules,
+        "prompt_template": cfg.prompts.template,
+    }
 
 
 def _plain_lora_training(unet, rank: int, num_steps: int):
@@ -160,26 +213,39 @@ def _plain_lora_training(unet, rank: int, num_steps: int):
     from peft import LoraConfig
 
     d = _model_defaults()
-    unet_lora_config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                  target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    unet_lora_config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+    )
     assert sorted(unet_lora_config.target_modules) == sorted(d["lora_target_modules"])
     unet.add_adapter(unet_lora_config)
     cast_training_params(unet, dtype=torch.float32)  # the trained weights in float32 (a no-op at 32-true)
     lora_layers = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora_layers, lr=d["lr"], betas=tuple(d["betas"]), weight_decay=d["weight_decay"],
-                                  eps=d["eps"])
-    lr_scheduler = get_scheduler(d["lr_scheduler"], optimizer=optimizer, num_warmup_steps=d["lr_warmup_steps"],
-                                 num_training_steps=num_steps)
+    optimizer = torch.optim.AdamW(
+        lora_layers, lr=d["lr"], betas=tuple(d["betas"]), weight_decay=d["weight_decay"], eps=d["eps"]
+    )
+    lr_scheduler = get_scheduler(
+        d["lr_scheduler"], optimizer=optimizer, num_warmup_steps=d["lr_warmup_steps"], num_training_steps=num_steps
+    )
     return optimizer, lr_scheduler
 
 
 def _tokenize_prompt(tokenizer, prompt):
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
-def _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, encoder_hidden_states,
-                added_cond_kwargs=None, weight_dtype=torch.float32) -> float:
+def _plain_step(
+    unet,
+    vae,
+    noise_scheduler,
+    optimizer,
+    lr_scheduler,
+    pixel_values,
+    encoder_hidden_states,
+    added_cond_kwargs=None,
+    weight_dtype=torch.float32,
+) -> float:
     """One step of the scripts' loop body: VAE encode, noise, timesteps, add_noise, UNet, MSE, step."""
     import torch.nn.functional as F
 
@@ -193,8 +259,9 @@ def _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_value
         target = noise
     else:
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                      return_dict=False)[0]
+    model_pred = unet(
+        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+    )[0]
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     loss.backward()
     optimizer.step()
@@ -226,7 +293,7 @@ def _interleaved_timer(loops: dict, batches: list):
             now = time.perf_counter()
             if self.resumed is not None:
                 self.times["lightning"].append(now - self.resumed)
-            for k in (list(loops) if batch_idx % 2 == 0 else list(reversed(loops))):
+            for k in list(loops) if batch_idx % 2 == 0 else list(reversed(loops)):
                 t0 = time.perf_counter()
                 loops[k](*next(self.fetch[k]))
                 _sync()
@@ -280,8 +347,7 @@ def sdxl_encode_prompt(text_encoders, tokenizers, prompt):
     return torch.concat(prompt_embeds_list, dim=-1), pooled_prompt_embeds.view(bs_embed, -1)
 
 
-def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4,
-                    resolution: int = 32):
+def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, rank: int = 4, resolution: int = 32):
     """SDXL, train_dreambooth_lora_sdxl.py's shape, set up for ``len(batches)`` steps; returns its loop
     body ``step(pixel_values, labels)``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -310,16 +376,25 @@ def plain_sdxl_lora(pretrained: Path, batches: list, class_names: list[str], *, 
     template = _model_defaults()["prompt_template"]
     prompts = [template.format(class_name=c.replace("_", " ")) for c in class_names]
     with torch.no_grad():
-        prompt_embeds, unet_add_text_embeds = sdxl_encode_prompt([text_encoder_one, text_encoder_two],
-                                                            [tokenizer_one, tokenizer_two], prompts)
+        prompt_embeds, unet_add_text_embeds = sdxl_encode_prompt(
+            [text_encoder_one, text_encoder_two], [tokenizer_one, tokenizer_two], prompts
+        )
     unet.train()
 
     def step(pixel_values, labels):
         # every image: original size = the resolution, no crop (the module's defaults)
         add_time_ids = torch.cat([compute_time_ids((resolution, resolution), (0, 0)) for _ in labels])
         unet_added_conditions = {"time_ids": add_time_ids, "text_embeds": unet_add_text_embeds[labels]}
-        _plain_step(unet, vae, noise_scheduler, optimizer, lr_scheduler, pixel_values, prompt_embeds[labels],
-                    added_cond_kwargs=unet_added_conditions)
+        _plain_step(
+            unet,
+            vae,
+            noise_scheduler,
+            optimizer,
+            lr_scheduler,
+            pixel_values,
+            prompt_embeds[labels],
+            added_cond_kwargs=unet_added_conditions,
+        )
 
     return step
 
@@ -328,7 +403,7 @@ def module_without_trainer(pretrained: Path, *, image_size: int, batch: int, ran
     """The diagnostic contender: ``SDLoRAModule`` built as ``lightning_run`` builds it, trained in
     the plain loop without a Trainer (``training_step``, backward, the optimiser and lr scheduler
     of its ``configure_optimizers``, zero_grad); returns that loop body ``step(pixel_values, labels)``."""
-    from imgaug_gen.training import build_datamodule, build_module
+    from imgaug_gen.jobs.train import build_datamodule, build_module
 
     cfg = _train_cfg(pretrained, model=model, image_size=image_size, batch=batch, checkpointing=False, rank=rank)
     module = build_module(cfg, build_datamodule(cfg))
@@ -349,10 +424,9 @@ def module_without_trainer(pretrained: Path, *, image_size: int, batch: int, ran
 
 def fixed_batches(*, image_size: int, batch: int, n: int) -> tuple[list, list[str]]:
     """The first ``n`` batches of the digits (RGB) datamodule's training loader, and its class names."""
-    from imgaug_gen.training import build_datamodule
+    from imgaug_gen.jobs.train import build_datamodule
 
-    cfg = _train_cfg(Path("unused"), model="sd_lora", image_size=image_size, batch=batch, checkpointing=False,
-                     rank=4)
+    cfg = _train_cfg(Path("unused"), model="sd_lora", image_size=image_size, batch=batch, checkpointing=False, rank=4)
     dm = build_datamodule(cfg)
     batches = []
     while len(batches) < n:
@@ -366,15 +440,18 @@ def fixed_batches(*, image_size: int, batch: int, n: int) -> tuple[list, list[st
 def _ratio_ci(num: list[list[float]], den: list[list[float]], n_boot: int = 2000) -> tuple[float, float, float]:
     """median(num) / median(den) over all steps, and its 95 % interval from resampling whole rounds
     (the steps of one round share its load, so rounds, not steps, are the independent units)."""
-    ratio = lambda idx: (statistics.median(x for i in idx for x in num[i])  # noqa: E731
-                         / statistics.median(x for i in idx for x in den[i]))
+    ratio = lambda idx: (
+        statistics.median(x for i in idx for x in num[i])  # noqa: E731
+        / statistics.median(x for i in idx for x in den[i])
+    )
     rng = np.random.default_rng(0)
     boots = sorted(ratio(rng.integers(0, len(num), len(num))) for _ in range(n_boot))
     return ratio(range(len(num))), boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
 
 
-def bench_compare(steps: int, rounds: int, warmup: int = 3, batch_sizes: tuple[int, ...] = (4,),
-                  rank: int = 4) -> list[list]:
+def bench_compare(
+    steps: int, rounds: int, warmup: int = 3, batch_sizes: tuple[int, ...] = (4,), rank: int = 4
+) -> list[list]:
     """Lightning SDLoRAModule vs the plain loop (and the module without a Trainer), SD-1.x and SDXL, at
     each batch size: in each of ``rounds`` rounds, fresh contenders whose steps alternate one by one."""
     from tiny_sd import build_tiny_sd, build_tiny_sdxl
@@ -382,8 +459,9 @@ def bench_compare(steps: int, rounds: int, warmup: int = 3, batch_sizes: tuple[i
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, build, model, size, plain_fn in (
-                ("SD-1.x", build_tiny_sd, "sd_lora", 16, plain_sd_lora),
-                ("SDXL", build_tiny_sdxl, "sdxl_lora", 32, plain_sdxl_lora)):
+            ("SD-1.x", build_tiny_sd, "sd_lora", 16, plain_sd_lora),
+            ("SDXL", build_tiny_sdxl, "sdxl_lora", 32, plain_sdxl_lora),
+        ):
             pretrained = build(Path(tmp) / model)
             for batch in batch_sizes:
                 # warm-up + timed steps + 1: Lightning's iterations are timed from one batch start to the next
@@ -393,20 +471,37 @@ def bench_compare(steps: int, rounds: int, warmup: int = 3, batch_sizes: tuple[i
                 times: dict[str, list[list[float]]] = {"lightning": [], "plain": [], "module": []}
                 for _ in range(rounds):
                     torch.manual_seed(0)
-                    loops = {"plain": plain_fn(pretrained, batches, class_names, rank=rank, **extra),
-                             "module": module_without_trainer(pretrained, **kw)}
-                    timer, _ = lightning_run(pretrained, steps=len(batches), accelerator="cpu", precision="32-true",
-                                             checkpointing=False, batches=batches,
-                                             timer=_interleaved_timer(loops, batches), **kw)
+                    loops = {
+                        "plain": plain_fn(pretrained, batches, class_names, rank=rank, **extra),
+                        "module": module_without_trainer(pretrained, **kw),
+                    }
+                    timer, _ = lightning_run(
+                        pretrained,
+                        steps=len(batches),
+                        accelerator="cpu",
+                        precision="32-true",
+                        checkpointing=False,
+                        batches=batches,
+                        timer=_interleaved_timer(loops, batches),
+                        **kw,
+                    )
                     for k, t in timer.times.items():
-                        times[k].append(t[warmup:warmup + steps])
+                        times[k].append(t[warmup : warmup + steps])
                 ml, mp, mm = (statistics.median(x for r in times[k] for x in r) for k in times)
                 ratio, lo, hi = _ratio_ci(times["lightning"], times["plain"])
-                rows.append([f"{name}, tiny, {size} px, batch {batch}, LoRA r{rank}, 32-true", f"{ml * 1000:.1f}",
-                             f"{mp * 1000:.1f}", f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]",
-                             f"{'yes' if ratio <= 1.05 else 'NO'} / {'yes' if hi <= 1.05 else 'no'}",
-                             f"{mm * 1000:.1f}", f"{mm / mp:.3f}", f"{(ml - mm) * 1000:.2f}",
-                             f"{sum(map(len, times['lightning']))} each"])
+                rows.append(
+                    [
+                        f"{name}, tiny, {size} px, batch {batch}, LoRA r{rank}, 32-true",
+                        f"{ml * 1000:.1f}",
+                        f"{mp * 1000:.1f}",
+                        f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]",
+                        f"{'yes' if ratio <= 1.05 else 'NO'} / {'yes' if hi <= 1.05 else 'no'}",
+                        f"{mm * 1000:.1f}",
+                        f"{mm / mp:.3f}",
+                        f"{(ml - mm) * 1000:.2f}",
+                        f"{sum(map(len, times['lightning']))} each",
+                    ]
+                )
     return rows
 
 
@@ -418,12 +513,25 @@ def bench_cpu(steps: int) -> list[list]:
         pretrained = build_tiny_sd(Path(tmp) / "tiny_sd")
         module = None
         for batch, ckpt in ((4, False), (16, False), (16, True)):
-            t, module = train_steps(pretrained, image_size=16, batch=batch, steps=steps, accelerator="cpu",
-                                    precision="32-true", checkpointing=ckpt)
+            t, module = train_steps(
+                pretrained,
+                image_size=16,
+                batch=batch,
+                steps=steps,
+                accelerator="cpu",
+                precision="32-true",
+                checkpointing=ckpt,
+            )
             n_lora = sum(p.numel() for p in module.lora_parameters())
-            rows.append([f"train step, tiny SD, 16 px, batch {batch}, grad ckpt {'on' if ckpt else 'off'}",
-                         f"{t * 1000:.0f} ms/step", f"{1 / t:.1f} steps/s",
-                         f"{peak_rss_mib():.0f} MiB peak RSS", f"{n_lora} LoRA params"])
+            rows.append(
+                [
+                    f"train step, tiny SD, 16 px, batch {batch}, grad ckpt {'on' if ckpt else 'off'}",
+                    f"{t * 1000:.0f} ms/step",
+                    f"{1 / t:.1f} steps/s",
+                    f"{peak_rss_mib():.0f} MiB peak RSS",
+                    f"{n_lora} LoRA params",
+                ]
+            )
         gen = module.to_generator()
         labels = np.arange(16) % gen.num_classes
         for mb in (1, 8):
@@ -431,8 +539,15 @@ def bench_cpu(steps: int) -> list[list]:
             t0 = time.perf_counter()
             gen.sample(labels, seeds=0, num_inference_steps=10, micro_batch=mb)
             t = (time.perf_counter() - t0) / len(labels)
-            rows.append([f"sample, tiny SD, 16 px, 10 steps, CFG, micro_batch {mb}", f"{t * 1000:.0f} ms/image",
-                         f"{1 / t:.1f} images/s", "", ""])
+            rows.append(
+                [
+                    f"sample, tiny SD, 16 px, 10 steps, CFG, micro_batch {mb}",
+                    f"{t * 1000:.0f} ms/image",
+                    f"{1 / t:.1f} images/s",
+                    "",
+                    "",
+                ]
+            )
     return rows
 
 
@@ -445,25 +560,64 @@ def build_sd15_architecture(path: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4)
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
     # the tests' small BPE vocabulary padded to CLIP's 49408 ids; prompts use only the first few hundred
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = PNDMScheduler.from_config(dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler.from_config(
+        dict(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            clip_sample=False,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(torch.float16).save_pretrained(str(path))
     return path
 
@@ -477,12 +631,26 @@ def bench_gpu(steps: int) -> list[list]:
             del module
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            t, module = train_steps(pretrained, image_size=512, batch=batch, steps=steps, accelerator="gpu",
-                                    precision="bf16-mixed", checkpointing=ckpt, rank=16)
-            rows.append([f"train step, SD-1.5 arch, 512 px, batch {batch}, bf16-mixed, LoRA r16, grad ckpt "
-                         f"{'on' if ckpt else 'off'}", f"{t * 1000:.0f} ms/step", f"{1 / t:.2f} steps/s",
-                         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB cuda max allocated",
-                         f"{batch / t:.1f} images/s"])
+            t, module = train_steps(
+                pretrained,
+                image_size=512,
+                batch=batch,
+                steps=steps,
+                accelerator="gpu",
+                precision="bf16-mixed",
+                checkpointing=ckpt,
+                rank=16,
+            )
+            rows.append(
+                [
+                    f"train step, SD-1.5 arch, 512 px, batch {batch}, bf16-mixed, LoRA r16, grad ckpt "
+                    f"{'on' if ckpt else 'off'}",
+                    f"{t * 1000:.0f} ms/step",
+                    f"{1 / t:.2f} steps/s",
+                    f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB cuda max allocated",
+                    f"{batch / t:.1f} images/s",
+                ]
+            )
         gen = module.to_generator()
         labels = np.arange(4) % gen.num_classes
         for mb in (1, 4):
@@ -492,25 +660,44 @@ def bench_gpu(steps: int) -> list[list]:
             gen.sample(labels, seeds=0, num_inference_steps=25, micro_batch=mb)
             _sync()
             t = (time.perf_counter() - t0) / len(labels)
-            rows.append([f"sample, SD-1.5 arch, 512 px, 25 PNDM steps, CFG, micro_batch {mb} (training dtypes)",
-                         f"{t:.2f} s/image", f"{1 / t:.2f} images/s",
-                         f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB cuda max allocated", ""])
+            rows.append(
+                [
+                    f"sample, SD-1.5 arch, 512 px, 25 PNDM steps, CFG, micro_batch {mb} (training dtypes)",
+                    f"{t:.2f} s/image",
+                    f"{1 / t:.2f} images/s",
+                    f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB cuda max allocated",
+                    "",
+                ]
+            )
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model's ops are too small to gain from more, and "
-                        "on a shared machine two threads per op can be 100x slower; 0 = torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the tiny model's ops are too small to gain from more, and "
+        "on a shared machine two threads per op can be 100x slower; 0 = torch's choice)",
+    )
     p.add_argument("--train-steps", type=int, default=8)
     p.add_argument("--skip-gpu", action="store_true")
-    p.add_argument("--compare-rounds", type=int, default=4,
-                   help="rounds of the Lightning vs plain diffusers + peft comparison (each runs both, alternating)")
+    p.add_argument(
+        "--compare-rounds",
+        type=int,
+        default=4,
+        help="rounds of the Lightning vs plain diffusers + peft comparison (each runs both, alternating)",
+    )
     p.add_argument("--compare-steps", type=int, default=20, help="timed steps per contender and round")
     p.add_argument("--compare-warmup", type=int, default=3, help="steps dropped at the start of every run")
-    p.add_argument("--compare-batches", type=int, nargs="+", default=[4, 16],
-                   help="batch sizes of the comparison (Lightning's loop costs the same per step at any size)")
+    p.add_argument(
+        "--compare-batches",
+        type=int,
+        nargs="+",
+        default=[4, 16],
+        help="batch sizes of the comparison (Lightning's loop costs the same per step at any size)",
+    )
     what = p.add_mutually_exclusive_group()
     what.add_argument("--skip-compare", action="store_true", help="only the CPU (and GPU) tables")
     what.add_argument("--compare-only", action="store_true", help="only the Lightning vs plain comparison")
@@ -529,24 +716,39 @@ def main() -> None:
     diffusers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     if not args.skip_compare:
-        print_table(f"SD-LoRA training step, Lightning SDLoRAModule vs plain diffusers + peft loop, CPU "
-                    f"({torch.get_num_threads()} threads; medians over {args.compare_rounds} rounds x "
-                    f"{args.compare_steps} steps, the contenders' steps interleaved one by one, "
-                    f"{args.compare_warmup} warm-up steps dropped per round; interval: rounds resampled)",
-                    ["model, image size, batch", "Lightning ms/step", "plain ms/step",
-                     "ratio L/plain [95 % CI]", "<= 1.05: ratio / interval", "module, no Trainer ms", "module / plain", "Lightning - module ms",
-                     "steps timed"],
-                    bench_compare(args.compare_steps, args.compare_rounds, args.compare_warmup,
-                                  tuple(args.compare_batches)))
+        print_table(
+            f"SD-LoRA training step, Lightning SDLoRAModule vs plain diffusers + peft loop, CPU "
+            f"({torch.get_num_threads()} threads; medians over {args.compare_rounds} rounds x "
+            f"{args.compare_steps} steps, the contenders' steps interleaved one by one, "
+            f"{args.compare_warmup} warm-up steps dropped per round; interval: rounds resampled)",
+            [
+                "model, image size, batch",
+                "Lightning ms/step",
+                "plain ms/step",
+                "ratio L/plain [95 % CI]",
+                "<= 1.05: ratio / interval",
+                "module, no Trainer ms",
+                "module / plain",
+                "Lightning - module ms",
+                "steps timed",
+            ],
+            bench_compare(args.compare_steps, args.compare_rounds, args.compare_warmup, tuple(args.compare_batches)),
+        )
         if args.compare_only:
             print(f"\ntotal {time.perf_counter() - t0:.0f} s")
             return
     header = ["what", "time", "rate", "memory", "note"]
-    print_table(f"SD-LoRA, CPU (torch {torch.__version__}, {torch.get_num_threads()} threads)", header,
-                bench_cpu(args.train_steps))
+    print_table(
+        f"SD-LoRA, CPU (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        header,
+        bench_cpu(args.train_steps),
+    )
     if torch.cuda.is_available() and not args.skip_gpu:
-        print_table(f"SD-LoRA, {torch.cuda.get_device_name()} (random SD-1.5 weights, no download)", header,
-                    bench_gpu(max(args.train_steps, 6)))
+        print_table(
+            f"SD-LoRA, {torch.cuda.get_device_name()} (random SD-1.5 weights, no download)",
+            header,
+            bench_gpu(max(args.train_steps, 6)),
+        )
     else:
         print("\n(no CUDA device: the 512 px SD-1.5-architecture rows are skipped)")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

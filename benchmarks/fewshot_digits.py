@@ -3,7 +3,7 @@
     python benchmarks/fewshot_digits.py [--out bench_out/fewshot_digits] [--shots 5 10] [--subsets 0 1 2]
                                         [--seeds 0 1 2 3 4] [--workers 2] [--generators a,b] [overrides ...]
 
-Runs the real evaluation job (imgaug_gen.evaluation.evaluate, as ``python evaluate.py``) on the
+Runs the real evaluation job (imgaug_gen.jobs.evaluate.evaluate, as ``python evaluate.py``) on the
 digits default: for shots 5 and 10, three few-shot subsets (each trains its own generators) x five
 classifier seeds, on real, real+classical and real+<generator>+classical@<policy> for the grid in
 ``GENERATORS``:
@@ -40,10 +40,14 @@ import _common  # noqa: F401  (offline environment variables)
 from _common import hydra_value, run_units
 
 TARGETS = {"5": 0.015, "10": 0.010}
-POLICIES = {"replace": "{name:replace,p:0.5}",
-            "kd": "{name:replace,p:0.5,distill:0.5,temperature:2.0}"}
+POLICIES = {"replace": "{name:replace,p:0.5}", "kd": "{name:replace,p:0.5,distill:0.5,temperature:2.0}"}
 # the cGAN the table was measured with (experiment=digits_cgan at 2,000 steps), pinned against later recipe changes
-CGAN = ["experiment=digits_cgan", "logger=none", "trainer.max_steps=2000", "callbacks.checkpoint.every_n_train_steps=1000"]
+CGAN = [
+    "experiment=digits_cgan",
+    "logger=none",
+    "trainer.max_steps=2000",
+    "callbacks.checkpoint.every_n_train_steps=1000",
+]
 LECAM = [*CGAN, "model.lecam_lambda=0.3", "model.ada_target=0.6", "model.ema_decay=0.99"]
 DDPM_AUG = ["experiment=digits_ddpm", "logger=none", "model.augment.p=0.5", "model.augment.ops=dihedral"]
 SMALL_UNET = ["model.unet.block_out_channels=[16,32,32]", "model.unet.attention_head_dim=4"]
@@ -59,25 +63,44 @@ GENERATORS = {
     # the DDPM with non-leaking augmentation: samples at the saved guidance 1.5 / eta 0, stronger guidance,
     # stochastic DDIM, filtered, and blend edits at two strength ranges
     "ddpm_aug": {"train": DDPM_AUG, "generate": SAMPLE, "policies": ["replace", "kd"]},
-    "ddpm_aug_g3": {"run_of": "ddpm_aug", "generate": [*SAMPLE, "sample_kwargs.guidance_scale=3.0"],
-                    "policies": ["replace"]},
+    "ddpm_aug_g3": {
+        "run_of": "ddpm_aug",
+        "generate": [*SAMPLE, "sample_kwargs.guidance_scale=3.0"],
+        "policies": ["replace"],
+    },
     "ddpm_aug_eta1": {"run_of": "ddpm_aug", "generate": [*SAMPLE, "sample_kwargs.eta=1.0"], "policies": ["replace"]},
     "ddpm_aug_filter": {"run_of": "ddpm_aug", "generate": [*SAMPLE, *FILTER], "policies": ["replace"]},
-    "ddpm_aug_blend": {"run_of": "ddpm_aug", "generate": [*BLEND, "img2img.strengths=[0.5,0.7]"],
-                       "policies": ["replace", "kd"]},
-    "ddpm_aug_blend_hi": {"run_of": "ddpm_aug", "generate": [*BLEND, "img2img.strengths=[0.8,0.9]"],
-                          "policies": ["replace"]},
+    "ddpm_aug_blend": {
+        "run_of": "ddpm_aug",
+        "generate": [*BLEND, "img2img.strengths=[0.5,0.7]"],
+        "policies": ["replace", "kd"],
+    },
+    "ddpm_aug_blend_hi": {
+        "run_of": "ddpm_aug",
+        "generate": [*BLEND, "img2img.strengths=[0.8,0.9]"],
+        "policies": ["replace"],
+    },
     # capacity: the same recipe with half the UNet width
-    "ddpm_small": {"train": [*DDPM_AUG, *SMALL_UNET], "generate": [*BLEND, "img2img.strengths=[0.5,0.7]"],
-                   "policies": ["replace"]},
+    "ddpm_small": {
+        "train": [*DDPM_AUG, *SMALL_UNET],
+        "generate": [*BLEND, "img2img.strengths=[0.5,0.7]"],
+        "policies": ["replace"],
+    },
 }
 
 
 def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
     join = lambda v: ",".join(map(str, v))  # noqa: E731
-    out = [f"out_dir={Path(args.out).resolve()}", f"shots=[{join(shots)}]", f"data_seeds=[{join(subsets)}]",
-           f"seeds=[{join(args.seeds)}]", f"classifier.steps={args.classifier_steps}", "~policies",
-           "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}", "~generators"]
+    out = [
+        f"out_dir={Path(args.out).resolve()}",
+        f"shots=[{join(shots)}]",
+        f"data_seeds=[{join(subsets)}]",
+        f"seeds=[{join(args.seeds)}]",
+        f"classifier.steps={args.classifier_steps}",
+        "~policies",
+        "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}",
+        "~generators",
+    ]
     chosen = {k: v for k, v in GENERATORS.items() if not args.generators or k in args.generators}
     out.append("+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}")
     return [*out, *args.overrides]
@@ -90,8 +113,12 @@ def main(argv=None) -> dict:
     p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--classifier-steps", type=int, default=400)
-    p.add_argument("--generators", type=lambda v: v.split(","), default=None,
-                   help="comma-separated grid entries to run (default: all; name an entry's run_of source too)")
+    p.add_argument(
+        "--generators",
+        type=lambda v: v.split(","),
+        default=None,
+        help="comma-separated grid entries to run (default: all; name an entry's run_of source too)",
+    )
     p.add_argument("--workers", type=int, default=2, help="parallel single-threaded (shots, subset) units; 0: inline")
     p.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # one unit of a --workers run
     p.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
@@ -101,14 +128,24 @@ def main(argv=None) -> dict:
         p.error(f"--generators: unknown entries {unknown}; choose from {sorted(GENERATORS)}")
 
     from imgaug_gen.config import compose_config
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
     t0 = time.perf_counter()
     if args.workers > 0:
-        run_units(__file__, args, ["--out", args.out, "--seeds", *map(str, args.seeds), "--classifier-steps",
-                                   str(args.classifier_steps),
-                                   *(["--generators", ",".join(args.generators)] if args.generators else []),
-                                   *args.overrides])
+        run_units(
+            __file__,
+            args,
+            [
+                "--out",
+                args.out,
+                "--seeds",
+                *map(str, args.seeds),
+                "--classifier-steps",
+                str(args.classifier_steps),
+                *(["--generators", ",".join(args.generators)] if args.generators else []),
+                *args.overrides,
+            ],
+        )
     ev = evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     minutes = (time.perf_counter() - t0) / 60
     if args.unit:
@@ -125,9 +162,11 @@ def main(argv=None) -> dict:
             if g is None:
                 continue
             met = g["mean"] >= target and g["lo"] > 0
-            print(f"target {s} shots (>= +{100 * target:.1f} points, interval excluding 0): {m} "
-                  f"{100 * g['mean']:+.2f} [{100 * g['lo']:+.2f}, {100 * g['hi']:+.2f}] -> "
-                  f"{'met' if met else 'NOT met'}")
+            print(
+                f"target {s} shots (>= +{100 * target:.1f} points, interval excluding 0): {m} "
+                f"{100 * g['mean']:+.2f} [{100 * g['lo']:+.2f}, {100 * g['hi']:+.2f}] -> "
+                f"{'met' if met else 'NOT met'}"
+            )
     return ev
 
 

@@ -16,7 +16,7 @@ The protocol (16 px digits):
   and *from the prior* (its fine-tuning modes in ``GENERATORS``), each under ``replace`` and ``kd``, all on
   the transfer classifier; the baseline is the best non-generative recipe on validation.
 
-It runs the real jobs: ``train.py`` for the priors, ``evaluate.py`` (:func:`imgaug_gen.evaluation.evaluate`)
+It runs the real jobs: ``train.py`` for the priors, ``evaluate.py`` (:func:`imgaug_gen.jobs.evaluate.evaluate`)
 for everything else, one (shots, subset) unit per single-threaded worker process, then assembles the table
 from their finished work. A second part measures how fast a prior-started ddpm reaches the from-scratch
 one's final folder FID (validation FID every 25 steps, subset 0). Re-running the same command reuses every
@@ -41,12 +41,21 @@ POLICIES = {"replace": "{name:replace,p:0.5}", "kd": "{name:replace,p:0.5,distil
 SMALL_UNET = ["model.unet.block_out_channels=[16,32,32]", "model.unet.attention_head_dim=4"]
 SCRATCH_STEPS = {"ddpm": 400, "cgan": 800}
 PRIOR_STEPS = {"ddpm": 200, "cgan": 400}
-DDPM = ["experiment=digits_ddpm", "logger=none", *SMALL_UNET, f"trainer.max_steps={SCRATCH_STEPS['ddpm']}",
-        "model.lr_warmup_steps=20"]
+DDPM = [
+    "experiment=digits_ddpm",
+    "logger=none",
+    *SMALL_UNET,
+    f"trainer.max_steps={SCRATCH_STEPS['ddpm']}",
+    "model.lr_warmup_steps=20",
+]
 CGAN = ["experiment=digits_cgan", "logger=none", f"trainer.max_steps={SCRATCH_STEPS['cgan']}"]
 SAMPLE = ["n_per_class=50", "sample_kwargs.num_inference_steps=10"]
-EDITS = ["mode=img2img", "img2img.edits_per_image=10", "img2img.strengths=[0.4,0.6]",
-         "sample_kwargs.num_inference_steps=10"]
+EDITS = [
+    "mode=img2img",
+    "img2img.edits_per_image=10",
+    "img2img.strengths=[0.4,0.6]",
+    "sample_kwargs.num_inference_steps=10",
+]
 
 
 def prior_runs(out: Path) -> dict[str, Path]:
@@ -68,13 +77,22 @@ def grid(out: Path) -> dict[str, dict]:
         "ddpm_scratch": {"train": DDPM, "generate": SAMPLE, "policies": both},
         "cgan_scratch": {"train": CGAN, "generate": ["n_per_class=50"], "policies": both},
         # from the base-class prior: two fine-tuning modes, and edits of the shots by the fine-tuned model
-        "ddpm_prior_full": {"train": from_prior("ddpm", "model.finetune=full", "model.lr=3e-4", emb_lr),
-                            "generate": SAMPLE, "policies": both},
-        "ddpm_prior_emb": {"train": from_prior("ddpm", "model.finetune=embeddings", emb_lr), "generate": SAMPLE,
-                           "policies": both},
+        "ddpm_prior_full": {
+            "train": from_prior("ddpm", "model.finetune=full", "model.lr=3e-4", emb_lr),
+            "generate": SAMPLE,
+            "policies": both,
+        },
+        "ddpm_prior_emb": {
+            "train": from_prior("ddpm", "model.finetune=embeddings", emb_lr),
+            "generate": SAMPLE,
+            "policies": both,
+        },
         "ddpm_prior_edits": {"run_of": "ddpm_prior_full", "generate": EDITS, "policies": both},
-        "cgan_prior_full": {"train": from_prior("cgan", "model.finetune=full", "model.freeze_d=1"),
-                            "generate": ["n_per_class=50"], "policies": both},
+        "cgan_prior_full": {
+            "train": from_prior("cgan", "model.finetune=full", "model.freeze_d=1"),
+            "generate": ["n_per_class=50"],
+            "policies": both,
+        },
     }
 
 
@@ -82,11 +100,20 @@ def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
     join = lambda v: ",".join(map(str, v))  # noqa: E731
     out = Path(args.out).resolve()
     chosen = {k: v for k, v in grid(out).items() if not args.generators or k in args.generators}
-    return [f"out_dir={out}", f"shots=[{join(shots)}]", f"data_seeds=[{join(subsets)}]", f"seeds=[{join(args.seeds)}]",
-            f"data.classes=[{join(NOVEL)}]", f"classifier.init={{classes:[{join(BASE)}]}}",
-            f"classifier.steps={args.classifier_steps}", "~policies",
-            "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}", "~generators",
-            "+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}", *args.overrides]
+    return [
+        f"out_dir={out}",
+        f"shots=[{join(shots)}]",
+        f"data_seeds=[{join(subsets)}]",
+        f"seeds=[{join(args.seeds)}]",
+        f"data.classes=[{join(NOVEL)}]",
+        f"classifier.init={{classes:[{join(BASE)}]}}",
+        f"classifier.steps={args.classifier_steps}",
+        "~policies",
+        "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}",
+        "~generators",
+        "+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}",
+        *args.overrides,
+    ]
 
 
 def train_priors(out: Path) -> dict[str, float]:
@@ -101,9 +128,19 @@ def train_priors(out: Path) -> dict[str, float]:
         run.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with open(run.parent / f"{kind}.log", "w") as log:
-            code = subprocess.call([sys.executable, str(ROOT / "train.py"), *over, "logger=csv",
-                                    "callbacks.fidelity=null", f"hydra.run.dir={run}"], stdout=log,
-                                   stderr=subprocess.STDOUT, cwd=ROOT)
+            code = subprocess.call(
+                [
+                    sys.executable,
+                    str(ROOT / "train.py"),
+                    *over,
+                    "logger=csv",
+                    "callbacks.fidelity=null",
+                    f"hydra.run.dir={run}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         if code:
             raise SystemExit(f"the {kind} prior failed; see {run.parent / f'{kind}.log'}")
         seconds[kind] = round(time.perf_counter() - t0, 1)
@@ -117,7 +154,7 @@ def fid_by_steps(args, ev: dict) -> list[list]:
     steps (50 images per class, the folder's count and feature space) beside the scratch run's folder FID
     after its SCRATCH_STEPS["ddpm"] steps."""
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     out = Path(args.out).resolve()
     rows = []
@@ -130,21 +167,43 @@ def fid_by_steps(args, ev: dict) -> list[list]:
         run = out / "fid_by_steps" / f"shots{shots}"
         done = run / "fid_history.json"
         if not done.is_file():
-            cfg = compose_config("train", [*entry, f"trainer.max_steps={SCRATCH_STEPS['ddpm'] // 4}", f"run_dir={run}", f"data.shots={shots}", "data.seed=0", "seed=0",
-                                           "data.image_size=16", f"data.classes=[{','.join(map(str, NOVEL))}]",
-                                           "data.val_fraction=0.2", "callbacks.fidelity.every_n_steps=25",
-                                           "callbacks.fidelity.n_per_class=50", "callbacks.fidelity.at_end=true",
-                                           "callbacks.samples=null", "callbacks.progress=null",
-                                           "model.num_inference_steps=10"])  # the folders' sampler steps
+            cfg = compose_config(
+                "train",
+                [
+                    *entry,
+                    f"trainer.max_steps={SCRATCH_STEPS['ddpm'] // 4}",
+                    f"run_dir={run}",
+                    f"data.shots={shots}",
+                    "data.seed=0",
+                    "seed=0",
+                    "data.image_size=16",
+                    f"data.classes=[{','.join(map(str, NOVEL))}]",
+                    "data.val_fraction=0.2",
+                    "callbacks.fidelity.every_n_steps=25",
+                    "callbacks.fidelity.n_per_class=50",
+                    "callbacks.fidelity.at_end=true",
+                    "callbacks.samples=null",
+                    "callbacks.progress=null",
+                    "model.num_inference_steps=10",
+                ],
+            )  # the folders' sampler steps
             train(cfg)
-            history = [(int(r["global_step"]), float(r["val/fid"])) for r in _csv_rows(run / "metrics.csv")
-                       if r.get("val/fid")]
+            history = [
+                (int(r["global_step"]), float(r["val/fid"])) for r in _csv_rows(run / "metrics.csv") if r.get("val/fid")
+            ]
             done.write_text(json.dumps(history))
         history = json.loads(done.read_text())
         reached = next((s for s, f in history if f <= target), None)
-        rows.append([shots, SCRATCH_STEPS["ddpm"], round(target, 3),
-                     ", ".join(f"{s}: {f:.2f}" for s, f in history), reached if reached is not None else "not reached",
-                     "met" if reached is not None and reached <= SCRATCH_STEPS["ddpm"] / 4 else "NOT met"])
+        rows.append(
+            [
+                shots,
+                SCRATCH_STEPS["ddpm"],
+                round(target, 3),
+                ", ".join(f"{s}: {f:.2f}" for s, f in history),
+                reached if reached is not None else "not reached",
+                "met" if reached is not None and reached <= SCRATCH_STEPS["ddpm"] / 4 else "NOT met",
+            ]
+        )
     return rows
 
 
@@ -161,10 +220,19 @@ def generator_rows(ev: dict) -> list[list]:
         for g, info in gens.items():
             cas = info.get("cas") or {}
             fmt = lambda v, f=".3f": "—" if v is None else format(v, f)  # noqa: E731
-            rows.append([shots, g, fmt(info.get("fid"), ".2f"), fmt(100 * cas["mean"] if cas else None, ".1f"),
-                         fmt(info.get("copy_rate")), fmt(info.get("memorisation")),
-                         fmt(info.get("train_seconds"), ".0f") if not info.get("reused_run") else
-                         fmt(info.get("train_seconds"), ".0f") + " (earlier run)"])
+            rows.append(
+                [
+                    shots,
+                    g,
+                    fmt(info.get("fid"), ".2f"),
+                    fmt(100 * cas["mean"] if cas else None, ".1f"),
+                    fmt(info.get("copy_rate")),
+                    fmt(info.get("memorisation")),
+                    fmt(info.get("train_seconds"), ".0f")
+                    if not info.get("reused_run")
+                    else fmt(info.get("train_seconds"), ".0f") + " (earlier run)",
+                ]
+            )
     return rows
 
 
@@ -174,8 +242,10 @@ def verdicts(ev: dict) -> list[str]:
     out = []
     results, gens = ev["results"], ev["generators"]
     prior_methods = [m for m in results[next(iter(results))] if "_prior" in m]
-    score = {m: sum(results[s][m]["val_gain"]["mean"] for s in results if "val_gain" in results[s].get(m, {}))
-             for m in prior_methods}
+    score = {
+        m: sum(results[s][m]["val_gain"]["mean"] for s in results if "val_gain" in results[s].get(m, {}))
+        for m in prior_methods
+    }
     if not score:
         return ["no prior-started method was evaluated"]
     best = max(score, key=score.get)
@@ -185,9 +255,11 @@ def verdicts(ev: dict) -> list[str]:
         if g is None:
             continue
         met = g["mean"] >= target and g["lo"] > 0
-        out.append(f"  {s} shots vs `{ev['baselines'][s]['method']}`: {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, "
-                   f"{100 * g['hi']:+.1f}] (target >= +{100 * target:.1f}, interval excluding 0) -> "
-                   f"{'met' if met else 'NOT met'}")
+        out.append(
+            f"  {s} shots vs `{ev['baselines'][s]['method']}`: {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, "
+            f"{100 * g['hi']:+.1f}] (target >= +{100 * target:.1f}, interval excluding 0) -> "
+            f"{'met' if met else 'NOT met'}"
+        )
     if "10" in results and best in results["10"]:
         g = results["10"][best]["gain"]
         out.append(f"  10 shots (reported): {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]")
@@ -200,11 +272,15 @@ def verdicts(ev: dict) -> list[str]:
         cr, cr0 = mine.get("copy_rate"), theirs.get("copy_rate")
         cas, cas0 = (mine.get("cas") or {}).get("mean"), (theirs.get("cas") or {}).get("mean")
         if None not in (cr, cr0):
-            out.append(f"  {s} shots copy rate {gen} {cr:.3f} vs {kind}_scratch {cr0:.3f} (target <= half) -> "
-                       f"{'met' if cr <= cr0 / 2 else 'NOT met'}")
+            out.append(
+                f"  {s} shots copy rate {gen} {cr:.3f} vs {kind}_scratch {cr0:.3f} (target <= half) -> "
+                f"{'met' if cr <= cr0 / 2 else 'NOT met'}"
+            )
         if None not in (cas, cas0):
-            out.append(f"  {s} shots CAS {gen} {100 * cas:.1f} vs {kind}_scratch {100 * cas0:.1f} (target >= +5) -> "
-                       f"{'met' if cas - cas0 >= 0.05 else 'NOT met'}")
+            out.append(
+                f"  {s} shots CAS {gen} {100 * cas:.1f} vs {kind}_scratch {100 * cas0:.1f} (target >= +5) -> "
+                f"{'met' if cas - cas0 >= 0.05 else 'NOT met'}"
+            )
     return out
 
 
@@ -215,12 +291,20 @@ def main(argv=None) -> dict:
     p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--classifier-steps", type=int, default=300)
-    p.add_argument("--generators", type=lambda v: v.split(","), default=None,
-                   help="comma-separated grid entries (default: all; name an entry's run_of source too)")
+    p.add_argument(
+        "--generators",
+        type=lambda v: v.split(","),
+        default=None,
+        help="comma-separated grid entries (default: all; name an entry's run_of source too)",
+    )
     p.add_argument("--workers", type=int, default=2, help="parallel single-threaded (shots, subset) units; 0: inline")
     p.add_argument("--no-fid-steps", action="store_true", help="skip the FID-by-steps measurement")
-    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "results" / "fewshot_novel_digits.md",
-                   help="where the result tables are written as markdown (the docs site's results page)")
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=ROOT / "docs" / "results" / "fewshot_novel_digits.md",
+        help="where the result tables are written as markdown (the docs site's results page)",
+    )
     p.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
     args = p.parse_args(argv)
@@ -229,30 +313,46 @@ def main(argv=None) -> dict:
         p.error(f"--generators: unknown entries {unknown}; choose from {sorted(grid(Path(args.out)))}")
 
     from imgaug_gen.config import compose_config
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
     t0 = time.perf_counter()
     if args.unit:
         return evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     prior_seconds = train_priors(Path(args.out).resolve())
     if args.workers > 0:
-        run_units(__file__, args, ["--out", args.out, "--seeds", *map(str, args.seeds), "--classifier-steps",
-                                   str(args.classifier_steps), "--no-fid-steps",
-                                   *(["--generators", ",".join(args.generators)] if args.generators else []),
-                                   *args.overrides])
+        run_units(
+            __file__,
+            args,
+            [
+                "--out",
+                args.out,
+                "--seeds",
+                *map(str, args.seeds),
+                "--classifier-steps",
+                str(args.classifier_steps),
+                "--no-fid-steps",
+                *(["--generators", ",".join(args.generators)] if args.generators else []),
+                *args.overrides,
+            ],
+        )
     ev = evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     steps = [] if args.no_fid_steps else fid_by_steps(args, ev)
     minutes = (time.perf_counter() - t0) / 60
     table = Path(ev["files"]["table"]).read_text()
     print("\n" + table)
-    print_table("Generators (means over subsets): folder FID (domain features), CAS, copy rate, memorisation, "
-                "training seconds", ["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"],
-                generator_rows(ev))
+    print_table(
+        "Generators (means over subsets): folder FID (domain features), CAS, copy rate, memorisation, training seconds",
+        ["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"],
+        generator_rows(ev),
+    )
     print(f"\npriors: ddpm {prior_seconds.get('ddpm')} s, cgan {prior_seconds.get('cgan')} s (training, base classes)")
     if steps:
-        print_table("FID by optimiser steps: a prior-started ddpm (validation FID) vs the from-scratch ddpm's final "
-                    "folder FID (subset 0)", ["shots", "scratch steps", "scratch final FID", "prior: step: FID",
-                                              "prior reaches it at", "<= a quarter"], steps)
+        print_table(
+            "FID by optimiser steps: a prior-started ddpm (validation FID) vs the from-scratch ddpm's final "
+            "folder FID (subset 0)",
+            ["shots", "scratch steps", "scratch final FID", "prior: step: FID", "prior reaches it at", "<= a quarter"],
+            steps,
+        )
     lines = verdicts(ev)
     print("\n" + "\n".join(lines))
     print(f"\nwall time: {minutes:.1f} min (budget 90 min on 2 CPU cores)\nfiles: {ev['files']}")
@@ -260,21 +360,49 @@ def main(argv=None) -> dict:
     return ev
 
 
-def write_docs(path: Path, table: str, gen_rows: list, steps: list, lines: list[str], minutes: float,
-               prior_seconds: dict) -> None:
+def write_docs(
+    path: Path, table: str, gen_rows: list, steps: list, lines: list[str], minutes: float, prior_seconds: dict
+) -> None:
     """The result page the docs site shows (docs/results/), written by the benchmark, never by hand."""
-    def md(header, rows):
-        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                         + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
-    text = ["# Novel digits from a prior", "",
-            "Written by `python benchmarks/fewshot_novel_digits.py` "
-            f"({minutes:.1f} min on 2 CPU cores; priors {prior_seconds}).", "", "## Accuracy", "", table, "",
-            "## Generators", "", md(["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"],
-                                    gen_rows), ""]
+    def md(header, rows):
+        return "\n".join(
+            ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+        )
+
+    text = [
+        "# Novel digits from a prior",
+        "",
+        "Written by `python benchmarks/fewshot_novel_digits.py` "
+        f"({minutes:.1f} min on 2 CPU cores; priors {prior_seconds}).",
+        "",
+        "## Accuracy",
+        "",
+        table,
+        "",
+        "## Generators",
+        "",
+        md(["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"], gen_rows),
+        "",
+    ]
     if steps:
-        text += ["## FID by optimiser steps", "", md(["shots", "scratch steps", "scratch final FID", "prior: step: FID",
-                                                       "prior reaches it at", "<= a quarter"], steps), ""]
+        text += [
+            "## FID by optimiser steps",
+            "",
+            md(
+                [
+                    "shots",
+                    "scratch steps",
+                    "scratch final FID",
+                    "prior: step: FID",
+                    "prior reaches it at",
+                    "<= a quarter",
+                ],
+                steps,
+            ),
+            "",
+        ]
     text += ["## Verdict", "", *[f"- {line.strip()}" for line in lines], ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))

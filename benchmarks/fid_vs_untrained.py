@@ -28,8 +28,8 @@ def main():
     from omegaconf import OmegaConf
 
     from imgaug_gen.generators.base import load_generator
+    from imgaug_gen.jobs.train import build_datamodule, build_module
     from imgaug_gen.metrics import FidelityEvaluator, build_feature_extractor
-    from imgaug_gen.training import build_datamodule, build_module
 
     run = Path(args.run_dir)
     cfg = OmegaConf.load(run / "config.yaml")
@@ -45,8 +45,11 @@ def main():
     for name, gen in (("untrained (random init)", untrained), (f"trained ({run.name})", trained)):
         s = evaluator.evaluate(gen.sample(labels, seeds=args.seed))
         rows.append([name, gen.kind, s["n_fake"], s["n_real"], s["fid"], s["kid_mean"]])
-    print_table(f"FID/KID vs real reference ({extractor.name} features, {args.n_per_class} per class)",
-                ["generator", "kind", "n_fake", "n_real", "FID", "KID"], rows)
+    print_table(
+        f"FID/KID vs real reference ({extractor.name} features, {args.n_per_class} per class)",
+        ["generator", "kind", "n_fake", "n_real", "FID", "KID"],
+        rows,
+    )
     print(f"\nuntrained FID / trained FID = {rows[0][4] / rows[1][4]:.1f}x (target >= 5x)")
 
 

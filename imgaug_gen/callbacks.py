@@ -52,8 +52,7 @@ class RNGStateCallback(pl.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate((3, tuple(int(v) for v in state["python"]), state["python_pos"]))
-        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
-                             int(state["numpy_pos"]), 0, 0.0))
+        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -97,8 +96,14 @@ class FidelityCallback(pl.Callback):
     long (or ``every_n_steps=0``: only at the end), so a short smoke run does not spend minutes on a
     FID nobody asked for; ``true`` always, ``false`` never."""
 
-    def __init__(self, every_n_steps: int = 1000, n_per_class: int = 50, seed: int = 4321, metrics=None,
-                 at_end: str | bool = "auto"):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        n_per_class: int = 50,
+        seed: int = 4321,
+        metrics=None,
+        at_end: str | bool = "auto",
+    ):
         if at_end not in ("auto", True, False):
             raise ConfigError(f"`callbacks.fidelity.at_end` = {at_end!r}; allowed: auto, true, false.")
         self.every, self.n_per_class, self.seed, self.at_end = every_n_steps, n_per_class, seed, at_end
@@ -147,8 +152,13 @@ class FidelityCallback(pl.Callback):
             order = np.concatenate([p[0] for p in parts])
             feats = torch.cat([p[1] for p in parts])[torch.from_numpy(np.argsort(order, kind="stable"))]
         scores = self.evaluator.evaluate_features(feats)
-        log.info("validation FID %.2f at step %d: %d samples in %.1f s", scores["fid"], trainer.global_step,
-                 len(labels), time.perf_counter() - t0)
+        log.info(
+            "validation FID %.2f at step %d: %d samples in %.1f s",
+            scores["fid"],
+            trainer.global_step,
+            len(labels),
+            time.perf_counter() - t0,
+        )
         values = {"val/fid": scores["fid"], "val/kid": scores["kid_mean"]}
         self.history.append({"step": trainer.global_step, **values})
         # Lightning logs with the count of batches (not optimiser steps): keep one step axis.
@@ -165,8 +175,12 @@ class FidelityCallback(pl.Callback):
         if self.evaluator is None or trainer.global_step == self._last or self.at_end is False:
             return
         if self.at_end == "auto" and 0 < self.every and trainer.global_step < self.every:
-            log.info("no end-of-training FID: the run (%d steps) is shorter than callbacks.fidelity.every_n_steps=%d "
-                     "(set callbacks.fidelity.at_end=true to score it)", trainer.global_step, self.every)
+            log.info(
+                "no end-of-training FID: the run (%d steps) is shorter than callbacks.fidelity.every_n_steps=%d "
+                "(set callbacks.fidelity.at_end=true to score it)",
+                trainer.global_step,
+                self.every,
+            )
             return
         self.evaluate(trainer, pl_module)
 
@@ -221,8 +235,11 @@ class ProgressPlotCallback(pl.Callback):
         if csv_path is None:
             if not self._told:
                 self._told = True
-                log.info("No CSV logger (logger=%s): %s is not drawn.", type(trainer.logger).__name__
-                         if trainer.logger is not None else "none", self.path)
+                log.info(
+                    "No CSV logger (logger=%s): %s is not drawn.",
+                    type(trainer.logger).__name__ if trainer.logger is not None else "none",
+                    self.path,
+                )
             return None
         for logger in trainer.loggers:  # flush the rows logged so far into metrics.csv
             logger.save()
@@ -261,8 +278,9 @@ class ProgressLogCallback(pl.Callback):
     (whose redrawn line would fill the file); ``true`` always prints (beside the bar); ``false`` never.
     ``every_n_steps=0`` turns it off."""
 
-    def __init__(self, every_n_steps: Annotated[int, Field(ge=0)] = 100,
-                 enabled: Union[Literal["auto"], bool] = "auto"):
+    def __init__(
+        self, every_n_steps: Annotated[int, Field(ge=0)] = 100, enabled: Union[Literal["auto"], bool] = "auto"
+    ):
         if enabled not in ("auto", True, False):
             raise ConfigError(f"`callbacks.progress_log.enabled` = {enabled!r}; allowed: auto, true, false.")
         self.every, self.enabled = int(every_n_steps), enabled
@@ -284,8 +302,11 @@ class ProgressLogCallback(pl.Callback):
         now, step, max_steps = time.perf_counter(), trainer.global_step, trainer.max_steps
         start = self._start or (now, step)
         prev = self._prev or start
-        parts = [f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%)" if max_steps and max_steps > 0
-                 else f"step {step} (epoch {trainer.current_epoch})"]
+        parts = [
+            f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%)"
+            if max_steps and max_steps > 0
+            else f"step {step} (epoch {trainer.current_epoch})"
+        ]
         for k, v in sorted(trainer.callback_metrics.items()):
             if torch.is_tensor(v) and v.numel() == 1:
                 parts.append(f"{k}={float(v):.4g}")

@@ -9,10 +9,13 @@ from omegaconf import DictConfig
 
 from imgaug_gen.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: the configs, shipped inside the package (Hydra: ``pkg://imgaug_gen.conf``)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-def compose_config(name: str = "train", overrides: Sequence[str] = (), conf_dir: str | Path | None = None) -> DictConfig:
+def compose_config(
+    name: str = "train", overrides: Sequence[str] = (), conf_dir: str | Path | None = None
+) -> DictConfig:
     """The config ``train.py``/``generate.py`` would build for these overrides.
 
     ``run_dir``/``out_dir`` (Hydra's run folder) must be given as overrides, since no

@@ -38,10 +38,13 @@ def plan_message(cfg, n_per_class: int = 100) -> str:
     data = "sklearn digits" if str(cfg.data._target_).endswith("DigitsDataModule") else f"{cfg.data.get('root')}"
     per_class = "all images" if shots is None else f"{int(shots)} images/class"
     model = {"CGANModule": "a conditional GAN", "DDPMModule": "a conditional DDPM"}.get(
-        str(cfg.model._target_).rsplit(".", 1)[-1], str(cfg.model._target_).rsplit(".", 1)[-1])
-    return (f"Training {model} on {data} ({per_class}, {int(cfg.data.image_size)} px) for {steps:,} optimiser "
-            f"steps, then generating and scoring a folder ({n_per_class} synthetic images/class): "
-            f"{_about(estimate_seconds(steps, n_per_class))} on {MEASURED['cores']} CPU cores.")
+        str(cfg.model._target_).rsplit(".", 1)[-1], str(cfg.model._target_).rsplit(".", 1)[-1]
+    )
+    return (
+        f"Training {model} on {data} ({per_class}, {int(cfg.data.image_size)} px) for {steps:,} optimiser "
+        f"steps, then generating and scoring a folder ({n_per_class} synthetic images/class): "
+        f"{_about(estimate_seconds(steps, n_per_class))} on {MEASURED['cores']} CPU cores."
+    )
 
 
 def main(argv=None) -> dict:
@@ -56,8 +59,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from imgaug_gen.config import compose_config
-    from imgaug_gen.pipeline import generate
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.generate import generate
+    from imgaug_gen.jobs.train import train
 
     out = Path(args.out).resolve()
     run_dir, data_dir = out / "run", out / "data"
@@ -72,19 +75,28 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     train_metrics, _ = train(train_cfg)
     t1 = time.perf_counter()
-    metrics = generate(compose_config("generate", [f"run_dir={run_dir}", f"out_dir={data_dir}",
-                                                   f"n_per_class={args.n_per_class}", "overwrite=true"]))
+    metrics = generate(
+        compose_config(
+            "generate",
+            [f"run_dir={run_dir}", f"out_dir={data_dir}", f"n_per_class={args.n_per_class}", "overwrite=true"],
+        )
+    )
     t2 = time.perf_counter()
     print()
     print(f"run:      {run_dir}  (generator/, samples/, metrics.csv; trained in {t1 - t0:.0f}s)")
     print(f"folder:   {data_dir / 'train'}  ({metrics['n_synthetic']} synthetic + {metrics['n_real']} real images)")
     print(f"manifest: {data_dir / 'manifest.jsonl'}")
-    print(f"scores:   {data_dir / 'metrics.json'}  FID={metrics['fid']:.3f}  KID={metrics['kid_mean']:.4f}  "
-          f"({metrics['features']} features; generated in {t2 - t1:.0f}s)")
+    print(
+        f"scores:   {data_dir / 'metrics.json'}  FID={metrics['fid']:.3f}  KID={metrics['kid_mean']:.4f}  "
+        f"({metrics['features']} features; generated in {t2 - t1:.0f}s)"
+    )
     print(f"preview:  {data_dir / 'preview.png'}  (one row per class, named; columns titled real | synthetic | ...)")
-    print(f"progress: {run_dir / 'progress.png'}  (losses and FID/KID over steps; class grids in {run_dir / 'samples'})")
-    (out / "demo_summary.json").write_text(json.dumps({"train": train_metrics, "generate": metrics}, indent=2,
-                                                      default=str))
+    print(
+        f"progress: {run_dir / 'progress.png'}  (losses and FID/KID over steps; class grids in {run_dir / 'samples'})"
+    )
+    (out / "demo_summary.json").write_text(
+        json.dumps({"train": train_metrics, "generate": metrics}, indent=2, default=str)
+    )
     return metrics
 
 

@@ -23,8 +23,8 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -44,9 +44,11 @@ from imgaug_gen.io import (
     atomic_write_json,
     atomic_write_text,
     fsync_dir,
-    is_durable as io_durable,
     read_image_array,
     unique_class_dirs,
+)
+from imgaug_gen.io import (
+    is_durable as io_durable,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,8 @@ def refuse_foreign_folder(out_dir: str | os.PathLike) -> None:
         raise ConfigError(
             f"`out_dir` = {str(out_dir)!r} is not empty and holds no generate.py job record ({JOB_FILE}): "
             f"its files ({theirs[:5]}) were not written by imgaug_gen, and nothing of them is deleted or "
-            "overwritten. Choose an empty or new `out_dir`.")
+            "overwritten. Choose an empty or new `out_dir`."
+        )
 
 
 def writer_lock_name(shard: int, num_shards: int) -> str:
@@ -100,9 +103,20 @@ class FolderWriter:
     other. The job record (``job.json``) is read and written under a short ``claim.lock``.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, class_names: list[str], job: dict[str, Any],
-                 overwrite: bool = False, shard: int = 0, num_shards: int = 1, io_workers: int = 1,
-                 max_pending: int = 256, chunk: int = 64, flush_every: int = 4096, lock: FolderLock | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        class_names: list[str],
+        job: dict[str, Any],
+        overwrite: bool = False,
+        shard: int = 0,
+        num_shards: int = 1,
+        io_workers: int = 1,
+        max_pending: int = 256,
+        chunk: int = 64,
+        flush_every: int = 4096,
+        lock: FolderLock | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.class_dirs = unique_class_dirs(class_names, "the generator's `class_names`")
         self.class_names = list(class_names)
@@ -123,11 +137,8 @@ class FolderWriter:
         self._fh = None
         # PNG encoding and file writes run on a writer thread, overlapping the generator (whose
         # tensor ops, zlib and the file system calls release the GIL); a manifest line is appended
-        # only once its file is in place. Images go to the thread ``chunk`` at a time: one task (one
-        # hand-over between threads) per image cost as much CPU in locks and GIL switches as the
-        # writing itself. One thread by default: the rest of the writing is Python under the GIL,
-        # and four threads fighting for it burnt 2.5x the CPU per image of one (350 vs 131 us on
-        # 16 px PNGs); on 2 cores that CPU is taken from the generator.
+        # only once its file is in place. Images go to the thread ``chunk`` at a time, and one thread by
+        # default: the writing is mostly Python under the GIL (why: benchmarks/README.md).
         self._pool = ThreadPoolExecutor(max_workers=io_workers) if io_workers > 0 else None
         self._batch: list[tuple[dict, str | None, np.ndarray | None]] = []  # (record, path, image) not yet sent
         self._pending: collections.deque = collections.deque()  # (records, future) of chunks being written
@@ -150,8 +161,9 @@ class FolderWriter:
                 if not overwrite:
                     raise ConfigError(
                         f"`out_dir` = {str(self.out_dir)!r} already holds the output of a different job "
-                        f"(a generate.py job; see {job_file}). Choose another `out_dir`, or pass `overwrite=true` to replace that job's "
-                        "output (only the files its manifests list are removed).")
+                        f"(a generate.py job; see {job_file}). Choose another `out_dir`, or pass `overwrite=true` to "
+                        "replace that job's output (only the files its manifests list are removed)."
+                    )
                 self._refuse_if_other_writers()
                 self._clear()
         else:
@@ -167,9 +179,11 @@ class FolderWriter:
         for p in sorted(self.out_dir.glob("generate*.lock")):
             if p.name != self.lock.name and FolderLock(self.out_dir, p.name).is_held_elsewhere():
                 h = FolderLock(self.out_dir, p.name).holder()
-                raise ConfigError(f"`overwrite=true` on `out_dir` = {str(self.out_dir)!r}, but another generate.py job "
-                                  f"is writing there ({p.name}: pid {h.get('pid', '?')} on {h.get('host', '?')}). "
-                                  "Wait for it to finish or stop it first.")
+                raise ConfigError(
+                    f"`overwrite=true` on `out_dir` = {str(self.out_dir)!r}, but another generate.py job "
+                    f"is writing there ({p.name}: pid {h.get('pid', '?')} on {h.get('host', '?')}). "
+                    "Wait for it to finish or stop it first."
+                )
 
     def _clear(self) -> None:
         """Remove a previous job's output: the files its manifests list (each checked to lie in the folder),
@@ -202,8 +216,12 @@ class FolderWriter:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: files we did not write stay
         left = sorted(p.name for p in self.out_dir.iterdir() if not _ignorable(p.name))
-        log.info("overwrite: removed %d files of the previous job in %s%s", removed, self.out_dir,
-                 f"; left in place (not written by it): {left[:5]}" if left else "")
+        log.info(
+            "overwrite: removed %d files of the previous job in %s%s",
+            removed,
+            self.out_dir,
+            f"; left in place (not written by it): {left[:5]}" if left else "",
+        )
 
     def _recover(self) -> dict[str, dict]:
         """This shard's manifest read back: a line stays only if its file lies in the folder and decodes
@@ -268,8 +286,10 @@ class FolderWriter:
         place (at the latest on :meth:`flush` / :meth:`close`)."""
         rec_id = str(record["id"])
         if "/" in rec_id or "\\" in rec_id or "\x00" in rec_id:  # class folders are safe_class_dir names
-            raise ConfigError(f"refusing to write image id {rec_id!r}: an id is a file name inside "
-                              f"`out_dir`/{SPLIT}/<class>, without path separators.")
+            raise ConfigError(
+                f"refusing to write image id {rec_id!r}: an id is a file name inside "
+                f"`out_dir`/{SPLIT}/<class>, without path separators."
+            )
         rel = self.relpath(rec_id, int(record["label"]))
         path = os.path.join(self.out_dir, rel)
         self._dirty_dirs.add(os.path.dirname(path))
@@ -425,11 +445,23 @@ def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:
     return records
 
 
-
-
 #: metadata.jsonl's columns, in this order on every line (then the manifest's score names).
-HF_COLUMNS = ("file_name", "id", "label", "label_id", "source", "mode", "seed", "generator", "source_id",
-              "partner_id", "strength", "blend", "prompt", "augmented")
+HF_COLUMNS = (
+    "file_name",
+    "id",
+    "label",
+    "label_id",
+    "source",
+    "mode",
+    "seed",
+    "generator",
+    "source_id",
+    "partner_id",
+    "strength",
+    "blend",
+    "prompt",
+    "augmented",
+)
 
 
 def _score_columns(records: list[dict]) -> dict[str, type]:
@@ -455,9 +487,16 @@ def hf_metadata_rows(records: Iterable[dict]) -> list[dict]:
         if not file.startswith(f"{SPLIT}/"):
             raise ConfigError(f"manifest line {r.get('id')!r}: file {file!r} is not under {SPLIT}/.")
         gen = r.get("generator")
-        row = {"file_name": file[len(SPLIT) + 1:], "id": r["id"], "label": r["class_name"],
-               "label_id": int(r["label"]), "source": r["source"], "mode": r.get("mode"), "seed": r.get("seed"),
-               "generator": gen.get("kind") if isinstance(gen, dict) else gen}
+        row = {
+            "file_name": file[len(SPLIT) + 1 :],
+            "id": r["id"],
+            "label": r["class_name"],
+            "label_id": int(r["label"]),
+            "source": r["source"],
+            "mode": r.get("mode"),
+            "seed": r.get("seed"),
+            "generator": gen.get("kind") if isinstance(gen, dict) else gen,
+        }
         row.update({k: r.get(k) for k in ("source_id", "partner_id", "strength", "blend", "prompt")})
         row["augmented"] = bool(r.get("augment"))
         for k, kind in scores.items():

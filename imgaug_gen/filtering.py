@@ -48,23 +48,29 @@ _BLOCK_BYTES = 64 * 2**20
 
 def _as_2d_float(x: Any, name: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().cpu().float()
-    require(t.ndim == 2 and t.shape[0] > 0 and t.shape[1] > 0,
-            f"`{name}` must be a non-empty 2-d array [N, D], got shape {tuple(t.shape)}.")
+    require(
+        t.ndim == 2 and t.shape[0] > 0 and t.shape[1] > 0,
+        f"`{name}` must be a non-empty 2-d array [N, D], got shape {tuple(t.shape)}.",
+    )
     require(bool(torch.isfinite(t).all()), f"`{name}` holds NaN or inf values.")
     return t
 
 
 def _labels(labels: Any, n: int, name: str = "labels") -> np.ndarray:
     y = np.asarray(labels)
-    require(y.ndim == 1 and y.shape[0] == n and (n == 0 or np.issubdtype(y.dtype, np.integer)),
-            f"`{name}` must be an integer array of shape [{n}], got dtype {y.dtype} and shape {tuple(y.shape)}.")
+    require(
+        y.ndim == 1 and y.shape[0] == n and (n == 0 or np.issubdtype(y.dtype, np.integer)),
+        f"`{name}` must be an integer array of shape [{n}], got dtype {y.dtype} and shape {tuple(y.shape)}.",
+    )
     return y.astype(np.int64)
 
 
 def _check_threshold(value: Any, name: str, lo: float, hi: float) -> None:
-    require(value is None or (isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-                              and lo <= float(value) <= hi),
-            f"`{name}` = {value!r}; give a number in [{lo}, {hi}] or null to disable.")
+    require(
+        value is None
+        or (isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and lo <= float(value) <= hi),
+        f"`{name}` = {value!r}; give a number in [{lo}, {hi}] or null to disable.",
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -78,8 +84,10 @@ def confidence_filter(probs: np.ndarray, labels: np.ndarray, tau: float | None) 
     p = np.asarray(probs, dtype=np.float64)
     require(p.ndim == 2, f"`probs` must be [N, K] class probabilities, got shape {p.shape}.")
     y = _labels(labels, p.shape[0])
-    require(y.size == 0 or (y.min() >= 0 and y.max() < p.shape[1]),
-            f"`labels` must lie in [0, {p.shape[1] - 1}] for {p.shape[1]} classes.")
+    require(
+        y.size == 0 or (y.min() >= 0 and y.max() < p.shape[1]),
+        f"`labels` must lie in [0, {p.shape[1] - 1}] for {p.shape[1]} classes.",
+    )
     _check_threshold(tau, "filter.tau", 0.0, 1.0)
     if tau is None:
         return np.ones(p.shape[0], dtype=bool)
@@ -105,8 +113,10 @@ def nearest_real_distance(
     # float64: with float32, sqrt(2 - 2 cos) of an exact copy is ~3e-4 instead of 0
     s = torch.nn.functional.normalize(_as_2d_float(syn_features, "syn_features").double(), dim=1)
     r = torch.nn.functional.normalize(_as_2d_float(real_features, "real_features").double(), dim=1)
-    require(s.shape[1] == r.shape[1],
-            f"`syn_features` ({s.shape[1]}-d) and `real_features` ({r.shape[1]}-d) must come from the same extractor.")
+    require(
+        s.shape[1] == r.shape[1],
+        f"`syn_features` ({s.shape[1]}-d) and `real_features` ({r.shape[1]}-d) must come from the same extractor.",
+    )
     n, m = s.shape[0], r.shape[0]
     if exclude_self:
         require(n == m and m >= 2, "`exclude_self=True` needs the same set (>= 2 rows) passed twice.")
@@ -116,11 +126,11 @@ def nearest_real_distance(
     best_sim = torch.empty(n, dtype=torch.float64)
     best_idx = torch.empty(n, dtype=torch.long)
     for i in range(0, n, chunk):
-        sim = s[i:i + chunk] @ r.T
+        sim = s[i : i + chunk] @ r.T
         if exclude_self:
             rows = torch.arange(sim.shape[0])
             sim[rows, rows + i] = -math.inf
-        best_sim[i:i + chunk], best_idx[i:i + chunk] = sim.max(dim=1)
+        best_sim[i : i + chunk], best_idx[i : i + chunk] = sim.max(dim=1)
     best_sim = best_sim.clamp(-1.0, 1.0)
     dist = (1.0 - best_sim) if metric == "cosine" else torch.sqrt((2.0 - 2.0 * best_sim).clamp_min(0.0))
     return dist.numpy().astype(np.float32), best_idx.numpy()
@@ -144,8 +154,7 @@ def calibrate_delta(real_features: Any, metric: str = "cosine", quantile: float 
     return float(np.quantile(d.astype(np.float64), quantile))
 
 
-def overgenerate_plan(target: int, acceptance_estimate: float, max_factor: float = 3.0,
-                      margin: float = 0.1) -> int:
+def overgenerate_plan(target: int, acceptance_estimate: float, max_factor: float = 3.0, margin: float = 0.1) -> int:
     """How many images to generate so that about ``target`` survive filtering.
 
     ``ceil(target * (1 + margin) / acceptance_estimate)``, capped at ``ceil(target * max_factor)``
@@ -153,10 +162,14 @@ def overgenerate_plan(target: int, acceptance_estimate: float, max_factor: float
     from a pilot batch); :func:`select_accepted` then takes the first ``target`` kept images.
     """
     require(isinstance(target, (int, np.integer)) and target >= 0, f"`target` = {target!r}; give an int >= 0.")
-    require(isinstance(acceptance_estimate, (int, float, np.floating)) and 0.0 <= acceptance_estimate <= 1.0,
-            f"`acceptance_estimate` = {acceptance_estimate!r}; give a fraction in [0, 1].")
-    require(isinstance(max_factor, (int, float)) and max_factor >= 1.0,
-            f"`filter.max_factor` = {max_factor!r}; give a number >= 1 (1 = no over-generation).")
+    require(
+        isinstance(acceptance_estimate, (int, float, np.floating)) and 0.0 <= acceptance_estimate <= 1.0,
+        f"`acceptance_estimate` = {acceptance_estimate!r}; give a fraction in [0, 1].",
+    )
+    require(
+        isinstance(max_factor, (int, float)) and max_factor >= 1.0,
+        f"`filter.max_factor` = {max_factor!r}; give a number >= 1 (1 = no over-generation).",
+    )
     require(margin >= 0.0, f"`filter.margin` = {margin!r}; give a number >= 0.")
     target = int(target)
     cap = math.ceil(target * float(max_factor))
@@ -213,8 +226,11 @@ def summarise(
     def block(mask: np.ndarray) -> dict[str, Any]:
         n = int(mask.sum())
         out: dict[str, Any] = {
-            "n": n, "kept": int((keep & mask).sum()), "acceptance_rate": _rate(int((keep & mask).sum()), n),
-            "low_confidence": int((low & mask).sum()), "memorised": int((mem & mask).sum()),
+            "n": n,
+            "kept": int((keep & mask).sum()),
+            "acceptance_rate": _rate(int((keep & mask).sum()), n),
+            "low_confidence": int((low & mask).sum()),
+            "memorised": int((mem & mask).sum()),
             "memorisation_rate": _rate(int((mem & mask).sum()), n),
         }
         if conf is not None:
@@ -269,8 +285,10 @@ class QualityFilter:
         from imgaug_gen.metrics.features import validate_images
 
         _check_threshold(tau, "filter.tau", 0.0, 1.0)
-        require(delta is None or delta == "auto" or (isinstance(delta, (int, float)) and 0.0 <= delta <= 2.0),
-                f"`filter.delta` = {delta!r}; give a distance in [0, 2], 'auto' or null to disable.")
+        require(
+            delta is None or delta == "auto" or (isinstance(delta, (int, float)) and 0.0 <= delta <= 2.0),
+            f"`filter.delta` = {delta!r}; give a distance in [0, 2], 'auto' or null to disable.",
+        )
         require(metric in DISTANCES, f"`filter.metric` = {metric!r}; allowed: {list(DISTANCES)}.")
         require(space in ("features", "pixels"), f"`filter.space` = {space!r}; allowed: ['features', 'pixels'].")
         if tau is not None and not hasattr(domain_features, "predict_proba"):
@@ -305,14 +323,18 @@ class QualityFilter:
         images = validate_images(images, "images")
         y = _labels(labels, images.shape[0])
         if self.space == "pixels":
-            require(images.shape[1:] == self.real_images.shape[1:],
-                    f"`filter.space=pixels` needs images of the real images' shape {self.real_images.shape[1:]}, "
-                    f"got {images.shape[1:]}; use `filter.space=features`.")
+            require(
+                images.shape[1:] == self.real_images.shape[1:],
+                f"`filter.space=pixels` needs images of the real images' shape {self.real_images.shape[1:]}, "
+                f"got {images.shape[1:]}; use `filter.space=features`.",
+            )
         out: dict[str, np.ndarray] = {}
         if hasattr(self.extractor, "predict_proba"):
             probs = self.extractor.predict_proba(images, batch_size=self.batch_size)
-            require(y.min() >= 0 and y.max() < probs.shape[1],
-                    f"`labels` must lie in [0, {probs.shape[1] - 1}] for the domain network's {probs.shape[1]} classes.")
+            require(
+                y.min() >= 0 and y.max() < probs.shape[1],
+                f"`labels` must lie in [0, {probs.shape[1] - 1}] for the domain network's {probs.shape[1]} classes.",
+            )
             out["confidence"] = _stable(probs[np.arange(len(y)), y])
             out["predicted"] = probs.argmax(axis=1).astype(np.int64)
         dist, idx = nearest_real_distance(self._features(images), self.real_features, metric=self.metric)
@@ -323,8 +345,11 @@ class QualityFilter:
     def flags(self, scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``{"low_confidence": mask, "memorised": mask}`` (True = rejected for that reason)."""
         n = len(scores["nearest_real_distance"])
-        low = (np.asarray(scores["confidence"], dtype=np.float64) < self.tau
-               if self.tau is not None else np.zeros(n, dtype=bool))
+        low = (
+            np.asarray(scores["confidence"], dtype=np.float64) < self.tau
+            if self.tau is not None
+            else np.zeros(n, dtype=bool)
+        )
         mem = ~memorisation_filter(scores["nearest_real_distance"], self.delta)
         return {"low_confidence": low, "memorised": mem}
 
@@ -333,16 +358,23 @@ class QualityFilter:
         f = self.flags(scores)
         return ~(f["low_confidence"] | f["memorised"])
 
-    def summarise(self, scores: Mapping[str, np.ndarray], keep: np.ndarray, labels: np.ndarray,
-                  class_names: Sequence[str]) -> dict[str, Any]:
+    def summarise(
+        self, scores: Mapping[str, np.ndarray], keep: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+    ) -> dict[str, Any]:
         """:func:`summarise` with this filter's ``tau`` and ``delta``."""
         out = summarise(scores, keep, labels, class_names, tau=self.tau, delta=self.delta)
-        out.update({"metric": self.metric, "space": self.space,
-                    "features": getattr(self.extractor, "name", None) if self.space == "features" else "pixels"})
+        out.update(
+            {
+                "metric": self.metric,
+                "space": self.space,
+                "features": getattr(self.extractor, "name", None) if self.space == "features" else "pixels",
+            }
+        )
         return out
 
     @staticmethod
     def record(scores: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
         """Image ``i``'s scores as a JSON-serialisable dict (for its manifest line)."""
-        return {k: (int(v[i]) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v[i]))
-                for k, v in scores.items()}
+        return {
+            k: (int(v[i]) if np.issubdtype(np.asarray(v).dtype, np.integer) else float(v[i])) for k, v in scores.items()
+        }

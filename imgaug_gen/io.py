@@ -22,7 +22,6 @@ from typing import Any, BinaryIO, Iterator
 
 from imgaug_gen.errors import ConfigError
 
-
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -127,7 +126,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if _DURABLE:
             os.fsync(fd)
         os.close(fd)
@@ -168,14 +167,15 @@ def canonical_safetensors_header(path: str | os.PathLike) -> None:
     path = Path(path)
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     meta = header.pop("__metadata__", None)
     if not meta or len(meta) < 2:
         return
-    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    text = json.dumps(
+        {"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
 def encode_png(array, compress_level: int = 1) -> bytes:
@@ -198,8 +198,12 @@ def encode_png(array, compress_level: int = 1) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPE[c], 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(raw.tobytes(), int(compress_level))) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw.tobytes(), int(compress_level)))
+        + chunk(b"IEND", b"")
+    )
 
 
 _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
@@ -209,8 +213,12 @@ def _small_png(array) -> bool:
     """What :func:`encode_png` writes: uint8, at most 64 x 64 pixels, 1-4 channels."""
     import numpy as np
 
-    return (array.dtype == np.uint8 and array.ndim in (2, 3) and array.shape[0] * array.shape[1] <= 64 * 64
-            and (array.ndim == 2 or array.shape[2] in _PNG_COLOUR_TYPE))
+    return (
+        array.dtype == np.uint8
+        and array.ndim in (2, 3)
+        and array.shape[0] * array.shape[1] <= 64 * 64
+        and (array.ndim == 2 or array.shape[2] in _PNG_COLOUR_TYPE)
+    )
 
 
 def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compress_level: int = 1) -> None:
@@ -239,8 +247,9 @@ def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compr
 def safe_class_dir(name: str) -> str:
     """A class name as a folder name: refuse anything that could leave ``out_dir``."""
     name = unicodedata.normalize("NFC", str(name))
-    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
-           or name.startswith("."))
+    bad = (
+        not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or name.startswith(".")
+    )
     if bad:
         raise ConfigError(
             f"class name {name!r} cannot be a folder name inside `out_dir` (empty, '.', '..', a path "
@@ -261,7 +270,8 @@ def unique_class_dirs(names, where: str = "class names") -> list[str]:
             raise ConfigError(
                 f"{where}: {seen[key]!r} and {original!r} name the same folder once Unicode-normalised (NFC) and "
                 "case-folded, so their images would merge into one class folder on some file systems. Rename one "
-                "of them.")
+                "of them."
+            )
         seen[key] = original
     return dirs
 
@@ -294,7 +304,8 @@ def confined(root: str | os.PathLike, name: Any, key: str, prefix: str | None = 
         raise ConfigError(
             f"{key} = {name!r} is not a relative path {inside}inside {str(root)!r}: a folder's files may name only "
             "files of that folder. The folder was edited or comes from an untrusted source; fix that value or "
-            "regenerate the folder.")
+            "regenerate the folder."
+        )
     return path
 
 
@@ -323,24 +334,29 @@ def open_image(path: str | os.PathLike, key: str | None = None, expect_size: tup
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with the file named
             im = Image.open(path)
     except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses it at open
-        raise ConfigError(f"{where} is too large: {e} It is over the limit of {limit} pixels (PIL's "
-                          "`Image.MAX_IMAGE_PIXELS`, its decompression-bomb guard). Remove it.") from None
+        raise ConfigError(
+            f"{where} is too large: {e} It is over the limit of {limit} pixels (PIL's "
+            "`Image.MAX_IMAGE_PIXELS`, its decompression-bomb guard). Remove it."
+        ) from None
     except OSError as e:
         raise ConfigError(f"{where} cannot be read as an image ({type(e).__name__}: {e}).") from None
     w, h = im.size
     if limit is not None and w * h > limit:
         im.close()
-        raise ConfigError(f"{where} is {w}x{h} = {w * h} pixels, over the limit of {limit} "
-                          "(PIL's `Image.MAX_IMAGE_PIXELS`, its decompression-bomb guard). Remove it.")
+        raise ConfigError(
+            f"{where} is {w}x{h} = {w * h} pixels, over the limit of {limit} "
+            "(PIL's `Image.MAX_IMAGE_PIXELS`, its decompression-bomb guard). Remove it."
+        )
     if expect_size is not None and (w, h) != tuple(expect_size):
         im.close()
-        raise ConfigError(f"{where} is {w}x{h} pixels; the other images here are "
-                          f"{expect_size[0]}x{expect_size[1]}. Every image of a folder must have the same size.")
+        raise ConfigError(
+            f"{where} is {w}x{h} pixels; the other images here are "
+            f"{expect_size[0]}x{expect_size[1]}. Every image of a folder must have the same size."
+        )
     return im
 
 
-def read_image_array(path: str | os.PathLike, key: str | None = None,
-                     expect_size: tuple[int, int] | None = None):
+def read_image_array(path: str | os.PathLike, key: str | None = None, expect_size: tuple[int, int] | None = None):
     """uint8 ``[H, W]`` / ``[H, W, C]`` pixels of an image, checked by :func:`open_image` first."""
     import numpy as np
 
@@ -394,12 +410,19 @@ class FolderLock:
         except BlockingIOError:
             os.close(fd)
             h = self.holder()
-            who = (f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}: "
-                   f"{h.get('command', '?')}") if h else "a process that has not written its details yet"
+            who = (
+                (
+                    f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}: "
+                    f"{h.get('command', '?')}"
+                )
+                if h
+                else "a process that has not written its details yet"
+            )
             raise ConfigError(
                 f"`{self.folder}` is in use by another {self.what} ({who}). Wait for it to finish or stop it, or "
                 f"choose another folder. If no such process runs (a network file system that ignores locks), "
-                f"delete {str(self.path)!r}.") from None
+                f"delete {str(self.path)!r}."
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -412,8 +435,12 @@ class FolderLock:
         import sys
         import time
 
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv) or sys.executable}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv) or sys.executable,
+        }
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, (json.dumps(info, sort_keys=True) + "\n").encode("utf-8"), 0)
 
@@ -482,3 +509,17 @@ def tree_hash(path: str | os.PathLike) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def jsonable(value: Any) -> Any:
+    """Config values (diffusers' FrozenDicts, tuples, numpy scalars) as JSON-able plain Python; keys
+    starting with ``_`` (diffusers' bookkeeping) are left out."""
+    from collections.abc import Mapping
+
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and type(value).__module__ == "numpy":
+        return value.item()
+    return value

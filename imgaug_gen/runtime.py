@@ -26,8 +26,8 @@ def prepare_process() -> None:
     """Flush denormal floats to zero, and let glibc's malloc keep the blocks torch frees for reuse."""
     import torch
 
-    # Weights drifting towards zero produce denormal floats, which made CPU steps 2x slower
-    # late in training (benchmarks/bench_cgan_step.py); flushing them changes nothing visible.
+    # Weights drifting towards zero produce denormal floats, which slow CPU steps late in training
+    # (benchmarks/README.md); flushing them changes nothing visible.
     torch.set_flush_denormal(True)
     keep_freed_memory()
 
@@ -37,11 +37,9 @@ def keep_freed_memory() -> bool:
 
     torch's CPU allocator is plain ``malloc``/``free``. A forward at batch 64 allocates and frees
     activations of a few MiB; glibc serves those with ``mmap`` and returns them to the kernel on
-    ``free``, so every batch faults its memory in again, page by page. On the 2-core VM the
-    benchmarks ran on, a 20,000-image cGAN forward (``benchmarks/bench_generate.py``) took 1.15-1.5
-    million page faults, and these thresholds cut them about 70-fold and its time by a few percent to
-    a half, depending on what a fault cost on the machine at the time. This is what jemalloc or tcmalloc (PyTorch's CPU tuning guide's advice) do
-    by default; ``mallopt`` gets it without a preloaded library. Returns whether it changed anything:
+    ``free``, so every batch faults its memory in again, page by page (measured: benchmarks/README.md,
+    bench_generate). This is what jemalloc or tcmalloc (PyTorch's CPU tuning guide's advice) do by
+    default; ``mallopt`` gets it without a preloaded library. Returns whether it changed anything:
     not on other C libraries, under a preloaded allocator, when the user set glibc's malloc
     variables themselves, or with ``IMGAUG_GEN_MALLOC=default``.
     """
@@ -49,20 +47,27 @@ def keep_freed_memory() -> bool:
     if _done:
         return False
     env = os.environ
-    user_set = (env.get("IMGAUG_GEN_MALLOC", "").lower() == "default"
-                or "malloc" in env.get("GLIBC_TUNABLES", "") or "alloc" in env.get("LD_PRELOAD", "")
-                or any(k in env for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")))
+    user_set = (
+        env.get("IMGAUG_GEN_MALLOC", "").lower() == "default"
+        or "malloc" in env.get("GLIBC_TUNABLES", "")
+        or "alloc" in env.get("LD_PRELOAD", "")
+        or any(k in env for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    )
     if user_set or not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their malloc has other knobs
         return False
     # The mmap threshold first: setting either one turns off glibc's dynamic threshold, and a trim
-    # threshold alone would send every block over 128 KiB to mmap (measured: 7x the page faults).
+    # threshold alone would send every block over 128 KiB to mmap.
     ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _done = ok
-    log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB (%s)", MMAP_THRESHOLD >> 20,
-              TRIM_THRESHOLD >> 20, "set" if ok else "refused")
+    log.debug(
+        "glibc malloc: mmap threshold %d MiB, trim threshold %d MiB (%s)",
+        MMAP_THRESHOLD >> 20,
+        TRIM_THRESHOLD >> 20,
+        "set" if ok else "refused",
+    )
     return ok
 
 

@@ -17,7 +17,7 @@ from imgaug_gen.errors import ConfigError
 
 Mode = Literal["sample", "img2img"]
 #: the most images (or edits per real image) a generate job plans per class; the whole plan is
-#: bounded too (``imgaug_gen.pipeline.MAX_PLANNED``): every planned item is held in memory
+#: bounded too (``imgaug_gen.jobs.generate.MAX_PLANNED``): every planned item is held in memory
 MAX_PER_CLASS = 10_000_000
 Fraction = Field(ge=0, le=1)
 
@@ -59,8 +59,10 @@ class Mix(_Block):
     @model_validator(mode="after")
     def _rules(self):
         if self.synthetic_ratio is not None and self.target_per_class is not None:
-            raise ValueError(f"`mix.synthetic_ratio` = {self.synthetic_ratio} and `mix.target_per_class` = "
-                             f"{self.target_per_class} are both set; set one of them (the other null)")
+            raise ValueError(
+                f"`mix.synthetic_ratio` = {self.synthetic_ratio} and `mix.target_per_class` = "
+                f"{self.target_per_class} are both set; set one of them (the other null)"
+            )
         modes = [s.mode for s in self.sources]
         if len(set(modes)) != len(modes):
             raise ValueError(f"`mix.sources` names a mode twice ({modes}); give each mode once")
@@ -104,8 +106,10 @@ class Metrics(_Block):
     def _weights_given(self):
         key = f"{self.features}_weights"
         if self.features != "domain" and not getattr(self, key):
-            raise ValueError(f"`metrics.features` = {self.features!r} needs `metrics.{key}` (a local path; nothing is "
-                             "downloaded at run time; README: Which feature space), or use `metrics.features=domain`")
+            raise ValueError(
+                f"`metrics.features` = {self.features!r} needs `metrics.{key}` (a local path; nothing is "
+                "downloaded at run time; README: Which feature space), or use `metrics.features=domain`"
+            )
         return self
 
 
@@ -157,8 +161,9 @@ def _value_at(data: Any, loc: tuple) -> Any:
     return data
 
 
-def validate(config: Any, schema: type[BaseModel], name: str, prefix: str | None = None,
-             source: str | None = None) -> BaseModel:
+def validate(
+    config: Any, schema: type[BaseModel], name: str, prefix: str | None = None, source: str | None = None
+) -> BaseModel:
     """``config`` (a DictConfig or a mapping) checked against ``schema``; the first problem raises a
     :class:`ConfigError` ``` `key` = value: what is expected (conf/<name>.yaml) ```. ``prefix``: the
     block's key in its job config (``metrics``), put in front of the keys named in messages.
@@ -180,8 +185,10 @@ def validate(config: Any, schema: type[BaseModel], name: str, prefix: str | None
             loc, msg = loc[:-1], f"too few items (item {loc[-1]} is missing)"
         if err["type"] == "extra_forbidden":
             allowed = sorted(_fields_at(schema, loc[:-1]))
-            raise ConfigError(f"`{_where(loc)}` is not a key of the {name} config ({where}); "
-                              f"allowed here: {allowed}. Check the spelling.") from None
+            raise ConfigError(
+                f"`{_where(loc)}` is not a key of the {name} config ({where}); "
+                f"allowed here: {allowed}. Check the spelling."
+            ) from None
         if not loc:  # a cross-field rule of the top-level config
             raise ConfigError(f"{msg} ({where}).") from None
         if msg.startswith("`"):  # a cross-field rule of a block: already names its keys
@@ -239,7 +246,9 @@ class GeneratorEntry(_Block):
     def _one_source(self):
         given = [k for k in ("train", "run_of", "run_dir", "folder") if getattr(self, k) is not None]
         if self.enabled and len(given) != 1:
-            raise ValueError(f"must give exactly one of ['train', 'run_of', 'run_dir', 'folder'], got {given or 'none'}")
+            raise ValueError(
+                f"must give exactly one of ['train', 'run_of', 'run_dir', 'folder'], got {given or 'none'}"
+            )
         return self
 
 
@@ -315,9 +324,11 @@ def _locate(target: str, key: str, name: str) -> type:
     try:
         return get_class(target)
     except Exception as e:  # noqa: BLE001 - Hydra raises ImportError / ValueError with its own wording
-        raise ConfigError(f"`{key}._target_` = {target!r} cannot be imported ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0]}); give a class path like `package.module.Class` "
-                          f"(conf/{name}.yaml).") from None
+        raise ConfigError(
+            f"`{key}._target_` = {target!r} cannot be imported ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); give a class path like `package.module.Class` "
+            f"(conf/{name}.yaml)."
+        ) from None
 
 
 def _hint(hints: dict, param) -> Any:
@@ -348,7 +359,7 @@ def signature_schema(cls: type) -> tuple[type[BaseModel], bool]:
     for klass in cls.__mro__:
         if klass is object or "__init__" not in vars(klass):
             continue
-        init = vars(klass)["__init__"]
+        init = inspect.unwrap(vars(klass)["__init__"])  # the constructor itself, not a checking wrapper
         try:
             hints = typing.get_type_hints(init, include_extras=True)
         except Exception:  # noqa: BLE001 - unresolvable forward references: types unchecked
@@ -369,8 +380,7 @@ def signature_schema(cls: type) -> tuple[type[BaseModel], bool]:
     return create_model(f"{cls.__name__}Args", __config__=config, **fields), open_ended
 
 
-def check_args(cls: type, key: str, values: dict[str, Any], name: str | None = None,
-               target: str | None = None) -> None:
+def check_args(cls: type, key: str, values: dict[str, Any], name: str | None = None, target: str | None = None) -> None:
     """``values`` (the arguments given for ``cls``) against ``cls``'s annotated constructor: unknown keys
     (naming the allowed ones), wrong types and out-of-range values raise a :class:`ConfigError` naming
     ``key.<arg>``. Missing required arguments are left to the job, which injects data facts
@@ -386,11 +396,15 @@ def check_args(cls: type, key: str, values: dict[str, Any], name: str | None = N
             return
         loc = (key, *err["loc"])
         if err["type"] == "extra_forbidden":
-            raise ConfigError(f"`{_where(loc)}` is not an argument of {where}; allowed here: "
-                              f"{sorted(schema.model_fields)}. Check the spelling.") from None
+            raise ConfigError(
+                f"`{_where(loc)}` is not an argument of {where}; allowed here: "
+                f"{sorted(schema.model_fields)}. Check the spelling."
+            ) from None
         msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"`{_where(loc)}` = {_value_at(values, err['loc'])!r}: {msg[0].lower() + msg[1:]} "
-                          f"(an argument of {target}{f'; conf/{name}.yaml' if name else ''}).") from None
+        raise ConfigError(
+            f"`{_where(loc)}` = {_value_at(values, err['loc'])!r}: {msg[0].lower() + msg[1:]} "
+            f"(an argument of {target}{f'; conf/{name}.yaml' if name else ''})."
+        ) from None
 
 
 def check_target(node: Any, key: str, name: str) -> None:

@@ -30,13 +30,17 @@ def upgrade_folder(path: str | Path) -> Path:
     text = cfg_file.read_text(encoding="utf-8")
     config = json.loads(text)
     if config.get("format_version") != 1:
-        raise ConfigError(f"`{cfg_file}` has format_version={config.get('format_version')!r}; only format 1 is upgraded.")
+        raise ConfigError(
+            f"`{cfg_file}` has format_version={config.get('format_version')!r}; only format 1 is upgraded."
+        )
     data = config.get("data")
     if isinstance(data, dict) and "_target_" in data:
         target = data["_target_"]
         if target not in LEGACY_DATA_TARGETS:
-            raise ConfigError(f"`{cfg_file}`: `data._target_` = {target!r} is not a built-in data class; register it as a "
-                              "data kind (@register_data_kind) and write `data` as {\"kind\", \"args\"} by hand.")
+            raise ConfigError(
+                f"`{cfg_file}`: `data._target_` = {target!r} is not a built-in data class; register it as a "
+                'data kind (@register_data_kind) and write `data` as {"kind", "args"} by hand.'
+            )
         args = {k: v for k, v in data.items() if not (k.startswith("_") and k.endswith("_"))}
         config["data"] = {"kind": LEGACY_DATA_TARGETS[target], "args": args}
     rest = _find_targets(config)

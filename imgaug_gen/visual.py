@@ -25,7 +25,7 @@ def tile(rows: Sequence[Sequence[np.ndarray]], pad: int = 2, fill: int = 255) ->
     for i, row in enumerate(cells):
         for j, img in enumerate(row):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[y:y + h, x:x + w] = img
+            out[y : y + h, x : x + w] = img
     return out
 
 
@@ -49,7 +49,7 @@ def _font(size: int):
 
 def _short(name, limit: int = 24) -> str:
     name = str(name)
-    return name if len(name) <= limit else name[:limit - 1] + "\u2026"
+    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
 
 
 def font_size_for(cell: int) -> int:
@@ -57,8 +57,12 @@ def font_size_for(cell: int) -> int:
     return int(min(28, max(13, cell // 5)))
 
 
-def add_labels(grid: np.ndarray, rows: Sequence[tuple[str, float, float]] = (),
-               cols: Sequence[tuple[str, float, float]] = (), font_size: int = 14) -> np.ndarray:
+def add_labels(
+    grid: np.ndarray,
+    rows: Sequence[tuple[str, float, float]] = (),
+    cols: Sequence[tuple[str, float, float]] = (),
+    font_size: int = 14,
+) -> np.ndarray:
     """``grid`` (HWC or HW uint8) with white margins holding dark text: each row name left of the
     grid, right-aligned and centred on its ``[y0, y1)``; each column title above, centred on its
     ``[x0, x1)`` (grid pixel coordinates). Returns the larger RGB image."""
@@ -90,8 +94,14 @@ def _row_spans(n: int, cell: int, pad: int, scale: int) -> list[tuple[float, flo
     return [((pad + i * (cell + pad)) * scale, (pad + i * (cell + pad) + cell) * scale) for i in range(n)]
 
 
-def class_grid(images: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
-               path: str | Path | None = None, scale: int | None = None, names: bool = True) -> np.ndarray:
+def class_grid(
+    images: np.ndarray,
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    path: str | Path | None = None,
+    scale: int | None = None,
+    names: bool = True,
+) -> np.ndarray:
     """One row per class (in label order), each row named on the left (``names=False``: the bare
     grid). Saved to ``path`` if given."""
     labels = np.asarray(labels)
@@ -103,8 +113,11 @@ def class_grid(images: np.ndarray, labels: Sequence[int], class_names: Sequence[
     grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid
     if names:
         spans = _row_spans(len(present), images.shape[1], 2, scale)
-        grid = add_labels(grid, rows=[(_short(class_names[c]), *span) for c, span in zip(present, spans)],
-                          font_size=font_size_for(images.shape[1] * scale))
+        grid = add_labels(
+            grid,
+            rows=[(_short(class_names[c]), *span) for c, span in zip(present, spans)],
+            font_size=font_size_for(images.shape[1] * scale),
+        )
     if path is not None:
         from imgaug_gen.io import atomic_save_image
 
@@ -121,16 +134,24 @@ PREVIEW_GROUPS = (
 )
 
 
-def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequence[str],
-                  per_group: int = 6, path: str | Path | None = None) -> Path:
+def preview_sheet(
+    out_dir: str | Path,
+    records: list[dict],
+    class_names: Sequence[str],
+    per_group: int = 6,
+    path: str | Path | None = None,
+) -> Path:
     """``OUT/preview.png``: one row per class, named on the left; columns titled real | synthetic
     (sample) | img2img | augmented copies (those present), ``per_group`` of each, blocks separated by
     a blank cell."""
     from imgaug_gen.data.manifest import load_folder_images
 
     out_dir = Path(out_dir)
-    picked = {(name, g): [r for r in records if r["class_name"] == name and keep(r)][:per_group]
-              for name in class_names for g, keep in PREVIEW_GROUPS}
+    picked = {
+        (name, g): [r for r in records if r["class_name"] == name and keep(r)][:per_group]
+        for name in class_names
+        for g, keep in PREVIEW_GROUPS
+    }
     groups = [g for g, _ in PREVIEW_GROUPS if any(picked[(n, g)] for n in class_names)]
     names = [n for n in class_names if any(picked[(n, g)] for g in groups)]
     if not names:
@@ -141,8 +162,10 @@ def preview_sheet(out_dir: str | Path, records: list[dict], class_names: Sequenc
     scale = max(1, 64 // cell.shape[0])
     probe_font = font_size_for(cell.shape[0] * scale)
     # Each column block is as wide as its fullest class (wide enough for its title), so columns line up.
-    widths = {g: max(max(len(loaded[(n, g)]) for n in names), _title_cells(g, cell.shape[1] * scale, probe_font))
-              for g in groups}
+    widths = {
+        g: max(max(len(loaded[(n, g)]) for n in names), _title_cells(g, cell.shape[1] * scale, probe_font))
+        for g in groups
+    }
     rows, cols, x = [], [], 0
     for g in groups:
         cols.append((g, *_col_span(x, widths[g], cell.shape[1], scale)))
@@ -240,8 +263,11 @@ def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
     from imgaug_gen.io import atomic_path
 
     metrics_csv, path = Path(metrics_csv), Path(path)
-    require(metrics_csv.is_file(), f"`{metrics_csv}` does not exist; train with `logger=csv` (the default) "
-                                   "to get the metrics a progress plot is drawn from.")
+    require(
+        metrics_csv.is_file(),
+        f"`{metrics_csv}` does not exist; train with `logger=csv` (the default) "
+        "to get the metrics a progress plot is drawn from.",
+    )
     series, per_batch = _csv_series(metrics_csv)
     losses = {k: v for k, v in series.items() if not k.startswith("val/")}
     scores = {k: v for k, v in series.items() if k.startswith("val/") and k != "val/kid"}
@@ -252,8 +278,14 @@ def progress_plot(metrics_csv: str | Path, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     def draw(ax, name, pts, **kw):
-        return ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
-                       markersize=3, label=name, **kw)
+        return ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o" if len(pts) < 30 else None,
+            markersize=3,
+            label=name,
+            **kw,
+        )
 
     fig = Figure(figsize=(10, 3.6), dpi=100)
     ax_loss, ax_fid = fig.subplots(1, 2)

@@ -20,15 +20,12 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Tiny data + metrics, shared by every kind.
-TINY_DATA = ["data=digits", "data.image_size=16", "data.shots=6", "data.batch_size=16"]
-TINY_METRICS = ["metrics.domain_steps=60"]
-TINY_CALLBACKS = ["callbacks.checkpoint.every_n_train_steps=4", "callbacks.samples.every_n_steps=4",
-                  "callbacks.samples.n_per_class=2", "callbacks.fidelity.every_n_steps=8",
-                  "callbacks.fidelity.n_per_class=5", "callbacks.export.every_n_steps=0"]
-TINY_MODELS = {
-    "cgan": ["model=cgan", "model.g_width=8", "model.d_width=8", "model.z_dim=16", "trainer.max_steps=8"],
-}
+# What the tests train with: conf/debug/tiny.yaml (16 px digits, 6 shots, 8 optimiser steps, a tiny feature
+# network, frequent checkpoints and grids) and its model part (debug/model/tiny_<kind>.yaml: narrow nets).
+TINY_DATA = ["debug=tiny", "data=digits"]
+TINY_METRICS = ["metrics.domain_steps=60"]  # generate / evaluate configs have no debug group
+TINY_CALLBACKS: list[str] = []  # in debug=tiny
+TINY_MODELS = {"cgan": ["model=cgan"]}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,20 +59,34 @@ def one_thread():
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The one environment for the front ends run as subprocesses: offline, one thread, the session cache."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false", **extra}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
 
 
 def train_overrides(kind: str, run_dir: Path, *extra: str) -> list[str]:
-    return [*TINY_MODELS[kind], *TINY_DATA, *TINY_METRICS, *TINY_CALLBACKS, "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", f"run_dir={run_dir}", *extra]
+    return [
+        *TINY_MODELS[kind],
+        *TINY_DATA,
+        *TINY_METRICS,
+        *TINY_CALLBACKS,
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
 def trained_cgan(tmp_path_factory):
     """A tiny cGAN run folder shared by the tests that only read it."""
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     run_dir = tmp_path_factory.mktemp("cgan_run")
     train(compose_config("train", train_overrides("cgan", run_dir)))
@@ -122,8 +133,9 @@ def gen_cfg(run_dir, out_dir, *extra):
     """A tiny generate config (4 per class, no progress bar)."""
     from imgaug_gen.config import compose_config
 
-    return compose_config("generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", "n_per_class=4",
-                                       "progress=false", *extra])
+    return compose_config(
+        "generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", "n_per_class=4", "progress=false", *extra]
+    )
 
 
 def class_counts(out_dir) -> dict[str, int]:
@@ -165,14 +177,16 @@ def train_killed_and_resumed(cmd, tmp_path, first_step: int, max_steps: int):
     full, killed = tmp_path / "full", tmp_path / "killed"
     done = subprocess.run(cmd(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     ckpt = killed / "checkpoints" / "last.ckpt"
     kill_when(proc, ckpt.is_file)
     assert proc.returncode == -signal.SIGKILL
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert first_step <= step < max_steps  # killed part-way, after a checkpoint
-    resumed = subprocess.run(cmd(killed, f"ckpt_path={ckpt}"), cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        cmd(killed, f"ckpt_path={ckpt}"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return full, killed

@@ -6,9 +6,14 @@ import torch
 
 # A 2-level UNet (8, 16) with attention at the lowest resolution, 10 training timesteps,
 # 4 DDIM steps: a few seconds of training on 2 CPU cores.
-TINY_UNET = {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-             "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8,
-             "attention_head_dim": 8}
+TINY_UNET = {
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
 TINY_DDPM = [
     "model=ddpm",
     "model.unet.block_out_channels=[8,16]",
@@ -34,6 +39,13 @@ def make_generator():
             p.add_(0.05 * torch.randn_like(p))
     train = DDPMScheduler(num_train_timesteps=10, beta_schedule="squaredcos_cap_v2")
     sample = DDIMScheduler.from_config(train.config, timestep_spacing="trailing")
-    return DDPMGenerator.from_unet(unet, num_classes=3, class_names=["a", "b", "c"], image_shape=[1, 16, 16],
-                                   train_scheduler=train, sample_scheduler=sample, num_inference_steps=4,
-                                   guidance_scale=2.0)
+    return DDPMGenerator.from_unet(
+        unet,
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        image_shape=[1, 16, 16],
+        train_scheduler=train,
+        sample_scheduler=sample,
+        num_inference_steps=4,
+        guidance_scale=2.0,
+    )

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, digits_images
 from imgaug_gen.augment import Augmenter, build_augmenter
 from imgaug_gen.errors import ConfigError
+
+from conftest import ROOT, digits_images
 
 
 def _preset(name: str):
@@ -82,15 +83,22 @@ def test_replay_from_recorded_params_and_serialised_config(presets):
     for img, out, rec in zip(images, outs, stored_recs):
         assert np.array_equal(rebuilt.replay(img, rec), out)
     names = {t["name"] for rec in records for t in rec["transforms"]}
-    assert names and names <= {"Affine", "Perspective", "RandomBrightnessContrast", "GaussianBlur", "GaussNoise",
-                               "CoarseDropout"}
+    assert names and names <= {
+        "Affine",
+        "Perspective",
+        "RandomBrightnessContrast",
+        "GaussianBlur",
+        "GaussNoise",
+        "CoarseDropout",
+    }
     assert stored_cfg["name"] == "strong" and stored_cfg["transform"]["__class_fullname__"] == "Compose"
 
 
 def test_transforms_draw_independently():
     """albumentations' Compose(seed) gives every transform the same seed; ours must not."""
-    aug = build_augmenter({"name": "custom", "transforms": [{"name": "InvertImg", "p": 0.5},
-                                                           {"name": "VerticalFlip", "p": 0.5}]})
+    aug = build_augmenter(
+        {"name": "custom", "transforms": [{"name": "InvertImg", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}]}
+    )
     img = _image(8, 1)
     fired = [[t["name"] for t in aug.apply(img, s)[1]["transforms"]] for s in range(400)]
     both = np.mean([len(f) == 2 for f in fired])
@@ -110,16 +118,20 @@ def test_custom_example_and_nested_containers():
 @pytest.mark.parametrize(
     ("transforms", "match"),
     [
-        ([{"name": "Affine", "p": 0.5}, {"name": "HorizonalFlip"}],
-         r"`augment.transforms\[1\].name` = 'HorizonalFlip' is not an albumentations transform\. "
-         r"Did you mean \['HorizontalFlip'"),
+        (
+            [{"name": "Affine", "p": 0.5}, {"name": "HorizonalFlip"}],
+            r"`augment.transforms\[1\].name` = 'HorizonalFlip' is not an albumentations transform\. "
+            r"Did you mean \['HorizontalFlip'",
+        ),
         ([{"name": "Affine", "rotat": [-5, 5]}], r"`augment.transforms\[0\]` \(Affine\) has a bad argument: .*rotat"),
         ([{"name": "GaussNoise", "std_range": "big"}], r"`augment.transforms\[0\]` \(GaussNoise\) has a bad argument"),
         ([{"name": "Affine", "p": 1.5}], r"`augment.transforms\[0\]` \(Affine\) has a bad argument"),
         ([{"p": 0.5}], r"`augment.transforms\[0\]` = .* must be a mapping with a `name` key"),
         ([{"name": "Compose"}], r"`augment.transforms\[0\].name` = 'Compose' is not an albumentations transform"),
-        ([{"name": "OneOf", "transforms": [{"name": "Blur"}, {"name": "Nope"}]}],
-         r"`augment.transforms\[0\].transforms\[1\].name` = 'Nope'"),
+        (
+            [{"name": "OneOf", "transforms": [{"name": "Blur"}, {"name": "Nope"}]}],
+            r"`augment.transforms\[0\].transforms\[1\].name` = 'Nope'",
+        ),
         ([{"name": "OneOf"}], r"`augment.transforms\[0\]` \(OneOf\) needs a non-empty `transforms` list"),
     ],
 )
@@ -141,8 +153,11 @@ def test_bad_top_level_keys():
 
 def test_shape_changing_transform_is_rejected():
     cfg = {"name": "custom", "transforms": [{"name": "Blur"}, {"name": "RandomCrop", "height": 8, "width": 8}]}
-    with pytest.raises(ConfigError, match=r"`augment.transforms\[1\]` \(RandomCrop\) changes the image shape "
-                                          r"from \(16, 16, 1\) to \(8, 8, 1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`augment.transforms\[1\]` \(RandomCrop\) changes the image shape "
+        r"from \(16, 16, 1\) to \(8, 8, 1\)",
+    ):
         build_augmenter(cfg, image_shape=(16, 16, 1))
     aug = build_augmenter(cfg)  # without a shape the check happens at apply time
     with pytest.raises(ConfigError, match=r"changed the image shape from \(16, 16, 1\) to \(8, 8, 1\)"):

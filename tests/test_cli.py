@@ -15,8 +15,9 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("script, group", [("train.py", "model"), ("generate.py", "augment"),
-                                           ("evaluate.py", "augment")])
+@pytest.mark.parametrize(
+    "script, group", [("train.py", "model"), ("generate.py", "augment"), ("evaluate.py", "augment")]
+)
 def test_help_lists_groups(script, group):
     out = _run(script, "--help")
     assert out.returncode == 0, out.stderr
@@ -31,8 +32,10 @@ def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
-@pytest.mark.parametrize("experiment, target", [("digits_cgan", "CGANModule"), ("digits_ddpm", "DDPMModule"),
-                                                ("folder_sd_lora", "SDLoRAModule")])
+@pytest.mark.parametrize(
+    "experiment, target",
+    [("digits_cgan", "CGANModule"), ("digits_ddpm", "DDPMModule"), ("folder_sd_lora", "SDLoRAModule")],
+)
 def test_experiment_recipes_compose(experiment, target):
     from imgaug_gen.config import compose_config
 
@@ -44,10 +47,11 @@ def test_every_public_name_has_a_readme_example():
     import imgaug_gen
 
     readme = (ROOT / "README.md").read_text()
-    api = readme[readme.index("## Python API"):]
-    api = api[:api.index("\n## ", 5)]
-    missing = [n for n in imgaug_gen.__all__ if f"{n}(" not in api and f"@{n}" not in api
-               and not (n[0].isupper() and n in api)]
+    api = readme[readme.index("## Python API") :]
+    api = api[: api.index("\n## ", 5)]
+    missing = [
+        n for n in imgaug_gen.__all__ if f"{n}(" not in api and f"@{n}" not in api and not (n[0].isupper() and n in api)
+    ]
     assert not missing, f"README's Python API section lacks an example of {missing}"
     for n in imgaug_gen.__all__:  # each name resolves (lazily) to the package's own callable or class
         obj = getattr(imgaug_gen, n)
@@ -62,6 +66,7 @@ def test_no_function_in_the_package_is_80_lines_or_longer():
     for path in sorted((ROOT / "imgaug_gen").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 >= 80:
-                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
-                            f"({node.end_lineno - node.lineno + 1} lines)")
+                long.append(
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                )
     assert not long, long

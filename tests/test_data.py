@@ -167,7 +167,10 @@ def test_digits_dataloaders(digits):
         ({"test_fraction": 1.0}, r"`data.test_fraction` = 1.0: input should be less than 1"),
         ({"batch_size": 0}, r"`data.batch_size` = 0: input should be greater than or equal to 1"),
         ({"batch_size": "x"}, r"`data.batch_size` = 'x': input should be a valid integer"),
-        ({"test_fraction": 0.5, "val_fraction": 0.5}, r"`data.val_fraction` \+ `data.test_fraction` = 0.5 \+ 0.5 leaves no"),
+        (
+            {"test_fraction": 0.5, "val_fraction": 0.5},
+            r"`data.val_fraction` \+ `data.test_fraction` = 0.5 \+ 0.5 leaves no",
+        ),
     ],
 )
 def test_digits_argument_errors(kwargs, match):
@@ -223,7 +226,11 @@ def test_folder_converts_every_mode(tmp_path):
         recs = dm.train_records()
         names = [Path(r["path"]).name for r in recs]
         assert names == ["gray.png", "pal.png", "rgb.jpg", "rgba.png", "sixteen.png"] + [
-            "bmp.bmp", "bw.png", "cmyk.jpg", "la.png", "one.png"
+            "bmp.bmp",
+            "bw.png",
+            "cmyk.jpg",
+            "la.png",
+            "one.png",
         ]
         by_name = dict(zip(names, x))
         assert by_name["rgba.png"].max() == 0  # transparent on black
@@ -408,7 +415,9 @@ def test_folder_errors(tmp_path):
         folder_dm(empty).setup()
 
     ok = make_folder(tmp_path / "ok", {"a": 3, "b": 3})
-    with pytest.raises(ConfigError, match=r"`data.resize` = 'stretch': input should be 'resize', 'center_crop' or 'pad'"):
+    with pytest.raises(
+        ConfigError, match=r"`data.resize` = 'stretch': input should be 'resize', 'center_crop' or 'pad'"
+    ):
         folder_dm(ok, resize="stretch").setup()
     with pytest.raises(ConfigError, match=r"`data.on_corrupt` = 'ignore': input should be 'error' or 'skip'"):
         folder_dm(ok, on_corrupt="ignore").setup()
@@ -472,7 +481,9 @@ def test_step_batch_sampler_ranks_are_disjoint_slices():
 
 def _loader(**kw):
     ds = torch.utils.data.TensorDataset(torch.arange(11))
-    return ResumableDataLoader(ds, batch_sampler=StepBatchSampler(11, 4, seed=5, num_batches=50, rank=0, world_size=1), **kw)
+    return ResumableDataLoader(
+        ds, batch_sampler=StepBatchSampler(11, 4, seed=5, num_batches=50, rank=0, world_size=1), **kw
+    )
 
 
 def test_resumable_dataloader_state_round_trip():

@@ -14,8 +14,9 @@ from conftest import ROOT, train_overrides
 
 
 def _train(args, env, cwd):
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=cwd,
-                         timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
@@ -57,8 +58,8 @@ def test_ddp_fid_equals_single_process_value(ddp_run):
     """FID/KID gathered over 2 processes = the one-process value for the same generator and data."""
     from imgaug_gen.config import compose_config
     from imgaug_gen.generators.base import load_generator, per_image_seeds
+    from imgaug_gen.jobs.train import build_datamodule
     from imgaug_gen.metrics import FidelityEvaluator, build_feature_extractor
-    from imgaug_gen.training import build_datamodule
 
     tmp, run, over, _, env = ddp_run
     os.environ["IMGAUG_GEN_CACHE"] = env["IMGAUG_GEN_CACHE"]
@@ -76,7 +77,8 @@ def test_ddp_fid_equals_single_process_value(ddp_run):
     torch.set_num_threads(1)  # as in the DDP ranks (OMP_NUM_THREADS=1): same kernels, same bits
     try:
         single = FidelityEvaluator(extractor, images).evaluate(
-            gen.sample(y, per_image_seeds(cfg.callbacks.fidelity.seed, 0, len(y))))
+            gen.sample(y, per_image_seeds(cfg.callbacks.fidelity.seed, 0, len(y)))
+        )
     finally:
         torch.set_num_threads(threads)
     row = _fid_rows(run)[-1]
@@ -90,8 +92,11 @@ def test_ddp_resumes_from_checkpoint(ddp_run):
     tmp, run, over, ddp, env = ddp_run
     run2 = tmp / "run_resumed"
     over2 = [o.replace("trainer.max_steps=8", "trainer.max_steps=12") for o in over]
-    _train([*over2, *[d.replace(str(run), str(run2)) for d in ddp], f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
-           env, tmp)
+    _train(
+        [*over2, *[d.replace(str(run), str(run2)) for d in ddp], f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
+        env,
+        tmp,
+    )
     ckpt = torch.load(run2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 12
     from imgaug_gen.generators.base import read_run_config

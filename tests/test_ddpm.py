@@ -11,23 +11,31 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CALLBACKS, TINY_DATA, TINY_METRICS, class_counts, cli_env
-from factories_ddpm import TINY_DDPM, TINY_UNET, make_generator
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator, per_image_seeds
 
+from conftest import ROOT, TINY_CALLBACKS, TINY_DATA, TINY_METRICS, class_counts, cli_env
+from factories_ddpm import TINY_DDPM, TINY_UNET, make_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ddpm_overrides(run_dir, *extra: str) -> list[str]:
-    return [*TINY_DDPM, *TINY_DATA, *TINY_METRICS, *TINY_CALLBACKS, "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", f"run_dir={run_dir}", *extra]
+    return [
+        *TINY_DDPM,
+        *TINY_DATA,
+        *TINY_METRICS,
+        *TINY_CALLBACKS,
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 def _train(run_dir, *extra: str):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     return train(compose_config("train", ddpm_overrides(run_dir, *extra)))
 
@@ -98,10 +106,11 @@ def test_guidance_and_samplers_change_output(gen):
 
 def test_dpmsolver_as_configured_sampler(tmp_path):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import build_datamodule, build_module
+    from imgaug_gen.jobs.train import build_datamodule, build_module
 
-    cfg = compose_config("train", ddpm_overrides(tmp_path, "model.sample_scheduler._target_="
-                                                 "diffusers.DPMSolverMultistepScheduler"))
+    cfg = compose_config(
+        "train", ddpm_overrides(tmp_path, "model.sample_scheduler._target_=diffusers.DPMSolverMultistepScheduler")
+    )
     module = build_module(cfg, build_datamodule(cfg))
     g = module.to_generator()
     assert type(g._templates[None]).__name__ == "DPMSolverMultistepScheduler"
@@ -126,12 +135,18 @@ def test_edit_strengths(gen, real):
     strengths = [0.25, 1.0, 0.5, 0.25, 1.0, 0.5]
     seeds = per_image_seeds(3, 0, len(labels))
     mixed = gen.edit(images, labels, strength=strengths, seeds=seeds, batch_size=6)
-    alone = np.concatenate([gen.edit(images[i:i + 1], labels[i:i + 1], strength=strengths[i], seeds=[seeds[i]])
-                            for i in range(len(labels))])
+    alone = np.concatenate(
+        [
+            gen.edit(images[i : i + 1], labels[i : i + 1], strength=strengths[i], seeds=[seeds[i]])
+            for i in range(len(labels))
+        ]
+    )
     assert np.array_equal(mixed, alone)
     assert gen.edit(images, labels, strength=0.5, seeds=5, scheduler="dpmsolver++").shape == images.shape
-    assert not np.array_equal(gen.edit(images, labels, strength=1.0, seeds=5, guidance_scale=1.0),
-                              gen.edit(images, labels, strength=1.0, seeds=5))
+    assert not np.array_equal(
+        gen.edit(images, labels, strength=1.0, seeds=5, guidance_scale=1.0),
+        gen.edit(images, labels, strength=1.0, seeds=5),
+    )
 
 
 def test_exact_resume(trained, tmp_path):
@@ -151,8 +166,11 @@ def test_config_errors(tmp_path):
     from imgaug_gen.generators.ddpm import DDPMModule
 
     def build(**kw):
-        args = {"unet": TINY_UNET, "train_scheduler": {"_target_": "diffusers.DDPMScheduler",
-                                                       "num_train_timesteps": 10}, **kw}
+        args = {
+            "unet": TINY_UNET,
+            "train_scheduler": {"_target_": "diffusers.DDPMScheduler", "num_train_timesteps": 10},
+            **kw,
+        }
         return DDPMModule(3, ["a", "b", "c"], [1, 16, 16], **args)
 
     with pytest.raises(ConfigError, match=r"`model.unet.block_out_channels` = \[12, 16\] must all be divisible"):
@@ -162,23 +180,39 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="`model.unet.down_block_types` has 2 entries"):
         build(unet={**TINY_UNET, "block_out_channels": [8, 16, 16]})
     with pytest.raises(ConfigError, match=r"image size 10x10 \(`data.image_size`\) must be divisible by 4"):
-        DDPMModule(3, ["a", "b", "c"], [1, 10, 10], unet={**TINY_UNET, "block_out_channels": [8, 16, 16],
-                                                           "down_block_types": ["DownBlock2D"] * 3,
-                                                           "up_block_types": ["UpBlock2D"] * 3})
+        DDPMModule(
+            3,
+            ["a", "b", "c"],
+            [1, 10, 10],
+            unet={
+                **TINY_UNET,
+                "block_out_channels": [8, 16, 16],
+                "down_block_types": ["DownBlock2D"] * 3,
+                "up_block_types": ["UpBlock2D"] * 3,
+            },
+        )
     with pytest.raises(ConfigError, match=r"`model.num_inference_steps` = 0; give an integer in \[1, 10\]"):
         build(num_inference_steps=0)
     with pytest.raises(ConfigError, match=r"`model.cond_drop_prob` = 1.5"):
         build(cond_drop_prob=1.5)
     with pytest.raises(ConfigError, match="`model.guidance_scale` = 3.0 needs `model.cond_drop_prob` > 0"):
         build(cond_drop_prob=0.0, guidance_scale=3.0)
-    with pytest.raises(ConfigError, match=r"`model.sample_scheduler` uses a different noise schedule.*"
-                                          r"num_train_timesteps: 10 vs 1000"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.sample_scheduler` uses a different noise schedule.*"
+        r"num_train_timesteps: 10 vs 1000",
+    ):
         build(sample_scheduler={"_target_": "diffusers.DDIMScheduler", "num_train_timesteps": 1000})
-    with pytest.raises(ConfigError, match=r"`model.sample_scheduler` \(DPMSolverMultistepScheduler\) does not "
-                                          r"keep its x0 predictions in \[-1, 1\].*"
-                                          r"`model.sample_scheduler.thresholding=true`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.sample_scheduler` \(DPMSolverMultistepScheduler\) does not "
+        r"keep its x0 predictions in \[-1, 1\].*"
+        r"`model.sample_scheduler.thresholding=true`",
+    ):
         build(sample_scheduler={"_target_": "diffusers.DPMSolverMultistepScheduler", "num_train_timesteps": 10})
-    with pytest.raises(ConfigError, match="`model.train_scheduler.class_name` = 'Nope' is not a diffusers scheduler class"):
+    with pytest.raises(
+        ConfigError, match="`model.train_scheduler.class_name` = 'Nope' is not a diffusers scheduler class"
+    ):
         build(train_scheduler={"class_name": "Nope", "config": {}})
     gen = make_generator()
     with pytest.raises(ConfigError, match=r"`sample_kwargs` has unknown keys \['steps'\]"):
@@ -198,17 +232,39 @@ def test_train_then_generate_img2img_end_to_end(tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     env = cli_env()
     train_args = [a for a in ddpm_overrides(run_dir) if not a.startswith("callbacks.")]
-    train_args += ["trainer.max_steps=4", "callbacks.fidelity=null", "callbacks.samples=null",
-                   "callbacks.checkpoint=null"]
-    subprocess.run([sys.executable, "train.py", *train_args], cwd=ROOT, env=env, check=True,
-                   capture_output=True, text=True)
+    train_args += [
+        "trainer.max_steps=4",
+        "callbacks.fidelity=null",
+        "callbacks.samples=null",
+        "callbacks.checkpoint=null",
+    ]
+    subprocess.run(
+        [sys.executable, "train.py", *train_args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
     assert (run_dir / "generator" / "model.safetensors").is_file()
-    r = subprocess.run([sys.executable, "generate.py", f"run_dir={run_dir}", f"out_dir={out_dir}", "mode=img2img",
-                        "img2img.edits_per_image=1", "img2img.strengths=[0.5,1.0]", "include_real=false",
-                        # `++`: works whether or not conf/generate.yaml declares these keys
-                        "++sample_kwargs.num_inference_steps=2", "++sample_kwargs.guidance_scale=1.5",
-                        *TINY_METRICS, "progress=false", "device=cpu", "batch_size=32"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "generate.py",
+            f"run_dir={run_dir}",
+            f"out_dir={out_dir}",
+            "mode=img2img",
+            "img2img.edits_per_image=1",
+            "img2img.strengths=[0.5,1.0]",
+            "include_real=false",
+            # `++`: works whether or not conf/generate.yaml declares these keys
+            "++sample_kwargs.num_inference_steps=2",
+            "++sample_kwargs.guidance_scale=1.5",
+            *TINY_METRICS,
+            "progress=false",
+            "device=cpu",
+            "batch_size=32",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     per_class = class_counts(out_dir)
     assert per_class == {str(c): 6 for c in range(10)}  # data.shots=6, one edit per real image
@@ -247,8 +303,16 @@ def test_nonleaking_augmentation_trains_and_samples_with_the_identity(tmp_path):
     # p=1: every training image is transformed and its class entry says by which transform
     x = torch.rand(8, 1, 16, 16) * 2 - 1
     y = torch.arange(8) % 3
-    build = lambda **kw: DDPMModule(3, ["a", "b", "c"], [1, 16, 16], unet=TINY_UNET, noise_seed=0,  # noqa: E731
-                                    cond_drop_prob=0.0, guidance_scale=1.0, **kw)
+    build = lambda **kw: DDPMModule(
+        3,
+        ["a", "b", "c"],
+        [1, 16, 16],
+        unet=TINY_UNET,
+        noise_seed=0,  # noqa: E731
+        cond_drop_prob=0.0,
+        guidance_scale=1.0,
+        **kw,
+    )
     plain, aug = build(), build(augment={"p": 1.0, "ops": "flips"})
     assert aug.unet.config.num_class_embeds == 4 * 4 and plain.unet.config.num_class_embeds == 4
     seen = []
@@ -273,7 +337,7 @@ def test_loss_logged_as_interval_mean(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import build_datamodule, build_module
+    from imgaug_gen.jobs.train import build_datamodule, build_module
 
     cfg = compose_config("train", ddpm_overrides(tmp_path / "run"))
     dm = build_datamodule(cfg)
@@ -287,9 +351,17 @@ def test_loss_logged_as_interval_mean(tmp_path):
             self.values.append(float(outputs["loss"]))
 
     losses = Losses()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=7, log_every_n_steps=3, callbacks=[losses],
-                         logger=CSVLogger(tmp_path, name="log"), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=7,
+        log_every_n_steps=3,
+        callbacks=[losses],
+        logger=CSVLogger(tmp_path, name="log"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, datamodule=dm)
     l = losses.values
     assert len(l) == 7

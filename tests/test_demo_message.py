@@ -16,8 +16,10 @@ def _cfg(*extra):
 
 def test_plan_message_names_the_work_and_the_time():
     msg = plan_message(_cfg(), 100)
-    assert msg.startswith("Training a conditional GAN on sklearn digits (50 images/class, 16 px) for 2,000 "
-                          "optimiser steps, then generating and scoring a folder (100 synthetic images/class): ")
+    assert msg.startswith(
+        "Training a conditional GAN on sklearn digits (50 images/class, 16 px) for 2,000 "
+        "optimiser steps, then generating and scoring a folder (100 synthetic images/class): "
+    )
     minutes = round(estimate_seconds(2000, 100) / 60)
     assert msg.endswith(f"about {minutes} min on 2 CPU cores.") and minutes >= 1
 
@@ -36,7 +38,7 @@ def test_estimate_scales_with_the_steps_and_images():
 
 
 def test_demo_prints_the_plan_before_training(monkeypatch, capsys, tmp_path):
-    import imgaug_gen.training
+    import imgaug_gen.jobs.train
     from imgaug_gen import demo
 
     class Started(Exception):
@@ -46,6 +48,6 @@ def test_demo_prints_the_plan_before_training(monkeypatch, capsys, tmp_path):
         assert "optimiser steps" in capsys.readouterr().out  # already printed
         raise Started
 
-    monkeypatch.setattr(imgaug_gen.training, "train", fake_train)
+    monkeypatch.setattr(imgaug_gen.jobs.train, "train", fake_train)
     with pytest.raises(Started):
         demo.main(["--out", str(tmp_path / "d"), "--steps", "40"])

@@ -71,8 +71,9 @@ def test_knn_radii_and_errors():
 def test_per_class_fidelity(tmp_path):
     import torch
 
-    from conftest import digits_images
     from imgaug_gen.metrics import DomainFeatures
+
+    from conftest import digits_images
 
     torch.manual_seed(0)
     extractor = DomainFeatures(num_classes=3, in_channels=1)
@@ -81,8 +82,9 @@ def test_per_class_fidelity(tmp_path):
     x, y = np.stack(images)[..., None], np.asarray(labels)
     real = np.concatenate([np.flatnonzero(y == c)[:6] for c in range(3)])
     fake = np.concatenate([np.flatnonzero(y == 0)[6:], np.flatnonzero(y == 1)[6:9]])  # nothing of class 2
-    out = per_class_fidelity(x[real], y[real], x[fake], y[fake], extractor, class_names=["zero", "one", "two"],
-                             kid_subsets=5)
+    out = per_class_fidelity(
+        x[real], y[real], x[fake], y[fake], extractor, class_names=["zero", "one", "two"], kid_subsets=5
+    )
     json.dumps(out)
     assert list(out) == ["zero", "one", "two"]
     assert out["zero"]["n_real"] == 6 and out["zero"]["n_fake"] == 6 and out["one"]["n_fake"] == 3
@@ -101,8 +103,12 @@ def digits16():
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = np.stack([np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((16, 16), Image.BILINEAR))
-                  for im in d.images])[..., None]
+    x = np.stack(
+        [
+            np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((16, 16), Image.BILINEAR))
+            for im in d.images
+        ]
+    )[..., None]
     y = d.target.astype(np.int64)
     rng = np.random.default_rng(0)
     idx = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
@@ -138,8 +144,10 @@ def test_classifier_is_deterministic_and_handles_channels(digits16):
 
 def test_compare_methods_table_and_plot(digits16, tmp_path):
     (xtr, ytr), (xo, yo), (xte, yte) = digits16["train"], digits16["other"], digits16["test"]
-    methods = {"real": (xtr[::10], ytr[::10]),
-               "real+synthetic": (np.concatenate([xtr[::10], xo[::10]]), np.concatenate([ytr[::10], yo[::10]]))}
+    methods = {
+        "real": (xtr[::10], ytr[::10]),
+        "real+synthetic": (np.concatenate([xtr[::10], xo[::10]]), np.concatenate([ytr[::10], yo[::10]])),
+    }
     res = compare_methods(methods, xte, yte, 10, seeds=[0, 1], steps=20, batch_size=32)
     assert list(res) == ["real", "real+synthetic"]
     for r in res.values():

@@ -1,4 +1,4 @@
-"""evaluate.py / imgaug_gen.evaluation: the downstream proof on tiny settings."""
+"""evaluate.py / imgaug_gen.jobs.evaluate: the downstream proof on tiny settings."""
 
 from __future__ import annotations
 
@@ -10,17 +10,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_MODELS, gen_cfg
-
 from imgaug_gen.errors import ConfigError
 
-TINY_TRAIN = ",".join(f'"{o}"' for o in [*TINY_MODELS["cgan"], "callbacks=none", "logger=none",
-                                         "trainer.enable_progress_bar=false", "data.batch_size=16"])
-TINY_EVAL = ["seeds=[0,1,2]", "classifier.steps=15", "metrics.domain_steps=30", "augment.copies_per_image=2",
-             "synthetic_copies=1", f"generators.cgan.train=[{TINY_TRAIN}]", 'generators.cgan.generate=["n_per_class=4"]',
-             "policies={concat:{name:concat},replace:{name:replace,p:0.5},kd:{name:weighted,p:0.25,distill:0.5}}"]
-METHODS = ["real", "real+classical", "real+cgan+classical@concat", "real+cgan+classical@replace",
-           "real+cgan+classical@kd"]
+from conftest import ROOT, TINY_MODELS, gen_cfg
+
+TINY_TRAIN = ",".join(
+    f'"{o}"'
+    for o in [
+        *TINY_MODELS["cgan"],
+        "callbacks=none",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "data.batch_size=16",
+    ]
+)
+TINY_EVAL = [
+    "seeds=[0,1,2]",
+    "classifier.steps=15",
+    "metrics.domain_steps=30",
+    "augment.copies_per_image=2",
+    "synthetic_copies=1",
+    f"generators.cgan.train=[{TINY_TRAIN}]",
+    'generators.cgan.generate=["n_per_class=4"]',
+    "policies={concat:{name:concat},replace:{name:replace,p:0.5},kd:{name:weighted,p:0.25,distill:0.5}}",
+]
+METHODS = [
+    "real",
+    "real+classical",
+    "real+cgan+classical@concat",
+    "real+cgan+classical@replace",
+    "real+cgan+classical@kd",
+]
 
 
 def eval_cfg(out_dir, *extra):
@@ -31,7 +51,7 @@ def eval_cfg(out_dir, *extra):
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("eval")
     return out, evaluate(eval_cfg(out, "shots=[3,4]", "data_seeds=[0,1]"))
@@ -63,7 +83,8 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
             assert g["lo"] <= g["mean"] <= g["hi"] and g["n_pairs"] == 6 and g["n_subsets"] == 2
             assert g["significant"] == (g["lo"] > 0 or g["hi"] < 0)
             assert r[m]["val_gain"]["mean"] == pytest.approx(
-                np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r["real+classical"]["val_accs"])))
+                np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r["real+classical"]["val_accs"]))
+            )
         g = ev["generators"][str(shots)]["cgan"]
         assert g["n_synthetic"] == 40 and 0.0 <= g["cas"]["mean"] <= 1.0 and len(g["cas"]["accs"]) == 2
         assert np.isfinite(g["fid"]) and 0.0 <= g["memorisation"] <= 1.0 and 0.0 <= g["copy_rate"] <= 1.0
@@ -91,14 +112,16 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
 
 def test_evaluate_validation_test_and_shots_are_disjoint():
     from imgaug_gen.config import compose_config
-    from imgaug_gen.evaluation import _datamodule
+    from imgaug_gen.jobs.evaluate.sources import subset_datamodule as _datamodule
 
     cfg = compose_config("evaluate", ["out_dir=/tmp/unused"])
     ids = {}
     for seed in (0, 1):
         dm, _ = _datamodule(cfg, 10, seed)
-        test, val, train = (set(map(tuple, a[0].reshape(len(a[0]), -1).tolist())) for a in
-                            (dm.test_arrays(), dm.val_arrays(), dm.train_arrays()))
+        test, val, train = (
+            set(map(tuple, a[0].reshape(len(a[0]), -1).tolist()))
+            for a in (dm.test_arrays(), dm.val_arrays(), dm.train_arrays())
+        )
         ids[seed] = (dm._test_idx, dm._val_idx, dm._train_idx)
         assert not set(dm._val_idx) & set(dm._test_idx)
         assert not set(dm._train_idx) & (set(dm._val_idx) | set(dm._test_idx))
@@ -107,7 +130,7 @@ def test_evaluate_validation_test_and_shots_are_disjoint():
 
 
 def test_evaluate_rerun_reuses_runs_and_results(evaluated, tmp_path):
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
     out, ev = evaluated
     lines = (out / "classifier_runs.jsonl").read_text().splitlines()
@@ -118,10 +141,11 @@ def test_evaluate_rerun_reuses_runs_and_results(evaluated, tmp_path):
 
 
 def test_evaluate_is_deterministic(evaluated, tmp_path):
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
     _, ev = evaluated
     fresh = evaluate(eval_cfg(tmp_path / "e2", "shots=[3]", "data_seeds=[0,1]"))
+
     def accs(r):
         return {m: v["accs"] for m, v in r.items()}
 
@@ -129,17 +153,27 @@ def test_evaluate_is_deterministic(evaluated, tmp_path):
 
 
 def test_evaluate_existing_run_and_folder_entries(trained_cgan, tmp_path):
-    from imgaug_gen.evaluation import evaluate
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.evaluate import evaluate
+    from imgaug_gen.jobs.generate import generate
 
     folder = tmp_path / "gen"
     generate(gen_cfg(trained_cgan, folder, "score=false", "include_real=false"))
     # the fixture's run trained with no validation split: the evaluation must match its subset
-    ev = evaluate(eval_cfg(tmp_path / "ev", "shots=[6]", "seeds=[0]", "generators.cgan.enabled=false",
-                           "data.val_fraction=0", "selection=none",
-                           f"+generators.mine.run_dir={trained_cgan}", '+generators.mine.generate=["n_per_class=4"]',
-                           f"+generators.made.folder={folder}", "+generators.made.policies=[concat]",
-                           "methods=[real,real+mine+classical@replace,real+made+classical@concat]"))
+    ev = evaluate(
+        eval_cfg(
+            tmp_path / "ev",
+            "shots=[6]",
+            "seeds=[0]",
+            "generators.cgan.enabled=false",
+            "data.val_fraction=0",
+            "selection=none",
+            f"+generators.mine.run_dir={trained_cgan}",
+            '+generators.mine.generate=["n_per_class=4"]',
+            f"+generators.made.folder={folder}",
+            "+generators.made.policies=[concat]",
+            "methods=[real,real+mine+classical@replace,real+made+classical@concat]",
+        )
+    )
     r = ev["results"]["6"]
     assert list(r) == ["real", "real+mine+classical@replace", "real+made+classical@concat"]
     assert r["real+made+classical@concat"]["n_train"] == 180 + 80
@@ -147,25 +181,28 @@ def test_evaluate_existing_run_and_folder_entries(trained_cgan, tmp_path):
     assert ev["generators"]["6"]["mine"]["run_dir"] == str(trained_cgan.resolve())
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["shots=[0]"], "shots"),
-    (["seeds=[]"], "seeds"),
-    (["methods=[real,real+nope]"], "methods"),
-    (["+generators.cgan.oops=1"], "generators.cgan.*oops"),
-    (["+generators.x.run_of=ddpm"], "generators.x.run_of"),
-    (["+generators.x.folder=/does/not/exist"], "/does/not/exist"),
-    (["+generators.x.train=[]", "+generators.x.run_dir=/tmp"], "exactly one"),
-    (["classifier.steps=0"], "classifier.steps"),
-    (["data_seeds=[0,0]"], "data_seeds"),
-    (["selection=test"], "selection"),
-    (["data.val_fraction=0"], "data.val_fraction"),
-    (["policies.replace.p=1.5"], "policies.replace.p"),
-    (["policies.replace.name=swap"], "policies.replace.name"),
-    (["+policies.replace.q=1"], "policies.replace.*q"),
-    (["+generators.cgan.policies=[nope]"], "generators.cgan.policies"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["shots=[0]"], "shots"),
+        (["seeds=[]"], "seeds"),
+        (["methods=[real,real+nope]"], "methods"),
+        (["+generators.cgan.oops=1"], "generators.cgan.*oops"),
+        (["+generators.x.run_of=ddpm"], "generators.x.run_of"),
+        (["+generators.x.folder=/does/not/exist"], "/does/not/exist"),
+        (["+generators.x.train=[]", "+generators.x.run_dir=/tmp"], "exactly one"),
+        (["classifier.steps=0"], "classifier.steps"),
+        (["data_seeds=[0,0]"], "data_seeds"),
+        (["selection=test"], "selection"),
+        (["data.val_fraction=0"], "data.val_fraction"),
+        (["policies.replace.p=1.5"], "policies.replace.p"),
+        (["policies.replace.name=swap"], "policies.replace.name"),
+        (["+policies.replace.q=1"], "policies.replace.*q"),
+        (["+generators.cgan.policies=[nope]"], "generators.cgan.policies"),
+    ],
+)
 def test_evaluate_config_errors_before_work(tmp_path, extra, match):
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
     with pytest.raises(ConfigError, match=match):
         evaluate(eval_cfg(tmp_path / "ev", *extra))
@@ -173,29 +210,44 @@ def test_evaluate_config_errors_before_work(tmp_path, extra, match):
 
 
 def test_evaluate_run_dir_of_other_subset_is_refused(trained_cgan, tmp_path):
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
     with pytest.raises(ConfigError, match="shots=6"):
-        evaluate(eval_cfg(tmp_path / "ev", "shots=[3]", "generators.cgan.enabled=false",
-                          f"+generators.mine.run_dir={trained_cgan}"))
+        evaluate(
+            eval_cfg(
+                tmp_path / "ev",
+                "shots=[3]",
+                "generators.cgan.enabled=false",
+                f"+generators.mine.run_dir={trained_cgan}",
+            )
+        )
     # same shots, but the run may have trained on what is now the validation split
     with pytest.raises(ConfigError, match="data.val_fraction=0.0"):
-        evaluate(eval_cfg(tmp_path / "ev", "shots=[6]", "generators.cgan.enabled=false",
-                          f"+generators.mine.run_dir={trained_cgan}"))
+        evaluate(
+            eval_cfg(
+                tmp_path / "ev",
+                "shots=[6]",
+                "generators.cgan.enabled=false",
+                f"+generators.mine.run_dir={trained_cgan}",
+            )
+        )
 
 
 def test_evaluate_cli_help_and_typo():
     help_ = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0 and "generators" in help_.stdout
-    typo = subprocess.run([sys.executable, "evaluate.py", "out_dir=/tmp/x", "shotz=[3]"], cwd=ROOT,
-                          capture_output=True, text=True)
+    typo = subprocess.run(
+        [sys.executable, "evaluate.py", "out_dir=/tmp/x", "shotz=[3]"], cwd=ROOT, capture_output=True, text=True
+    )
     assert typo.returncode != 0 and "shotz" in typo.stderr
 
 
 def test_copy_rate_separates_copies_from_new_images_of_the_class():
     """Fresh real images score the COPY_QUANTILE by construction; copies of the training images score 1."""
+    from imgaug_gen.metrics.memorisation import COPY_QUANTILE
+    from imgaug_gen.metrics.memorisation import memorisation as _memorisation
+
     from conftest import digits_images
-    from imgaug_gen.evaluation import COPY_QUANTILE, _memorisation
 
     x = np.stack(digits_images(n_per_class=150, classes=(3,), size=8, channels=1)[0])
     train, heldout, fresh = x[:20], x[20:85], x[85:150]

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import digits_images
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.filtering import (
     QualityFilter,
@@ -19,6 +18,8 @@ from imgaug_gen.filtering import (
     select_accepted,
     summarise,
 )
+
+from conftest import digits_images
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -89,11 +90,14 @@ def test_overgenerate_plan_and_select_accepted():
 
 
 def test_summarise_counts():
-    scores = {"confidence": np.array([0.9, 0.2, 0.8, 0.1, 0.95]),
-              "nearest_real_distance": np.array([0.5, 0.5, 0.0, 0.0, 0.3])}
+    scores = {
+        "confidence": np.array([0.9, 0.2, 0.8, 0.1, 0.95]),
+        "nearest_real_distance": np.array([0.5, 0.5, 0.0, 0.0, 0.3]),
+    }
     labels = np.array([0, 0, 1, 1, 1])
-    keep = confidence_filter(np.stack([scores["confidence"]] * 2, 1), np.zeros(5, np.int64), 0.5) \
-        & memorisation_filter(scores["nearest_real_distance"], 0.01)
+    keep = confidence_filter(np.stack([scores["confidence"]] * 2, 1), np.zeros(5, np.int64), 0.5) & memorisation_filter(
+        scores["nearest_real_distance"], 0.01
+    )
     s = summarise(scores, keep, labels, ["a", "b"], tau=0.5, delta=0.01)
     json.dumps(s)
     assert (s["n"], s["kept"], s["low_confidence"], s["memorised"]) == (5, 2, 2, 2)
@@ -135,8 +139,8 @@ def test_quality_filter_flags_copies_and_noise(digit_setup, space):
     assert set(scores) == {"confidence", "predicted", "nearest_real_distance", "nearest_real_index"}
     assert (scores["nearest_real_index"][:20] == copies).all()
     flags, keep = qf.flags(scores), qf.keep(scores)
-    assert flags["memorised"][kinds == "copy"].all()            # exact copies of training images are flagged
-    assert flags["memorised"][kinds != "copy"].mean() < 0.05    # new images are not
+    assert flags["memorised"][kinds == "copy"].all()  # exact copies of training images are flagged
+    assert flags["memorised"][kinds != "copy"].mean() < 0.05  # new images are not
     assert flags["low_confidence"][kinds == "noise"].mean() > 0.8  # noise is not recognisably its class
     assert keep[kinds == "novel"].mean() > 0.6
     assert not keep[kinds == "copy"].any()

@@ -12,8 +12,9 @@ from PIL import Image
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.export import is_kept, read_manifest
+from imgaug_gen.jobs.generate import generate, plan_items, split_counts, synthetic_counts
+
 from conftest import class_counts, files_bytes, gen_cfg
-from imgaug_gen.pipeline import generate, plan_items, split_counts, synthetic_counts
 
 
 def png(out_dir, rec):
@@ -49,14 +50,24 @@ def test_augment_light_is_recorded_and_replayable(trained_cgan, tmp_path):
 
 def test_augment_apply_to_all_adds_real_copies(trained_cgan, tmp_path):
     out = tmp_path / "out"
-    generate(gen_cfg(trained_cgan, out, "n_per_class=1", "score=false", "augment=light",
-                     "augment.apply_to=all", "augment.copies_per_image=2"))
+    generate(
+        gen_cfg(
+            trained_cgan,
+            out,
+            "n_per_class=1",
+            "score=false",
+            "augment=light",
+            "augment.apply_to=all",
+            "augment.copies_per_image=2",
+        )
+    )
     recs = read_manifest(out)
     copies = [r for r in recs if r["mode"] == "augment"]
     reals = [r for r in recs if r["mode"] == "real"]
     assert len(reals) == 60 and len(copies) == 120
-    assert all(r["source"] == "real" and r["id"] == f"aug_{r['source_id']}_{r['id'][-1]}" and "augment" in r
-               for r in copies)
+    assert all(
+        r["source"] == "real" and r["id"] == f"aug_{r['source_id']}_{r['id'][-1]}" and "augment" in r for r in copies
+    )
     assert {r["id"] for r in copies} == {f"aug_{r['id'][5:]}_{k}" for r in reals for k in (0, 1)}
     m = json.loads((out / "metrics.json").read_text())
     assert m["counts_by_mode"]["0"] == {"sample": 1, "real": 6, "augment": 12}
@@ -71,8 +82,10 @@ def test_bad_transform_fails_before_any_file(trained_cgan, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("override, per_class", [("mix.synthetic_ratio=0.5", 3), ("mix.target_per_class=10", 4),
-                                                 ("mix.target_per_class=5", 0)])
+@pytest.mark.parametrize(
+    "override, per_class",
+    [("mix.synthetic_ratio=0.5", 3), ("mix.target_per_class=10", 4), ("mix.target_per_class=5", 0)],
+)
 def test_mix_policy_exact_counts(trained_cgan, tmp_path, override, per_class):
     out = tmp_path / "out"
     generate(gen_cfg(trained_cgan, out, "score=false", override))
@@ -98,8 +111,16 @@ def test_split_counts_and_sources_plan():
 
     labels = np.repeat(np.arange(3), [4, 5, 2])
     ids = [f"r{i}" for i in range(len(labels))]
-    cfg = compose_config("generate", ["run_dir=x", "out_dir=y", "include_real=false", "mix.synthetic_ratio=1.5",
-                                      "mix.sources=[{mode: sample, fraction: 0.5}, {mode: img2img, fraction: 0.5}]"])
+    cfg = compose_config(
+        "generate",
+        [
+            "run_dir=x",
+            "out_dir=y",
+            "include_real=false",
+            "mix.synthetic_ratio=1.5",
+            "mix.sources=[{mode: sample, fraction: 0.5}, {mode: img2img, fraction: 0.5}]",
+        ],
+    )
     counts = synthetic_counts(cfg, 3, labels)
     assert counts == {0: {"sample": 3, "img2img": 3}, 1: {"sample": 4, "img2img": 4}, 2: {"sample": 2, "img2img": 1}}
     items = plan_items(cfg, 3, labels, ids)
@@ -119,8 +140,7 @@ def test_split_counts_and_sources_plan():
 
 
 # tau=0.99 rejects every image of the barely trained cGAN; 0.1 keeps roughly one in ten
-FILTER = ["filter.enabled=true", "filter.tau=0.1", "n_per_class=3", "include_real=false", "score=false",
-          "batch_size=8"]
+FILTER = ["filter.enabled=true", "filter.tau=0.1", "n_per_class=3", "include_real=false", "score=false", "batch_size=8"]
 
 
 def test_filter_writes_exactly_the_accepted(trained_cgan, tmp_path):
@@ -176,8 +196,10 @@ def test_filter_resume_after_kill(trained_cgan, tmp_path):
     a = sorted(json.dumps(r, sort_keys=True) for r in read_manifest(part, include_rejected=True))
     b = sorted(json.dumps(r, sort_keys=True) for r in read_manifest(full, include_rejected=True))
     assert a == b
-    assert json.loads((part / "metrics.json").read_text())["filter"] == json.loads(
-        (full / "metrics.json").read_text())["filter"]
+    assert (
+        json.loads((part / "metrics.json").read_text())["filter"]
+        == json.loads((full / "metrics.json").read_text())["filter"]
+    )
 
 
 def test_metrics_precision_recall_per_class(trained_cgan, tmp_path):
@@ -202,14 +224,24 @@ def test_generate_scores_in_a_pretrained_feature_space_from_a_local_folder(train
 
     torch.manual_seed(0)
     clip = tmp_path / "tiny-clip"
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                   intermediate_size=64, patch_size=8, image_size=32,
-                                                   projection_dim=16)).save_pretrained(clip)
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            patch_size=8,
+            image_size=32,
+            projection_dim=16,
+        )
+    ).save_pretrained(clip)
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"`metrics.features` = 'clip' needs `metrics.clip_weights`"):
         generate(gen_cfg(trained_cgan, out, "include_real=false", "metrics.features=clip"))
     assert not out.exists()  # refused before any work
-    m = generate(gen_cfg(trained_cgan, out, "include_real=false", "metrics.features=clip", f"metrics.clip_weights={clip}"))
+    m = generate(
+        gen_cfg(trained_cgan, out, "include_real=false", "metrics.features=clip", f"metrics.clip_weights={clip}")
+    )
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["features"] == "clip-tiny-clip-image-embeds" and saved["num_features"] == 16
     assert np.isfinite(saved["fid"]) and 0 <= saved["coverage"] <= 1 and m["features"] == saved["features"]
@@ -221,26 +253,44 @@ def test_filter_with_shards_gives_the_unsharded_folder(trained_cgan, tmp_path):
     for s in (0, 1):
         generate(gen_cfg(trained_cgan, two, *FILTER, "augment=light", f"shard={s}", "num_shards=2"))
     assert files_bytes(two) == files_bytes(one)
-    assert ({r["id"]: r["kept"] for r in read_manifest(two, include_rejected=True)} == {r["id"]: r["kept"] for r in read_manifest(one, include_rejected=True)})
+    assert {r["id"]: r["kept"] for r in read_manifest(two, include_rejected=True)} == {
+        r["id"]: r["kept"] for r in read_manifest(one, include_rejected=True)
+    }
     assert json.loads((two / "metrics.json").read_text())["filter"]["kept"] == len(files_bytes(one))
 
 
 def test_img2img_blend_plans_in_class_partners_and_renders_the_blend():
-    from imgaug_gen.pipeline import _render
+    from imgaug_gen.jobs.generate import _render
 
     labels = np.repeat(np.arange(3), [4, 5, 1])
     ids = [f"r{i}" for i in range(len(labels))]
-    cfg = compose_config("generate", ["run_dir=x", "out_dir=y", "include_real=false", "mode=img2img",
-                                      "img2img.edits_per_image=3", "img2img.blend=[0.3,0.7]"])
+    cfg = compose_config(
+        "generate",
+        [
+            "run_dir=x",
+            "out_dir=y",
+            "include_real=false",
+            "mode=img2img",
+            "img2img.edits_per_image=3",
+            "img2img.blend=[0.3,0.7]",
+        ],
+    )
     items = plan_items(cfg, 3, labels, ids)
     assert len(items) == 30
     for it in items:
         assert labels[it.partner_index] == labels[it.real_index] == it.label and 0.3 <= it.blend <= 0.7
         assert it.partner_index != it.real_index or it.label == 2  # class 2 has one image: its own partner
-    assert [(it.partner_index, it.blend) for it in plan_items(cfg, 3, labels, ids)] == \
-        [(it.partner_index, it.blend) for it in items]  # from the edits' seeds
-    plain = plan_items(compose_config("generate", ["run_dir=x", "out_dir=y", "include_real=false", "mode=img2img",
-                                                   "img2img.edits_per_image=3"]), 3, labels, ids)
+    assert [(it.partner_index, it.blend) for it in plan_items(cfg, 3, labels, ids)] == [
+        (it.partner_index, it.blend) for it in items
+    ]  # from the edits' seeds
+    plain = plan_items(
+        compose_config(
+            "generate", ["run_dir=x", "out_dir=y", "include_real=false", "mode=img2img", "img2img.edits_per_image=3"]
+        ),
+        3,
+        labels,
+        ids,
+    )
     assert [(it.id, it.seed, it.strength) for it in plain] == [(it.id, it.seed, it.strength) for it in items]
 
     class Identity:  # an "editor" that returns its input, to see the blended source
@@ -252,10 +302,14 @@ def test_img2img_blend_plans_in_class_partners_and_renders_the_blend():
     for img, it in zip(out, items[:4]):
         want = it.blend * real[it.real_index].astype(float) + (1 - it.blend) * real[it.partner_index]
         assert np.abs(img.astype(float) - want).max() <= 0.5 + 1e-6
-    for bad, why in (("[0.7,0.3]", r"give null \(plain edits\) or \[lo, hi\]"), ("[0.2]", r"too few items \(item 1 is missing\)"),
-                     ("[0,2]", r"give null \(plain edits\) or \[lo, hi\]")):
+    for bad, why in (
+        ("[0.7,0.3]", r"give null \(plain edits\) or \[lo, hi\]"),
+        ("[0.2]", r"too few items \(item 1 is missing\)"),
+        ("[0,2]", r"give null \(plain edits\) or \[lo, hi\]"),
+    ):
         with pytest.raises(ConfigError, match=rf"`img2img.blend` = .*: .*{why}"):
-            from imgaug_gen.pipeline import check_generate_config
+            from imgaug_gen.jobs.generate import check_generate_config
 
-            check_generate_config(compose_config("generate", ["run_dir=.", "out_dir=y", "mode=img2img",
-                                                              f"img2img.blend={bad}"]))
+            check_generate_config(
+                compose_config("generate", ["run_dir=.", "out_dir=y", "mode=img2img", f"img2img.blend={bad}"])
+            )

@@ -17,8 +17,9 @@ def make_cgan():
     from imgaug_gen.generators.gan import CGANModule
 
     torch.manual_seed(0)
-    module = CGANModule(num_classes=3, class_names=["a", "b", "c"], image_shape=[1, 16, 16],
-                        z_dim=16, g_width=8, d_width=8)
+    module = CGANModule(
+        num_classes=3, class_names=["a", "b", "c"], image_shape=[1, 16, 16], z_dim=16, g_width=8, d_width=8
+    )
     # move weights and BN statistics off their init values (class gains start equal)
     with torch.no_grad():
         for name, p in module.ema.named_parameters():
@@ -77,8 +78,11 @@ class TestGeneratorContract:
 
     def test_one_rule_for_unknown_sample_kwargs_and_modes_restored(self, generator):
         allowed = list(generator.sample_kwargs)
-        with pytest.raises(ConfigError, match=rf"`sample_kwargs` has unknown keys \['bogus'\] for a `{generator.kind}` "
-                                              rf"generator; allowed: {re.escape(str(allowed))}"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"`sample_kwargs` has unknown keys \['bogus'\] for a `{generator.kind}` "
+            rf"generator; allowed: {re.escape(str(allowed))}",
+        ):
             generator.sample([0], bogus=1)
         c, h, w = generator.image_shape
         for training in (True, False):

@@ -7,14 +7,22 @@ import json
 
 import pytest
 
-from conftest import files_bytes, gen_cfg
 from imgaug_gen.export import HF_COLUMNS, hf_metadata_rows, is_kept, read_manifest
-from imgaug_gen.pipeline import generate
+from imgaug_gen.jobs.generate import generate
+
+from conftest import files_bytes, gen_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FILTER = ["filter.enabled=true", "filter.tau=0.1", "n_per_class=3", "include_real=false", "score=false",
-          "batch_size=8", "augment=light"]
+FILTER = [
+    "filter.enabled=true",
+    "filter.tau=0.1",
+    "n_per_class=3",
+    "include_real=false",
+    "score=false",
+    "batch_size=8",
+    "augment=light",
+]
 
 
 def _metadata(out):
@@ -79,7 +87,9 @@ def test_shards_and_filter_metadata_lists_only_kept_images(trained_cgan, tmp_pat
     kept = [r for r in recs if is_kept(r)]
     assert kept and len(kept) < len(recs)  # some candidates rejected
     rows = _metadata(out)
-    assert sorted(f"train/{r['file_name']}" for r in rows) == sorted(files_bytes(out)) == sorted(r["file"] for r in kept)
+    assert (
+        sorted(f"train/{r['file_name']}" for r in rows) == sorted(files_bytes(out)) == sorted(r["file"] for r in kept)
+    )
     assert {r["id"] for r in rows} == {r["id"] for r in kept}
     score_names = sorted({k for r in kept for k in r["scores"]})
     assert {"confidence", "nearest_real_distance", "nearest_real_index"} <= set(score_names)
@@ -100,12 +110,34 @@ def test_shards_and_filter_metadata_lists_only_kept_images(trained_cgan, tmp_pat
 
 
 def test_metadata_rows_one_schema_and_refusals():
-    recs = [{"id": "a", "file": "train/x/a.png", "class_name": "x", "label": 0, "source": "real", "mode": "real",
-             "seed": None, "generator": None, "scores": {}},
-            {"id": "b", "file": "train/y/b.png", "class_name": "y", "label": 1, "source": "synthetic",
-             "mode": "img2img", "seed": 7, "generator": {"kind": "ddpm", "run_dir": "/r"}, "strength": 0.5,
-             "source_id": "a", "scores": {"confidence": 1, "id": 0.25}, "augment": {"seed": 1, "transforms": []}},
-            {"id": "c", "class_name": "y", "label": 1, "source": "synthetic", "kept": False, "scores": {}}]
+    recs = [
+        {
+            "id": "a",
+            "file": "train/x/a.png",
+            "class_name": "x",
+            "label": 0,
+            "source": "real",
+            "mode": "real",
+            "seed": None,
+            "generator": None,
+            "scores": {},
+        },
+        {
+            "id": "b",
+            "file": "train/y/b.png",
+            "class_name": "y",
+            "label": 1,
+            "source": "synthetic",
+            "mode": "img2img",
+            "seed": 7,
+            "generator": {"kind": "ddpm", "run_dir": "/r"},
+            "strength": 0.5,
+            "source_id": "a",
+            "scores": {"confidence": 1, "id": 0.25},
+            "augment": {"seed": 1, "transforms": []},
+        },
+        {"id": "c", "class_name": "y", "label": 1, "source": "synthetic", "kept": False, "scores": {}},
+    ]
     rows = hf_metadata_rows(recs)
     assert [r["id"] for r in rows] == ["a", "b"]  # the rejected candidate has no file: not listed
     assert list(rows[0]) == list(rows[1]) == [*HF_COLUMNS, "confidence", "score_id"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import gen_cfg, train_overrides, write_digit_folder
-
 from imgaug_gen.errors import ConfigError
+
+from conftest import gen_cfg, train_overrides, write_digit_folder
 
 
 def _folder(root, names):
@@ -15,18 +15,21 @@ def _folder(root, names):
 
 def _train(tmp_path, root, *extra):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     run = tmp_path / "run"
     over = [o for o in train_overrides("cgan", run) if not o.startswith("data.shots")]
-    train(compose_config("train", [*over, "data=folder", f"data.root={root}", "data.image_size=16",
-                                   "data.shots=4", *extra]))
+    train(
+        compose_config(
+            "train", [*over, "data=folder", f"data.root={root}", "data.image_size=16", "data.shots=4", *extra]
+        )
+    )
     return run
 
 
 def test_dots_spaces_unicode_class_folders_round_trip(tmp_path):
     from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     names = ["v1.0", "two words", "ünï cødé"]
     run = _train(tmp_path, _folder(tmp_path / "img", names))
@@ -47,7 +50,7 @@ def test_class_names_override_cannot_leave_out_dir(tmp_path, bad):
 
 
 def test_class_names_override_renames_output_folders(tmp_path):
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     root = _folder(tmp_path / "img", ["a", "b", "c"])
     with pytest.raises(ConfigError, match="2 names for the 3 classes"):

@@ -9,8 +9,14 @@ import pytest
 from PIL import Image
 
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.io import (atomic_path, atomic_save_image, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                          safe_class_dir)
+from imgaug_gen.io import (
+    atomic_path,
+    atomic_save_image,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    safe_class_dir,
+)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -78,8 +84,18 @@ def test_files_get_the_umask_mode_without_the_umask_being_touched(tmp_path, monk
     assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o640)}
 
 
-@pytest.mark.parametrize("shape,mode", [((5, 7), "L"), ((5, 7, 1), "L"), ((5, 7, 2), "LA"), ((5, 7, 3), "RGB"),
-                                        ((5, 7, 4), "RGBA"), ((1, 300, 3), "RGB"), ((70, 70, 3), "RGB")])
+@pytest.mark.parametrize(
+    "shape,mode",
+    [
+        ((5, 7), "L"),
+        ((5, 7, 1), "L"),
+        ((5, 7, 2), "LA"),
+        ((5, 7, 3), "RGB"),
+        ((5, 7, 4), "RGBA"),
+        ((1, 300, 3), "RGB"),
+        ((70, 70, 3), "RGB"),
+    ],
+)
 def test_images_round_trip_losslessly_at_any_compression(tmp_path, shape, mode):
     a = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
     for level in (0, 1, 9):

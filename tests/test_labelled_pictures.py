@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import digits_images
 from imgaug_gen.io import atomic_save_image
 from imgaug_gen.visual import class_grid, preview_sheet, tile
+
+from conftest import digits_images
 
 DARK = 100  # a text pixel: every channel below this on the white margin
 
@@ -18,8 +19,9 @@ def _dark(region: np.ndarray) -> int:
 
 
 def _row_spans(n_rows: int, cell: int, scale: int, top: int = 0, pad: int = 2):
-    return [(top + (pad + i * (cell + pad)) * scale, top + (pad + i * (cell + pad) + cell) * scale)
-            for i in range(n_rows)]
+    return [
+        (top + (pad + i * (cell + pad)) * scale, top + (pad + i * (cell + pad) + cell) * scale) for i in range(n_rows)
+    ]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -63,8 +65,14 @@ def _folder(tmp_path, kinds=("real", "sample", "img2img", "augment")):
     recs = []
     for k, (im, c) in enumerate(zip(imgs, labels)):
         kind = kinds[k % len(kinds)]
-        rec = {"id": f"i{k}", "file": f"train/{names[c]}/i{k}.png", "class_name": names[c], "label": c,
-               "source": "real" if kind == "real" else "synthetic", "mode": kind}
+        rec = {
+            "id": f"i{k}",
+            "file": f"train/{names[c]}/i{k}.png",
+            "class_name": names[c],
+            "label": c,
+            "source": "real" if kind == "real" else "synthetic",
+            "mode": kind,
+        }
         if kind == "augment":
             rec["augment"] = {"seed": k, "transforms": []}
         atomic_save_image(out / rec["file"], im)
@@ -87,7 +95,7 @@ def test_preview_titles_its_columns_and_names_its_rows(tmp_path):
     # one title per group block: each block of 2 cells (+ its separator) has dark pixels above it
     for g in range(4):
         x0 = left + g * 3 * 18 * 4
-        assert _dark(sheet[:top, x0:x0 + 2 * 18 * 4]) > 10, f"group {g} has a title"
+        assert _dark(sheet[:top, x0 : x0 + 2 * 18 * 4]) > 10, f"group {g} has a title"
 
 
 def test_preview_only_present_columns(tmp_path):
@@ -111,8 +119,10 @@ def test_accuracy_chart_draws_the_intervals(tmp_path):
     from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
 
     def chart(half_width, name):
-        res = {s: {"real+classical": {"mean": m, "std": 0.01, "ci95": [m - half_width, m + half_width]}}
-               for s, m in ((5, 0.6), (10, 0.8))}
+        res = {
+            s: {"real+classical": {"mean": m, "std": 0.01, "ci95": [m - half_width, m + half_width]}}
+            for s, m in ((5, 0.6), (10, 0.8))
+        }
         return np.asarray(Image.open(plot_accuracy_vs_shots(res, tmp_path / name)).convert("RGB")).astype(int)
 
     narrow, wide = chart(0.0, "narrow.png"), chart(0.1, "wide.png")

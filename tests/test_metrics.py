@@ -24,7 +24,7 @@ from imgaug_gen.metrics import (
     fit_domain_features,
     images_to_tensor,
 )
-from imgaug_gen.metrics import features as features_mod
+from imgaug_gen.metrics import domain as features_mod
 
 CONF_METRICS = Path(__file__).resolve().parents[1] / "conf" / "metrics" / "default.yaml"
 
@@ -236,7 +236,9 @@ def test_real_stats_disk_cache(domain, digits, tmp_path, monkeypatch):
     calls: list[int] = []
     original = type(domain).features
     monkeypatch.setattr(
-        type(domain), "features", lambda self, im, batch_size=256: calls.append(len(im)) or original(self, im, batch_size)
+        type(domain),
+        "features",
+        lambda self, im, batch_size=256: calls.append(len(im)) or original(self, im, batch_size),
     )
     second = compute_fidelity(real, fake, domain, cache_dir=tmp_path)
     assert calls == [50]  # reals came from disk
@@ -277,21 +279,29 @@ def test_build_from_the_real_config_uses_the_cache(domain, digits, cache_dir, mo
 
 
 def test_build_rejects_unknown_features_and_missing_reference():
-    with pytest.raises(ConfigError, match=r"`metrics.features` = 'vgg': input should be 'domain', 'inception', "
-                                          r"'dinov2' or 'clip'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`metrics.features` = 'vgg': input should be 'domain', 'inception', "
+        r"'dinov2' or 'clip'",
+    ):
         build_feature_extractor({"features": "vgg"})
     with pytest.raises(ConfigError, match=r"pass `reference_images`, `reference_labels` and `num_classes`"):
         build_feature_extractor({"features": "domain"})
     with pytest.raises(ConfigError, match=r"`metrics.domain_steps` = 0: input should be greater than or equal to 1"):
         build_feature_extractor({"domain_steps": 0}, np.zeros((4, 8, 8, 1), np.uint8), np.arange(4) % 2, 2)
-    with pytest.raises(ConfigError, match=r"`metrics.inception_wieghts` is not a key .*allowed here: .*'inception_weights'"):
+    with pytest.raises(
+        ConfigError, match=r"`metrics.inception_wieghts` is not a key .*allowed here: .*'inception_weights'"
+    ):
         build_feature_extractor({"features": "inception", "inception_wieghts": "x.pth"})
 
 
 @pytest.mark.parametrize("kind", ["inception", "dinov2", "clip"])
 def test_pretrained_features_without_local_weights_are_a_config_error(kind, tmp_path):
-    with pytest.raises(ConfigError, match=rf"`metrics.features` = '{kind}' needs `metrics.{kind}_weights`.*nothing is "
-                                          r"downloaded.*metrics.features=domain"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"`metrics.features` = '{kind}' needs `metrics.{kind}_weights`.*nothing is "
+        r"downloaded.*metrics.features=domain",
+    ):
         build_feature_extractor({"features": kind})
     missing = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=rf"`metrics.{kind}_weights` = '{missing}' is not a (file|folder)"):
@@ -310,8 +320,10 @@ def fid_inception_file(tmp_path_factory):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     torch.manual_seed(0)
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None), \
-            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}):
+    with (
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None),
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}),
+    ):
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     path = tmp_path_factory.mktemp("fid_inception") / "weights-inception-random.pth"
     torch.save(net.state_dict(), path)
@@ -330,8 +342,9 @@ def test_fid_inception_fid_and_kid_equal_torchmetrics_on_the_same_file(fid_incep
 
     rgb = lambda x: images_to_tensor(np.repeat(x, 3, axis=-1))  # noqa: E731 - torchmetrics' Inception takes RGB
     fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(fid_inception_file))
-    kid = KernelInceptionDistance(feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], str(fid_inception_file)),
-                                  subsets=5, subset_size=8)
+    kid = KernelInceptionDistance(
+        feature=NoTrainInceptionV3("inception-v3-compat", ["2048"], str(fid_inception_file)), subsets=5, subset_size=8
+    )
     for metric in (fid, kid):
         metric.update(rgb(real), real=True)
         metric.update(rgb(fake), real=False)
@@ -357,8 +370,11 @@ def test_fid_inception_loads_safetensors_and_rejects_other_files(fid_inception_f
 
     tv = tmp_path / "torchvision_inception.pth"
     torch.save(inception_v3(weights=None, aux_logits=False, init_weights=False).state_dict(), tv)
-    with pytest.raises(ConfigError, match=r"is torchvision's ImageNet Inception-v3 \(1000 classes\), not the FID "
-                                          r"Inception.*weights-inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(
+        ConfigError,
+        match=r"is torchvision's ImageNet Inception-v3 \(1000 classes\), not the FID "
+        r"Inception.*weights-inception-2015-12-05-6726825d.pth",
+    ):
         InceptionFeatures(tv)
     bad = tmp_path / "bad.pth"
     torch.save({"conv.weight": torch.zeros(3)}, bad)
@@ -378,8 +394,9 @@ def dinov2_dir(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       patch_size=14, image_size=224)
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=224
+    )
     path = tmp_path_factory.mktemp("dinov2") / "tiny-dinov2"
     Dinov2Model(cfg).save_pretrained(path)
     return path
@@ -390,8 +407,15 @@ def clip_dir(tmp_path_factory):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           patch_size=8, image_size=32, projection_dim=16)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+        projection_dim=16,
+    )
     path = tmp_path_factory.mktemp("clip") / "tiny-clip"
     CLIPVisionModelWithProjection(cfg).save_pretrained(path)
     return path
@@ -423,7 +447,10 @@ def test_fd_dinov2_equals_a_direct_computation(dinov2_dir, digits):
     def direct(images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        mean, std = (
+            torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+            torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+        )
         with torch.no_grad():
             return model(pixel_values=(x - mean) / std).pooler_output.double().numpy()
 
@@ -446,8 +473,11 @@ def test_fd_clip_features_and_folder_checks(clip_dir, dinov2_dir, digits, tmp_pa
     out = compute_fidelity(digits["x_test"][:30], digits["x_train"][:30], ex, kid_subsets=2)
     assert out["fid"] > 0 and math.isfinite(out["kid_mean"])
 
-    with pytest.raises(ConfigError, match=r"`metrics.clip_weights` = .*tiny-dinov2' holds a 'dinov2' model, expected "
-                                          r"one of \['clip', 'clip_vision_model'\].*huggingface-cli download"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`metrics.clip_weights` = .*tiny-dinov2' holds a 'dinov2' model, expected "
+        r"one of \['clip', 'clip_vision_model'\].*huggingface-cli download",
+    ):
         CLIPFeatures(dinov2_dir)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"has no config.json"):

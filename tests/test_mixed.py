@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import gen_cfg
-
 from imgaug_gen.data.mixed import MixedBatchSampler, MixedDataModule, MixedFolderDataset, MixPolicy, mixed_loss
 from imgaug_gen.errors import ConfigError
+
+from conftest import gen_cfg
 
 # 6 real images of 2 classes; 12 synthetic: 2 edits of each real image (groups 0..5) + 0 samples
 REAL_Y = np.array([0, 0, 0, 1, 1, 1])
@@ -81,17 +81,20 @@ def test_sampler_is_deterministic_resumable_and_splits_ranks():
     assert [r0.batch(i) + r1.batch(i) for i in range(10)] == [a.batch(i) for i in range(10)]
 
 
-@pytest.mark.parametrize("cfg, match", [
-    ({"name": "swap"}, "policy.name"),
-    ({"name": "replace", "p": 1.5}, r"policy.p.*\[0, 1\]"),
-    ({"name": "replace", "p": -0.1}, "policy.p"),
-    ({"name": "weighted", "synthetic_weight": -1}, "policy.synthetic_weight"),
-    ({"name": "concat", "distill": 2}, "policy.distill"),
-    ({"name": "concat", "temperature": 0}, "policy.temperature"),
-    ({"name": "concat", "label_smoothing": 1.0}, "policy.label_smoothing"),
-    ({"name": "concat", "q": 1}, r"unknown key\(s\) \['q'\]"),
-    ("nope", "policy.name"),
-])
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"name": "swap"}, "policy.name"),
+        ({"name": "replace", "p": 1.5}, r"policy.p.*\[0, 1\]"),
+        ({"name": "replace", "p": -0.1}, "policy.p"),
+        ({"name": "weighted", "synthetic_weight": -1}, "policy.synthetic_weight"),
+        ({"name": "concat", "distill": 2}, "policy.distill"),
+        ({"name": "concat", "temperature": 0}, "policy.temperature"),
+        ({"name": "concat", "label_smoothing": 1.0}, "policy.label_smoothing"),
+        ({"name": "concat", "q": 1}, r"unknown key\(s\) \['q'\]"),
+        ("nope", "policy.name"),
+    ],
+)
 def test_bad_policies_are_refused(cfg, match):
     with pytest.raises(ConfigError, match=match):
         MixPolicy.from_config(cfg)
@@ -108,8 +111,9 @@ def test_mixed_loss_weights_smoothing_and_distillation():
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     assert half == pytest.approx(float((ce * torch.tensor([1, 1, 0.5, 0.5])).mean()), rel=1e-6)
     smooth = mixed_loss(logits, labels, syn, MixPolicy(label_smoothing=0.2))
-    expect = torch.cat([ce[:2], torch.nn.functional.cross_entropy(logits[2:], labels[2:], reduction="none",
-                                                                   label_smoothing=0.2)]).mean()
+    expect = torch.cat(
+        [ce[:2], torch.nn.functional.cross_entropy(logits[2:], labels[2:], reduction="none", label_smoothing=0.2)]
+    ).mean()
     assert smooth == pytest.approx(float(expect), rel=1e-6)
     # distilling toward the student's own logits: the KD term is 0, what is left is (1 - a) CE on synthetic
     kd = mixed_loss(logits, labels, syn, MixPolicy(distill=0.5), teacher_logits=logits.clone())
@@ -128,14 +132,36 @@ def test_train_and_test_consumes_synthetic_images_through_the_policy():
     tx, ty = dm.test_arrays()
     syn = (np.roll(x, 1, axis=2), y.copy(), np.arange(len(y)))  # one "edit" per real image
     small = dict(steps=12, input_size=16)
-    a = train_and_test(x, y, tx, ty, 10, 0, synthetic=syn, policy={"name": "replace", "p": 0.5},
-                       eval_sets={"val": dm.val_arrays()}, return_details=True, return_model=True, **small)
+    a = train_and_test(
+        x,
+        y,
+        tx,
+        ty,
+        10,
+        0,
+        synthetic=syn,
+        policy={"name": "replace", "p": 0.5},
+        eval_sets={"val": dm.val_arrays()},
+        return_details=True,
+        return_model=True,
+        **small,
+    )
     b = train_and_test(x, y, tx, ty, 10, 0, synthetic=syn, policy={"name": "replace", "p": 0.5}, **small)
     assert a["accuracy"] == b and 0 <= a["eval"]["val"] <= 1 and a["n_train"] == 2 * len(y)
     teacher = predict_logits(a["model"], syn[0], 16)
     assert teacher.shape == (len(y), 10)
-    kd = train_and_test(x, y, tx, ty, 10, 0, synthetic=syn, policy={"name": "weighted", "p": 0.25, "distill": 0.5},
-                        teacher_logits=teacher, **small)
+    kd = train_and_test(
+        x,
+        y,
+        tx,
+        ty,
+        10,
+        0,
+        synthetic=syn,
+        policy={"name": "weighted", "p": 0.25, "distill": 0.5},
+        teacher_logits=teacher,
+        **small,
+    )
     assert 0 <= kd <= 1
     with pytest.raises(ConfigError, match="teacher_logits"):
         train_and_test(x, y, tx, ty, 10, 0, synthetic=syn, policy={"name": "concat", "distill": 0.5}, **small)
@@ -162,9 +188,14 @@ def edit_folder(tmp_path_factory):
             gray = img.reshape(16, 16)
             arr = gray if kind == "real" else np.roll(gray, k + 1, axis=1)
             Image.fromarray(arr).save(out / "train" / str(lab) / f"{name}.png")
-            rec = {"id": name, "file": f"train/{lab}/{name}.png", "label": int(lab),
-                   "source": "real" if kind == "real" else "synthetic", "mode": "real" if kind == "real" else "img2img",
-                   "source_id": rid}
+            rec = {
+                "id": name,
+                "file": f"train/{lab}/{name}.png",
+                "label": int(lab),
+                "source": "real" if kind == "real" else "synthetic",
+                "mode": "real" if kind == "real" else "img2img",
+                "source_id": rid,
+            }
             lines.append(json.dumps(rec))
     (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return out
@@ -175,8 +206,15 @@ def test_folder_dataset_groups_edits_with_their_real_image(edit_folder):
     assert (ds.n_real, ds.n_syn) == (6, 12) and len(ds) == 18
     s = ds.sampler({"name": "replace", "p": 1.0}, batch_size=6, seed=0)
     for b in range(20):
-        drawn_real = MixedBatchSampler(ds.labels[:6], ds.labels[6:], MixPolicy("replace", p=0.0), 6,
-                                       real_groups=ds.real_groups, syn_groups=ds.syn_groups, seed=0).batch(b)
+        drawn_real = MixedBatchSampler(
+            ds.labels[:6],
+            ds.labels[6:],
+            MixPolicy("replace", p=0.0),
+            6,
+            real_groups=ds.real_groups,
+            syn_groups=ds.syn_groups,
+            seed=0,
+        ).batch(b)
         for r, item in zip(drawn_real, s.batch(b)):
             assert ds.records[item]["source_id"] == ds.records[r]["source_id"]  # its own edit
     item = ds[7]
@@ -209,8 +247,9 @@ def test_a_user_classifier_trains_with_lightning_and_resumes_exactly(edit_folder
 
         def training_step(self, batch, _):
             self.seen.append(batch["index"].tolist())
-            return mixed_loss(self.net(batch["image"]), batch["label"], batch["synthetic"], self.policy,
-                              batch.get("teacher_logits"))
+            return mixed_loss(
+                self.net(batch["image"]), batch["label"], batch["synthetic"], self.policy, batch.get("teacher_logits")
+            )
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -222,8 +261,15 @@ def test_a_user_classifier_trains_with_lightning_and_resumes_exactly(edit_folder
         pl.seed_everything(0)
         dm = MixedDataModule(edit_folder, pol, batch_size=4, seed=1, teacher=teacher)
         model = Classifier(pol)
-        trainer = pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             default_root_dir=root, accelerator="cpu", enable_checkpointing=ckpt is None)
+        trainer = pl.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            accelerator="cpu",
+            enable_checkpointing=ckpt is None,
+        )
         trainer.fit(model, dm, ckpt_path=ckpt)
         if ckpt is None:
             trainer.save_checkpoint(root / "mid.ckpt")
@@ -239,7 +285,7 @@ def test_a_user_classifier_trains_with_lightning_and_resumes_exactly(edit_folder
 
 
 def test_a_generate_folder_round_trips_into_the_dataset(trained_cgan, tmp_path):
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     out = tmp_path / "gen"
     generate(gen_cfg(trained_cgan, out, "score=false", "n_per_class=3"))

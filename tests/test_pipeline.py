@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import files_bytes, gen_cfg
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.export import read_manifest
-from imgaug_gen.pipeline import generate
+from imgaug_gen.jobs.generate import generate
+
+from conftest import files_bytes, gen_cfg
 
 
 def test_generate_writes_a_ready_to_train_folder(trained_cgan, tmp_path):
@@ -83,15 +84,18 @@ def test_refuses_other_jobs_folder_unless_overwrite(trained_cgan, tmp_path):
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("override, match", [
-    ("mode=paint", r"`mode` = 'paint': input should be 'sample' or 'img2img' \(conf/generate.yaml\)"),
-    ("+n_per_clas=5", r"`n_per_clas` is not a key of the generate config .* allowed here: \[.*'n_per_class'"),
-    ("filter.max_factor=0.5", r"`filter.max_factor` = 0.5: input should be greater than or equal to 1"),
-    ("mix.target_per_class=-2", r"`mix.target_per_class` = -2: input should be greater than or equal to 0"),
-    ("n_per_class=-1", "`n_per_class` = -1"),
-    ("shard=3", "need 0 <= shard < num_shards"),
-    ("mode=img2img", "`mode=img2img` needs a generator that can edit"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("mode=paint", r"`mode` = 'paint': input should be 'sample' or 'img2img' \(conf/generate.yaml\)"),
+        ("+n_per_clas=5", r"`n_per_clas` is not a key of the generate config .* allowed here: \[.*'n_per_class'"),
+        ("filter.max_factor=0.5", r"`filter.max_factor` = 0.5: input should be greater than or equal to 1"),
+        ("mix.target_per_class=-2", r"`mix.target_per_class` = -2: input should be greater than or equal to 0"),
+        ("n_per_class=-1", "`n_per_class` = -1"),
+        ("shard=3", "need 0 <= shard < num_shards"),
+        ("mode=img2img", "`mode=img2img` needs a generator that can edit"),
+    ],
+)
 def test_bad_generate_config(trained_cgan, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         generate(gen_cfg(trained_cgan, tmp_path / "o", override))

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from conftest import TINY_CALLBACKS, TINY_DATA, TINY_METRICS, class_counts
 from imgaug_gen.config import compose_config
 from imgaug_gen.errors import ConfigError
+
+from conftest import TINY_CALLBACKS, TINY_DATA, TINY_METRICS, class_counts
 
 TOY = '''
 import torch
@@ -80,21 +81,44 @@ def toy_package(tmp_path, monkeypatch):
 
 def test_a_plugin_kind_trains_loads_and_generates(toy_package, tmp_path):
     from imgaug_gen.generators import base
-    from imgaug_gen.pipeline import generate
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.generate import generate
+    from imgaug_gen.jobs.train import train
 
     run, out = tmp_path / "run", tmp_path / "out"
     searchpath = f"hydra.searchpath=[file://{toy_package / 'conf'}]"
-    cfg = compose_config("train", ["model=toy", searchpath, *TINY_DATA, *TINY_METRICS, *TINY_CALLBACKS,
-                                   "trainer.max_steps=6", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                                   "callbacks.fidelity=null", f"run_dir={run}"])
+    cfg = compose_config(
+        "train",
+        [
+            "model=toy",
+            searchpath,
+            *TINY_DATA,
+            *TINY_METRICS,
+            *TINY_CALLBACKS,
+            "trainer.max_steps=6",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "callbacks.fidelity=null",
+            f"run_dir={run}",
+        ],
+    )
     train(cfg)
     assert json.loads((run / "generator" / "config.json").read_text())["kind"] == "toy"
     # a fresh process would not have imported it: forget it, and let the entry point find it
     base._REGISTRY.pop("toy", None)
     sys.modules.pop("toykind", None)
-    metrics = generate(compose_config("generate", [f"run_dir={run}", f"out_dir={out}", "n_per_class=3",
-                                                   "include_real=false", "score=false", "progress=false"]))
+    metrics = generate(
+        compose_config(
+            "generate",
+            [
+                f"run_dir={run}",
+                f"out_dir={out}",
+                "n_per_class=3",
+                "include_real=false",
+                "score=false",
+                "progress=false",
+            ],
+        )
+    )
     per_class = class_counts(out)
     assert per_class == {str(c): 3 for c in range(10)} and metrics["n_synthetic"] == 30
     with pytest.raises(ConfigError, match=r"`sample_kwargs` has unknown keys \['eta'\] for a `toy` generator"):
@@ -103,16 +127,18 @@ def test_a_plugin_kind_trains_loads_and_generates(toy_package, tmp_path):
 
 def test_unknown_kind_and_wrong_module_class_are_clear(tmp_path):
     from imgaug_gen.generators.base import generator_class
-    from imgaug_gen.training import build_module
+    from imgaug_gen.jobs.train import build_module
 
     with pytest.raises(ConfigError, match=r"Unknown generator kind `nope`; known kinds: \[.*'cgan'.*'ddpm'.*'sd_lora'"):
         generator_class("nope")
-    cfg = compose_config("train", ["model=cgan", "model._target_=torch.nn.Identity", f"run_dir={tmp_path}",
-                                   *TINY_DATA])
+    cfg = compose_config("train", ["model=cgan", "model._target_=torch.nn.Identity", f"run_dir={tmp_path}", *TINY_DATA])
 
     class DM:
         num_classes, class_names, image_shape = 3, ["a", "b", "c"], (1, 16, 16)
 
-    with pytest.raises(ConfigError, match=r"`model._target_` = 'torch.nn.Identity' builds a Identity, not an "
-                                          r"imgaug_gen.generators.GeneratorModule"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model._target_` = 'torch.nn.Identity' builds a Identity, not an "
+        r"imgaug_gen.generators.GeneratorModule",
+    ):
         build_module(cfg, DM())

@@ -4,17 +4,17 @@ UNet2DModel / DDPMPipeline folder, in each fine-tuning mode; class selection; cl
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CALLBACKS, TINY_METRICS, gen_cfg, train_killed_and_resumed, write_digit_folder
-from factories_ddpm import TINY_DDPM, TINY_UNET
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator
+
+from conftest import ROOT, TINY_CALLBACKS, TINY_METRICS, gen_cfg, train_killed_and_resumed, write_digit_folder
+from factories_ddpm import TINY_DDPM, TINY_UNET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,10 +25,13 @@ BASE, NOVEL = "data.classes=[0,1,2,3,4]", "data.classes=[5,6,7]"
 
 def _train(run_dir, *extra):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
-    return train(compose_config("train", [*TINY_DDPM, *DATA, *TINY_METRICS, *TINY_CALLBACKS, *QUIET,
-                                          f"run_dir={run_dir}", *extra]))
+    return train(
+        compose_config(
+            "train", [*TINY_DDPM, *DATA, *TINY_METRICS, *TINY_CALLBACKS, *QUIET, f"run_dir={run_dir}", *extra]
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,10 @@ def diffusers_pipeline(tmp_path_factory):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     path = tmp_path_factory.mktemp("pipe")
-    DDPMPipeline(unet=_diffusers_unet(), scheduler=DDPMScheduler(num_train_timesteps=10, beta_schedule="linear",
-                                                                   clip_sample=True)).save_pretrained(path)
+    DDPMPipeline(
+        unet=_diffusers_unet(),
+        scheduler=DDPMScheduler(num_train_timesteps=10, beta_schedule="linear", clip_sample=True),
+    ).save_pretrained(path)
     return path
 
 
@@ -69,11 +74,12 @@ def test_a_ddpm_run_with_other_classes_is_a_prior(ddpm_base, tmp_path):
     """Digits 0-4 -> 5-7: the new classes start at the prior's null row, so before any step the model
     conditioned on a new class samples exactly what the prior samples unconditionally."""
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import build_datamodule, build_module
+    from imgaug_gen.jobs.train import build_datamodule, build_module
 
     prior = load_generator(ddpm_base / "generator")
-    cfg = compose_config("train", [*TINY_DDPM, *DATA, *QUIET, NOVEL, f"run_dir={tmp_path}",
-                                   f"model.pretrained={ddpm_base}"])
+    cfg = compose_config(
+        "train", [*TINY_DDPM, *DATA, *QUIET, NOVEL, f"run_dir={tmp_path}", f"model.pretrained={ddpm_base}"]
+    )
     module = build_module(cfg, build_datamodule(cfg))
     gen = module.to_generator()
     assert gen.class_names == ["5", "6", "7"] and gen.config["prior"]["source"] == "imgaug_gen"
@@ -97,8 +103,14 @@ def test_a_diffusers_pipeline_folder_fine_tunes_in_each_mode(diffusers_pipeline,
 
     prior = UNet2DModel.from_pretrained(diffusers_pipeline / "unet")
     run = tmp_path / "run"
-    metrics, objects = _train(run, NOVEL, f"model.pretrained={diffusers_pipeline}", f"model.finetune={mode}",
-                              "trainer.max_steps=4", "model.lr=0.05")
+    metrics, objects = _train(
+        run,
+        NOVEL,
+        f"model.pretrained={diffusers_pipeline}",
+        f"model.finetune={mode}",
+        "trainer.max_steps=4",
+        "model.lr=0.05",
+    )
     module = objects["module"]
     assert module.noise_scheduler.config.beta_schedule == "linear"  # the prior's, not the yaml's squaredcos
     assert module.noise_scheduler.config.num_train_timesteps == 10
@@ -110,7 +122,9 @@ def test_a_diffusers_pipeline_folder_fine_tunes_in_each_mode(diffusers_pipeline,
         assert len(same) < len(frozen) // 2
     else:
         assert same == frozen  # every prior weight bit for bit
-    assert not torch.equal(module.unet.class_embedding.weight[:3], torch.zeros_like(module.unet.class_embedding.weight[:3]))
+    assert not torch.equal(
+        module.unet.class_embedding.weight[:3], torch.zeros_like(module.unet.class_embedding.weight[:3])
+    )
     gen = load_generator(run / "generator")
     assert type(gen.unet) is UNet2DModel and not any("lora" in k for k in gen.unet.state_dict())
     if mode == "lora":  # the merged weights carry what the adapters learnt
@@ -122,25 +136,40 @@ def test_a_diffusers_pipeline_folder_fine_tunes_in_each_mode(diffusers_pipeline,
 def test_a_diffusers_unet_folder_with_class_rows_is_a_prior(tmp_path):
     unet = _diffusers_unet(num_class_embeds=4)
     unet.save_pretrained(tmp_path / "unet")
-    metrics, objects = _train(tmp_path / "run", NOVEL, f"model.pretrained={tmp_path / 'unet'}",
-                              "model.init_class_embeddings=class_mean", "trainer.max_steps=2")
+    metrics, objects = _train(
+        tmp_path / "run",
+        NOVEL,
+        f"model.pretrained={tmp_path / 'unet'}",
+        "model.init_class_embeddings=class_mean",
+        "trainer.max_steps=2",
+    )
     rows = objects["module"].unet.class_embedding.weight.detach()
     mean = unet.class_embedding.weight.detach().mean(0)
     assert rows.shape[0] == 4  # 3 classes + null, each started at the mean
     gen = load_generator(tmp_path / "run" / "generator")
-    assert gen.config["prior"]["source"] == "diffusers_unet" and torch.isfinite(rows).all() and mean.shape == rows[0].shape
+    assert (
+        gen.config["prior"]["source"] == "diffusers_unet" and torch.isfinite(rows).all() and mean.shape == rows[0].shape
+    )
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["data.image_size=32"], r"`data.image_size` = 32 .* was trained at 16x16. Set `data.image_size=16`"),
-    (["data.channels=3"], r"`data.channels` = 3, but the prior .* makes 1-channel images. Set `data.channels=1`"),
-    (["model.train_scheduler.beta_schedule=scaled_linear"],
-     r"`model.train_scheduler.beta_schedule` = 'scaled_linear', but the prior .* was trained with beta_schedule = "
-     r"'squaredcos_cap_v2'"),
-    (["model.train_scheduler.prediction_type=v_prediction"], r"prediction_type = 'epsilon'"),
-    (["model.unet.layers_per_block=2"], r"`model.unet.layers_per_block` = 2, but the prior .* has layers_per_block = 1"),
-    (["model.finetune=sideways"], r"`model.finetune` = 'sideways'"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["data.image_size=32"], r"`data.image_size` = 32 .* was trained at 16x16. Set `data.image_size=16`"),
+        (["data.channels=3"], r"`data.channels` = 3, but the prior .* makes 1-channel images. Set `data.channels=1`"),
+        (
+            ["model.train_scheduler.beta_schedule=scaled_linear"],
+            r"`model.train_scheduler.beta_schedule` = 'scaled_linear', but the prior .* was trained with "
+            r"beta_schedule = 'squaredcos_cap_v2'",
+        ),
+        (["model.train_scheduler.prediction_type=v_prediction"], r"prediction_type = 'epsilon'"),
+        (
+            ["model.unet.layers_per_block=2"],
+            r"`model.unet.layers_per_block` = 2, but the prior .* has layers_per_block = 1",
+        ),
+        (["model.finetune=sideways"], r"`model.finetune` = 'sideways'"),
+    ],
+)
 def test_a_mismatched_prior_is_refused_naming_both_values(ddpm_base, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         _train(tmp_path / "run", NOVEL, f"model.pretrained={ddpm_base}", *extra)
@@ -158,24 +187,40 @@ def test_prior_modes_need_a_prior_and_a_ddpm_prior(trained_cgan, tmp_path):
 
 def test_a_prior_started_run_resumes_to_a_byte_identical_generator(ddpm_base, tmp_path):
     def cmd(run_dir, *extra):
-        return [sys.executable, str(ROOT / "train.py"), *TINY_DDPM, *DATA, *TINY_METRICS, *TINY_CALLBACKS, *QUIET,
-                NOVEL, f"model.pretrained={ddpm_base}", "model.finetune=lora", "trainer.max_steps=12",
-                "callbacks.checkpoint.every_n_train_steps=4", "callbacks.samples=null", f"hydra.run.dir={run_dir}",
-                *extra]
+        return [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *TINY_DDPM,
+            *DATA,
+            *TINY_METRICS,
+            *TINY_CALLBACKS,
+            *QUIET,
+            NOVEL,
+            f"model.pretrained={ddpm_base}",
+            "model.finetune=lora",
+            "trainer.max_steps=12",
+            "callbacks.checkpoint.every_n_train_steps=4",
+            "callbacks.samples=null",
+            f"hydra.run.dir={run_dir}",
+            *extra,
+        ]
 
     full, killed = train_killed_and_resumed(cmd, tmp_path, first_step=4, max_steps=12)
-    assert (full / "generator" / "model.safetensors").read_bytes() == \
-        (killed / "generator" / "model.safetensors").read_bytes()
+    assert (full / "generator" / "model.safetensors").read_bytes() == (
+        killed / "generator" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_the_manifest_records_the_prior(ddpm_base, tmp_path):
     from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     _train(tmp_path / "run", NOVEL, f"model.pretrained={ddpm_base}", "model.finetune=embeddings", "trainer.max_steps=2")
     generate(gen_cfg(tmp_path / "run", tmp_path / "out", "score=false", "n_per_class=1"))
     syn = [r for r in read_manifest(tmp_path / "out") if r["source"] == "synthetic"]
-    assert len(syn) == 3 and all(r["generator"]["prior"]["path"] == str((ddpm_base / "generator").resolve()) for r in syn)
+    assert len(syn) == 3 and all(
+        r["generator"]["prior"]["path"] == str((ddpm_base / "generator").resolve()) for r in syn
+    )
     assert {r["class_name"] for r in read_manifest(tmp_path / "out")} == {"5", "6", "7"}
 
 
@@ -185,10 +230,11 @@ CGAN = ["model=cgan", "model.g_width=8", "model.d_width=8", "model.z_dim=16", "t
 
 def _train_cgan(run_dir, *extra):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
-    return train(compose_config("train", [*CGAN, *DATA, *TINY_METRICS, *TINY_CALLBACKS, *QUIET, f"run_dir={run_dir}",
-                                          *extra]))
+    return train(
+        compose_config("train", [*CGAN, *DATA, *TINY_METRICS, *TINY_CALLBACKS, *QUIET, f"run_dir={run_dir}", *extra])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +247,9 @@ def cgan_base(tmp_path_factory):
 def test_a_cgan_run_is_a_prior_with_new_class_rows_and_freeze_d(cgan_base, tmp_path):
     prior = load_generator(cgan_base / "generator").net
     d_prior = torch.load(cgan_base / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    _, objects = _train_cgan(tmp_path / "run", NOVEL, f"model.pretrained={cgan_base}", "model.freeze_d=1",
-                             "model.finetune=embeddings")
+    _, objects = _train_cgan(
+        tmp_path / "run", NOVEL, f"model.pretrained={cgan_base}", "model.freeze_d=1", "model.finetune=embeddings"
+    )
     m = objects["module"]
     for name, p in m.generator.named_parameters():  # embeddings: only the conditional norms' rows moved
         theirs = prior.state_dict()[name]
@@ -278,12 +325,22 @@ def test_evaluate_transfer_and_the_chosen_baseline(tmp_path):
     """classifier.init={classes: [...]}: the init is trained once on the other classes; transfer methods and the
     generative ones start from it; every gain is against the best non-generative recipe on validation."""
     from imgaug_gen.config import compose_config
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
-    over = [f"out_dir={tmp_path / 'ev'}", "shots=[2]", "seeds=[0,1]", "classifier.steps=60", "data.classes=[5,6,7]",
-            "classifier.init={classes:[0,1,2,3,4]}", "cas_seeds=0", "policies={replace:{name:replace,p:0.5}}",
-            'generators.cgan.train=["experiment=digits_cgan","logger=none","trainer.max_steps=4","model.g_width=8",'
-            '"model.d_width=8"]', 'generators.cgan.generate=["n_per_class=4","score=false"]', "metrics.domain_steps=30"]
+    over = [
+        f"out_dir={tmp_path / 'ev'}",
+        "shots=[2]",
+        "seeds=[0,1]",
+        "classifier.steps=60",
+        "data.classes=[5,6,7]",
+        "classifier.init={classes:[0,1,2,3,4]}",
+        "cas_seeds=0",
+        "policies={replace:{name:replace,p:0.5}}",
+        'generators.cgan.train=["experiment=digits_cgan","logger=none","trainer.max_steps=4","model.g_width=8",'
+        '"model.d_width=8"]',
+        'generators.cgan.generate=["n_per_class=4","score=false"]',
+        "metrics.domain_steps=30",
+    ]
     ev = evaluate(compose_config("evaluate", over))
     r = ev["results"]["2"]
     assert list(r)[:4] == ["real", "real+classical", "transfer", "transfer+classical"]
@@ -292,8 +349,13 @@ def test_evaluate_transfer_and_the_chosen_baseline(tmp_path):
     assert "gain" not in r[chosen["method"]]
     for m in r:
         if m != chosen["method"]:
-            assert r[m]["gain"]["mean"] == pytest.approx(np.mean(np.asarray(r[m]["accs"]) - r[chosen["method"]]["accs"]))
-    assert ev["classifier_init"].endswith(".safetensors") and f"`{chosen['method']}`" in (tmp_path / "ev" / "results.md").read_text()
+            assert r[m]["gain"]["mean"] == pytest.approx(
+                np.mean(np.asarray(r[m]["accs"]) - r[chosen["method"]]["accs"])
+            )
+    assert (
+        ev["classifier_init"].endswith(".safetensors")
+        and f"`{chosen['method']}`" in (tmp_path / "ev" / "results.md").read_text()
+    )
     with pytest.raises(ConfigError, match="the init must learn from other classes"):
         evaluate(compose_config("evaluate", [*over, "data.classes=[3,4,5]"]))
 

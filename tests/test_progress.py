@@ -31,8 +31,10 @@ def test_progress_plot_from_sparse_csv_and_errors(tmp_path):
     from imgaug_gen.visual import progress_plot
 
     full = tmp_path / "metrics.csv"
-    full.write_text("epoch,global_step,step,train/loss,val/fid,val/kid\n0,,9,0.5,,\n0,,19,0.4,,\n"
-                    "0,40,19,,120.0,0.5\n0,,29,0.3,,\n0,80,39,,3.0,0.01\n")
+    full.write_text(
+        "epoch,global_step,step,train/loss,val/fid,val/kid\n0,,9,0.5,,\n0,,19,0.4,,\n"
+        "0,40,19,,120.0,0.5\n0,,29,0.3,,\n0,80,39,,3.0,0.01\n"
+    )
     out = progress_plot(full, tmp_path / "sub" / "progress.png")
     with Image.open(out) as im:
         assert im.format == "PNG"
@@ -40,9 +42,11 @@ def test_progress_plot_from_sparse_csv_and_errors(tmp_path):
     assert not list((tmp_path / "sub").glob(".*tmp*"))
 
     # Missing columns are skipped: losses only, FID only, header only.
-    for name, text in {"losses": "epoch,step,train/d_loss,train/g_loss\n0,9,1.0,2.0\n0,19,0.9,1.5\n",
-                       "fid": "global_step,step,val/fid\n8.0,3,423.2\n",
-                       "empty": "epoch,step\n"}.items():
+    for name, text in {
+        "losses": "epoch,step,train/d_loss,train/g_loss\n0,9,1.0,2.0\n0,19,0.9,1.5\n",
+        "fid": "global_step,step,val/fid\n8.0,3,423.2\n",
+        "empty": "epoch,step\n",
+    }.items():
         (tmp_path / f"{name}.csv").write_text(text)
         with Image.open(progress_plot(tmp_path / f"{name}.csv", tmp_path / f"{name}.png")) as im:
             assert im.format == "PNG"

@@ -11,23 +11,33 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, train_overrides
 from imgaug_gen.errors import ConfigError
+
+from conftest import ROOT, cli_env, train_overrides
 
 LINE = re.compile(r"^step (\d+)/8 \(\d+%\)  train/d_loss=\S+  train/g_loss=\S+  (\S+) it/s  ETA \S+  elapsed \S+$")
 
 
 def _train_cmd(run, *extra):
-    over = [o for o in train_overrides("cgan", run, "callbacks.fidelity.every_n_steps=0")
-            if not o.startswith(("run_dir", "trainer.enable_progress_bar"))]  # the bar as configured by default
+    over = [
+        o
+        for o in train_overrides("cgan", run, "callbacks.fidelity.every_n_steps=0")
+        if not o.startswith(("run_dir", "trainer.enable_progress_bar"))
+    ]  # the bar as configured by default
     return [sys.executable, str(ROOT / "train.py"), *over, f"hydra.run.dir={run}", *extra]
 
 
 def test_log_file_gets_plain_progress_lines(tmp_path):
     log = tmp_path / "train.out"
     with open(log, "w") as f:  # stdout is a file, as under SLURM / CI / tee
-        done = subprocess.run(_train_cmd(tmp_path / "run", "callbacks.progress_log.every_n_steps=2"), cwd=tmp_path,
-                              env=cli_env(), stdout=f, stderr=subprocess.STDOUT, timeout=600)
+        done = subprocess.run(
+            _train_cmd(tmp_path / "run", "callbacks.progress_log.every_n_steps=2"),
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
     lines = [m for m in (LINE.match(s) for s in text.splitlines()) if m]
@@ -39,8 +49,14 @@ def test_log_file_gets_plain_progress_lines(tmp_path):
 
 def test_every_n_steps_0_and_enabled_false_print_nothing(tmp_path):
     for i, extra in enumerate(("callbacks.progress_log.every_n_steps=0", "callbacks.progress_log.enabled=false")):
-        done = subprocess.run(_train_cmd(tmp_path / f"run{i}", extra, "trainer.enable_progress_bar=false"),
-                              cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            _train_cmd(tmp_path / f"run{i}", extra, "trainer.enable_progress_bar=false"),
+            cwd=tmp_path,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert not re.search(r"^step \d+/8", done.stdout, re.M), done.stdout[-2000:]
         assert "Tip:" not in done.stdout + done.stderr
@@ -55,8 +71,14 @@ def test_terminal_gets_the_step_counted_bar(tmp_path):
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    proc = subprocess.Popen(_train_cmd(tmp_path / "run", "callbacks.progress_log.every_n_steps=2"), cwd=tmp_path,
-                            env=cli_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path / "run", "callbacks.progress_log.every_n_steps=2"),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+    )
     os.close(slave)
     out = b""
     while True:
@@ -76,8 +98,13 @@ def test_terminal_gets_the_step_counted_bar(tmp_path):
 
 
 def _trainer(step, max_steps=8, rank0=True, **metrics):
-    return SimpleNamespace(global_step=step, max_steps=max_steps, current_epoch=0, is_global_zero=rank0,
-                           callback_metrics={k: torch.tensor(v) for k, v in metrics.items()})
+    return SimpleNamespace(
+        global_step=step,
+        max_steps=max_steps,
+        current_epoch=0,
+        is_global_zero=rank0,
+        callback_metrics={k: torch.tensor(v) for k, v in metrics.items()},
+    )
 
 
 def test_progress_log_callback_lines(capsys, monkeypatch):
@@ -110,7 +137,7 @@ def test_progress_log_callback_lines(capsys, monkeypatch):
 
 def test_progress_log_config_is_checked(tmp_path):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import check_train_config
+    from imgaug_gen.jobs.train import check_train_config
 
     with pytest.raises(ConfigError, match=r"callbacks.progress_log.every_n_steps` = -1"):
         check_train_config(compose_config("train", [f"run_dir={tmp_path}", "callbacks.progress_log.every_n_steps=-1"]))
@@ -121,7 +148,7 @@ def test_progress_log_config_is_checked(tmp_path):
 def test_lightning_tips_are_filtered():
     import logging
 
-    from imgaug_gen.training import quiet_lightning_tips
+    from imgaug_gen.jobs.train import quiet_lightning_tips
 
     quiet_lightning_tips()
     quiet_lightning_tips()  # idempotent

@@ -33,8 +33,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 def _page_faults(**env: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT,
-                         env=cli_env(**env), timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, env=cli_env(**env), timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1])
 
@@ -55,8 +56,12 @@ def test_user_allocator_settings_are_left_alone(monkeypatch):
     monkeypatch.setattr(runtime, "_done", False)
     calls = []
     monkeypatch.setattr(runtime.ctypes, "CDLL", lambda *a: calls.append(a))
-    for key, value in [("IMGAUG_GEN_MALLOC", "default"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
-                       ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2"), ("MALLOC_MMAP_THRESHOLD_", "65536")]:
+    for key, value in [
+        ("IMGAUG_GEN_MALLOC", "default"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
+        ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2"),
+        ("MALLOC_MMAP_THRESHOLD_", "65536"),
+    ]:
         with monkeypatch.context() as m:
             m.setenv(key, value)
             assert runtime.keep_freed_memory() is False, key

@@ -14,13 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_METRICS, class_counts, cli_env
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator, per_image_seeds
+
+from conftest import ROOT, TINY_METRICS, class_counts, cli_env
 from tiny_sd import TINY_SD, build_tiny_sd
 
-CALLBACKS = ["callbacks.fidelity=null", "callbacks.checkpoint.every_n_train_steps=2",
-             "callbacks.samples.every_n_steps=2", "callbacks.samples.n_per_class=1", "callbacks.export.every_n_steps=0"]
+CALLBACKS = [
+    "callbacks.fidelity=null",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.samples.every_n_steps=2",
+    "callbacks.samples.n_per_class=1",
+    "callbacks.export.every_n_steps=0",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,13 +38,22 @@ def tiny_sd(tmp_path_factory):
 
 
 def sd_overrides(pretrained, run_dir, *extra: str) -> list[str]:
-    return [*TINY_SD, "data=digits", "data.shots=4", *CALLBACKS, "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", f"model.pretrained={pretrained}", f"run_dir={run_dir}", *extra]
+    return [
+        *TINY_SD,
+        "data=digits",
+        "data.shots=4",
+        *CALLBACKS,
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"model.pretrained={pretrained}",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 def _train(pretrained, run_dir, *extra: str):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     return train(compose_config("train", sd_overrides(pretrained, run_dir, *extra)))
 
@@ -63,7 +78,7 @@ def gen(trained):
 def test_train_writes_run_in_diffusers_lora_format(trained, gen, tiny_sd):
     from safetensors import safe_open
 
-    from imgaug_gen.generators.sd_lora import SDLoRAGenerator
+    from imgaug_gen.generators.sd import SDLoRAGenerator
 
     run_dir, metrics, objects = trained
     module = objects["module"]
@@ -74,8 +89,12 @@ def test_train_writes_run_in_diffusers_lora_format(trained, gen, tiny_sd):
     cfg = json.loads((run_dir / "generator" / "config.json").read_text())
     assert cfg["kind"] == "sd_lora" and cfg["format_version"] == 2 and cfg["pretrained"] == str(tiny_sd.resolve())
     assert cfg["prompts"][3] == "a photo of a 3" and cfg["image_shape"] == [3, 16, 16]
-    assert cfg["lora"]["unet"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
-                                   "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}
+    assert cfg["lora"]["unet"] == {
+        "rank": 4,
+        "alpha": 8.0,
+        "dropout": 0.0,
+        "target_modules": ["to_k", "to_out.0", "to_q", "to_v"],
+    }
     assert cfg["lora"]["text_encoder"] is None and cfg["trained_steps"] == 4
     with safe_open(str(run_dir / "generator" / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -89,8 +108,10 @@ def test_train_writes_run_in_diffusers_lora_format(trained, gen, tiny_sd):
     assert all(v.abs().max() > 0 for k, v in _lora(module).items() if "lora_B" in k)
     sd = module.unet.state_dict()
     assert torch.equal(sd["conv_in.weight"], base["conv_in.weight"])
-    assert torch.equal(sd["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.base_layer.weight"],
-                       base["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+    assert torch.equal(
+        sd["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.base_layer.weight"],
+        base["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
+    )
     # the loaded generator (base pipeline + load_lora_weights) reproduces the trained one exactly
     assert isinstance(gen, SDLoRAGenerator) and gen.supports_edit and gen.prompt_for(7) == "a photo of a 7"
     seeds = per_image_seeds(3, 0, 3)
@@ -114,8 +135,9 @@ def test_checkpoint_holds_only_lora_and_its_optimizer_state(trained):
 def test_exact_resume_restores_lora_weights(trained, tiny_sd, tmp_path):
     """4 steps in one go == 2 steps + resume from last.ckpt for 2 more: identical LoRA weights."""
     _, first = _train(tiny_sd, tmp_path / "a", "trainer.max_steps=2", "callbacks.samples=null")
-    _, resumed = _train(tiny_sd, tmp_path / "b", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
-                        "callbacks.samples=null")
+    _, resumed = _train(
+        tiny_sd, tmp_path / "b", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}", "callbacks.samples=null"
+    )
     assert resumed["trainer"].global_step == 4 and resumed["module"].batches_seen == 4
     a, b, half = _lora(trained[2]["module"]), _lora(resumed["module"]), _lora(first["module"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -127,10 +149,18 @@ def test_exact_resume_restores_lora_weights(trained, tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match=r"`ckpt_path`: the checkpoint lacks 1 of this model's 64 LoRA tensors"):
         _train(tiny_sd, tmp_path / "d", f"ckpt_path={tmp_path / 'partial.ckpt'}", "callbacks.samples=null")
     # a checkpoint of another LoRA shape is refused with the fix
-    with pytest.raises(ConfigError, match=r"`ckpt_path`: LoRA tensor .* has shape \(4, 8\), this model's has "
-                                          r"\(8, 8\); resume with the run's own `model.lora_rank`"):
-        _train(tiny_sd, tmp_path / "c", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
-               "model.lora_rank=8", "callbacks.samples=null")
+    with pytest.raises(
+        ConfigError,
+        match=r"`ckpt_path`: LoRA tensor .* has shape \(4, 8\), this model's has "
+        r"\(8, 8\); resume with the run's own `model.lora_rank`",
+    ):
+        _train(
+            tiny_sd,
+            tmp_path / "c",
+            f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+            "model.lora.rank=8",
+            "callbacks.samples=null",
+        )
 
 
 def test_sample_and_img2img_per_image(gen):
@@ -161,13 +191,19 @@ def test_training_step_feeds_the_vae_its_weight_dtype(tiny_sd):
     """The training step casts the pixels to the VAE's weight dtype (read off its first conv, not
     through ``ModelMixin.dtype``'s walk over every submodule): float32 by default, bfloat16 with
     ``weight_dtype=bf16``; the loss stays finite and float32."""
-    from imgaug_gen.generators.sd_lora import SDLoRAModule
+    from imgaug_gen.generators.sd import SDLoRAModule
 
     x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 2])
     for weight_dtype, expected in (("auto", torch.float32), ("bf16", torch.bfloat16)):
         torch.manual_seed(0)
-        module = SDLoRAModule(num_classes=3, class_names=["a", "b", "c"], image_shape=[3, 16, 16],
-                              pretrained=str(tiny_sd), num_inference_steps=2, weight_dtype=weight_dtype)
+        module = SDLoRAModule(
+            num_classes=3,
+            class_names=["a", "b", "c"],
+            image_shape=[3, 16, 16],
+            pretrained=str(tiny_sd),
+            sampling={"num_inference_steps": 2},
+            weight_dtype=weight_dtype,
+        )
         module.setup("fit")
         seen = []
         module.vae.encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
@@ -177,25 +213,36 @@ def test_training_step_feeds_the_vae_its_weight_dtype(tiny_sd):
 
 
 def test_prompts():
-    from imgaug_gen.generators.sd_lora import build_prompts
+    from imgaug_gen.generators.sd.prompts import build_prompts
 
     names = ["golden_retriever", "cat"]
     assert build_prompts(names) == ["a photo of a golden retriever", "a photo of a cat"]
     assert build_prompts(names, class_prompts={"cat": "a {class_name} on a sofa"}) == [
-        "a photo of a golden retriever", "a cat on a sofa"]
+        "a photo of a golden retriever",
+        "a cat on a sofa",
+    ]
     tpl = "a photo of {token} {class_name}"
-    assert build_prompts(names, tpl, identifier_tokens="sks") == ["a photo of sks golden retriever",
-                                                                  "a photo of sks cat"]
+    assert build_prompts(names, tpl, identifier_tokens="sks") == [
+        "a photo of sks golden retriever",
+        "a photo of sks cat",
+    ]
     assert build_prompts(names, tpl, identifier_tokens=["sks", "ohwx"], humanize_class_names=False) == [
-        "a photo of sks golden_retriever", "a photo of ohwx cat"]
-    assert build_prompts(names, tpl, identifier_tokens={"cat": "zwx", "golden_retriever": "sks"})[1] == \
-        "a photo of zwx cat"
+        "a photo of sks golden_retriever",
+        "a photo of ohwx cat",
+    ]
+    assert (
+        build_prompts(names, tpl, identifier_tokens={"cat": "zwx", "golden_retriever": "sks"})[1]
+        == "a photo of zwx cat"
+    )
     with pytest.raises(ConfigError, match=r"`model.class_prompts` names unknown classes \['dog'\]"):
         build_prompts(names, class_prompts={"dog": "x"})
     with pytest.raises(ConfigError, match="`model.identifier_tokens` has 1 tokens for 2 classes"):
         build_prompts(names, tpl, identifier_tokens=["sks"])
-    with pytest.raises(ConfigError, match=r"`model.prompt_template` = .* uses \{token\} but "
-                                          "`model.identifier_tokens` is null"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.prompt_template` = .* uses \{token\} but "
+        "`model.identifier_tokens` is null",
+    ):
         build_prompts(names, tpl)
     with pytest.raises(ConfigError, match=r"`model.identifier_tokens` is set but `model.prompt_template`"):
         build_prompts(names, identifier_tokens="sks")
@@ -206,12 +253,18 @@ def test_prompts():
 def test_training_options_and_text_encoder_lora(tiny_sd, tmp_path):
     """Min-SNR, noise offset, v-prediction, gradient checkpointing and text-encoder LoRA train;
     checkpointing changes no gradient; a text-encoder LoRA survives save/load."""
-    from imgaug_gen.generators.sd_lora import SDLoRAModule
+    from imgaug_gen.generators.sd import SDLoRAModule
 
     def build(**kw):
         torch.manual_seed(0)
-        return SDLoRAModule(num_classes=3, class_names=["a", "b", "c"], image_shape=[3, 16, 16],
-                            pretrained=str(tiny_sd), num_inference_steps=2, **kw)
+        return SDLoRAModule(
+            num_classes=3,
+            class_names=["a", "b", "c"],
+            image_shape=[3, 16, 16],
+            pretrained=str(tiny_sd),
+            sampling={"num_inference_steps": 2},
+            **kw,
+        )
 
     x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 2])
 
@@ -246,7 +299,7 @@ def test_config_errors(tiny_sd, tmp_path):
     from hydra.errors import InstantiationException
 
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     def run(*extra):
         over = [o for o in sd_overrides(tiny_sd, tmp_path / "r") if not o.startswith("model.pretrained")]
@@ -259,20 +312,35 @@ def test_config_errors(tiny_sd, tmp_path):
 
     with pytest.raises(ConfigError, match=r"`model.pretrained` is not set.*save_pretrained.*pre-download"):
         run()
-    with pytest.raises(ConfigError, match=r"`model.pretrained` = '/nowhere/sd': no such folder\. Set "
-                                          r"`model.pretrained` to a local folder .*save_pretrained"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.pretrained` = '/nowhere/sd': no such folder\. Set "
+        r"`model.pretrained` to a local folder .*save_pretrained",
+    ):
         run("model.pretrained=/nowhere/sd")
-    with pytest.raises(ConfigError, match=r"`model.pretrained` = 'someone/not-cached-sd' is neither a local folder "
-                                          r"nor a model in the Hugging Face cache.*HF_HUB_OFFLINE=1.*hf download"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.pretrained` = 'someone/not-cached-sd' is neither a local folder "
+        r"nor a model in the Hugging Face cache.*HF_HUB_OFFLINE=1.*hf download",
+    ):
         run("model.pretrained=someone/not-cached-sd")
-    with pytest.raises(ConfigError, match=r"`model.pretrained` = .* is a folder but not a saved Stable Diffusion "
-                                          r"pipeline \(missing \['model_index.json'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.pretrained` = .* is a folder but not a saved Stable Diffusion "
+        r"pipeline \(missing \['model_index.json'",
+    ):
         run(f"model.pretrained={tmp_path}")
-    with pytest.raises(ConfigError, match=r"`data.channels` = 1, but Stable Diffusion works on RGB images; set "
-                                          r"`data.channels=3`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`data.channels` = 1, but Stable Diffusion works on RGB images; set "
+        r"`data.channels=3`",
+    ):
         run(f"model.pretrained={tiny_sd}", "data.channels=1")
-    with pytest.raises(ConfigError, match=r"`data.image_size` = 17 is not a multiple of the VAE's downscale "
-                                          r"factor 2; use e.g. `data.image_size=16`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`data.image_size` = 17 is not a multiple of the VAE's downscale "
+        r"factor 2; use e.g. `data.image_size=16`",
+    ):
         run(f"model.pretrained={tiny_sd}", "data.image_size=17")
     with pytest.raises(ConfigError, match=r"`trainer.precision` = '16-true' would train the LoRA weights in half"):
         run(f"model.pretrained={tiny_sd}", "trainer.precision=16-true")
@@ -288,15 +356,21 @@ def test_hub_id_from_the_offline_cache(tiny_sd, tmp_path):
     """A Hub id is read from the HF cache (HF_HUB_OFFLINE=1), for training and for the saved generator."""
     import shutil
 
-    from imgaug_gen.generators.sd_lora import SDLoRAModule
+    from imgaug_gen.generators.sd import SDLoRAModule
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--someone--tiny-sd"
     shutil.copytree(tiny_sd, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    module = SDLoRAModule(num_classes=2, class_names=["a", "b"], image_shape=[3, 16, 16], num_inference_steps=2,
-                          pretrained="someone/tiny-sd", cache_dir=str(tmp_path / "hub"))
+    module = SDLoRAModule(
+        num_classes=2,
+        class_names=["a", "b"],
+        image_shape=[3, 16, 16],
+        sampling={"num_inference_steps": 2},
+        pretrained="someone/tiny-sd",
+        cache_dir=str(tmp_path / "hub"),
+    )
     gen = module.to_generator()
     gen.save_pretrained(tmp_path / "g")
     loaded = load_generator(tmp_path / "g")
@@ -304,28 +378,51 @@ def test_hub_id_from_the_offline_cache(tiny_sd, tmp_path):
     assert np.array_equal(loaded.sample([0, 1], seeds=2), gen.sample([0, 1], seeds=2))
 
 
-@pytest.mark.slow  # fast variants: test_sdxl.py::test_train_then_generate_cli (same CLI path), test_folder_kinds[sd_lora]
+# fast variants: test_sdxl.py::test_train_then_generate_cli (same CLI path), test_folder_kinds[sd_lora]
+@pytest.mark.slow
 def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
     """python train.py model=sd_lora ... then generate.py mode=img2img and mode=sample."""
     run_dir = tmp_path / "run"
     env = cli_env()
 
     def run(script, *args):
-        r = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(
+            [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
-    train_args = [*TINY_SD, "data=digits", "data.shots=3", "trainer.max_steps=2", "trainer.accelerator=cpu",
-                  "trainer.enable_progress_bar=false", "callbacks=none", f"model.pretrained={tiny_sd}",
-                  f"hydra.run.dir={run_dir}"]
+    train_args = [
+        *TINY_SD,
+        "data=digits",
+        "data.shots=3",
+        "trainer.max_steps=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "callbacks=none",
+        f"model.pretrained={tiny_sd}",
+        f"hydra.run.dir={run_dir}",
+    ]
     run("train.py", *train_args)
     assert (run_dir / "generator" / "pytorch_lora_weights.safetensors").is_file()
-    common = [f"run_dir={run_dir}", *TINY_METRICS, "progress=false", "device=cpu", "batch_size=16",
-              "+sample_kwargs.num_inference_steps=2"]
+    common = [
+        f"run_dir={run_dir}",
+        *TINY_METRICS,
+        "progress=false",
+        "device=cpu",
+        "batch_size=16",
+        "+sample_kwargs.num_inference_steps=2",
+    ]
     out = tmp_path / "edits"
-    run("generate.py", *common, f"out_dir={out}", "mode=img2img", "img2img.edits_per_image=1",
-        "img2img.strengths=[0.5,1.0]", "include_real=false")
+    run(
+        "generate.py",
+        *common,
+        f"out_dir={out}",
+        "mode=img2img",
+        "img2img.edits_per_image=1",
+        "img2img.strengths=[0.5,1.0]",
+        "include_real=false",
+    )
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 30 and len({r["source_id"] for r in records}) == 30
     assert class_counts(out) == {str(c): 3 for c in range(10)}
@@ -347,18 +444,24 @@ def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
 
 
 def test_textual_inversion_alone(tiny_sd, tmp_path):
-    """model.lora=false model.textual_inversion=true on SD-1.x: one learned token per class, only its
+    """model.lora.enabled=false model.textual_inversion.enabled=true on SD-1.x: one learned token per class, only its
     vector trains (the embedding matrix is untouched), saved as diffusers' {token: [1, dim]} files that
     plain `load_textual_inversion` reads."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from imgaug_gen.generators.sd_lora import SDLoRAModule
+    from imgaug_gen.generators.sd import SDLoRAModule
 
     torch.manual_seed(0)
-    module = SDLoRAModule(num_classes=2, class_names=["golden_retriever", "cat"], image_shape=[3, 16, 16],
-                          pretrained=str(tiny_sd), num_inference_steps=2, lora=False, textual_inversion=True,
-                          textual_inversion_lr=0.1)
+    module = SDLoRAModule(
+        num_classes=2,
+        class_names=["golden_retriever", "cat"],
+        image_shape=[3, 16, 16],
+        pretrained=str(tiny_sd),
+        sampling={"num_inference_steps": 2},
+        lora={"enabled": False},
+        textual_inversion={"enabled": True, "lr": 0.1},
+    )
     assert module.prompts == ["a photo of a <golden_retriever>", "a photo of a <cat>"]
     assert module.lora_state_keys() == ["ti.0.vectors"] and not any("lora" in k for k in module.unet.state_dict())
     emb = module.text_encoder.get_input_embeddings().weight
@@ -371,11 +474,14 @@ def test_textual_inversion_alone(tiny_sd, tmp_path):
     module.training_step((torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 1])), 0).backward()
     opt.step()
     assert torch.equal(emb, before)  # no row of the matrix moved ...
-    assert not torch.allclose(module.ti[0].vectors, before[first:first + 2])  # ... the learned vectors did
+    assert not torch.allclose(module.ti[0].vectors, before[first : first + 2])  # ... the learned vectors did
     gen = module.to_generator()
     gen.save_pretrained(tmp_path / "g")
     assert sorted(p.relative_to(tmp_path / "g").as_posix() for p in (tmp_path / "g").rglob("*.*")) == [
-        "config.json", "textual_inversion/class_000.safetensors", "textual_inversion/class_001.safetensors"]
+        "config.json",
+        "textual_inversion/class_000.safetensors",
+        "textual_inversion/class_001.safetensors",
+    ]
     sd = load_file(str(tmp_path / "g" / "textual_inversion" / "class_001.safetensors"))
     assert list(sd) == ["<cat>"] and torch.equal(sd["<cat>"][0], module.ti[0].vectors[1].detach())
     loaded = load_generator(tmp_path / "g")
@@ -384,16 +490,29 @@ def test_textual_inversion_alone(tiny_sd, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipe.load_textual_inversion(str(tmp_path / "g" / "textual_inversion" / "class_001.safetensors"))
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt=["a photo of a <cat>"], height=16, width=16, num_inference_steps=2, guidance_scale=7.5,
-               generator=[torch.Generator().manual_seed(3)], output_type="np").images
+    out = pipe(
+        prompt=["a photo of a <cat>"],
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="np",
+    ).images
     assert np.array_equal((np.clip(out, 0, 1) * 255).round().astype(np.uint8), a[:1])
 
 
-@pytest.mark.parametrize("field, bad", [
-    ("lora_weights", "../outside.safetensors"), ("lora_weights", "/tmp/abs.safetensors"),
-    ("lora_weights", "pytorch_lora_weights.bin"), ("lora_weights", "sub/../../outside.safetensors"),
-    ("class_adapters", ["../outside.safetensors"] * 10), ("sample_scheduler", "UNet2DConditionModel"),
-])
+@pytest.mark.parametrize(
+    "field, bad",
+    [
+        ("lora_weights", "../outside.safetensors"),
+        ("lora_weights", "/tmp/abs.safetensors"),
+        ("lora_weights", "pytorch_lora_weights.bin"),
+        ("lora_weights", "sub/../../outside.safetensors"),
+        ("class_adapters", ["../outside.safetensors"] * 10),
+        ("sample_scheduler", "UNet2DConditionModel"),
+    ],
+)
 def test_a_shared_folder_names_only_its_own_safetensors(trained, tmp_path, field, bad):
     """A shared generator's config.json may name only .safetensors files inside its folder (never a
     pickled .bin that diffusers would unpickle, never a path outside), and only diffusers schedulers."""
@@ -413,17 +532,34 @@ def test_a_retrained_generator_with_an_unchanged_config_is_another_job(tiny_sd, 
     the old images must not be kept as the new generator's."""
     from safetensors.torch import load_file, save_file
 
+    from imgaug_gen.jobs.generate import generate
+
     from conftest import gen_cfg
-    from imgaug_gen.pipeline import generate
 
     run = tmp_path / "run"
-    _train(tiny_sd, run, "model.textual_inversion=true", "model.lora=false")
+    _train(tiny_sd, run, "model.textual_inversion.enabled=true", "model.lora.enabled=false")
     config = (run / "generator" / "config.json").read_bytes()
-    generate(gen_cfg(run, tmp_path / "out", "score=false", "n_per_class=1", "include_real=false",
-                     "+sample_kwargs.num_inference_steps=1"))
+    generate(
+        gen_cfg(
+            run,
+            tmp_path / "out",
+            "score=false",
+            "n_per_class=1",
+            "include_real=false",
+            "+sample_kwargs.num_inference_steps=1",
+        )
+    )
     ti = run / "generator" / "textual_inversion" / "class_000.safetensors"
     save_file({k: v + 0.1 for k, v in load_file(str(ti)).items()}, str(ti))  # "retrained": new embeddings
     assert (run / "generator" / "config.json").read_bytes() == config
     with pytest.raises(ConfigError, match="different job"):
-        generate(gen_cfg(run, tmp_path / "out", "score=false", "n_per_class=1", "include_real=false",
-                         "+sample_kwargs.num_inference_steps=1"))
+        generate(
+            gen_cfg(
+                run,
+                tmp_path / "out",
+                "score=false",
+                "n_per_class=1",
+                "include_real=false",
+                "+sample_kwargs.num_inference_steps=1",
+            )
+        )

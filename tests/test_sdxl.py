@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, gen_cfg, train_killed_and_resumed, write_digit_folder
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator
+
+from conftest import ROOT, cli_env, gen_cfg, train_killed_and_resumed, write_digit_folder
 from tiny_sd import TINY_SDXL, build_tiny_sdxl, tiny_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,15 +40,26 @@ def folder(tmp_path_factory):
 
 def overrides(pretrained, folder, run_dir, *extra: str) -> list[str]:
     samples = [] if any(e.startswith("callbacks.samples") for e in extra) else ["callbacks.samples=null"]
-    return [*TINY_SDXL, f"model.pretrained={pretrained}", "data=folder", f"data.root={folder}", "data.shots=2",
-            "callbacks.fidelity=null", "callbacks.checkpoint.every_n_train_steps=2", *samples,
-            "callbacks.export.every_n_steps=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            f"run_dir={run_dir}", *extra]
+    return [
+        *TINY_SDXL,
+        f"model.pretrained={pretrained}",
+        "data=folder",
+        f"data.root={folder}",
+        "data.shots=2",
+        "callbacks.fidelity=null",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        *samples,
+        "callbacks.export.every_n_steps=0",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 def _train(pretrained, folder, run_dir, *extra: str):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     return train(compose_config("train", overrides(pretrained, folder, run_dir, *extra)))
 
@@ -57,11 +69,17 @@ def _trained(module) -> dict[str, torch.Tensor]:
 
 
 def _module(pretrained, **kw):
-    from imgaug_gen.generators.sd_lora import SDLoRAModule
+    from imgaug_gen.generators.sd import SDLoRAModule
 
     torch.manual_seed(0)
-    return SDLoRAModule(num_classes=3, class_names=CLASSES, image_shape=[3, 32, 32], pretrained=str(pretrained),
-                        num_inference_steps=2, guidance_scale=2.0, **kw)
+    return SDLoRAModule(
+        num_classes=3,
+        class_names=CLASSES,
+        image_shape=[3, 32, 32],
+        pretrained=str(pretrained),
+        sampling={"num_inference_steps": 2, "guidance_scale": 2.0},
+        **kw,
+    )
 
 
 def _perturb(module, scale: float = 0.3) -> None:
@@ -77,7 +95,7 @@ def test_sdxl_encoding_and_time_ids_match_diffusers(tiny_sdxl):
     add_time_ids are what StableDiffusionXLPipeline computes for the same prompt and size."""
     from diffusers import StableDiffusionXLPipeline
 
-    module = _module(tiny_sdxl, original_size=[64, 48], crops_coords_top_left=[2, 1])
+    module = _module(tiny_sdxl, sdxl={"original_size": [64, 48], "crops_coords_top_left": [2, 1]})
     assert module.family.name == "sdxl" and module.text_encoder_2 is not None
     hidden, pooled = module._encode(torch.tensor([1, 2]))
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
@@ -85,12 +103,10 @@ def test_sdxl_encoding_and_time_ids_match_diffusers(tiny_sdxl):
     assert hidden.shape == (2, 32, 40) and pooled.shape == (2, 12)
     assert torch.allclose(hidden, ref, atol=1e-6) and torch.allclose(pooled, ref_pooled, atol=1e-6)
     added = module.family.added_cond(pooled, module._family_config(), 32, 32)
-    ref_ids = pipe._get_add_time_ids((64, 48), (2, 1), (32, 32), dtype=torch.float32,
-                                     text_encoder_projection_dim=12)
+    ref_ids = pipe._get_add_time_ids((64, 48), (2, 1), (32, 32), dtype=torch.float32, text_encoder_projection_dim=12)
     assert torch.equal(added["time_ids"], ref_ids.repeat(2, 1)) and added["text_embeds"] is pooled
     gen = module.to_generator()
     assert gen.config["family"] == "sdxl" and gen.config["original_size"] == [64, 48]
-
 
 
 def test_sdxl_training_options_and_text_encoder_lora(tiny_sdxl, tmp_path):
@@ -108,7 +124,7 @@ def test_sdxl_training_options_and_text_encoder_lora(tiny_sdxl, tmp_path):
         pairs = zip(module.lora_state_keys(), module.lora_parameters())
         return loss.detach(), {k: None if p.grad is None else p.grad.clone() for k, p in pairs}
 
-    opts = dict(snr_gamma=5.0, noise_offset=0.1, train_text_encoder=True, textual_inversion=True)
+    opts = dict(snr_gamma=5.0, noise_offset=0.1, lora={"text_encoder": True}, textual_inversion={"enabled": True})
     loss0, g0 = grads(_module(tiny_sdxl, **opts))
     loss1, g1 = grads(_module(tiny_sdxl, gradient_checkpointing=True, **opts))
     assert torch.isfinite(loss0) and torch.allclose(loss0, loss1) and g0.keys() == g1.keys()
@@ -121,8 +137,15 @@ def test_sdxl_training_options_and_text_encoder_lora(tiny_sdxl, tmp_path):
     assert any(k.startswith("text_encoder_2.") for k in g0) and any(k.startswith("text_encoder.") for k in g0)
     assert all(torch.allclose(g0[k], g1[k], atol=1e-6) for k in g0)
     assert all(g.abs().sum() > 0 for k, g in g0.items() if "lora_B" in k or k.startswith("ti."))
-    module = _module(tiny_sdxl, train_text_encoder=True, prompt_template="a photo of {token} {class_name}",
-                     identifier_tokens="sks", class_prompts={"zero": "a {token} zero digit"})
+    module = _module(
+        tiny_sdxl,
+        lora={"text_encoder": True},
+        prompts={
+            "template": "a photo of {token} {class_name}",
+            "identifier_tokens": "sks",
+            "class_prompts": {"zero": "a {token} zero digit"},
+        },
+    )
     assert module.prompts == ["a photo of sks one one", "a sks zero digit", "a photo of sks zwei ü"]
     _perturb(module)
     gen = module.to_generator()
@@ -133,12 +156,20 @@ def test_sdxl_training_options_and_text_encoder_lora(tiny_sdxl, tmp_path):
     assert any("lora" in k for k in loaded.text_encoder_2.state_dict())
     assert np.array_equal(loaded.sample([0, 2], seeds=5), gen.sample([0, 2], seeds=5))
 
+
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl, folder, tmp_path_factory):
     """A 4-step SDXL LoRA + textual-inversion run (sample grids on): (run_dir, metrics, objects)."""
     run_dir = tmp_path_factory.mktemp("sdxl_run")
-    metrics, objects = _train(tiny_sdxl, folder, run_dir, "trainer.max_steps=4", "model.textual_inversion=true",
-                              "callbacks.samples.every_n_steps=4", "callbacks.samples.n_per_class=1")
+    metrics, objects = _train(
+        tiny_sdxl,
+        folder,
+        run_dir,
+        "trainer.max_steps=4",
+        "model.textual_inversion.enabled=true",
+        "callbacks.samples.every_n_steps=4",
+        "callbacks.samples.n_per_class=1",
+    )
     return run_dir, metrics, objects
 
 
@@ -167,7 +198,7 @@ def test_lora_and_textual_inversion_train_save_and_load(trained, tiny_sdxl):
 
     base = CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder").get_input_embeddings().weight
     now = module.text_encoder.get_input_embeddings().weight
-    assert torch.equal(now[:len(base)], base) and not torch.equal(module.ti[0].vectors[0], now[len(base)])
+    assert torch.equal(now[: len(base)], base) and not torch.equal(module.ti[0].vectors[0], now[len(base)])
     # the loaded generator (base pipeline + load_lora_weights + load_textual_inversion) reproduces the trained one
     gen = load_generator(gdir)
     assert gen.prompt_for(2) == "a photo of a <zwei_ü>" and gen.tokenizer_2.convert_tokens_to_ids("<zwei_ü>") > 0
@@ -188,13 +219,20 @@ def test_saved_files_load_with_plain_diffusers(trained):
     pipe = StableDiffusionXLPipeline.from_pretrained(cfg["pretrained"], add_watermarker=False)
     pipe.load_lora_weights(str(gdir))
     sd = load_file(str(gdir / "textual_inversion/class_001.safetensors"))
-    pipe.load_textual_inversion(sd["clip_l"], token="<zero>", text_encoder=pipe.text_encoder,
-                                tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(sd["clip_g"], token="<zero>", text_encoder=pipe.text_encoder_2,
-                                tokenizer=pipe.tokenizer_2)
+    pipe.load_textual_inversion(sd["clip_l"], token="<zero>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(
+        sd["clip_g"], token="<zero>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt=["a photo of a <zero>"], height=32, width=32, num_inference_steps=2, guidance_scale=2.0,
-               generator=[torch.Generator().manual_seed(9)], output_type="np").images
+    out = pipe(
+        prompt=["a photo of a <zero>"],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        generator=[torch.Generator().manual_seed(9)],
+        output_type="np",
+    ).images
     ours = load_generator(gdir).sample([1], seeds=[9])
     assert np.array_equal((np.clip(out, 0, 1) * 255).round().astype(np.uint8), ours)
 
@@ -202,7 +240,7 @@ def test_saved_files_load_with_plain_diffusers(trained):
 def test_exact_resume_keeps_lora_and_embeddings(trained, tiny_sdxl, folder, tmp_path):
     """4 steps in one go == 2 steps + resume from last.ckpt for 2 more: the same LoRA weights and learned
     embeddings, and a byte-identical generator (weights files)."""
-    common = ("model.textual_inversion=true",)
+    common = ("model.textual_inversion.enabled=true",)
     _, first = _train(tiny_sdxl, folder, tmp_path / "a", "trainer.max_steps=2", *common)
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
@@ -225,14 +263,15 @@ def test_per_class_adapters(tiny_sdxl, folder, tmp_path):
     """One LoRA adapter per class: a batch trains only its classes' adapters; one diffusers LoRA file per
     class; the loaded generator loads each class's adapter when it first generates that class."""
     from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     run = tmp_path / "run"
-    _, objects = _train(tiny_sdxl, folder, run, "model.per_class_adapters=true", "data.batch_size=1",
-                        "trainer.max_steps=2")
+    _, objects = _train(tiny_sdxl, folder, run, "model.lora.per_class=true", "data.batch_size=1", "trainer.max_steps=2")
     module = objects["module"]
     names = sorted(module.unet.peft_config)
-    assert names == ["class_000", "class_001", "class_002"] and len(module.lora_state_keys()) == 3 * 2 * 64  # 64 projections
+    assert (
+        names == ["class_000", "class_001", "class_002"] and len(module.lora_state_keys()) == 3 * 2 * 64
+    )  # 64 projections
     moved = {n for n in names if any(v.abs().sum() > 0 for k, v in _trained(module).items() if f"B.{n}." in k)}
     assert 1 <= len(moved) <= 2  # two single-image batches: only those images' classes learned
     gdir = run / "generator"
@@ -252,8 +291,19 @@ def test_per_class_adapters(tiny_sdxl, folder, tmp_path):
     # generate.py's job, sample and img2img
     for mode in ("sample", "img2img"):
         out = tmp_path / mode
-        generate(gen_cfg(run, out, f"mode={mode}", "n_per_class=1", "img2img.edits_per_image=1",
-                         "img2img.strengths=[0.5]", "include_real=false", "score=false", "device=cpu"))
+        generate(
+            gen_cfg(
+                run,
+                out,
+                f"mode={mode}",
+                "n_per_class=1",
+                "img2img.edits_per_image=1",
+                "img2img.strengths=[0.5]",
+                "include_real=false",
+                "score=false",
+                "device=cpu",
+            )
+        )
         recs = read_manifest(out)
         assert len(recs) == (3 if mode == "sample" else 6) and all(r["mode"] == mode for r in recs)
 
@@ -270,8 +320,9 @@ def test_separate_vae_and_family_checks(tiny_sdxl, tmp_path):
     assert loaded.config["vae"] == str((tmp_path / "vae").resolve())
     ref = tiny_vae(32).state_dict()
     assert not torch.equal(loaded.vae.state_dict()["encoder.conv_in.weight"], ref["encoder.conv_in.weight"])
-    assert torch.equal(loaded.vae.state_dict()["encoder.conv_in.weight"],
-                       module.vae.state_dict()["encoder.conv_in.weight"])
+    assert torch.equal(
+        loaded.vae.state_dict()["encoder.conv_in.weight"], module.vae.state_dict()["encoder.conv_in.weight"]
+    )
     # mixed precision: the separate VAE follows weight_dtype, SDXL's own one stays float32
     module.hparams.weight_dtype = "bf16"
     module.setup("fit")
@@ -283,21 +334,33 @@ def test_separate_vae_and_family_checks(tiny_sdxl, tmp_path):
     assert own.to_generator().sample([0], seeds=[1]).shape == (1, 32, 32, 3)  # bf16 latents, float32 VAE
     with pytest.raises(ConfigError, match=r"`model.vae` = .* is a folder without config.json"):
         _module(tiny_sdxl, vae=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"`model.family` = 'sd' but `model.pretrained` = .* is a "
-                                          r"StableDiffusionXLPipeline \(sdxl\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.family` = 'sd' but `model.pretrained` = .* is a "
+        r"StableDiffusionXLPipeline \(sdxl\)",
+    ):
         _module(tiny_sdxl, family="sd")
 
 
 def test_config_errors_of_the_new_options(tiny_sdxl):
-    with pytest.raises(ConfigError, match=r"`model.lora=false` and `model.textual_inversion=false` leave nothing"):
-        _module(tiny_sdxl, lora=False)
-    with pytest.raises(ConfigError, match=r"`model.per_class_adapters=true` needs LoRA adapters"):
-        _module(tiny_sdxl, lora=False, textual_inversion=True, per_class_adapters=True)
-    with pytest.raises(ConfigError, match=r"`model.textual_inversion=true` puts each class's learned token .* "
-                                          r"`model.prompt_template` = 'a photo' has none"):
-        _module(tiny_sdxl, textual_inversion=True, prompt_template="a photo")
-    with pytest.raises(ConfigError, match=r"`model.original_size` = \[1, 2, 3\]; give \[height, width\]"):
-        _module(tiny_sdxl, original_size=[1, 2, 3])
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.lora.enabled=false` and `model.textual_inversion.enabled=false` "
+        r"leave nothing",
+    ):
+        _module(tiny_sdxl, lora={"enabled": False})
+    with pytest.raises(ConfigError, match=r"`model.lora.per_class=true` needs LoRA adapters"):
+        _module(tiny_sdxl, lora={"enabled": False, "per_class": True}, textual_inversion={"enabled": True})
+    with pytest.raises(
+        ConfigError,
+        match=r"`model.textual_inversion.enabled=true` puts each class's learned token .* "
+        r"`model.prompts.template` = 'a photo' has none",
+    ):
+        _module(tiny_sdxl, textual_inversion={"enabled": True}, prompts={"template": "a photo"})
+    with pytest.raises(
+        ConfigError, match=r"`model.sdxl.original_size` = \[1, 2, 3\]: tuple should have at most 2 items"
+    ):
+        _module(tiny_sdxl, sdxl={"original_size": [1, 2, 3]})
 
 
 def test_train_then_generate_cli(tiny_sdxl, folder, tmp_path):
@@ -307,21 +370,42 @@ def test_train_then_generate_cli(tiny_sdxl, folder, tmp_path):
     env = cli_env()
 
     def run(script, *args):
-        r = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(
+            [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr[-3000:]
 
-    run("train.py", *TINY_SDXL, f"model.pretrained={tiny_sdxl}", "model.textual_inversion=true", "data=folder",
-        f"data.root={folder}", "data.shots=2", "callbacks=none", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+    run(
+        "train.py",
+        *TINY_SDXL,
+        f"model.pretrained={tiny_sdxl}",
+        "model.textual_inversion=true",
+        "data=folder",
+        f"data.root={folder}",
+        "data.shots=2",
+        "callbacks=none",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    )
     assert (run_dir / "generator" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((run_dir / "generator" / "textual_inversion").glob("*.safetensors"))) == 3
-    run("generate.py", f"run_dir={run_dir}", f"out_dir={out}", "progress=false", "device=cpu", "include_real=false",
-        "score=false", "n_per_class=2", "mix.sources=[{mode:sample,fraction:0.5},{mode:img2img,fraction:0.5}]",
-        "img2img.strengths=[0.5]")
+    run(
+        "generate.py",
+        f"run_dir={run_dir}",
+        f"out_dir={out}",
+        "progress=false",
+        "device=cpu",
+        "include_real=false",
+        "score=false",
+        "n_per_class=2",
+        "mix.sources=[{mode:sample,fraction:0.5},{mode:img2img,fraction:0.5}]",
+        "img2img.strengths=[0.5]",
+    )
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted((r["class_name"], r["mode"]) for r in records) == sorted(
-        (c, m) for c in CLASSES for m in ("img2img", "sample"))
+        (c, m) for c in CLASSES for m in ("img2img", "sample")
+    )
     for rec in records:
         assert rec["generator"]["kind"] == "sd_lora" and (out / rec["file"]).is_file()
         assert rec["prompt"] == f"a photo of a {TOKENS[CLASSES.index(rec['class_name'])]}"
@@ -332,9 +416,13 @@ def test_train_killed_with_sigkill_resumes_to_the_same_generator(tiny_sdxl, fold
     """SIGKILL a real `train.py model=sdxl_lora` (LoRA + textual inversion) once it has written a
     checkpoint, resume with ckpt_path=: the generator's weight files (LoRA, both encoders' learned
     embeddings) equal the uninterrupted run's, byte for byte."""
+
     def cmd(run, *extra):
-        over = [o for o in overrides(tiny_sdxl, folder, run, "model.textual_inversion=true", "trainer.max_steps=60")
-                if not o.startswith("run_dir")]
+        over = [
+            o
+            for o in overrides(tiny_sdxl, folder, run, "model.textual_inversion.enabled=true", "trainer.max_steps=60")
+            if not o.startswith("run_dir")
+        ]
         return [sys.executable, str(ROOT / "train.py"), *over, f"hydra.run.dir={run}", *extra]
 
     full, killed = train_killed_and_resumed(cmd, tmp_path, first_step=2, max_steps=60)

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cli_env, files_bytes, gen_cfg, train_overrides, write_digit_folder
-from factories_ddpm import make_generator
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator
 
+from conftest import ROOT, cli_env, files_bytes, gen_cfg, train_overrides, write_digit_folder
+from factories_ddpm import make_generator
+
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _ddpm_run(root, data):
     """A run folder holding a tiny (untrained) 3-class ddpm generator that records ``data``."""
@@ -40,16 +42,24 @@ def ddpm_run(tmp_path_factory):
     """A 10-class tiny untrained ddpm run on 16 px digits (generate.py can rebuild its data)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    from factories_ddpm import TINY_UNET
     from imgaug_gen.generators.ddpm import DDPMGenerator, build_unet, unet_config
+
+    from factories_ddpm import TINY_UNET
 
     torch.manual_seed(0)
     unet = build_unet(unet_config(10, [1, 16, 16], TINY_UNET))
     train = DDPMScheduler(num_train_timesteps=10, beta_schedule="squaredcos_cap_v2")
     sample = DDIMScheduler.from_config(train.config, timestep_spacing="trailing")
-    gen = DDPMGenerator.from_unet(unet, num_classes=10, class_names=[str(i) for i in range(10)],
-                                  image_shape=[1, 16, 16], train_scheduler=train, sample_scheduler=sample,
-                                  num_inference_steps=2, extra={"data": _digits10()})
+    gen = DDPMGenerator.from_unet(
+        unet,
+        num_classes=10,
+        class_names=[str(i) for i in range(10)],
+        image_shape=[1, 16, 16],
+        train_scheduler=train,
+        sample_scheduler=sample,
+        num_inference_steps=2,
+        extra={"data": _digits10()},
+    )
     root = tmp_path_factory.mktemp("ddpm_run")
     gen.save_pretrained(root / "generator")
     return root
@@ -77,7 +87,7 @@ def test_a_target_in_config_json_never_runs(ddpm_run, tmp_path, key):
     _edit_config(run / "generator", **{key: payload if key != "class_names" else [payload] * 10})
     with pytest.raises(ConfigError, match=r"_target_` = .pathlib.Path.touch.*never allowed to name code to run"):
         load_generator(run / "generator")
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     with pytest.raises(ConfigError, match="never allowed to name code"):
         generate(gen_cfg(run, tmp_path / "out", "score=false"))
@@ -89,14 +99,28 @@ def test_generate_and_evaluate_front_ends_refuse_a_target(ddpm_run, tmp_path):
     shutil.copytree(ddpm_run, run)
     sentinel = tmp_path / "sentinel"
     _edit_config(run / "generator", data={"_target_": "os.system", "command": f"touch {sentinel}"})
-    done = subprocess.run([sys.executable, str(ROOT / "generate.py"), f"run_dir={run}", f"out_dir={tmp_path / 'o'}"],
-                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "generate.py"), f"run_dir={run}", f"out_dir={tmp_path / 'o'}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and "never allowed to name code to run" in done.stderr
     from imgaug_gen.config import compose_config
-    from imgaug_gen.evaluation import evaluate
+    from imgaug_gen.jobs.evaluate import evaluate
 
-    cfg = compose_config("evaluate", [f"out_dir={tmp_path / 'ev'}", "shots=[6]", "seeds=[0]",
-                                      "generators.cgan.enabled=false", f"+generators.shared.run_dir={run}"])
+    cfg = compose_config(
+        "evaluate",
+        [
+            f"out_dir={tmp_path / 'ev'}",
+            "shots=[6]",
+            "seeds=[0]",
+            "generators.cgan.enabled=false",
+            f"+generators.shared.run_dir={run}",
+        ],
+    )
     with pytest.raises(ConfigError, match="never allowed to name code to run"):
         evaluate(cfg)
     assert not sentinel.exists()
@@ -110,8 +134,22 @@ def test_a_scheduler_is_a_diffusers_scheduler_class(ddpm_run, tmp_path, name):
         load_generator(tmp_path / "run" / "generator")
 
 
-_JUNK = ["x", -1, 0, 1e308, 10**30, -(10**30), 2.5, True, None, [], {}, [1, "a", None], {"a": {"b": [{"c": 1}]}},
-         [10**9] * 3]
+_JUNK = [
+    "x",
+    -1,
+    0,
+    1e308,
+    10**30,
+    -(10**30),
+    2.5,
+    True,
+    None,
+    [],
+    {},
+    [1, "a", None],
+    {"a": {"b": [{"c": 1}]}},
+    [10**9] * 3,
+]
 
 
 def _mutations(cfg: dict):
@@ -195,12 +233,14 @@ def _snapshot(root):
 
 
 def test_overwrite_never_deletes_the_data_or_the_run(tmp_path):
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     data = write_digit_folder(tmp_path / "images", ["a", "b", "c"], n_per_class=8)
     (data / "notes.txt").write_text("my notes")
-    run = _ddpm_run(tmp_path / "run", {"kind": "folder", "args": {"root": str(data), "image_size": 16, "channels": 1,
-                                                                    "shots": 4, "seed": 0}})
+    run = _ddpm_run(
+        tmp_path / "run",
+        {"kind": "folder", "args": {"root": str(data), "image_size": 16, "channels": 1, "shots": 4, "seed": 0}},
+    )
     before_data, before_run = _snapshot(data), _snapshot(run)
     for out in (data, data / "a", tmp_path, run, run / "generator", run / "out"):
         with pytest.raises(ConfigError, match="overlap") as e:
@@ -211,14 +251,16 @@ def test_overwrite_never_deletes_the_data_or_the_run(tmp_path):
 
 def test_overwrite_removes_only_the_previous_jobs_files(ddpm_run, tmp_path):
     from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     out = tmp_path / "out"
     generate(gen_cfg(ddpm_run, out, "score=false", "n_per_class=2", "include_real=false"))
     (out / "mine.txt").write_text("keep")
     (out / "train" / "0" / "my_photo.jpg").write_bytes(b"not ours")
     generate(gen_cfg(ddpm_run, out, "score=false", "n_per_class=3", "include_real=false", "overwrite=true"))
-    assert (out / "mine.txt").read_text() == "keep" and (out / "train" / "0" / "my_photo.jpg").read_bytes() == b"not ours"
+    assert (out / "mine.txt").read_text() == "keep" and (
+        out / "train" / "0" / "my_photo.jpg"
+    ).read_bytes() == b"not ours"
     rows = read_manifest(out)
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.name != "preview.png")
     assert len(rows) == 30 and sorted(r["file"] for r in rows) == pngs
@@ -226,7 +268,7 @@ def test_overwrite_removes_only_the_previous_jobs_files(ddpm_run, tmp_path):
 
 def test_a_tampered_checkpoint_cannot_delete_outside_the_run(trained_cgan, tmp_path):
     from imgaug_gen.config import compose_config
-    from imgaug_gen.training import train
+    from imgaug_gen.jobs.train import train
 
     run = tmp_path / "run"
     shutil.copytree(trained_cgan, run)
@@ -248,7 +290,7 @@ def test_a_tampered_checkpoint_cannot_delete_outside_the_run(trained_cgan, tmp_p
 # -- 3. paths stay inside; hostile images ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def out_folder(ddpm_run, tmp_path_factory):
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     out = tmp_path_factory.mktemp("out") / "o"
     generate(gen_cfg(ddpm_run, out, "score=false", "n_per_class=2"))
@@ -266,8 +308,10 @@ def _with_line(out_folder, tmp_path, change):
     return out
 
 
-@pytest.mark.parametrize("file", ["../secret/x.png", "/SECRET/x.png", "train/../../secret/x.png", "train/../x.png",
-                                  "train\\..\\x.png", 3, None])
+@pytest.mark.parametrize(
+    "file",
+    ["../secret/x.png", "/SECRET/x.png", "train/../../secret/x.png", "train/../x.png", "train\\..\\x.png", 3, None],
+)
 def test_manifest_files_stay_inside_the_folder(out_folder, tmp_path, file):
     from imgaug_gen.data.manifest import load_folder_images, read_manifest
     from imgaug_gen.data.mixed import MixedFolderDataset
@@ -297,7 +341,7 @@ def test_manifest_files_stay_inside_the_folder(out_folder, tmp_path, file):
 
 def test_resume_drops_an_outside_line_and_remakes_the_image(out_folder, ddpm_run, tmp_path):
     from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     (tmp_path / "secret.png").write_bytes(b"secret")
     out = _with_line(out_folder, tmp_path, lambda rec, out: rec.update(file="train/../../secret.png"))
@@ -310,12 +354,14 @@ def test_resume_drops_an_outside_line_and_remakes_the_image(out_folder, ddpm_run
 def _bomb_png(path, side: int = 12_000):
     """A valid PNG header announcing side x side grey pixels, with almost no data (decoding would need
     side**2 bytes; 12,000 px = 144 M pixels, over PIL's limit of 89 M but under its hard error at 2x)."""
+
     def chunk(tag, data):
         return len(data).to_bytes(4, "big") + tag + data + zlib.crc32(tag + data).to_bytes(4, "big")
 
     ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bombs_in_a_manifest_are_refused_from_the_header(out_folder, tmp_path):
@@ -352,8 +398,9 @@ def test_an_image_of_another_size_is_refused_before_decoding(out_folder, tmp_pat
 
 
 # -- 4. class names and symlinks in data folders ---------------------------------------------------
-@pytest.mark.parametrize("names", [[unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")],
-                                   ["Cat", "cat"]])
+@pytest.mark.parametrize(
+    "names", [[unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")], ["Cat", "cat"]]
+)
 def test_class_folders_that_would_merge_are_refused(tmp_path, names):
     from imgaug_gen.data import LabeledFolderDataModule
 
@@ -385,7 +432,7 @@ def test_symlinked_folders_are_listed_once(tmp_path):
 
 # -- 5. stale work ---------------------------------------------------------------------------------
 def test_a_generator_changed_in_a_subfolder_is_another_job(ddpm_run, tmp_path):
-    from imgaug_gen.pipeline import generate, generator_fingerprint
+    from imgaug_gen.jobs.generate import generate, generator_fingerprint
 
     run = tmp_path / "run"
     shutil.copytree(ddpm_run, run)
@@ -400,9 +447,9 @@ def test_a_generator_changed_in_a_subfolder_is_another_job(ddpm_run, tmp_path):
 
 
 def test_evaluate_clears_the_done_marker_before_retraining(tmp_path, monkeypatch):
-    import imgaug_gen.training
+    import imgaug_gen.jobs.train
     from imgaug_gen.config import compose_config
-    from imgaug_gen.evaluation import _train_entry
+    from imgaug_gen.jobs.evaluate.sources import train_entry as _train_entry
 
     run = tmp_path / "run"
     (run / "generator").mkdir(parents=True)
@@ -412,7 +459,7 @@ def test_evaluate_clears_the_done_marker_before_retraining(tmp_path, monkeypatch
     def killed(cfg):
         raise KeyboardInterrupt  # the retrain dies part-way
 
-    monkeypatch.setattr(imgaug_gen.training, "train", killed)
+    monkeypatch.setattr(imgaug_gen.jobs.train, "train", killed)
     cfg = compose_config("evaluate", [f"out_dir={tmp_path / 'ev'}"])
     with pytest.raises(KeyboardInterrupt):
         _train_entry(cfg, "cgan", {"train": ["experiment=digits_cgan"]}, 5, {"image_size": 16}, run, 0)
@@ -458,10 +505,18 @@ def _second_launch(argv, lock_file, cwd):
 
 def test_two_generate_jobs_on_one_folder(ddpm_run, tmp_path):
     from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
-    argv = [sys.executable, str(ROOT / "generate.py"), f"run_dir={ddpm_run}", f"out_dir={tmp_path / 'out'}",
-            "n_per_class=60", "include_real=false", "score=false", "progress=false"]
+    argv = [
+        sys.executable,
+        str(ROOT / "generate.py"),
+        f"run_dir={ddpm_run}",
+        f"out_dir={tmp_path / 'out'}",
+        "n_per_class=60",
+        "include_real=false",
+        "score=false",
+        "progress=false",
+    ]
     _second_launch(argv, tmp_path / "out" / "generate.lock", tmp_path)
     generate(gen_cfg(ddpm_run, tmp_path / "alone", "n_per_class=60", "include_real=false", "score=false"))
     rows = read_manifest(tmp_path / "out")
@@ -472,8 +527,12 @@ def test_two_generate_jobs_on_one_folder(ddpm_run, tmp_path):
 
 def test_two_train_jobs_on_one_run_folder(tmp_path):
     run = tmp_path / "run"
-    argv = [sys.executable, str(ROOT / "train.py"), *train_overrides("cgan", run, "trainer.max_steps=16"),
-            f"hydra.run.dir={run}"]
+    argv = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *train_overrides("cgan", run, "trainer.max_steps=16"),
+        f"hydra.run.dir={run}",
+    ]
     _second_launch(argv, run / "train.lock", tmp_path)
     import csv
 
@@ -484,8 +543,15 @@ def test_two_train_jobs_on_one_run_folder(tmp_path):
 
 def test_two_evaluate_jobs_on_one_folder(tmp_path):
     ev = tmp_path / "ev"
-    argv = [sys.executable, str(ROOT / "evaluate.py"), f"out_dir={ev}", "shots=[5]", "seeds=[0]",
-            "generators.cgan.enabled=false", "classifier.steps=150"]
+    argv = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        f"out_dir={ev}",
+        "shots=[5]",
+        "seeds=[0]",
+        "generators.cgan.enabled=false",
+        "classifier.steps=150",
+    ]
     _second_launch(argv, ev / "evaluate.shots5_d0.lock", tmp_path)
     rows = [json.loads(line) for line in (ev / "classifier_runs.jsonl").read_text().splitlines()]
     assert len(rows) == len({r["key"] for r in rows}) == 2
@@ -493,13 +559,30 @@ def test_two_evaluate_jobs_on_one_folder(tmp_path):
 
 def test_shards_finishing_together_merge_once(ddpm_run, tmp_path):
     from imgaug_gen.export import read_manifest
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "generate.py"), f"run_dir={ddpm_run}", f"out_dir={out}",
-                               "n_per_class=20", "score=false", "progress=false", f"shard={s}", "num_shards=2"],
-                              cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for s in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "generate.py"),
+                f"run_dir={ddpm_run}",
+                f"out_dir={out}",
+                "n_per_class=20",
+                "score=false",
+                "progress=false",
+                f"shard={s}",
+                "num_shards=2",
+            ],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for s in range(2)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert sum("merging the manifests" in log for log in logs) == 1
@@ -511,7 +594,7 @@ def test_shards_finishing_together_merge_once(ddpm_run, tmp_path):
 
 # -- 7. durability and bounds ----------------------------------------------------------------------
 def test_a_listed_file_that_does_not_decode_is_made_again(out_folder, ddpm_run, tmp_path):
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     out = tmp_path / "o"
     shutil.copytree(out_folder, out, ignore=shutil.ignore_patterns("*.lock"))
@@ -542,14 +625,17 @@ def test_durable_writes_fsync_before_rename(monkeypatch, tmp_path):
         io.set_durable(old)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("n_per_class=1000000000", r"`n_per_class` = 1000000000: input should be less than or equal to 10000000"),
-    ("mix.target_per_class=100000000", "less than or equal to 10000000"),
-    ("filter.max_factor=1000", "less than or equal to 100"),
-    ("n_per_class=3000000", r"plans 3000\d{4} images .* over the limit of 20000000"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("n_per_class=1000000000", r"`n_per_class` = 1000000000: input should be less than or equal to 10000000"),
+        ("mix.target_per_class=100000000", "less than or equal to 10000000"),
+        ("filter.max_factor=1000", "less than or equal to 100"),
+        ("n_per_class=3000000", r"plans 3000\d{4} images .* over the limit of 20000000"),
+    ],
+)
 def test_counts_have_upper_bounds(ddpm_run, tmp_path, override, match):
-    from imgaug_gen.pipeline import generate
+    from imgaug_gen.jobs.generate import generate
 
     with pytest.raises(ConfigError, match=match):
         generate(gen_cfg(ddpm_run, tmp_path / "o", "score=false", override))

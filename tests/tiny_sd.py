@@ -25,10 +25,10 @@ TINY_SD = [
     "data.channels=3",
     "data.image_size=16",
     "data.batch_size=4",
-    "model.lora_rank=4",
-    "model.lora_alpha=8",
-    "model.num_inference_steps=3",
-    "model.guidance_scale=2.0",
+    "model.lora.rank=4",
+    "model.lora.alpha=8",
+    "model.sampling.num_inference_steps=3",
+    "model.sampling.guidance_scale=2.0",
     "trainer.max_steps=4",
 ]
 
@@ -68,28 +68,48 @@ def build_tiny_sd(path: str | os.PathLike) -> Path:
         sample_size=16,
     )
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        layer_norm_eps=1e-5,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            layer_norm_eps=1e-5,
+        )
+    )
     # SD-1.x scheduler settings (scaled_linear betas, epsilon prediction); few training
     # timesteps keep the tiny model's noise levels meaningful.
     # (clip_sample is kept in the config, as in SD-1.5's scheduler_config.json, for the DDPMScheduler)
-    scheduler = PNDMScheduler.from_config(dict(
-        num_train_timesteps=100, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False))
+    scheduler = PNDMScheduler.from_config(
+        dict(
+            num_train_timesteps=100,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            skip_prk_steps=True,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            clip_sample=False,
+        )
+    )
     assert DDPMScheduler.from_config(scheduler.config).config.num_train_timesteps == 100
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False, image_encoder=None)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        image_encoder=None,
+    )
     pipe.save_pretrained(str(path))
     return path
 
@@ -101,10 +121,10 @@ TINY_SDXL = [
     "data.channels=3",
     "data.image_size=32",
     "data.batch_size=2",
-    "model.lora_rank=4",
-    "model.lora_alpha=8",
-    "model.num_inference_steps=2",
-    "model.guidance_scale=2.0",
+    "model.lora.rank=4",
+    "model.lora.alpha=8",
+    "model.sampling.num_inference_steps=2",
+    "model.sampling.guidance_scale=2.0",
     "trainer.max_steps=2",
 ]
 
@@ -112,20 +132,39 @@ TINY_SDXL = [
 def _tiny_clip(tokenizer, cls, hidden: int, **extra):
     from transformers import CLIPTextConfig
 
-    return cls(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, layer_norm_eps=1e-5, **extra))
+    return cls(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            layer_norm_eps=1e-5,
+            **extra,
+        )
+    )
 
 
 def tiny_vae(sample_size: int = 32, scaling_factor: float = 0.18215):
     """A tiny AutoencoderKL (downscale factor 2), random init from the current torch seed."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=sample_size,
-                         scaling_factor=scaling_factor)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
 
 
 def build_tiny_sdxl(path: str | os.PathLike) -> Path:
@@ -146,11 +185,22 @@ def build_tiny_sdxl(path: str | os.PathLike) -> Path:
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=MAX_TOKENS)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=4, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=36,
-        cross_attention_dim=40, norm_num_groups=4)
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=36,
+        cross_attention_dim=40,
+        norm_num_groups=4,
+    )
     torch.manual_seed(0)
     vae = tiny_vae(32, scaling_factor=0.13025)
     torch.manual_seed(0)
@@ -158,13 +208,30 @@ def build_tiny_sdxl(path: str | os.PathLike) -> Path:
     torch.manual_seed(0)
     text_encoder_2 = _tiny_clip(tokenizer_2, CLIPTextModelWithProjection, 24, projection_dim=12)
     # SDXL's scheduler settings (Euler, scaled_linear betas, leading spacing), 100 training timesteps.
-    scheduler = EulerDiscreteScheduler.from_config(dict(
-        num_train_timesteps=100, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
-        use_karras_sigmas=False))
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    scheduler = EulerDiscreteScheduler.from_config(
+        dict(
+            num_train_timesteps=100,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            steps_offset=1,
+            timestep_spacing="leading",
+            interpolation_type="linear",
+            use_karras_sigmas=False,
+        )
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
     pipe.save_pretrained(str(path))
     return path
 
@@ -183,16 +250,21 @@ def make_generator(tmp_path: str | os.PathLike | None = None):
 
     import torch
 
-    from imgaug_gen.generators.sd_lora import SDLoRAModule
+    from imgaug_gen.generators.sd import SDLoRAModule
 
     if tmp_path is None:
         tmp_path = _CACHE.setdefault("dir", Path(tempfile.mkdtemp(prefix="imgaug_gen_tiny_sd_")))
     pretrained = Path(tmp_path) / "tiny_sd"
     if not (pretrained / "model_index.json").is_file():
         build_tiny_sd(pretrained)
-    module = SDLoRAModule(num_classes=3, class_names=["a", "b", "c"], image_shape=[3, 16, 16],
-                          pretrained=str(pretrained), lora_rank=4, lora_alpha=8,
-                          num_inference_steps=3, guidance_scale=2.0)
+    module = SDLoRAModule(
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        image_shape=[3, 16, 16],
+        pretrained=str(pretrained),
+        lora={"rank": 4, "alpha": 8},
+        sampling={"num_inference_steps": 3, "guidance_scale": 2.0},
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for p in module.lora_parameters():

@@ -53,8 +53,10 @@ _SEED_SPACE = 2**31 - 1
 #: Drawn parameters left out of the record (duplicates of others, or constants of the config).
 _UNRECORDED = frozenset({"shape", "bbox_matrix", "matrix_bbox", "fill_mask", "mask_interpolation", "output_shape"})
 
-_FIX = ("give `name` as an albumentations transform class (e.g. Affine, RandomBrightnessContrast, "
-        "GaussNoise, CoarseDropout; see https://albumentations.ai/docs/) and only that transform's arguments")
+_FIX = (
+    "give `name` as an albumentations transform class (e.g. Affine, RandomBrightnessContrast, "
+    "GaussNoise, CoarseDropout; see https://albumentations.ai/docs/) and only that transform's arguments"
+)
 
 
 def _albumentations():
@@ -107,8 +109,7 @@ def _build_transform(spec: Any, where: str):
     A = _albumentations()
     require(
         isinstance(spec, Mapping) and isinstance(spec.get("name"), str),
-        f"`{where}` = {spec!r} must be a mapping with a `name` key, e.g. "
-        "{name: Affine, p: 0.5, rotate: [-10, 10]}.",
+        f"`{where}` = {spec!r} must be a mapping with a `name` key, e.g. {{name: Affine, p: 0.5, rotate: [-10, 10]}}.",
     )
     spec = dict(spec)
     name = spec.pop("name")
@@ -129,8 +130,10 @@ def _build_transform(spec: Any, where: str):
         )
         spec["transforms"] = [_build_transform(c, f"{where}.transforms[{j}]") for j, c in enumerate(children)]
     else:
-        require("transforms" not in spec,
-                f"`{where}` ({name}) takes no `transforms` list; only {list(_CONTAINERS)} nest transforms.")
+        require(
+            "transforms" not in spec,
+            f"`{where}` ({name}) takes no `transforms` list; only {list(_CONTAINERS)} nest transforms.",
+        )
         spec["strict"] = True  # unknown argument names raise instead of warning
     try:
         with warnings.catch_warnings():
@@ -163,13 +166,17 @@ def _seed_tree(transform: Any, seed: int, path: tuple[int, ...] = ()) -> None:
 class Augmenter:
     """A seeded albumentations ``Compose`` over single uint8 images ``[H, W, C]``."""
 
-    def __init__(self, transforms: list[Any], *, name: str = "custom", apply_to: str = "synthetic",
-                 copies_per_image: int = 1) -> None:
+    def __init__(
+        self, transforms: list[Any], *, name: str = "custom", apply_to: str = "synthetic", copies_per_image: int = 1
+    ) -> None:
         A = _albumentations()
         require(apply_to in APPLY_TO, f"`augment.apply_to` = {apply_to!r}; allowed: {list(APPLY_TO)}.")
-        require(isinstance(copies_per_image, (int, np.integer)) and not isinstance(copies_per_image, bool)
-                and copies_per_image >= 1,
-                f"`augment.copies_per_image` = {copies_per_image!r}; give an int >= 1.")
+        require(
+            isinstance(copies_per_image, (int, np.integer))
+            and not isinstance(copies_per_image, bool)
+            and copies_per_image >= 1,
+            f"`augment.copies_per_image` = {copies_per_image!r}; give an int >= 1.",
+        )
         self.name = str(name)
         self.apply_to = apply_to
         self.copies_per_image = int(copies_per_image)
@@ -182,8 +189,12 @@ class Augmenter:
         A = _albumentations()
         d = dict(d)
         comp = A.from_dict({k: v for k, v in d.items() if k in ("__version__", "transform")})
-        return cls(list(comp.transforms), name=d.get("name", "custom"), apply_to=d.get("apply_to", "synthetic"),
-                   copies_per_image=int(d.get("copies_per_image", 1)))
+        return cls(
+            list(comp.transforms),
+            name=d.get("name", "custom"),
+            apply_to=d.get("apply_to", "synthetic"),
+            copies_per_image=int(d.get("copies_per_image", 1)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """``albumentations.to_dict`` of the Compose plus the config keys (JSON-serialisable)."""
@@ -204,12 +215,14 @@ class Augmenter:
         lists the transforms that fired, in order, with their drawn parameters (large arrays
         such as noise maps are summarised by shape; the seed reproduces them).
         """
-        require(isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-                and image.shape[-1] in (1, 3),
-                f"`image` must be a uint8 array [H, W, C] with C = 1 or 3, got "
-                f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}.")
-        require(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool),
-                f"`seed` must be an int, got {seed!r}.")
+        require(
+            isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (1, 3),
+            f"`image` must be a uint8 array [H, W, C] with C = 1 or 3, got "
+            f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}.",
+        )
+        require(
+            isinstance(seed, (int, np.integer)) and not isinstance(seed, bool), f"`seed` must be an int, got {seed!r}."
+        )
         seed = int(seed)
         _seed_tree(self.compose, seed)
         with warnings.catch_warnings():
@@ -226,16 +239,22 @@ class Augmenter:
             )
         if result.dtype != np.uint8:
             result = np.clip(np.rint(result), 0, 255).astype(np.uint8)
-        applied = [{"name": n, "params": to_jsonable({k: v for k, v in p.items() if k not in _UNRECORDED}, digits=6)}
-                   for n, p in out.get("applied_transforms", [])]
+        applied = [
+            {"name": n, "params": to_jsonable({k: v for k, v in p.items() if k not in _UNRECORDED}, digits=6)}
+            for n, p in out.get("applied_transforms", [])
+        ]
         return np.ascontiguousarray(result), {"seed": seed, "transforms": applied}
 
     def apply_batch(self, images: np.ndarray, seeds: Sequence[int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """:meth:`apply` over uint8 ``[N, H, W, C]`` with one seed per image."""
-        require(isinstance(images, np.ndarray) and images.ndim == 4,
-                f"`images` must be a uint8 array [N, H, W, C], got shape {getattr(images, 'shape', None)}.")
-        require(len(seeds) == images.shape[0],
-                f"`seeds` must hold one seed per image: {len(seeds)} seeds for {images.shape[0]} images.")
+        require(
+            isinstance(images, np.ndarray) and images.ndim == 4,
+            f"`images` must be a uint8 array [N, H, W, C], got shape {getattr(images, 'shape', None)}.",
+        )
+        require(
+            len(seeds) == images.shape[0],
+            f"`seeds` must hold one seed per image: {len(seeds)} seeds for {images.shape[0]} images.",
+        )
         outs, records = [], []
         for img, s in zip(images, seeds):
             o, r = self.apply(img, int(s))
@@ -245,8 +264,10 @@ class Augmenter:
 
     def replay(self, image: np.ndarray, applied: Mapping[str, Any]) -> np.ndarray:
         """Reproduce a recorded augmentation (``applied`` from :meth:`apply` / the manifest)."""
-        require(isinstance(applied, Mapping) and "seed" in applied,
-                f"`applied` must be the record returned by `Augmenter.apply` (with a `seed`), got {applied!r}.")
+        require(
+            isinstance(applied, Mapping) and "seed" in applied,
+            f"`applied` must be the record returned by `Augmenter.apply` (with a `seed`), got {applied!r}.",
+        )
         return self.apply(image, int(applied["seed"]))[0]
 
     def check(self, image_shape: Sequence[int]) -> None:
@@ -254,7 +275,9 @@ class Augmenter:
         changes the shape of, images of ``image_shape`` (``[H, W, C]``). Each transform runs with p=1."""
         A = _albumentations()
         shape = tuple(int(s) for s in image_shape)
-        require(len(shape) == 3 and shape[-1] in (1, 3), f"`image_shape` must be [H, W, C] with C = 1 or 3, got {shape}.")
+        require(
+            len(shape) == 3 and shape[-1] in (1, 3), f"`image_shape` must be [H, W, C] with C = 1 or 3, got {shape}."
+        )
         probe = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
         for i, t in enumerate(self.compose.transforms):
             t1 = copy.deepcopy(t)
@@ -296,7 +319,9 @@ def build_augmenter(cfg: Any, image_shape: Sequence[int] | None = None) -> Augme
     unknown = sorted(set(cfg) - allowed)
     require(not unknown, f"`augment` has unknown key(s) {unknown}; allowed: {sorted(allowed)}.")
     name = cfg.get("name", "custom")
-    require(isinstance(name, str) and name != "", f"`augment.name` = {name!r}; give a string (none|light|strong|custom).")
+    require(
+        isinstance(name, str) and name != "", f"`augment.name` = {name!r}; give a string (none|light|strong|custom)."
+    )
     transforms = cfg.get("transforms") or []
     require(
         isinstance(transforms, Sequence) and not isinstance(transforms, str),
@@ -305,8 +330,10 @@ def build_augmenter(cfg: Any, image_shape: Sequence[int] | None = None) -> Augme
     apply_to = cfg.get("apply_to", "synthetic")
     copies = cfg.get("copies_per_image", 1)
     require(apply_to in APPLY_TO, f"`augment.apply_to` = {apply_to!r}; allowed: {list(APPLY_TO)}.")
-    require(isinstance(copies, int) and not isinstance(copies, bool) and copies >= 1,
-            f"`augment.copies_per_image` = {copies!r}; give an int >= 1.")
+    require(
+        isinstance(copies, int) and not isinstance(copies, bool) and copies >= 1,
+        f"`augment.copies_per_image` = {copies!r}; give an int >= 1.",
+    )
     if len(transforms) == 0:
         return None
     built = [_build_transform(t, f"augment.transforms[{i}]") for i, t in enumerate(transforms)]

@@ -304,9 +304,11 @@ class ImageDataModule(pl.LightningDataModule):
             require(len(set(names)) == len(names), f"`data.class_names` = {names} repeats a name.")
             unique_class_dirs(names, "`data.class_names`")
         tf, vf = self.test_fraction, self.val_fraction
-        require(float(vf) + float(tf) < 1.0,
-                f"`data.val_fraction` + `data.test_fraction` = {vf!r} + {tf!r} leaves no training images; "
-                "keep their sum below 1, e.g. `data.val_fraction=0.2`.")
+        require(
+            float(vf) + float(tf) < 1.0,
+            f"`data.val_fraction` + `data.test_fraction` = {vf!r} + {tf!r} leaves no training images; "
+            "keep their sum below 1, e.g. `data.val_fraction=0.2`.",
+        )
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._ready:
@@ -326,9 +328,11 @@ class ImageDataModule(pl.LightningDataModule):
         shot_idx = self._subsample(data, train_idx)
 
         if self.class_names_override is not None:
-            require(len(self.class_names_override) == len(data.class_names),
-                    f"`data.class_names` has {len(self.class_names_override)} names for the "
-                    f"{len(data.class_names)} classes found {data.class_names}; give one per class, in that order.")
+            require(
+                len(self.class_names_override) == len(data.class_names),
+                f"`data.class_names` has {len(self.class_names_override)} names for the "
+                f"{len(data.class_names)} classes found {data.class_names}; give one per class, in that order.",
+            )
             data.class_names = list(self.class_names_override)  # display names; subsets do not change
         self.class_names = list(data.class_names)
         self.num_classes = len(self.class_names)
@@ -373,17 +377,22 @@ class ImageDataModule(pl.LightningDataModule):
             elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(data.class_names):
                 idx = c
             else:
-                raise ConfigError(f"`data.classes[{i}]` = {c!r} is not a class of this data; its classes are "
-                                  f"{data.class_names} (give names, or indices 0..{len(data.class_names) - 1}).")
+                raise ConfigError(
+                    f"`data.classes[{i}]` = {c!r} is not a class of this data; its classes are "
+                    f"{data.class_names} (give names, or indices 0..{len(data.class_names) - 1})."
+                )
             require(idx not in picked, f"`data.classes` = {self.classes} names class {data.class_names[idx]!r} twice.")
             picked.append(idx)
         keep = np.isin(data.labels, picked)
         remap = {old: new for new, old in enumerate(picked)}
         keep_idx = np.flatnonzero(keep)
-        return LoadedImages(images=data.images[keep_idx], labels=np.asarray([remap[int(v)] for v in data.labels[keep_idx]],
-                                                                           dtype=np.int64),
-                            class_names=[data.class_names[i] for i in picked],
-                            ids=[data.ids[i] for i in keep_idx], paths=[data.paths[i] for i in keep_idx])
+        return LoadedImages(
+            images=data.images[keep_idx],
+            labels=np.asarray([remap[int(v)] for v in data.labels[keep_idx]], dtype=np.int64),
+            class_names=[data.class_names[i] for i in picked],
+            ids=[data.ids[i] for i in keep_idx],
+            paths=[data.paths[i] for i in keep_idx],
+        )
 
     def _split(self, data: LoadedImages) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fixed per-class (test, validation, rest) split from ``split_seed`` alone: the test split
@@ -396,8 +405,8 @@ class ImageDataModule(pl.LightningDataModule):
             n_test = int(np.floor(len(idx) * float(self.test_fraction)))
             n_val = int(np.floor(len(idx) * float(self.val_fraction)))
             test.append(np.sort(perm[:n_test]))
-            val.append(np.sort(perm[n_test:n_test + n_val]))
-            train.append(np.sort(perm[n_test + n_val:]))
+            val.append(np.sort(perm[n_test : n_test + n_val]))
+            train.append(np.sort(perm[n_test + n_val :]))
         return tuple(np.concatenate(part).astype(np.int64) for part in (test, val, train))
 
     def _subsample(self, data: LoadedImages, train_idx: np.ndarray) -> np.ndarray:

@@ -12,11 +12,11 @@ import os
 import warnings
 import zlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence, get_args
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import numpy as np
-from pydantic import Field
 from PIL import Image, ImageOps
+from pydantic import Field
 
 from imgaug_gen.data.base import ImageDataModule, LoadedImages, sanitize_id
 from imgaug_gen.data.kinds import register_data_kind
@@ -184,8 +184,10 @@ class LabeledFolderDataModule(ImageDataModule):
         for class_dir in class_dirs:
             real = os.path.realpath(class_dir)
             if real in seen:
-                raise ConfigError(f"class folders {str(seen[real])!r} and {str(class_dir)!r} are the same folder "
-                                  "(a symlink): their images would be listed under two classes. Remove one of them.")
+                raise ConfigError(
+                    f"class folders {str(seen[real])!r} and {str(class_dir)!r} are the same folder "
+                    "(a symlink): their images would be listed under two classes. Remove one of them."
+                )
             seen[real] = class_dir
         images: list[np.ndarray] = []
         labels: list[int] = []
@@ -219,7 +221,9 @@ class LabeledFolderDataModule(ImageDataModule):
             if len(labels) == n_before:
                 n_skip = len(skipped) - n_skipped_before
                 why = f" ({n_skip} unreadable file(s) were skipped)" if n_skip else ""
-                exts = "" if self.extensions is None else f" with extension in `data.extensions`={list(self.extensions)}"
+                exts = (
+                    "" if self.extensions is None else f" with extension in `data.extensions`={list(self.extensions)}"
+                )
                 raise ConfigError(
                     f"Class folder {str(class_dir)!r} has no images{exts}{why}. Add images to it or "
                     f"remove the folder from `data.root`."

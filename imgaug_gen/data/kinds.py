@@ -45,12 +45,16 @@ def data_kind_class(kind: Any, key: str = "data.kind") -> type:
 
         eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
         if kind not in eps:
-            raise ConfigError(f"`{key}` = {kind!r} is not a known data kind; known: {sorted(set(_REGISTRY) | set(eps))}. "
-                              f"A plug-in data kind must be installed with an entry point in `{ENTRY_POINT_GROUP}`.")
+            raise ConfigError(
+                f"`{key}` = {kind!r} is not a known data kind; known: {sorted(set(_REGISTRY) | set(eps))}. "
+                f"A plug-in data kind must be installed with an entry point in `{ENTRY_POINT_GROUP}`."
+            )
         cls = eps[kind].load()
         if _REGISTRY.get(kind) is not cls:
-            raise ConfigError(f"the entry point `{kind} = {eps[kind].value}` ({ENTRY_POINT_GROUP}) does not name a class "
-                              f"registered as `{kind}`; decorate it with @register_data_kind({kind!r}).")
+            raise ConfigError(
+                f"the entry point `{kind} = {eps[kind].value}` ({ENTRY_POINT_GROUP}) does not name a class "
+                f"registered as `{kind}`; decorate it with @register_data_kind({kind!r})."
+            )
     return _REGISTRY[kind]
 
 
@@ -59,8 +63,11 @@ def data_record(dm) -> dict | None:
     a registered data kind (then ``generate.py`` needs ``data=...`` on its command line)."""
     kind = getattr(type(dm), "data_kind", None)
     if kind is None or _REGISTRY.get(kind) is not type(dm):
-        log.warning("%s is not a registered data kind (@register_data_kind): the generator records no data, so "
-                    "generate.py will need `data=...`.", type(dm).__name__)
+        log.warning(
+            "%s is not a registered data kind (@register_data_kind): the generator records no data, so "
+            "generate.py will need `data=...`.",
+            type(dm).__name__,
+        )
         return None
     return {"kind": kind, "args": dm.record_args()}
 
@@ -70,8 +77,10 @@ def build_data(record: Any, key: str = "data"):
     from imgaug_gen.schemas import check_args
 
     if not isinstance(record, Mapping) or set(record) != {"kind", "args"} or not isinstance(record["args"], Mapping):
-        raise ConfigError(f"`{key}` = {record!r}; expected {{'kind': <data kind>, 'args': {{...}}}} as written by "
-                          "train.py. Pass `data=...` to generate.py to give the data explicitly.")
+        raise ConfigError(
+            f"`{key}` = {record!r}; expected {{'kind': <data kind>, 'args': {{...}}}} as written by "
+            "train.py. Pass `data=...` to generate.py to give the data explicitly."
+        )
     cls = data_kind_class(record["kind"], f"{key}.kind")
     args = dict(record["args"])
     check_args(cls, f"{key}.args", args)

@@ -28,8 +28,9 @@ def is_kept(record: dict) -> bool:
 
 def record_path(out_dir: str | os.PathLike, record: dict) -> Path:
     """The image file of a manifest line, refused unless it lies under ``out_dir/train/``."""
-    return confined(out_dir, record.get("file"), f"`{Path(out_dir) / MANIFEST}` line {record.get('id')!r}: `file`",
-                    prefix=SPLIT)
+    return confined(
+        out_dir, record.get("file"), f"`{Path(out_dir) / MANIFEST}` line {record.get('id')!r}: `file`", prefix=SPLIT
+    )
 
 
 def read_manifest(out_dir: str | os.PathLike, include_rejected: bool = False) -> list[dict]:
@@ -42,8 +43,9 @@ def read_manifest(out_dir: str | os.PathLike, include_rejected: bool = False) ->
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"`{path}` line {n} is not valid JSON ({e}); re-run generate.py to repair the "
-                              "folder.") from None
+            raise ConfigError(
+                f"`{path}` line {n} is not valid JSON ({e}); re-run generate.py to repair the folder."
+            ) from None
         if not isinstance(rec, dict):
             raise ConfigError(f"`{path}` line {n} is {type(rec).__name__}, not a JSON object.")
         records.append(rec)
@@ -62,14 +64,18 @@ def load_folder_images(out_dir: str | os.PathLike, records: list[dict]) -> np.nd
             size = im.size
             arrays.append(np.asarray(im))
         except (OSError, ValueError, SyntaxError) as e:
-            raise ConfigError(f"`{path}` (manifest line {r.get('id')!r}) cannot be decoded ({type(e).__name__}: "
-                              f"{e}); re-run generate.py to repair the folder.") from None
+            raise ConfigError(
+                f"`{path}` (manifest line {r.get('id')!r}) cannot be decoded ({type(e).__name__}: "
+                f"{e}); re-run generate.py to repair the folder."
+            ) from None
         finally:
             im.close()
     if not arrays:
         return np.zeros((0, 1, 1, 1), np.uint8)
     if len({a.shape for a in arrays}) > 1:
-        raise ConfigError(f"the images listed in `{Path(out_dir) / MANIFEST}` have different shapes "
-                          f"{sorted({a.shape for a in arrays})[:3]}; every image of a folder must have the same.")
+        raise ConfigError(
+            f"the images listed in `{Path(out_dir) / MANIFEST}` have different shapes "
+            f"{sorted({a.shape for a in arrays})[:3]}; every image of a folder must have the same."
+        )
     a = np.stack(arrays)
     return a[..., None] if a.ndim == 3 else a

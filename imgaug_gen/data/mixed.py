@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -44,8 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from imgaug_gen.data.base import (DEFAULT_NUM_BATCHES, EpochBatches, ResumableDataLoader, dist_rank_world,
-                                  take_from_epochs)
+from imgaug_gen.data.base import (
+    DEFAULT_NUM_BATCHES,
+    EpochBatches,
+    ResumableDataLoader,
+    dist_rank_world,
+    take_from_epochs,
+)
 from imgaug_gen.errors import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -91,17 +96,27 @@ class MixPolicy:
 
     def check(self, key: str = "policy") -> None:
         require(self.name in POLICIES, f"`{key}.name` = {self.name!r}; allowed: {list(POLICIES)}.")
-        require(_is_number(self.p) and 0.0 <= float(self.p) <= 1.0,
-                f"`{key}.p` = {self.p!r}; give a probability in [0, 1] (replace: chance a drawn real image is "
-                "swapped for a synthetic one; weighted: synthetic share of each batch).")
-        require(_is_number(self.synthetic_weight) and float(self.synthetic_weight) >= 0.0,
-                f"`{key}.synthetic_weight` = {self.synthetic_weight!r}; give a number >= 0.")
-        require(_is_number(self.label_smoothing) and 0.0 <= float(self.label_smoothing) < 1.0,
-                f"`{key}.label_smoothing` = {self.label_smoothing!r}; give a number in [0, 1).")
-        require(_is_number(self.distill) and 0.0 <= float(self.distill) <= 1.0,
-                f"`{key}.distill` = {self.distill!r}; give a weight in [0, 1] (0 = no teacher).")
-        require(_is_number(self.temperature) and float(self.temperature) > 0.0,
-                f"`{key}.temperature` = {self.temperature!r}; give a number > 0 (2 is usual).")
+        require(
+            _is_number(self.p) and 0.0 <= float(self.p) <= 1.0,
+            f"`{key}.p` = {self.p!r}; give a probability in [0, 1] (replace: chance a drawn real image is "
+            "swapped for a synthetic one; weighted: synthetic share of each batch).",
+        )
+        require(
+            _is_number(self.synthetic_weight) and float(self.synthetic_weight) >= 0.0,
+            f"`{key}.synthetic_weight` = {self.synthetic_weight!r}; give a number >= 0.",
+        )
+        require(
+            _is_number(self.label_smoothing) and 0.0 <= float(self.label_smoothing) < 1.0,
+            f"`{key}.label_smoothing` = {self.label_smoothing!r}; give a number in [0, 1).",
+        )
+        require(
+            _is_number(self.distill) and 0.0 <= float(self.distill) <= 1.0,
+            f"`{key}.distill` = {self.distill!r}; give a weight in [0, 1] (0 = no teacher).",
+        )
+        require(
+            _is_number(self.temperature) and float(self.temperature) > 0.0,
+            f"`{key}.temperature` = {self.temperature!r}; give a number > 0 (2 is usual).",
+        )
 
     @classmethod
     def from_config(cls, cfg: "MixPolicy | Mapping[str, Any] | str | None", key: str = "policy") -> "MixPolicy":
@@ -154,21 +169,36 @@ class MixedBatchSampler(EpochBatches):
       from a stream of real permutations.
     """
 
-    def __init__(self, real_labels: Sequence[int], syn_labels: Sequence[int], policy: MixPolicy,
-                 batch_size: int, *, real_groups: Sequence[int] | None = None,
-                 syn_groups: Sequence[int] | None = None, seed: int = 0, num_batches: int = DEFAULT_NUM_BATCHES,
-                 rank: int | None = None, world_size: int | None = None, sampler: Any = None) -> None:
+    def __init__(
+        self,
+        real_labels: Sequence[int],
+        syn_labels: Sequence[int],
+        policy: MixPolicy,
+        batch_size: int,
+        *,
+        real_groups: Sequence[int] | None = None,
+        syn_groups: Sequence[int] | None = None,
+        seed: int = 0,
+        num_batches: int = DEFAULT_NUM_BATCHES,
+        rank: int | None = None,
+        world_size: int | None = None,
+        sampler: Any = None,
+    ) -> None:
         # BatchSampler.__init__ is not called on purpose: there is no inner sampler.
         self.real_labels = np.asarray(real_labels, dtype=np.int64)
         self.syn_labels = np.asarray(syn_labels, dtype=np.int64)
         n_real, n_syn = len(self.real_labels), len(self.syn_labels)
         require(n_real > 0, "the mixed set has no real images; a policy mixes synthetic images *into* real ones.")
-        require(isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
-                f"`batch_size` = {batch_size!r}; give a positive int.")
-        self.real_groups = (np.arange(n_real) if real_groups is None else np.asarray(real_groups, dtype=np.int64))
-        self.syn_groups = (np.full(n_syn, -1) if syn_groups is None else np.asarray(syn_groups, dtype=np.int64))
-        require(len(self.real_groups) == n_real and len(self.syn_groups) == n_syn,
-                "`real_groups` / `syn_groups` must have one entry per real / synthetic item.")
+        require(
+            isinstance(batch_size, (int, np.integer)) and batch_size >= 1,
+            f"`batch_size` = {batch_size!r}; give a positive int.",
+        )
+        self.real_groups = np.arange(n_real) if real_groups is None else np.asarray(real_groups, dtype=np.int64)
+        self.syn_groups = np.full(n_syn, -1) if syn_groups is None else np.asarray(syn_groups, dtype=np.int64)
+        require(
+            len(self.real_groups) == n_real and len(self.syn_groups) == n_syn,
+            "`real_groups` / `syn_groups` must have one entry per real / synthetic item.",
+        )
         self.policy = MixPolicy.from_config(policy)
         if sampler is not None and hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
             rank, world_size = int(sampler.rank), int(sampler.num_replicas)
@@ -192,8 +222,10 @@ class MixedBatchSampler(EpochBatches):
         by_class: dict[int, list[int]] = {}
         for j, (g, y) in enumerate(zip(self.syn_groups.tolist(), self.syn_labels.tolist())):
             (by_class.setdefault(y, []) if g < 0 else by_group.setdefault(g, [])).append(self.n_real + j)
-        return [np.asarray(by_group.get(g, []) + by_class.get(y, []), dtype=np.int64)
-                for g, y in zip(self.real_groups.tolist(), self.real_labels.tolist())]
+        return [
+            np.asarray(by_group.get(g, []) + by_class.get(y, []), dtype=np.int64)
+            for g, y in zip(self.real_groups.tolist(), self.real_labels.tolist())
+        ]
 
     def candidates(self, real_item: int) -> np.ndarray:
         """The synthetic items that may replace real item ``real_item`` (``replace`` policy)."""
@@ -244,13 +276,15 @@ class MixedBatchSampler(EpochBatches):
     def batch(self, b: int) -> list[int]:
         """This rank's item indices of global batch ``b``."""
         g = self.global_batch(b)
-        return g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        return g[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
 
 # -- targets and loss ------------------------------------------------------------------------------------
 
-def policy_targets(labels: torch.Tensor, synthetic: torch.Tensor, num_classes: int, policy: MixPolicy,
-                   real_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def policy_targets(
+    labels: torch.Tensor, synthetic: torch.Tensor, num_classes: int, policy: MixPolicy, real_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample label-smoothed one-hot targets ``[N, K]`` and loss weights ``[N]`` of a batch.
 
     Real images are smoothed by ``real_smoothing``, synthetic ones by the larger of that and
@@ -263,8 +297,14 @@ def policy_targets(labels: torch.Tensor, synthetic: torch.Tensor, num_classes: i
     return targets, weights
 
 
-def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, synthetic: torch.Tensor, policy: MixPolicy,
-               teacher_logits: torch.Tensor | None = None, real_smoothing: float = 0.0) -> torch.Tensor:
+def mixed_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    synthetic: torch.Tensor,
+    policy: MixPolicy,
+    teacher_logits: torch.Tensor | None = None,
+    real_smoothing: float = 0.0,
+) -> torch.Tensor:
     """The policy's training loss of a batch: ``mean_i w_i · loss_i``.
 
     ``loss_i`` is the soft-target cross-entropy (real images: ``real_smoothing``; synthetic images:
@@ -277,24 +317,34 @@ def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, synthetic: torch.Tens
     loss = -(targets * F.log_softmax(logits, dim=1)).sum(1)
     a = float(policy.distill)
     if a > 0:
-        require(teacher_logits is not None, "`policy.distill` > 0 needs teacher logits for the synthetic images; "
-                                            "give a teacher (MixedDataModule(teacher=...)) or set distill=0.")
+        require(
+            teacher_logits is not None,
+            "`policy.distill` > 0 needs teacher logits for the synthetic images; "
+            "give a teacher (MixedDataModule(teacher=...)) or set distill=0.",
+        )
         t = float(policy.temperature)
-        kd = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
-                      reduction="none", log_target=True).sum(1) * (t * t)
+        kd = F.kl_div(
+            F.log_softmax(logits / t, dim=1),
+            F.log_softmax(teacher_logits.float() / t, dim=1),
+            reduction="none",
+            log_target=True,
+        ).sum(1) * (t * t)
         loss = torch.where(synthetic, (1 - a) * loss + a * kd, loss)
     return (weights * loss).mean()
 
 
 # -- a generate.py folder as a dataset -------------------------------------------------------------------
 
+
 def _folder_records(out_dir: Path) -> list[dict]:
     from imgaug_gen.data.manifest import read_manifest, record_path
 
     require(out_dir.is_dir(), f"`out_dir` = {str(out_dir)!r} is not a folder; give a generate.py out_dir.")
-    require((out_dir / "manifest.jsonl").is_file(),
-            f"`{out_dir}` holds no manifest.jsonl; give a folder written by generate.py (a sharded job writes "
-            "manifest.jsonl when its last shard finishes).")
+    require(
+        (out_dir / "manifest.jsonl").is_file(),
+        f"`{out_dir}` holds no manifest.jsonl; give a folder written by generate.py (a sharded job writes "
+        "manifest.jsonl when its last shard finishes).",
+    )
     records = read_manifest(out_dir)  # ConfigError on a torn or non-object line
     require(len(records) > 0, f"`{out_dir / 'manifest.jsonl'}` lists no images.")
     for r in records:  # every file inside the folder, before any is read
@@ -316,17 +366,26 @@ class MixedFolderDataset(Dataset):
     array`` replaces the default conversion (e.g. an albumentations ``Compose`` + ``ToTensorV2``).
     """
 
-    def __init__(self, out_dir: str | Path, *, transform: Callable | None = None,
-                 real: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        transform: Callable | None = None,
+        real: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         records = _folder_records(self.out_dir)
         real_recs = [r for r in records if r.get("source") == "real"]
         syn_recs = [r for r in records if r.get("source") == "synthetic"]
-        require(real_recs or real is not None,
-                f"`{self.out_dir}` holds no real images (written with include_real=false); pass "
-                "real=(images, labels) with the real training images.")
-        require(not (real_recs and real is not None),
-                f"`{self.out_dir}` already holds the real images (include_real=true); do not also pass `real`.")
+        require(
+            real_recs or real is not None,
+            f"`{self.out_dir}` holds no real images (written with include_real=false); pass "
+            "real=(images, labels) with the real training images.",
+        )
+        require(
+            not (real_recs and real is not None),
+            f"`{self.out_dir}` already holds the real images (include_real=true); do not also pass `real`.",
+        )
         self._arrays: np.ndarray | None = None
         group_of: dict[str, int] = {}
         if real is not None:
@@ -340,11 +399,13 @@ class MixedFolderDataset(Dataset):
             self.files = [r["file"] for r in real_recs]
             real_labels = [int(r["label"]) for r in real_recs]
             real_groups = [group_of.setdefault(str(r.get("source_id", r["id"])), len(group_of)) for r in real_recs]
-        syn_groups = [group_of.get(str(r["source_id"]), -1) if r.get("source_id") is not None else -1
-                      for r in syn_recs]
+        syn_groups = [group_of.get(str(r["source_id"]), -1) if r.get("source_id") is not None else -1 for r in syn_recs]
         if real is None and any(r.get("source_id") is not None for r in syn_recs) and all(g < 0 for g in syn_groups):
-            log.warning("%s: the img2img edits' source_id match no real image in the folder; `replace` will "
-                        "draw same-class images instead of each image's own edits", self.out_dir)
+            log.warning(
+                "%s: the img2img edits' source_id match no real image in the folder; `replace` will "
+                "draw same-class images instead of each image's own edits",
+                self.out_dir,
+            )
         self.files += [r["file"] for r in syn_recs]
         self.n_real, self.n_syn = len(real_labels), len(syn_recs)
         self.labels = np.asarray(real_labels + [int(r["label"]) for r in syn_recs], dtype=np.int64)
@@ -354,8 +415,9 @@ class MixedFolderDataset(Dataset):
         self._item_records = ([None] * len(real_labels) if real is not None else real_recs) + syn_recs
         self.transform = transform
         # (width, height) every file must have, from the first one read (checked from each header)
-        self._size: tuple[int, int] | None = None if self._arrays is None else (self._arrays.shape[2],
-                                                                                 self._arrays.shape[1])
+        self._size: tuple[int, int] | None = (
+            None if self._arrays is None else (self._arrays.shape[2], self._arrays.shape[1])
+        )
 
     @property
     def num_classes(self) -> int:
@@ -373,8 +435,11 @@ class MixedFolderDataset(Dataset):
             from imgaug_gen.io import read_image_array
 
             rec = self._item_records[i]
-            a = read_image_array(record_path(self.out_dir, rec), f"`{self.out_dir / self.files[i]}` (manifest line "
-                                 f"{rec.get('id')!r})", expect_size=self._size)
+            a = read_image_array(
+                record_path(self.out_dir, rec),
+                f"`{self.out_dir / self.files[i]}` (manifest line {rec.get('id')!r})",
+                expect_size=self._size,
+            )
             if self._size is None:
                 self._size = (a.shape[1], a.shape[0])
         return a[..., None] if a.ndim == 2 else a
@@ -388,12 +453,20 @@ class MixedFolderDataset(Dataset):
             x = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         return {"image": x, "label": int(self.labels[i]), "synthetic": bool(i >= self.n_real), "index": int(i)}
 
-    def sampler(self, policy: MixPolicy | Mapping | str, batch_size: int, seed: int = 0,
-                **kwargs: Any) -> MixedBatchSampler:
+    def sampler(
+        self, policy: MixPolicy | Mapping | str, batch_size: int, seed: int = 0, **kwargs: Any
+    ) -> MixedBatchSampler:
         """The policy's batch sampler over this dataset's items."""
-        return MixedBatchSampler(self.labels[:self.n_real], self.labels[self.n_real:], MixPolicy.from_config(policy),
-                                 batch_size, real_groups=self.real_groups, syn_groups=self.syn_groups, seed=seed,
-                                 **kwargs)
+        return MixedBatchSampler(
+            self.labels[: self.n_real],
+            self.labels[self.n_real :],
+            MixPolicy.from_config(policy),
+            batch_size,
+            real_groups=self.real_groups,
+            syn_groups=self.syn_groups,
+            seed=seed,
+            **kwargs,
+        )
 
 
 class MixedDataModule(pl.LightningDataModule):
@@ -413,15 +486,26 @@ class MixedDataModule(pl.LightningDataModule):
     train with ``max_steps``.
     """
 
-    def __init__(self, out_dir: str | Path, policy: MixPolicy | Mapping | str = "replace", *, batch_size: int = 64,
-                 seed: int = 0, transform: Callable | None = None, teacher: torch.nn.Module | None = None,
-                 real: tuple[np.ndarray, np.ndarray] | None = None, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        policy: MixPolicy | Mapping | str = "replace",
+        *,
+        batch_size: int = 64,
+        seed: int = 0,
+        transform: Callable | None = None,
+        teacher: torch.nn.Module | None = None,
+        real: tuple[np.ndarray, np.ndarray] | None = None,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.out_dir = Path(out_dir)
         self.policy = MixPolicy.from_config(policy)
-        require(not (self.policy.distill > 0 and teacher is None),
-                f"policy {self.policy.tag} distils from a teacher; pass teacher=<a classifier trained on the real "
-                "(+classical) images>, or set distill=0.")
+        require(
+            not (self.policy.distill > 0 and teacher is None),
+            f"policy {self.policy.tag} distils from a teacher; pass teacher=<a classifier trained on the real "
+            "(+classical) images>, or set distill=0.",
+        )
         require(isinstance(batch_size, int) and batch_size >= 1, f"`batch_size` = {batch_size!r}; give an int >= 1.")
         self.batch_size, self.seed, self.num_workers = batch_size, int(seed), int(num_workers)
         self.transform, self.teacher, self.real = transform, teacher, real
@@ -435,8 +519,9 @@ class MixedDataModule(pl.LightningDataModule):
         if self.policy.distill > 0:
             self.teacher_logits = self._teacher_logits()
         ds = self.dataset
-        log.info("mixed set %s: %d real, %d synthetic images, policy %s", self.out_dir, ds.n_real, ds.n_syn,
-                 self.policy.tag)
+        log.info(
+            "mixed set %s: %d real, %d synthetic images, policy %s", self.out_dir, ds.n_real, ds.n_syn, self.policy.tag
+        )
 
     @torch.no_grad()
     def _teacher_logits(self) -> torch.Tensor:
@@ -446,20 +531,24 @@ class MixedDataModule(pl.LightningDataModule):
         was_training = teacher.training
         teacher.eval()
         try:
-            rows = [teacher(torch.stack([plain[i]["image"] for i in range(s, min(s + 256, len(ds)))])).float().cpu()
-                    for s in range(ds.n_real, len(ds), 256)]
+            rows = [
+                teacher(torch.stack([plain[i]["image"] for i in range(s, min(s + 256, len(ds)))])).float().cpu()
+                for s in range(ds.n_real, len(ds), 256)
+            ]
         finally:
             teacher.train(was_training)
         full = torch.zeros(len(ds), rows[0].shape[1] if rows else 1)
         if rows:
-            full[ds.n_real:] = torch.cat(rows)
+            full[ds.n_real :] = torch.cat(rows)
         return full
 
     def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        batch = {"image": torch.stack([it["image"] for it in items]),
-                 "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
-                 "synthetic": torch.tensor([it["synthetic"] for it in items], dtype=torch.bool),
-                 "index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+        batch = {
+            "image": torch.stack([it["image"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "synthetic": torch.tensor([it["synthetic"] for it in items], dtype=torch.bool),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
         if self.teacher_logits is not None:
             batch["teacher_logits"] = self.teacher_logits[batch["index"]]
         return batch
@@ -468,6 +557,11 @@ class MixedDataModule(pl.LightningDataModule):
         if self.dataset is None:
             self.setup("fit")
         sampler = self.dataset.sampler(self.policy, self.batch_size, seed=self.seed)
-        return ResumableDataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                   collate_fn=self._collate, persistent_workers=self.num_workers > 0,
-                                   generator=torch.Generator().manual_seed(self.seed))
+        return ResumableDataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )

@@ -60,8 +60,9 @@ class GeneratorConfig(BaseModel):
     format_version: int = Field(ge=1, le=FORMAT_VERSION)
     num_classes: int = Field(ge=1, le=100_000)
     class_names: list[Annotated[str, Field(min_length=1, max_length=1000)]]
-    image_shape: tuple[Annotated[int, Field(ge=1, le=4)], Annotated[int, Field(ge=1, le=16384)],
-                       Annotated[int, Field(ge=1, le=16384)]]
+    image_shape: tuple[
+        Annotated[int, Field(ge=1, le=4)], Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]
+    ]
     data: Optional[DataRecord] = None
     run_dir: Optional[str] = None
     trained_steps: Optional[Int] = None
@@ -98,6 +99,7 @@ def _find_targets(value: Any, where: str = "") -> list[tuple[str, Any]]:
             found += _find_targets(v, f"{where}[{i}]")
     return found
 
+
 _REGISTRY: dict[str, type["ConditionalGenerator"]] = {}
 #: Package entry-point group naming each kind's generator class (``kind = "module:Class"``). The
 #: built-in kinds are declared in pyproject.toml like any plug-in, and imported only when a folder of
@@ -130,20 +132,25 @@ def generator_class(kind: str) -> type["ConditionalGenerator"]:
         if kind in eps:
             cls = eps[kind].load()
             if _REGISTRY.get(kind) is not cls:
-                raise ConfigError(f"the entry point `{kind} = {eps[kind].value}` ({ENTRY_POINT_GROUP}) does not name a "
-                                  f"class registered as `{kind}`; decorate it with @register_generator({kind!r}).")
+                raise ConfigError(
+                    f"the entry point `{kind} = {eps[kind].value}` ({ENTRY_POINT_GROUP}) does not name a "
+                    f"class registered as `{kind}`; decorate it with @register_generator({kind!r})."
+                )
         else:
             known = sorted(set(_REGISTRY) | set(eps))
-            raise ConfigError(f"Unknown generator kind `{kind}`; known kinds: {known}. A plug-in kind must be "
-                              f"installed with an entry point in the `{ENTRY_POINT_GROUP}` group.")
+            raise ConfigError(
+                f"Unknown generator kind `{kind}`; known kinds: {known}. A plug-in kind must be "
+                f"installed with an entry point in the `{ENTRY_POINT_GROUP}` group."
+            )
     return _REGISTRY[kind]
 
 
 def per_image_seeds(seed: int, start: int, count: int) -> list[int]:
     """The seed of image ``i`` of a job seeded ``seed``: independent of batching,
     sharding and resumption, so image ``i`` is the same whoever makes it."""
-    return [int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint32)[0])
-            for i in range(start, start + count)]
+    return [
+        int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint32)[0]) for i in range(start, start + count)
+    ]
 
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
@@ -171,15 +178,20 @@ def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
             "train.py (`run_dir=RUN`, which contains `RUN/generator/`)."
         )
     if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"`{cfg_file}` is {cfg_file.stat().st_size} bytes; a generator config is at most "
-                          f"{MAX_CONFIG_BYTES} bytes. The folder is damaged or not a generator folder.")
+        raise ConfigError(
+            f"`{cfg_file}` is {cfg_file.stat().st_size} bytes; a generator config is at most "
+            f"{MAX_CONFIG_BYTES} bytes. The folder is damaged or not a generator folder."
+        )
     try:
         config = json.loads(cfg_file.read_bytes())
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, or nesting too deep
-        raise ConfigError(f"`{cfg_file}` is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the run folder is "
-                          "damaged.") from None
+        raise ConfigError(
+            f"`{cfg_file}` is not valid JSON ({type(e).__name__}: {str(e)[:200]}); the run folder is damaged."
+        ) from None
     if not isinstance(config, dict):
-        raise ConfigError(f"`{cfg_file}` holds a JSON {type(config).__name__}, not an object; the run folder is damaged.")
+        raise ConfigError(
+            f"`{cfg_file}` holds a JSON {type(config).__name__}, not an object; the run folder is damaged."
+        )
     version = config.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise ConfigError(
@@ -190,10 +202,15 @@ def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
     if targets:
         key, value = targets[0]
         legacy = key == "data._target_" and value in LEGACY_DATA_TARGETS and version == 1
-        hint = (f" It was written by an older imgaug_gen; upgrade it once with `python -m imgaug_gen.upgrade {path}`."
-                if legacy else " Remove it: only your own command-line configs may name classes to build.")
-        raise ConfigError(f"`{cfg_file}`: `{key}` = {str(value)[:200]!r}. A generator folder is data and is never "
-                          f"allowed to name code to run (Hydra `_target_`).{hint}")
+        hint = (
+            f" It was written by an older imgaug_gen; upgrade it once with `python -m imgaug_gen.upgrade {path}`."
+            if legacy
+            else " Remove it: only your own command-line configs may name classes to build."
+        )
+        raise ConfigError(
+            f"`{cfg_file}`: `{key}` = {str(value)[:200]!r}. A generator folder is data and is never "
+            f"allowed to name code to run (Hydra `_target_`).{hint}"
+        )
     if not isinstance(config.get("kind"), str):
         raise ConfigError(f"`{cfg_file}` names no generator `kind`; the run folder is damaged.")
     from imgaug_gen.schemas import validate
@@ -202,8 +219,9 @@ def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu",
-                   expect_kind: str | None = None) -> "ConditionalGenerator":
+def load_generator(
+    path: str | os.PathLike, device: str | torch.device = "cpu", expect_kind: str | None = None
+) -> "ConditionalGenerator":
     """Load any saved generator kind from ``path`` (a ``RUN/generator`` folder)."""
     config = read_run_config(path)
     if expect_kind is not None and config["kind"] != expect_kind:
@@ -225,8 +243,9 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             header = json.loads(f.read(n))
         return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ConfigError(f"`{path}` is not a valid safetensors file ({type(e).__name__}: {e}); the generator "
-                          "folder is damaged.") from None
+        raise ConfigError(
+            f"`{path}` is not a valid safetensors file ({type(e).__name__}: {e}); the generator folder is damaged."
+        ) from None
 
 
 def check_state_matches(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], weights: Path) -> None:
@@ -235,10 +254,17 @@ def check_state_matches(module: nn.Module, shapes: Mapping[str, tuple[int, ...]]
     missing, unexpected = sorted(set(mine) - set(shapes)), sorted(set(shapes) - set(mine))
     wrong = sorted(k for k in set(mine) & set(shapes) if mine[k] != shapes[k])
     if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"{wrong[0]}: config.json builds {mine[wrong[0]]}, the file holds {shapes[wrong[0]]}")
-        raise ConfigError(f"`{weights}` does not match `{weights.parent / CONFIG_NAME}` ({detail}); the generator "
-                          "folder was edited or is damaged.")
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else f"{wrong[0]}: config.json builds {mine[wrong[0]]}, the file holds {shapes[wrong[0]]}"
+        )
+        raise ConfigError(
+            f"`{weights}` does not match `{weights.parent / CONFIG_NAME}` ({detail}); the generator "
+            "folder was edited or is damaged."
+        )
 
 
 class ConditionalGenerator(nn.Module):
@@ -301,8 +327,9 @@ class ConditionalGenerator(nn.Module):
         return seeds
 
     @torch.no_grad()
-    def sample(self, labels: Sequence[int], seeds: int | Sequence[int] = 0,
-               batch_size: int = 64, **kwargs) -> np.ndarray:
+    def sample(
+        self, labels: Sequence[int], seeds: int | Sequence[int] = 0, batch_size: int = 64, **kwargs
+    ) -> np.ndarray:
         """Images for ``labels``: uint8 [N, H, W, C].
 
         ``seeds`` is one seed per image (or an int from which per-image seeds are
@@ -315,17 +342,25 @@ class ConditionalGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = [self._sample_batch(labels[i:i + batch_size].to(self.device),
-                                      seeds[i:i + batch_size], **kwargs)
-                   for i in range(0, len(labels), batch_size)]
+            out = [
+                self._sample_batch(labels[i : i + batch_size].to(self.device), seeds[i : i + batch_size], **kwargs)
+                for i in range(0, len(labels), batch_size)
+            ]
         finally:
             self.train(was_training)
         c, h, w = self.image_shape
         return np.concatenate(out) if out else np.zeros((0, h, w, c), np.uint8)
 
     @torch.no_grad()
-    def edit(self, images: np.ndarray, labels: Sequence[int], strength: float | Sequence[float] = 0.5,
-             seeds: int | Sequence[int] = 0, batch_size: int = 32, **kwargs) -> np.ndarray:
+    def edit(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        strength: float | Sequence[float] = 0.5,
+        seeds: int | Sequence[int] = 0,
+        batch_size: int = 32,
+        **kwargs,
+    ) -> np.ndarray:
         """img2img: a label-preserving edit of each real image (uint8 NHWC in and out).
 
         ``strength`` in (0, 1]: how far the image is noised before it is denoised
@@ -340,8 +375,9 @@ class ConditionalGenerator(nn.Module):
         images = np.asarray(images)
         c, h, w = self.image_shape
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(labels):
-            raise ConfigError(f"`images` must be uint8 [N,H,W,C] with N={len(labels)}; got "
-                              f"{images.dtype} {images.shape}.")
+            raise ConfigError(
+                f"`images` must be uint8 [N,H,W,C] with N={len(labels)}; got {images.dtype} {images.shape}."
+            )
         strengths = np.broadcast_to(np.asarray(strength, dtype=np.float64), (len(labels),))
         if len(strengths) and (strengths.min() <= 0 or strengths.max() > 1):
             raise ConfigError(f"`strength` must lie in (0, 1]; got {strengths.min()}..{strengths.max()}.")
@@ -350,9 +386,16 @@ class ConditionalGenerator(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = [self._edit_batch(images[i:i + batch_size], labels[i:i + batch_size].to(self.device),
-                                    strengths[i:i + batch_size].tolist(), seeds[i:i + batch_size], **kwargs)
-                   for i in range(0, len(labels), batch_size)]
+            out = [
+                self._edit_batch(
+                    images[i : i + batch_size],
+                    labels[i : i + batch_size].to(self.device),
+                    strengths[i : i + batch_size].tolist(),
+                    seeds[i : i + batch_size],
+                    **kwargs,
+                )
+                for i in range(0, len(labels), batch_size)
+            ]
         finally:
             self.train(was_training)
         return np.concatenate(out) if out else np.zeros((0, h, w, c), np.uint8)
@@ -364,8 +407,10 @@ class ConditionalGenerator(nn.Module):
     def _check_sample_kwargs(self, kwargs: Mapping[str, Any]) -> None:
         unknown = sorted(set(kwargs) - set(self.sample_kwargs))
         if unknown:
-            raise ConfigError(f"`sample_kwargs` has unknown keys {unknown} for a `{self.kind}` generator; allowed: "
-                              f"{list(self.sample_kwargs)} (remove the others).")
+            raise ConfigError(
+                f"`sample_kwargs` has unknown keys {unknown} for a `{self.kind}` generator; allowed: "
+                f"{list(self.sample_kwargs)} (remove the others)."
+            )
 
     def check_runs(self) -> None:
         """Run the network once on a batch of one (called on the meta device while loading, so a config
@@ -375,8 +420,9 @@ class ConditionalGenerator(nn.Module):
     def _sample_batch(self, labels: torch.Tensor, seeds: list[int], **kwargs) -> np.ndarray:
         raise NotImplementedError
 
-    def _edit_batch(self, images: np.ndarray, labels: torch.Tensor, strengths: list[float],
-                    seeds: list[int], **kwargs) -> np.ndarray:
+    def _edit_batch(
+        self, images: np.ndarray, labels: torch.Tensor, strengths: list[float], seeds: list[int], **kwargs
+    ) -> np.ndarray:
         raise NotImplementedError
 
     # -- persistence -------------------------------------------------------------
@@ -385,7 +431,7 @@ class ConditionalGenerator(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` atomically into ``path``."""
-        from imgaug_gen.io import atomic_write_json, atomic_save_safetensors
+        from imgaug_gen.io import atomic_write_json
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -416,10 +462,21 @@ class ConditionalGenerator(nn.Module):
             model = cls._build(config, Path(path))
         except ConfigError:
             raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
-                ZeroDivisionError, NotImplementedError) as e:  # a value the schema let through that the kind refuses
-            raise ConfigError(f"`{cfg_file}` does not describe a loadable `{cls.kind}` generator "
-                              f"({type(e).__name__}: {str(e)[:300]}); the folder was edited or is damaged.") from None
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            RuntimeError,
+            OverflowError,
+            ZeroDivisionError,
+            NotImplementedError,
+        ) as e:  # a value the schema let through that the kind refuses
+            raise ConfigError(
+                f"`{cfg_file}` does not describe a loadable `{cls.kind}` generator "
+                f"({type(e).__name__}: {str(e)[:300]}); the folder was edited or is damaged."
+            ) from None
         return model.to(device).eval()
 
     @classmethod

@@ -11,7 +11,7 @@ so Lightning's ``global_step`` (and ``trainer.max_steps``) counts 2 per batch.
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from imgaug_gen.errors import ConfigError
-
 from imgaug_gen.generators.base import ConditionalGenerator, StrictGeneratorConfig, register_generator, to_uint8_nhwc
 from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.generators.priors import (
@@ -58,8 +57,10 @@ class GANConfig(StrictGeneratorConfig):
     def _square(self):
         _, h, w = self.image_shape
         if h != w or h < 8 or h & (h - 1) or h > 2048:
-            raise ValueError(f"`image_shape` = {list(self.image_shape)}: the cGAN makes square power-of-two images "
-                             "of 8 to 2048 pixels")
+            raise ValueError(
+                f"`image_shape` = {list(self.image_shape)}: the cGAN makes square power-of-two images "
+                "of 8 to 2048 pixels"
+            )
         return self
 
 
@@ -72,8 +73,9 @@ class GANGenerator(ConditionalGenerator):
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         c, h, _ = self.image_shape
-        self.net = _GeneratorNet(self.num_classes, image_size=h, channels=c,
-                                 z_dim=config["z_dim"], width=config["width"])
+        self.net = _GeneratorNet(
+            self.num_classes, image_size=h, channels=c, z_dim=config["z_dim"], width=config["width"]
+        )
 
     def check_runs(self) -> None:
         self.net(torch.zeros(1, self.config["z_dim"]), torch.zeros(1, dtype=torch.long))
@@ -83,20 +85,38 @@ class GANGenerator(ConditionalGenerator):
         return to_uint8_nhwc(self.net(z, labels))
 
     @classmethod
-    def from_net(cls, net: _GeneratorNet, *, num_classes: int, class_names: Sequence[str],
-                 image_shape: Sequence[int], extra: dict | None = None) -> "GANGenerator":
-        config = {"num_classes": num_classes, "class_names": list(class_names),
-                  "image_shape": list(image_shape), "z_dim": net.z_dim, "width": net.width, **(extra or {})}
+    def from_net(
+        cls,
+        net: _GeneratorNet,
+        *,
+        num_classes: int,
+        class_names: Sequence[str],
+        image_shape: Sequence[int],
+        extra: dict | None = None,
+    ) -> "GANGenerator":
+        config = {
+            "num_classes": num_classes,
+            "class_names": list(class_names),
+            "image_shape": list(image_shape),
+            "z_dim": net.z_dim,
+            "width": net.width,
+            **(extra or {}),
+        }
         gen = cls(config)
         gen.net = net  # share weights: no copy
         return gen
 
 
+DiffAugOp = Literal["color", "translation", "cutout"]
+
+
 def _from_prior(key: str, given: int, default: int, theirs: int, pretrained: str) -> int:
     """A size set to something other than its default must be the prior's; else the prior's is used."""
     if given != default and given != theirs:
-        raise ConfigError(f"`{key}` = {given}, but the prior `model.pretrained` = {pretrained!r} has {theirs}. The "
-                          "networks come from the prior: remove the override.")
+        raise ConfigError(
+            f"`{key}` = {given}, but the prior `model.pretrained` = {pretrained!r} has {theirs}. The "
+            "networks come from the prior: remove the override."
+        )
     return int(theirs)
 
 
@@ -108,8 +128,11 @@ def prior_discriminator_width(prior) -> int | None:
 def class_rows(net) -> list:
     """The class-conditional parameters of a cGAN network: the conditional norms' gains and biases (G),
     the projection embedding (D)."""
-    return [p for name, p in net.named_parameters()
-            if name.endswith(("gain.weight", "bias.weight")) or name.startswith("embed.")]
+    return [
+        p
+        for name, p in net.named_parameters()
+        if name.endswith(("gain.weight", "bias.weight")) or name.startswith("embed.")
+    ]
 
 
 def load_grown(net, state: dict, num_classes: int, init: str) -> None:
@@ -121,7 +144,9 @@ def load_grown(net, state: dict, num_classes: int, init: str) -> None:
     grown = {}
     for k, v in state.items():
         if k not in mine:
-            raise ConfigError(f"the prior's weight {k!r} has no place in this network; is it a cGAN run of this project?")
+            raise ConfigError(
+                f"the prior's weight {k!r} has no place in this network; is it a cGAN run of this project?"
+            )
         if k.endswith(("gain.weight", "bias.weight", "embed.weight_orig")):
             null = 1.0 if k.endswith("gain.weight") else 0.0
             grown[k] = grow_rows(v, num_classes, init, null)
@@ -142,8 +167,9 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def lecam_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, ema_real: torch.Tensor,
-               ema_fake: torch.Tensor) -> torch.Tensor:
+def lecam_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, ema_real: torch.Tensor, ema_fake: torch.Tensor
+) -> torch.Tensor:
     """LeCam regulariser (Tseng et al. 2021): keeps D's real / fake outputs near the moving
     averages of the other side, ``E[relu(D(x) - a_F)^2] + E[relu(a_R - D(G(z)))^2]``."""
     return F.relu(real_logits - ema_fake).pow(2).mean() + F.relu(ema_real - fake_logits).pow(2).mean()
@@ -156,40 +182,52 @@ class CGANModule(GeneratorModule):
     #: under ``trainer=ddp`` the train job then asks DDP to look for unused parameters.
     ddp_find_unused_parameters = True  # the D step leaves G without gradients
 
-    def __init__(self, num_classes: int, class_names: Sequence[str], image_shape: Sequence[int],
-                 z_dim: int = 64, g_width: int = 32, d_width: int = 32, lr_g: float = 2e-4,
-                 lr_d: float = 2e-4, betas: Sequence[float] = (0.0, 0.999),
-                 diffaug: Sequence[str] | None = POLICIES, ema_decay: float = 0.999,
-                 ema_start_step: int = 0, lecam_lambda: float = 0.0, lecam_ema_decay: float = 0.99,
-                 ada_target: float | None = None, ada_interval: int = 4, ada_kimg: float = 20.0,
-                 channels_last: bool = True, pretrained: Optional[str] = None, pretrained_discriminator: bool = True,
-                 finetune: FinetuneMode = "full", init_class_embeddings: InitMode = "class_mean",
-                 freeze_d: Annotated[int, Field(ge=0, le=16)] = 0, lora: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        image_shape: Sequence[int],
+        z_dim: Annotated[int, Field(ge=1, le=4096)] = 64,
+        g_width: Annotated[int, Field(ge=1, le=2048)] = 32,
+        d_width: Annotated[int, Field(ge=1, le=2048)] = 32,
+        lr_g: Annotated[float, Field(gt=0)] = 2e-4,
+        lr_d: Annotated[float, Field(gt=0)] = 2e-4,
+        betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.0, 0.999),
+        diffaug: Optional[list[DiffAugOp]] = list(POLICIES),
+        ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999,
+        ema_start_step: Annotated[int, Field(ge=0)] = 0,
+        lecam_lambda: Annotated[float, Field(ge=0)] = 0.0,
+        lecam_ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.99,
+        ada_target: Optional[Annotated[float, Field(gt=0, lt=1)]] = None,
+        ada_interval: Annotated[int, Field(ge=1)] = 4,
+        ada_kimg: Annotated[float, Field(gt=0)] = 20.0,
+        channels_last: bool = True,
+        pretrained: Optional[str] = None,
+        pretrained_discriminator: bool = True,
+        finetune: FinetuneMode = "full",
+        init_class_embeddings: InitMode = "class_mean",
+        freeze_d: Annotated[int, Field(ge=0, le=16)] = 0,
+        lora: Optional[dict[str, Any]] = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         c, h, w = image_shape
         if h != w:
             raise ConfigError(f"`data.image_size` gives {h}x{w} images; the cGAN needs square images.")
-        unknown = set(diffaug or ()) - set(POLICIES)
-        if unknown:
-            raise ConfigError(f"`model.diffaug` has unknown ops {sorted(unknown)}; allowed: {list(POLICIES)}.")
-        if not (isinstance(lecam_lambda, (int, float)) and lecam_lambda >= 0):
-            raise ConfigError(f"`model.lecam_lambda` = {lecam_lambda!r}; give a number >= 0 (0 = off, 0.3 as in "
-                              "StudioGAN's DiffAug-LeCam recipes).")
-        if not 0 <= lecam_ema_decay < 1:
-            raise ConfigError(f"`model.lecam_ema_decay` = {lecam_ema_decay!r}; give a number in [0, 1) (0.99).")
-        if ada_target is not None and not (0 < ada_target < 1 and diffaug):
-            raise ConfigError(f"`model.ada_target` = {ada_target!r}; give null (fixed DiffAugment) or a number in "
-                              "(0, 1) (ADA's 0.6) with at least one `model.diffaug` op to apply adaptively.")
-        if int(ada_interval) < 1 or not float(ada_kimg) > 0:
-            raise ConfigError(f"`model.ada_interval` = {ada_interval!r} / `model.ada_kimg` = {ada_kimg!r}; give an "
-                              "interval >= 1 (D steps) and kimg > 0 (thousands of real images for p to move by 1).")
+        if ada_target is not None and not diffaug:
+            raise ConfigError(
+                f"`model.ada_target` = {ada_target!r} needs at least one `model.diffaug` op to apply "
+                "adaptively; set `model.diffaug=[color,translation,cutout]` or `model.ada_target=null`."
+            )
         # LeCam's moving averages of D(real) and D(fake): buffers, so checkpoints carry them.
         self.register_buffer("lecam_ema_real", torch.zeros(()))
         self.register_buffer("lecam_ema_fake", torch.zeros(()))
-        self.ada = (AdaptiveAugmentProbability(ada_target, int(ada_interval), int(float(ada_kimg) * 1000))
-                    if ada_target is not None else None)
+        self.ada = (
+            AdaptiveAugmentProbability(ada_target, int(ada_interval), int(float(ada_kimg) * 1000))
+            if ada_target is not None
+            else None
+        )
         prior = None
         if pretrained is not None:  # start from a cGAN run: its sizes, its weights, new class rows
             prior = load_gan_prior(pretrained, pretrained_discriminator)
@@ -199,13 +237,17 @@ class CGANModule(GeneratorModule):
             g_width = _from_prior("model.g_width", g_width, 32, prior.width, pretrained)
             d_width = _from_prior("model.d_width", d_width, 32, d_prior, pretrained) if d_prior else d_width
         elif finetune != "full" or freeze_d:
-            raise ConfigError(f"`model.finetune` = {finetune!r} / `model.freeze_d` = {freeze_d} adapt a prior; set "
-                              "`model.pretrained=RUN` (a cGAN run), or leave them at full / 0.")
+            raise ConfigError(
+                f"`model.finetune` = {finetune!r} / `model.freeze_d` = {freeze_d} adapt a prior; set "
+                "`model.pretrained=RUN` (a cGAN run), or leave them at full / 0."
+            )
         self.generator = _GeneratorNet(num_classes, image_size=h, channels=c, z_dim=z_dim, width=g_width)
         self.discriminator = ProjectionDiscriminator(num_classes, image_size=h, channels=c, width=d_width)
         if freeze_d > len(self.discriminator.blocks):
-            raise ConfigError(f"`model.freeze_d` = {freeze_d}; this discriminator has {len(self.discriminator.blocks)} "
-                              "blocks (give at most that many).")
+            raise ConfigError(
+                f"`model.freeze_d` = {freeze_d}; this discriminator has {len(self.discriminator.blocks)} "
+                "blocks (give at most that many)."
+            )
         self.prior = None
         if prior is not None:
             load_grown(self.generator, prior.generator.state_dict(), num_classes, init_class_embeddings)
@@ -217,6 +259,7 @@ class CGANModule(GeneratorModule):
             block.requires_grad_(False)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.iteration = 0  # GAN iterations (one D + one G step)
+        self.noise_seed = int(torch.initial_seed())  # the run's seed (seed_everything ran before the build)
 
     def setup(self, stage: str) -> None:
         # channels-last weights and activations while training: oneDNN's convolutions run faster in
@@ -230,8 +273,13 @@ class CGANModule(GeneratorModule):
     # -- what the rest of the framework needs ---------------------------------------
     def to_generator(self) -> GANGenerator:
         hp = self.hparams
-        return GANGenerator.from_net(merged_copy(self.ema), num_classes=hp.num_classes, class_names=hp.class_names,
-                                     image_shape=hp.image_shape, extra=None if self.prior is None else {"prior": self.prior})
+        return GANGenerator.from_net(
+            merged_copy(self.ema),
+            num_classes=hp.num_classes,
+            class_names=hp.class_names,
+            image_shape=hp.image_shape,
+            extra=None if self.prior is None else {"prior": self.prior},
+        )
 
     # -- training -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -242,17 +290,18 @@ class CGANModule(GeneratorModule):
         opt_d = torch.optim.Adam(trainable(self.discriminator), lr=hp.lr_d, betas=tuple(hp.betas), foreach=True)
         return [opt_d, opt_g]
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if not self.hparams.diffaug:
             return x
-        return diff_augment(x, self.hparams.diffaug, p=1.0 if self.ada is None else self.ada.p)
+        return diff_augment(x, self.hparams.diffaug, generator=generator, p=1.0 if self.ada is None else self.ada.p)
 
     def training_step(self, batch, batch_idx):
         real, labels = batch
         if self.hparams.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         opt_d, opt_g = self.optimizers()
-        z = torch.randn(real.shape[0], self.hparams.z_dim, device=self.device)
+        g = self.training_noise()  # noise and augmentations of this batch: (seed, batch, rank) only
+        z = torch.randn(real.shape[0], self.hparams.z_dim, device=self.device, generator=g)
         # One generator forward serves both steps (its graph is kept for the G step), and the
         # discriminator sees real and fake in one batch (it has no batch statistics, so this is
         # the same function as two calls, at about half the per-call overhead on CPU).
@@ -260,12 +309,13 @@ class CGANModule(GeneratorModule):
 
         # 1. Discriminator step: real vs fake of the same labels.
         self.toggle_optimizer(opt_d)
-        logits = self.discriminator(self._augment(torch.cat([real, fake.detach()])), torch.cat([labels, labels]))
+        logits = self.discriminator(self._augment(torch.cat([real, fake.detach()]), g), torch.cat([labels, labels]))
         real_logits, fake_logits = logits.chunk(2)
         d_loss = hinge_d_loss(real_logits, fake_logits)
         if self.hparams.lecam_lambda > 0:
-            d_loss = d_loss + self.hparams.lecam_lambda * lecam_loss(real_logits, fake_logits, self.lecam_ema_real,
-                                                                     self.lecam_ema_fake)
+            d_loss = d_loss + self.hparams.lecam_lambda * lecam_loss(
+                real_logits, fake_logits, self.lecam_ema_real, self.lecam_ema_fake
+            )
             decay = self.hparams.lecam_ema_decay
             self.lecam_ema_real.mul_(decay).add_((1 - decay) * real_logits.detach().mean())
             self.lecam_ema_fake.mul_(decay).add_((1 - decay) * fake_logits.detach().mean())
@@ -278,7 +328,7 @@ class CGANModule(GeneratorModule):
 
         # 2. Generator step (the updated discriminator on the same fakes).
         self.toggle_optimizer(opt_g)
-        g_loss = hinge_g_loss(self.discriminator(self._augment(fake), labels))
+        g_loss = hinge_g_loss(self.discriminator(self._augment(fake, g), labels))
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         opt_g.step()
@@ -293,15 +343,18 @@ class CGANModule(GeneratorModule):
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False)
 
     def _update_ema(self) -> None:
-        ema_update(self.ema, self.generator,
-                   ema_decay(self.iteration - self.hparams.ema_start_step, self.hparams.ema_decay))
+        ema_update(
+            self.ema, self.generator, ema_decay(self.iteration - self.hparams.ema_start_step, self.hparams.ema_decay)
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["gan_iteration"] = self.iteration
         if self.ada is not None:
             checkpoint["ada"] = self.ada.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.iteration = int(checkpoint.get("gan_iteration", 0))
         if self.ada is not None and "ada" in checkpoint:
             self.ada.load_state_dict(checkpoint["ada"])

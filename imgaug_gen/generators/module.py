@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, ClassVar, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -22,6 +24,46 @@ class GeneratorModule(pl.LightningModule):
 
     #: DDP must look for parameters without gradients (a GAN's D step leaves G unused).
     ddp_find_unused_parameters: ClassVar[bool] = False
+    #: the seed of the training noise (:meth:`training_noise`); kinds set it from their config
+    noise_seed: int = 0
+    #: training batches drawn so far (saved in checkpoints, so a resumed run continues the noise stream)
+    batches_seen: int = 0
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every kind's constructor checks its arguments against its own annotations (types, ranges, choices:
+        the same schema ``train.py`` reads before anything is built), also when called from Python."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def checked(self, *args, **kw):
+            if type(self) is cls:  # the built class checks, once (not each base constructor it calls)
+                from imgaug_gen.schemas import check_args
+
+                bound = inspect.signature(init).bind(self, *args, **kw)
+                check_args(cls, "model", {k: v for k, v in bound.arguments.items() if k not in ("self", "kwargs")})
+            init(self, *args, **kw)
+
+        cls.__init__ = checked
+
+    def training_noise(self) -> torch.Generator:
+        """The random numbers of one training batch (noise, timesteps, label dropout, ...): a generator
+        seeded by ``(noise_seed, batches seen, rank)`` only. Every kind draws its training noise here, so a
+        run resumed from a checkpoint draws exactly what an uninterrupted one would, whatever else uses
+        torch's global RNG, and each DDP rank draws its own stream. Call it once per batch."""
+        import numpy as np
+
+        seed = np.random.SeedSequence([int(self.noise_seed), int(self.batches_seen), int(self.global_rank)])
+        self.batches_seen += 1
+        return torch.Generator(device=self.device).manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["training_noise"] = {"batches_seen": int(self.batches_seen)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batches_seen = int((checkpoint.get("training_noise") or {}).get("batches_seen", 0))
 
     @classmethod
     def check_config(cls, args: Mapping[str, Any], image_shape: Sequence[int]) -> None:

@@ -13,29 +13,25 @@ import inspect
 import re
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from imgaug_gen.errors import ConfigError
+from imgaug_gen.io import jsonable as plain
 
 #: Settings that define the noise schedule: sampling must use the one it was trained with.
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "prediction_type", "rescale_betas_zero_snr")
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
 #: the most training timesteps a loaded scheduler may have (the schedules are arrays of this length)
 MAX_TRAIN_TIMESTEPS = 100_000
 _NAME = re.compile(r"^[A-Z][A-Za-z0-9]*Scheduler$")
-
-
-def plain(value: Any) -> Any:
-    """diffusers config values -> JSON-able plain Python (lists, dicts, numbers, strings)."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def scheduler_spec(scheduler: SchedulerMixin) -> dict[str, Any]:
@@ -50,8 +46,10 @@ def scheduler_class(name: Any, key: str) -> type:
 
     cls = getattr(diffusers, name, None) if isinstance(name, str) and _NAME.match(name) else None
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ConfigError(f"`{key}` = {str(name)[:100]!r} is not a diffusers scheduler class; use e.g. DDPMScheduler, "
-                          "DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler or PNDMScheduler.")
+        raise ConfigError(
+            f"`{key}` = {str(name)[:100]!r} is not a diffusers scheduler class; use e.g. DDPMScheduler, "
+            "DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler or PNDMScheduler."
+        )
     return cls
 
 
@@ -70,18 +68,29 @@ def _kind(v: Any) -> str:
 
 
 def _check_values(config: Mapping[str, Any], key: str, cls: type | None = None) -> None:
-    defaults = ({n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
-                 if p.default is not inspect.Parameter.empty} if cls is not None else {})
+    defaults = (
+        {
+            n: p.default
+            for n, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        if cls is not None
+        else {}
+    )
     for k, v in config.items():
         want = _kind(defaults.get(k))
         if want not in ("none", "other") and _kind(v) != want and not (want == "number" and _kind(v) == "none"):
-            raise ConfigError(f"`{key}.config.{k}` = {str(v)[:100]!r}; {cls.__name__} takes a {want} there "
-                              f"(default {defaults[k]!r}).")
+            raise ConfigError(
+                f"`{key}.config.{k}` = {str(v)[:100]!r}; {cls.__name__} takes a {want} there (default {defaults[k]!r})."
+            )
         items = v if isinstance(v, list) else [v]
         if len(items) > MAX_TRAIN_TIMESTEPS or not all(
-                x is None or isinstance(x, (bool, str, int, float)) for x in items):
-            raise ConfigError(f"`{key}.config.{k}` = {str(v)[:100]!r}; a scheduler setting is a number, a string, a "
-                              f"boolean or a list of at most {MAX_TRAIN_TIMESTEPS} of them.")
+            x is None or isinstance(x, (bool, str, int, float)) for x in items
+        ):
+            raise ConfigError(
+                f"`{key}.config.{k}` = {str(v)[:100]!r}; a scheduler setting is a number, a string, a "
+                f"boolean or a list of at most {MAX_TRAIN_TIMESTEPS} of them."
+            )
     n = config.get("num_train_timesteps", 1000)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
         raise ConfigError(f"`{key}.config.num_train_timesteps` = {n!r}; give an integer in [1, {MAX_TRAIN_TIMESTEPS}].")
@@ -98,8 +107,10 @@ def build_scheduler(value: Any, key: str, allow_target: bool = False) -> Schedul
         try:
             value = instantiate(dict(value))
         except Exception as e:  # Hydra wraps the constructor's error
-            raise ConfigError(f"`{key}` could not be built ({e}); give a diffusers scheduler "
-                              "`_target_` and only arguments it accepts.") from e
+            raise ConfigError(
+                f"`{key}` could not be built ({e}); give a diffusers scheduler "
+                "`_target_` and only arguments it accepts."
+            ) from e
         if not isinstance(value, SchedulerMixin):
             raise ConfigError(f"`{key}._target_` built a {type(value).__name__}, not a diffusers scheduler.")
         return value
@@ -118,11 +129,23 @@ def build_scheduler(value: Any, key: str, allow_target: bool = False) -> Schedul
                 x = torch.zeros(1, 1, 2, 2)
                 probe.step(x, probe.timesteps[0], x)
             return scheduler
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, NotImplementedError, RuntimeError,
-                ZeroDivisionError, OverflowError) as e:
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            NotImplementedError,
+            RuntimeError,
+            ZeroDivisionError,
+            OverflowError,
+        ) as e:
             raise ConfigError(f"`{key}` does not make a {cls.__name__} ({type(e).__name__}: {str(e)[:200]}).") from None
-    shown = "{_target_: diffusers.DDIMScheduler, num_train_timesteps: 1000}" if allow_target else \
-        "{class_name: DDIMScheduler, config: {...}}"
+    shown = (
+        "{_target_: diffusers.DDIMScheduler, num_train_timesteps: 1000}"
+        if allow_target
+        else "{class_name: DDIMScheduler, config: {...}}"
+    )
     raise ConfigError(f"`{key}` = {str(value)[:200]!r} is not a scheduler; give {shown}.")
 
 
@@ -131,8 +154,9 @@ def clips_x0(scheduler: SchedulerMixin) -> bool:
     return bool(scheduler.config.get("clip_sample", False) or scheduler.config.get("thresholding", False))
 
 
-def convert_scheduler(scheduler: SchedulerMixin, class_name: str | None, key: str = "scheduler",
-                      **overrides) -> SchedulerMixin:
+def convert_scheduler(
+    scheduler: SchedulerMixin, class_name: str | None, key: str = "scheduler", **overrides
+) -> SchedulerMixin:
     """The same noise schedule run by another scheduler class (None: ``scheduler`` unchanged; unknown
     settings dropped; x0 clipping carried over as thresholding where the target has no ``clip_sample``)."""
     if class_name is None:
@@ -141,19 +165,26 @@ def convert_scheduler(scheduler: SchedulerMixin, class_name: str | None, key: st
     allowed = init_params(cls)
     config = {k: v for k, v in plain(scheduler.config).items() if k in allowed}
     if clips_x0(scheduler) and "clip_sample" not in allowed and "thresholding" in allowed:
-        limit = (scheduler.config.get("sample_max_value", 1.0) if scheduler.config.get("thresholding")
-                 else scheduler.config.get("clip_sample_range", 1.0))
+        limit = (
+            scheduler.config.get("sample_max_value", 1.0)
+            if scheduler.config.get("thresholding")
+            else scheduler.config.get("clip_sample_range", 1.0)
+        )
         config.update(thresholding=True, sample_max_value=float(limit))
     return cls.from_config({**config, **overrides})
 
 
-def check_same_schedule(train: SchedulerMixin, sample: SchedulerMixin,
-                        keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler")) -> None:
+def check_same_schedule(
+    train: SchedulerMixin,
+    sample: SchedulerMixin,
+    keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler"),
+) -> None:
     """Sampling must integrate the noise schedule the network was trained on."""
     a, b = plain(train.config), plain(sample.config)
     diff = {k: (a.get(k), b.get(k)) for k in SCHEDULE_KEYS if k in a and k in b and a.get(k) != b.get(k)}
-    same_alphas = (train.alphas_cumprod.shape == sample.alphas_cumprod.shape
-                   and torch.allclose(train.alphas_cumprod, sample.alphas_cumprod))
+    same_alphas = train.alphas_cumprod.shape == sample.alphas_cumprod.shape and torch.allclose(
+        train.alphas_cumprod, sample.alphas_cumprod
+    )
     if diff or not same_alphas:
         shown = ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in diff.items()) or "alphas_cumprod differ"
         raise ConfigError(
@@ -163,8 +194,11 @@ def check_same_schedule(train: SchedulerMixin, sample: SchedulerMixin,
         )
 
 
-def check_x0_clipping(train: SchedulerMixin, sample: SchedulerMixin,
-                      keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler")) -> None:
+def check_x0_clipping(
+    train: SchedulerMixin,
+    sample: SchedulerMixin,
+    keys: tuple[str, str] = ("model.train_scheduler", "model.sample_scheduler"),
+) -> None:
     """A pixel-space model trained with clipped x0 needs a sampler that clips too (without it,
     DPM-Solver++ on the cosine schedule diverges from the first step)."""
     if clips_x0(train) and not clips_x0(sample):

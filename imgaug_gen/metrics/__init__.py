@@ -5,14 +5,8 @@ int64 labels ``[N]``. This package never imports ``imgaug_gen.generators`` or
 Lightning.
 """
 
-from imgaug_gen.metrics.features import (
-    FEATURE_KINDS,
-    DomainFeatures,
-    FeatureExtractor,
-    build_feature_extractor,
-    fit_domain_features,
-    images_to_tensor,
-)
+from imgaug_gen.metrics.domain import DomainFeatures, fit_domain_features
+from imgaug_gen.metrics.features import FEATURE_KINDS, FeatureExtractor, build_feature_extractor, images_to_tensor
 from imgaug_gen.metrics.fidelity import (
     FeatureFID,
     FeatureKID,
@@ -22,7 +16,6 @@ from imgaug_gen.metrics.fidelity import (
     fidelity_from_features,
     images_hash,
 )
-from imgaug_gen.metrics.pretrained import CLIPFeatures, DINOv2Features, InceptionFeatures
 from imgaug_gen.metrics.precision_recall import (
     PRDC_KEYS,
     per_class_fidelity,
@@ -30,6 +23,7 @@ from imgaug_gen.metrics.precision_recall import (
     precision_recall,
     precision_recall_images,
 )
+from imgaug_gen.metrics.pretrained import CLIPFeatures, DINOv2Features, InceptionFeatures
 
 #: Loaded on first use (the downstream classifier is not needed to score images).
 _LAZY = {

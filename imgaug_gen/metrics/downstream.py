@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imgaug_gen.errors import require
 from imgaug_gen.io import atomic_path
-from imgaug_gen.metrics.features import fit_classifier_steps, images_to_tensor, to_float01, validate_images
+from imgaug_gen.metrics.domain import fit_classifier_steps
+from imgaug_gen.metrics.features import images_to_tensor, to_float01, validate_images
 
 __all__ = [
     "RECIPE",
@@ -60,9 +60,9 @@ RECIPE: dict[str, Any] = {
     "lr": 3e-3,
     "weight_decay": 5e-4,
     "label_smoothing": 0.05,
-    "max_shift": 2,   # pixels at input_size; 0 disables the train-time shift
-    "init": None,     # a classifier of this recipe trained on other classes (save_classifier): its features start
-                      # the network, the head is new (transfer); None: from scratch
+    "max_shift": 2,  # pixels at input_size; 0 disables the train-time shift
+    "init": None,  # a classifier of this recipe trained on other classes (save_classifier): its features start
+    # the network, the head is new (transfer); None: from scratch
 }
 
 
@@ -94,11 +94,15 @@ def _prepare(images: np.ndarray, channels: int, size: int) -> torch.Tensor:
 def _check_set(images: Any, labels: Any, num_classes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     images = validate_images(images, f"{name}_images")
     y = np.asarray(labels)
-    require(y.ndim == 1 and y.shape[0] == images.shape[0] and np.issubdtype(y.dtype, np.integer),
-            f"`{name}_labels` must be an integer array of shape [{images.shape[0]}], "
-            f"got dtype {y.dtype} and shape {tuple(y.shape)}.")
-    require(y.min() >= 0 and y.max() < num_classes,
-            f"`{name}_labels` must lie in [0, {num_classes - 1}], got values in [{y.min()}, {y.max()}].")
+    require(
+        y.ndim == 1 and y.shape[0] == images.shape[0] and np.issubdtype(y.dtype, np.integer),
+        f"`{name}_labels` must be an integer array of shape [{images.shape[0]}], "
+        f"got dtype {y.dtype} and shape {tuple(y.shape)}.",
+    )
+    require(
+        y.min() >= 0 and y.max() < num_classes,
+        f"`{name}_labels` must lie in [0, {num_classes - 1}], got values in [{y.min()}, {y.max()}].",
+    )
     return images, y.astype(np.int64)
 
 
@@ -107,21 +111,40 @@ def check_recipe(overrides: Mapping[str, Any], key: str = "recipe") -> dict[str,
     unknown = sorted(set(overrides) - set(RECIPE))
     require(not unknown, f"`{key}` has unknown keyword(s) {unknown}; allowed: {sorted(RECIPE)}.")
     r = {**RECIPE, **{k: v for k, v in overrides.items()}}
-    require(r["epochs"] is not None or (isinstance(r["steps"], int) and r["steps"] > 0),
-            f"`{key}.steps` = {r['steps']!r}; give a positive int (or `epochs`).")
-    require(r["epochs"] is None or (isinstance(r["epochs"], int) and r["epochs"] > 0),
-            f"`{key}.epochs` = {r['epochs']!r}; give a positive int or None (then `steps` counts).")
-    require(isinstance(r["batch_size"], int) and r["batch_size"] > 0,
-            f"`{key}.batch_size` = {r['batch_size']!r}; give a positive int.")
-    require(isinstance(r["input_size"], int) and r["input_size"] >= 8,
-            f"`{key}.input_size` = {r['input_size']!r}; give an int >= 8 (the classifier's input size in pixels).")
-    require(r["init"] is None or isinstance(r["init"], (str, os.PathLike)),
-            f"`{key}.init` = {r['init']!r}; give the path of a saved classifier (save_classifier) or null.")
+    require(
+        r["epochs"] is not None or (isinstance(r["steps"], int) and r["steps"] > 0),
+        f"`{key}.steps` = {r['steps']!r}; give a positive int (or `epochs`).",
+    )
+    require(
+        r["epochs"] is None or (isinstance(r["epochs"], int) and r["epochs"] > 0),
+        f"`{key}.epochs` = {r['epochs']!r}; give a positive int or None (then `steps` counts).",
+    )
+    require(
+        isinstance(r["batch_size"], int) and r["batch_size"] > 0,
+        f"`{key}.batch_size` = {r['batch_size']!r}; give a positive int.",
+    )
+    require(
+        isinstance(r["input_size"], int) and r["input_size"] >= 8,
+        f"`{key}.input_size` = {r['input_size']!r}; give an int >= 8 (the classifier's input size in pixels).",
+    )
+    require(
+        r["init"] is None or isinstance(r["init"], (str, os.PathLike)),
+        f"`{key}.init` = {r['init']!r}; give the path of a saved classifier (save_classifier) or null.",
+    )
     return r
 
 
-def _policy_feed(xtr: torch.Tensor, ytr: np.ndarray, synthetic: tuple, policy: Any, train_groups, teacher_logits,
-                 num_classes: int, r: Mapping[str, Any], seed: int):
+def _policy_feed(
+    xtr: torch.Tensor,
+    ytr: np.ndarray,
+    synthetic: tuple,
+    policy: Any,
+    train_groups,
+    teacher_logits,
+    num_classes: int,
+    r: Mapping[str, Any],
+    seed: int,
+):
     """Real + synthetic training items under ``policy``: the tensors, the epoch size, the batch size,
     the batch-index function of :class:`MixedBatchSampler` and the :func:`mixed_loss` of a batch."""
     from imgaug_gen.data.mixed import MixedBatchSampler, MixPolicy, mixed_loss
@@ -132,16 +155,19 @@ def _policy_feed(xtr: torch.Tensor, ytr: np.ndarray, synthetic: tuple, policy: A
     syn_groups = synthetic[2] if len(synthetic) > 2 else None
     n = n_real + len(syn_y) if pol.name == "concat" else n_real
     bs = min(int(r["batch_size"]), n)
-    sampler = MixedBatchSampler(ytr, syn_y, pol, bs, real_groups=train_groups, syn_groups=syn_groups,
-                                seed=seed, world_size=1, rank=0)
+    sampler = MixedBatchSampler(
+        ytr, syn_y, pol, bs, real_groups=train_groups, syn_groups=syn_groups, seed=seed, world_size=1, rank=0
+    )
     if len(syn_y):
         xtr = torch.cat([xtr, _prepare(syn_images, channels, size)])
     ytr = np.concatenate([ytr, syn_y])
     teacher = None
     if pol.distill > 0:
         t = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32) if teacher_logits is not None else None
-        require(t is not None and t.shape == (len(syn_y), num_classes),
-                f"`teacher_logits` must be [{len(syn_y)}, {num_classes}] for policy {pol.tag}.")
+        require(
+            t is not None and t.shape == (len(syn_y), num_classes),
+            f"`teacher_logits` must be [{len(syn_y)}, {num_classes}] for policy {pol.tag}.",
+        )
         teacher = torch.cat([torch.zeros(n_real, num_classes), t])
     ytr_all, smoothing = torch.from_numpy(ytr), float(r["label_smoothing"])
 
@@ -149,8 +175,14 @@ def _policy_feed(xtr: torch.Tensor, ytr: np.ndarray, synthetic: tuple, policy: A
         return torch.as_tensor(sampler.batch(step), dtype=torch.long)
 
     def loss_fn(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return mixed_loss(logits, ytr_all[idx], idx >= n_real, pol, None if teacher is None else teacher[idx],
-                          real_smoothing=smoothing)
+        return mixed_loss(
+            logits,
+            ytr_all[idx],
+            idx >= n_real,
+            pol,
+            None if teacher is None else teacher[idx],
+            real_smoothing=smoothing,
+        )
 
     return xtr, ytr, n, bs, batches, loss_fn
 
@@ -188,8 +220,10 @@ def train_and_test(
     With ``return_details=True``: ``{"accuracy", "train_accuracy", "steps", "n_train", "seed",
     "eval": {name: accuracy on eval_sets[name]}}`` (plus ``"model"`` with ``return_model=True``).
     """
-    require(isinstance(num_classes, (int, np.integer)) and num_classes >= 2,
-            f"`num_classes` must be an int >= 2, got {num_classes!r}.")
+    require(
+        isinstance(num_classes, (int, np.integer)) and num_classes >= 2,
+        f"`num_classes` must be an int >= 2, got {num_classes!r}.",
+    )
     train_images, ytr = _check_set(train_images, train_labels, num_classes, "train")
     test_images, yte = _check_set(test_images, test_labels, num_classes, "test")
     r = check_recipe(recipe)
@@ -198,8 +232,9 @@ def train_and_test(
     xtr = _prepare(train_images, channels, size)
     batches = loss_fn = None
     if synthetic is not None:
-        xtr, ytr, n, bs, batches, loss_fn = _policy_feed(xtr, ytr, synthetic, policy, train_groups, teacher_logits,
-                                                        num_classes, r, int(seed))
+        xtr, ytr, n, bs, batches, loss_fn = _policy_feed(
+            xtr, ytr, synthetic, policy, train_groups, teacher_logits, num_classes, r, int(seed)
+        )
     else:
         require(policy is None and teacher_logits is None, "`policy` / `teacher_logits` need `synthetic` images.")
         n = n_real
@@ -215,9 +250,21 @@ def train_and_test(
     if r["init"] is not None:
         load_features(model, r["init"], r)
     model.train()
-    fit_classifier_steps(model, list(model.parameters()), xtr, ytr_t, steps=steps, batch_size=bs, lr=r["lr"],
-                         weight_decay=r["weight_decay"], max_shift=int(r["max_shift"]),
-                         label_smoothing=float(r["label_smoothing"]), gen=gen, batches=batches, loss_fn=loss_fn)
+    fit_classifier_steps(
+        model,
+        list(model.parameters()),
+        xtr,
+        ytr_t,
+        steps=steps,
+        batch_size=bs,
+        lr=r["lr"],
+        weight_decay=r["weight_decay"],
+        max_shift=int(r["max_shift"]),
+        label_smoothing=float(r["label_smoothing"]),
+        gen=gen,
+        batches=batches,
+        loss_fn=loss_fn,
+    )
     model.eval()
 
     def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -231,8 +278,14 @@ def train_and_test(
     for name, (ex, ey) in (eval_sets or {}).items():
         ex, ey = _check_set(ex, ey, num_classes, name)
         evals[name] = accuracy(_prepare(ex, channels, size), torch.from_numpy(ey))
-    out = {"accuracy": acc, "train_accuracy": accuracy(xtr[:n_real], ytr_t[:n_real]), "steps": steps,
-           "n_train": int(len(ytr)), "seed": int(seed), "eval": evals}
+    out = {
+        "accuracy": acc,
+        "train_accuracy": accuracy(xtr[:n_real], ytr_t[:n_real]),
+        "steps": steps,
+        "n_train": int(len(ytr)),
+        "seed": int(seed),
+        "eval": evals,
+    }
     if return_model:
         out["model"] = model
     return out
@@ -244,8 +297,12 @@ def save_classifier(model: SmallCNN, path: str | os.PathLike, **recipe: Any) -> 
     from imgaug_gen.io import atomic_save_safetensors
 
     r = check_recipe(recipe)
-    meta = {"widths": json.dumps(list(r["widths"])), "input_size": str(int(r["input_size"])),
-            "in_channels": str(int(model.features[0].in_channels)), "num_classes": str(int(model.head.out_features))}
+    meta = {
+        "widths": json.dumps(list(r["widths"])),
+        "input_size": str(int(r["input_size"])),
+        "in_channels": str(int(model.features[0].in_channels)),
+        "num_classes": str(int(model.head.out_features)),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(path, model.state_dict(), metadata=meta)
@@ -259,21 +316,32 @@ def load_features(model: SmallCNN, init: str | os.PathLike, recipe: Mapping[str,
     from safetensors.torch import load_file
 
     path = Path(init)
-    require(path.is_file(), f"`classifier.init` = {str(init)!r} is not a file; give a classifier saved with "
-                            "imgaug_gen.metrics.downstream.save_classifier (or `classifier.init: {classes: [...]}` in "
-                            "evaluate.py to train one).")
+    require(
+        path.is_file(),
+        f"`classifier.init` = {str(init)!r} is not a file; give a classifier saved with "
+        "imgaug_gen.metrics.downstream.save_classifier (or `classifier.init: {classes: [...]}` in "
+        "evaluate.py to train one).",
+    )
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    want = {"widths": json.dumps(list(recipe["widths"])), "input_size": str(int(recipe["input_size"])),
-            "in_channels": str(int(model.features[0].in_channels))}
+    want = {
+        "widths": json.dumps(list(recipe["widths"])),
+        "input_size": str(int(recipe["input_size"])),
+        "in_channels": str(int(model.features[0].in_channels)),
+    }
     for k, v in want.items():
-        require(meta.get(k) == v, f"`classifier.init` = {str(init)!r} was trained with {k}={meta.get(k)!r}; this "
-                                  f"recipe has {k}={v}. Train the init with the same classifier recipe and channels.")
+        require(
+            meta.get(k) == v,
+            f"`classifier.init` = {str(init)!r} was trained with {k}={meta.get(k)!r}; this "
+            f"recipe has {k}={v}. Train the init with the same classifier recipe and channels.",
+        )
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    require(not unexpected and set(missing) == {"head.weight", "head.bias"},
-            f"`classifier.init` = {str(init)!r} does not hold this recipe's network (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}).")
+    require(
+        not unexpected and set(missing) == {"head.weight", "head.bias"},
+        f"`classifier.init` = {str(init)!r} does not hold this recipe's network (missing {missing[:3]}, "
+        f"unexpected {unexpected[:3]}).",
+    )
 
 
 def predict_logits(model: nn.Module, images: np.ndarray, input_size: int | None = None) -> torch.Tensor:
@@ -317,11 +385,14 @@ def compare_methods(
     require(len(seeds) > 0, "`seeds` is empty; pass e.g. [0, 1, 2].")
     out: dict[str, dict[str, Any]] = {}
     for name, pair in methods.items():
-        require(isinstance(pair, (tuple, list)) and len(pair) == 2,
-                f"`methods[{name!r}]` must be an (images, labels) pair.")
+        require(
+            isinstance(pair, (tuple, list)) and len(pair) == 2, f"`methods[{name!r}]` must be an (images, labels) pair."
+        )
         images, labels = pair
-        accs = [float(train_and_test(images, labels, test_images, test_labels, num_classes, int(s), **recipe))
-                for s in seeds]
+        accs = [
+            float(train_and_test(images, labels, test_images, test_labels, num_classes, int(s), **recipe))
+            for s in seeds
+        ]
         out[name] = {**summarise_accuracies(accs, seeds), "n_train": int(np.asarray(images).shape[0])}
     return out
 
@@ -329,12 +400,17 @@ def compare_methods(
 def summarise_accuracies(accs: Sequence[float], seeds: Sequence[int]) -> dict[str, Any]:
     """``{"mean", "std", "accs", "seeds"}`` of per-seed accuracies (``std``: sample std, 0 for one seed)."""
     accs = [float(a) for a in accs]
-    return {"mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-            "accs": accs, "seeds": [int(s) for s in seeds]}
+    return {
+        "mean": float(np.mean(accs)),
+        "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+        "accs": accs,
+        "seeds": [int(s) for s in seeds],
+    }
 
 
-def results_table_markdown(results: Mapping[str, Mapping[str, Any]], baseline: str | None = None,
-                           percent: bool = True) -> str:
+def results_table_markdown(
+    results: Mapping[str, Mapping[str, Any]], baseline: str | None = None, percent: bool = True
+) -> str:
     """A markdown table of :func:`compare_methods` results: method, train images, mean ± std,
     per-seed accuracies, and the difference to ``baseline`` (default: the first method)."""
     require(len(results) > 0, "`results` is empty.")
@@ -344,20 +420,25 @@ def results_table_markdown(results: Mapping[str, Mapping[str, Any]], baseline: s
     scale, unit = (100.0, " (%)") if percent else (1.0, "")
     fmt = "{:.1f}" if percent else "{:.4f}"
     base = results[baseline]["mean"]
-    lines = [f"| method | train images | accuracy{unit} mean ± std | per seed | Δ vs {baseline} |",
-             "|---|---:|---:|---|---:|"]
+    lines = [
+        f"| method | train images | accuracy{unit} mean ± std | per seed | Δ vs {baseline} |",
+        "|---|---:|---:|---|---:|",
+    ]
     for name in names:
         r = results[name]
         per = ", ".join(fmt.format(a * scale) for a in r.get("accs", []))
         delta = "—" if name == baseline else ("+" if r["mean"] >= base else "") + fmt.format((r["mean"] - base) * scale)
         n_train = r.get("n_train", "")
-        lines.append(f"| {name} | {n_train} | {fmt.format(r['mean'] * scale)} ± {fmt.format(r['std'] * scale)} "
-                     f"| {per} | {delta} |")
+        lines.append(
+            f"| {name} | {n_train} | {fmt.format(r['mean'] * scale)} ± {fmt.format(r['std'] * scale)} "
+            f"| {per} | {delta} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[str, Any]]],
-                           path: str | os.PathLike, title: str | None = None) -> Path:
+def plot_accuracy_vs_shots(
+    results_by_shots: Mapping[Any, Mapping[str, Mapping[str, Any]]], path: str | os.PathLike, title: str | None = None
+) -> Path:
     """Accuracy against shots per class, one line per method; writes a PNG.
 
     ``results_by_shots``: ``{shots: compare_methods(...)}`` (error bars: ± std), or evaluate.py's
@@ -381,8 +462,11 @@ def plot_accuracy_vs_shots(results_by_shots: Mapping[Any, Mapping[str, Mapping[s
     fig = Figure(figsize=(11 if with_gains else 6, 4), dpi=120)
     axes = fig.subplots(1, 2 if with_gains else 1, squeeze=False)[0]
     # more methods than the 10 default colours: 20 paired colours and a marker per group of 10
-    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else \
-        [matplotlib.colormaps["tab20"](i % 20) for i in range(len(methods))]
+    palette = (
+        [f"C{i}" for i in range(10)]
+        if len(methods) <= 10
+        else [matplotlib.colormaps["tab20"](i % 20) for i in range(len(methods))]
+    )
     try:
         for i, m in enumerate(methods):
             style = {"color": palette[i], "marker": "osD^v"[(i // 10) % 5] if len(methods) > 10 else "o"}

@@ -39,7 +39,15 @@ from torchmetrics.utilities import dim_zero_cat
 from imgaug_gen.errors import require
 from imgaug_gen.metrics.features import FeatureExtractor, validate_images
 
-__all__ = ["FeatureFID", "FeatureKID", "FidelityEvaluator", "RealStats", "compute_fidelity", "images_hash", "clear_real_stats_cache"]
+__all__ = [
+    "FeatureFID",
+    "FeatureKID",
+    "FidelityEvaluator",
+    "RealStats",
+    "compute_fidelity",
+    "images_hash",
+    "clear_real_stats_cache",
+]
 
 _MEMORY_CACHE_SIZE = 4
 _memory_cache: OrderedDict[str, RealStats] = OrderedDict()
@@ -248,7 +256,9 @@ class FidelityEvaluator:
         batch_size: int = 256,
     ) -> None:
         validate_images(real_images, "real_images")
-        require(real_images.shape[0] >= 2, f"`real_images` needs at least 2 images for FID/KID, got {real_images.shape[0]}.")
+        require(
+            real_images.shape[0] >= 2, f"`real_images` needs at least 2 images for FID/KID, got {real_images.shape[0]}."
+        )
         _check_kid_args(kid_subset_size, kid_subsets)
         self.extractor = extractor
         self.kid_subset_size = kid_subset_size
@@ -264,32 +274,55 @@ class FidelityEvaluator:
     def evaluate(self, fake_images: np.ndarray) -> dict[str, Any]:
         """``{"fid", "kid_mean", "kid_std", "n_real", "n_fake", "features", "num_features"}``."""
         validate_images(fake_images, "fake_images")
-        require(fake_images.shape[0] >= 2, f"`fake_images` needs at least 2 images for FID/KID, got {fake_images.shape[0]}.")
+        require(
+            fake_images.shape[0] >= 2, f"`fake_images` needs at least 2 images for FID/KID, got {fake_images.shape[0]}."
+        )
         return self.evaluate_features(self.extractor.features(fake_images, batch_size=self.batch_size))
 
     def evaluate_features(self, fake_features: torch.Tensor) -> dict[str, Any]:
         """:meth:`evaluate` from already extracted features ``[N, num_features]`` (streamed or
         gathered from several processes)."""
-        return fidelity_from_features(self.real, fake_features, features_name=self.extractor.name,
-                                      num_features=self.extractor.num_features,
-                                      kid_subset_size=self.kid_subset_size, kid_subsets=self.kid_subsets,
-                                      seed=self.seed)
+        return fidelity_from_features(
+            self.real,
+            fake_features,
+            features_name=self.extractor.name,
+            num_features=self.extractor.num_features,
+            kid_subset_size=self.kid_subset_size,
+            kid_subsets=self.kid_subsets,
+            seed=self.seed,
+        )
 
 
-def fidelity_from_features(real: RealStats | torch.Tensor, fake_features: torch.Tensor, *, features_name: str,
-                           num_features: int, kid_subset_size: int = 100, kid_subsets: int = 50,
-                           seed: int = 0) -> dict[str, Any]:
+def fidelity_from_features(
+    real: RealStats | torch.Tensor,
+    fake_features: torch.Tensor,
+    *,
+    features_name: str,
+    num_features: int,
+    kid_subset_size: int = 100,
+    kid_subsets: int = 50,
+    seed: int = 0,
+) -> dict[str, Any]:
     """FID / KID from feature tensors (or the real side's :class:`RealStats`); same result dict as
     :func:`compute_fidelity`."""
     real = real if isinstance(real, RealStats) else RealStats("", torch.as_tensor(real))
     fake = torch.as_tensor(fake_features)
-    require(fake.ndim == 2 and fake.shape[0] >= 2 and fake.shape[1] == int(num_features),
-            f"fake features must be [N >= 2, {num_features}], got {tuple(fake.shape)}.")
-    fid, kid_mean, kid_std = _fidelity_from_features(real, fake, num_features=num_features,
-                                                     kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
-                                                     seed=seed)
-    return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "n_real": real.n, "n_fake": int(fake.shape[0]),
-            "features": features_name, "num_features": int(num_features)}
+    require(
+        fake.ndim == 2 and fake.shape[0] >= 2 and fake.shape[1] == int(num_features),
+        f"fake features must be [N >= 2, {num_features}], got {tuple(fake.shape)}.",
+    )
+    fid, kid_mean, kid_std = _fidelity_from_features(
+        real, fake, num_features=num_features, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed
+    )
+    return {
+        "fid": fid,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "n_real": real.n,
+        "n_fake": int(fake.shape[0]),
+        "features": features_name,
+        "num_features": int(num_features),
+    }
 
 
 def compute_fidelity(
@@ -312,6 +345,11 @@ def compute_fidelity(
     _check_sets(real_images, fake_images)
     _check_kid_args(kid_subset_size, kid_subsets)
     return FidelityEvaluator(
-        extractor, real_images, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
-        seed=seed, cache_dir=cache_dir, batch_size=batch_size,
+        extractor,
+        real_images,
+        kid_subset_size=kid_subset_size,
+        kid_subsets=kid_subsets,
+        seed=seed,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
     ).evaluate(fake_images)

@@ -25,8 +25,14 @@ import torch
 from imgaug_gen.errors import require
 from imgaug_gen.metrics.features import FeatureExtractor, validate_images
 
-__all__ = ["PRDC_KEYS", "knn_radii", "per_class_fidelity", "per_class_fidelity_from_features", "precision_recall",
-           "precision_recall_images"]
+__all__ = [
+    "PRDC_KEYS",
+    "knn_radii",
+    "per_class_fidelity",
+    "per_class_fidelity_from_features",
+    "precision_recall",
+    "precision_recall_images",
+]
 
 _BLOCK_BYTES = 64 * 2**20
 #: the four scores of :func:`precision_recall`, in the order reports show them
@@ -36,8 +42,10 @@ PRDC_KEYS = ("precision", "recall", "density", "coverage")
 def _feats(x: Any, name: str) -> torch.Tensor:
     t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     t = t.double()
-    require(t.ndim == 2 and t.shape[0] > 0 and t.shape[1] > 0,
-            f"`{name}` must be a non-empty 2-d array [N, D], got shape {tuple(t.shape)}.")
+    require(
+        t.ndim == 2 and t.shape[0] > 0 and t.shape[1] > 0,
+        f"`{name}` must be a non-empty 2-d array [N, D], got shape {tuple(t.shape)}.",
+    )
     require(bool(torch.isfinite(t).all()), f"`{name}` holds NaN or inf values.")
     return t
 
@@ -57,22 +65,23 @@ def knn_radii(features: Any, k: int = 3, chunk: int | None = None) -> torch.Tens
     c = _chunk(chunk, n)
     out = torch.empty(n, dtype=torch.float64)
     for i in range(0, n, c):
-        d = torch.cdist(x[i:i + c], x)
+        d = torch.cdist(x[i : i + c], x)
         # the k+1 smallest include the point itself (distance 0)
-        out[i:i + c] = d.topk(k + 1, dim=1, largest=False).values[:, k]
+        out[i : i + c] = d.topk(k + 1, dim=1, largest=False).values[:, k]
     return out
 
 
-def _inside_counts(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
-                   chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _inside_counts(
+    points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each point, how many balls ``(centres[j], radii[j])`` hold it; for each ball, whether
     any point lies inside it (``[len(points)]`` int64, ``[len(centres)]`` bool)."""
     c = _chunk(chunk, centres.shape[0])
     counts = torch.empty(points.shape[0], dtype=torch.long)
     hit = torch.zeros(centres.shape[0], dtype=torch.bool)
     for i in range(0, points.shape[0], c):
-        inside = torch.cdist(points[i:i + c], centres) < radii[None, :]
-        counts[i:i + c] = inside.sum(dim=1)
+        inside = torch.cdist(points[i : i + c], centres) < radii[None, :]
+        counts[i : i + c] = inside.sum(dim=1)
         hit |= inside.any(dim=0)
     return counts, hit
 
@@ -86,12 +95,16 @@ def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, chunk: int | 
     """
     real = _feats(real_feats, "real_feats")
     fake = _feats(fake_feats, "fake_feats")
-    require(real.shape[1] == fake.shape[1],
-            f"`real_feats` ({real.shape[1]}-d) and `fake_feats` ({fake.shape[1]}-d) must come from the same extractor.")
+    require(
+        real.shape[1] == fake.shape[1],
+        f"`real_feats` ({real.shape[1]}-d) and `fake_feats` ({fake.shape[1]}-d) must come from the same extractor.",
+    )
     require(isinstance(k, int) and k >= 1, f"`k` = {k!r}; give an int >= 1.")
-    require(real.shape[0] > k and fake.shape[0] > k,
-            f"precision/recall with k={k} needs more than {k} images in each set, got "
-            f"{real.shape[0]} real and {fake.shape[0]} generated; lower `k` or add images.")
+    require(
+        real.shape[0] > k and fake.shape[0] > k,
+        f"precision/recall with k={k} needs more than {k} images in each set, got "
+        f"{real.shape[0]} real and {fake.shape[0]} generated; lower `k` or add images.",
+    )
     real_r = knn_radii(real, k, chunk)
     fake_in_real, real_covered = _inside_counts(fake, real, real_r, chunk)
     real_in_fake, _ = _inside_counts(real, fake, knn_radii(fake, k, chunk), chunk)
@@ -106,13 +119,17 @@ def precision_recall(real_feats: Any, fake_feats: Any, k: int = 3, chunk: int | 
     }
 
 
-def precision_recall_images(real_images: np.ndarray, fake_images: np.ndarray, extractor: FeatureExtractor,
-                            k: int = 3, batch_size: int = 256) -> dict[str, Any]:
+def precision_recall_images(
+    real_images: np.ndarray, fake_images: np.ndarray, extractor: FeatureExtractor, k: int = 3, batch_size: int = 256
+) -> dict[str, Any]:
     """:func:`precision_recall` of uint8 image sets ``[N, H, W, C]`` in ``extractor``'s feature space."""
     validate_images(real_images, "real_images")
     validate_images(fake_images, "fake_images")
-    out = precision_recall(extractor.features(real_images, batch_size=batch_size),
-                           extractor.features(fake_images, batch_size=batch_size), k=k)
+    out = precision_recall(
+        extractor.features(real_images, batch_size=batch_size),
+        extractor.features(fake_images, batch_size=batch_size),
+        k=k,
+    )
     out["features"] = extractor.name
     return out
 
@@ -146,18 +163,34 @@ def per_class_fidelity(
     validate_images(fake_images, "fake_images")
     ry = np.asarray(real_labels).astype(np.int64)
     fy = np.asarray(fake_labels).astype(np.int64)
-    require(ry.shape == (real_images.shape[0],), f"`real_labels` must have shape [{real_images.shape[0]}], got {ry.shape}.")
-    require(fy.shape == (fake_images.shape[0],), f"`fake_labels` must have shape [{fake_images.shape[0]}], got {fy.shape}.")
+    require(
+        ry.shape == (real_images.shape[0],), f"`real_labels` must have shape [{real_images.shape[0]}], got {ry.shape}."
+    )
+    require(
+        fy.shape == (fake_images.shape[0],), f"`fake_labels` must have shape [{fake_images.shape[0]}], got {fy.shape}."
+    )
     classes = sorted(set(ry.tolist()) | set(fy.tolist()))
     if class_names is not None:
-        require(max(classes) < len(class_names),
-                f"labels go up to {max(classes)} but only {len(class_names)} `class_names` were given.")
+        require(
+            max(classes) < len(class_names),
+            f"labels go up to {max(classes)} but only {len(class_names)} `class_names` were given.",
+        )
     real_f = extractor.features(real_images, batch_size=batch_size)
     fake_f = extractor.features(fake_images, batch_size=batch_size)
-    return per_class_fidelity_from_features(real_f, ry, fake_f, fy, features_name=extractor.name,
-                                            num_features=extractor.num_features, class_names=class_names, k=k,
-                                            with_precision_recall=with_precision_recall,
-                                            kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
+    return per_class_fidelity_from_features(
+        real_f,
+        ry,
+        fake_f,
+        fy,
+        features_name=extractor.name,
+        num_features=extractor.num_features,
+        class_names=class_names,
+        k=k,
+        with_precision_recall=with_precision_recall,
+        kid_subset_size=kid_subset_size,
+        kid_subsets=kid_subsets,
+        seed=seed,
+    )
 
 
 def per_class_fidelity_from_features(
@@ -183,17 +216,25 @@ def per_class_fidelity_from_features(
     real_f, fake_f = torch.as_tensor(real_f), torch.as_tensor(fake_f)
     classes = sorted(set(ry.tolist()) | set(fy.tolist()))
     if class_names is not None and classes:
-        require(max(classes) < len(class_names),
-                f"labels go up to {max(classes)} but only {len(class_names)} `class_names` were given.")
+        require(
+            max(classes) < len(class_names),
+            f"labels go up to {max(classes)} but only {len(class_names)} `class_names` were given.",
+        )
     out: dict[Any, dict[str, Any]] = {}
     for c in classes:
         rm, fm = ry == c, fy == c
         nr, nf = int(rm.sum()), int(fm.sum())
         entry: dict[str, Any] = {"fid": None, "kid_mean": None, "kid_std": None, "n_real": nr, "n_fake": nf}
         if nr >= 2 and nf >= 2:
-            fid = fidelity_from_features(real_f[torch.from_numpy(rm)], fake_f[torch.from_numpy(fm)],
-                                         features_name=features_name, num_features=num_features,
-                                         kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
+            fid = fidelity_from_features(
+                real_f[torch.from_numpy(rm)],
+                fake_f[torch.from_numpy(fm)],
+                features_name=features_name,
+                num_features=num_features,
+                kid_subset_size=kid_subset_size,
+                kid_subsets=kid_subsets,
+                seed=seed,
+            )
             entry.update(fid=fid["fid"], kid_mean=fid["kid_mean"], kid_std=fid["kid_std"])
         if with_precision_recall:
             entry.update(dict.fromkeys(PRDC_KEYS))

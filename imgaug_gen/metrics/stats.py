@@ -25,8 +25,14 @@ from imgaug_gen.errors import require
 __all__ = ["paired_gain"]
 
 
-def paired_gain(method: Mapping[Any, float], baseline: Mapping[Any, float], *, n_boot: int = 10_000,
-                level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def paired_gain(
+    method: Mapping[Any, float],
+    baseline: Mapping[Any, float],
+    *,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Mean paired difference ``method - baseline`` with a cluster-bootstrap interval.
 
     ``method`` / ``baseline``: accuracy per pair key ``(subset, seed)``; only keys present in both are
@@ -47,9 +53,15 @@ def paired_gain(method: Mapping[Any, float], baseline: Mapping[Any, float], *, n
     boot = _cluster_bootstrap(groups, n_boot, rng)
     alpha = (1 - level) / 2
     lo, hi = (float(v) for v in np.quantile(boot, [alpha, 1 - alpha]))
-    return {"mean": mean, "lo": lo, "hi": hi, "n_pairs": int(len(diffs)), "n_subsets": len(groups),
-            "significant": bool(lo > 0 or hi < 0),
-            "per_subset": {str(s): float(np.mean(v)) for s, v in by_subset.items()}}
+    return {
+        "mean": mean,
+        "lo": lo,
+        "hi": hi,
+        "n_pairs": int(len(diffs)),
+        "n_subsets": len(groups),
+        "significant": bool(lo > 0 or hi < 0),
+        "per_subset": {str(s): float(np.mean(v)) for s, v in by_subset.items()},
+    }
 
 
 def _cluster_bootstrap(groups: Sequence[np.ndarray], n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -55,8 +55,7 @@ class GBlock(nn.Module):
 
 
 class CGANGenerator(nn.Module):
-    def __init__(self, num_classes: int, image_size: int = 32, channels: int = 1,
-                 z_dim: int = 64, width: int = 64):
+    def __init__(self, num_classes: int, image_size: int = 32, channels: int = 1, z_dim: int = 64, width: int = 64):
         super().__init__()
         self.z_dim, self.width = z_dim, width
         n = num_blocks(image_size)
@@ -94,7 +93,7 @@ class ProjectionDiscriminator(nn.Module):
     def __init__(self, num_classes: int, image_size: int = 32, channels: int = 1, width: int = 64):
         super().__init__()
         n = num_blocks(image_size)
-        chans = [channels] + [width * min(2 ** i, 4) for i in range(n)]
+        chans = [channels] + [width * min(2**i, 4) for i in range(n)]
         self.blocks = nn.Sequential(*(DBlock(chans[i], chans[i + 1], first=(i == 0)) for i in range(n)))
         self.final = DBlock(chans[-1], chans[-1], downsample=False)
         self.linear = spectral_norm(nn.Linear(chans[-1], 1))

@@ -34,8 +34,12 @@ def _translation(x, generator, ratio=0.125):
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     tx = torch.randint(-sh, sh + 1, (n, 1, 1), generator=generator, device=x.device)
     ty = torch.randint(-sw, sw + 1, (n, 1, 1), generator=generator, device=x.device)
-    gb, gx, gy = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(h, device=x.device),
-                                torch.arange(w, device=x.device), indexing="ij")
+    gb, gx, gy = torch.meshgrid(
+        torch.arange(n, device=x.device),
+        torch.arange(h, device=x.device),
+        torch.arange(w, device=x.device),
+        indexing="ij",
+    )
     gx = torch.clamp(gx + tx + 1, 0, h + 1)
     gy = torch.clamp(gy + ty + 1, 0, w + 1)
     padded = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
@@ -47,8 +51,12 @@ def _cutout(x, generator, ratio=0.5):
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     ox = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), generator=generator, device=x.device)
     oy = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), generator=generator, device=x.device)
-    gb, gx, gy = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(ch, device=x.device),
-                                torch.arange(cw, device=x.device), indexing="ij")
+    gb, gx, gy = torch.meshgrid(
+        torch.arange(n, device=x.device),
+        torch.arange(ch, device=x.device),
+        torch.arange(cw, device=x.device),
+        indexing="ij",
+    )
     gx = torch.clamp(gx + ox - ch // 2, 0, h - 1)
     gy = torch.clamp(gy + oy - cw // 2, 0, w - 1)
     mask = torch.ones(n, h, w, dtype=x.dtype, device=x.device)
@@ -59,8 +67,12 @@ def _cutout(x, generator, ratio=0.5):
 _OPS = {"color": _color, "translation": _translation, "cutout": _cutout}
 
 
-def diff_augment(x: torch.Tensor, policy: Sequence[str] = POLICIES,
-                 generator: torch.Generator | None = None, p: float | torch.Tensor = 1.0) -> torch.Tensor:
+def diff_augment(
+    x: torch.Tensor,
+    policy: Sequence[str] = POLICIES,
+    generator: torch.Generator | None = None,
+    p: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
     """Apply the named DiffAugment ops in order; gradients flow through.
 
     ``p`` < 1 applies each op to each image with probability ``p`` (ADA's augmentation

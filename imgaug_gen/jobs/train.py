@@ -18,9 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from imgaug_gen.config import instantiate_checked
-from imgaug_gen.loggers import TrimLogOnResume
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.io import FolderLock, is_inside, overlaps
+from imgaug_gen.loggers import TrimLogOnResume
 from imgaug_gen.runtime import is_launch_rank_zero, prepare_process
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,17 @@ def check_train_config(cfg: DictConfig) -> None:
     check_model_against_data(cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None and not Path(ckpt).is_file():
-        raise ConfigError(f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "
-                          "to resume, or leave `ckpt_path` unset to start fresh.")
+        raise ConfigError(
+            f"`ckpt_path` = {ckpt!r} does not exist; pass the `checkpoints/last.ckpt` of a run "
+            "to resume, or leave `ckpt_path` unset to start fresh."
+        )
     root = (cfg.get("data") or {}).get("root")
     if root not in (None, "", "???") and overlaps(cfg.run_dir, os.path.expanduser(str(root))):
-        raise ConfigError(f"`run_dir` = {str(cfg.run_dir)!r} and `data.root` = {str(root)!r} overlap (one is, contains "
-                          "or lies inside the other): the run's generator/, checkpoints/ and samples/ would land among "
-                          "your images, and be read as classes next time. Choose a `run_dir` outside `data.root`.")
+        raise ConfigError(
+            f"`run_dir` = {str(cfg.run_dir)!r} and `data.root` = {str(root)!r} overlap (one is, contains "
+            "or lies inside the other): the run's generator/, checkpoints/ and samples/ would land among "
+            "your images, and be read as classes next time. Choose a `run_dir` outside `data.root`."
+        )
     if ckpt is not None:
         check_checkpoint_paths(ckpt)
 
@@ -59,8 +63,9 @@ def check_model_against_data(cfg: DictConfig) -> None:
     data = cfg.get("data") or {}
     if hasattr(cls, "check_config") and data.get("image_size") is not None:
         size = int(data.image_size)
-        cls.check_config({k: v for k, v in model.items() if not k.startswith("_")},
-                         (int(data.get("channels", 3)), size, size))
+        cls.check_config(
+            {k: v for k, v in model.items() if not k.startswith("_")}, (int(data.get("channels", 3)), size, size)
+        )
 
 
 #: ModelCheckpoint state entries that name files Lightning may delete on the next save.
@@ -79,16 +84,20 @@ def check_checkpoint_paths(ckpt: str | os.PathLike) -> None:
         if not isinstance(cb, dict) or not any(k in cb for k in _CKPT_PATH_KEYS):
             continue
         dirpath = cb.get("dirpath")
-        paths = [(k, cb.get(k)) for k in _CKPT_PATH_KEYS] + [("best_k_models", p) for p in (cb.get("best_k_models") or {})]
+        paths = [(k, cb.get(k)) for k in _CKPT_PATH_KEYS] + [
+            ("best_k_models", p) for p in (cb.get("best_k_models") or {})
+        ]
         for key, p in paths:
             if not p:
                 continue
             ok = isinstance(p, str) and isinstance(dirpath, str) and ".." not in Path(p).parts and is_inside(p, dirpath)
             if not ok:
-                raise ConfigError(f"`ckpt_path` = {str(ckpt)!r}: its {name} state names {key} = {str(p)[:300]!r}, which "
-                                  f"is not a file inside its checkpoint folder {dirpath!r}. Lightning would delete it on "
-                                  "resume; the checkpoint was edited or comes from an untrusted source. Resume from "
-                                  "a checkpoint this run wrote.")
+                raise ConfigError(
+                    f"`ckpt_path` = {str(ckpt)!r}: its {name} state names {key} = {str(p)[:300]!r}, which "
+                    f"is not a file inside its checkpoint folder {dirpath!r}. Lightning would delete it on "
+                    "resume; the checkpoint was edited or comes from an untrusted source. Resume from "
+                    "a checkpoint this run wrote."
+                )
 
 
 def _instantiate_all(node, **kwargs) -> list:
@@ -121,11 +130,18 @@ def build_datamodule(cfg: DictConfig):
 def build_module(cfg: DictConfig, dm) -> Any:
     from imgaug_gen.generators.module import GeneratorModule
 
-    module = instantiate_checked(cfg.model, num_classes=dm.num_classes, class_names=list(dm.class_names),
-                                 image_shape=list(dm.image_shape), _convert_="all")
+    module = instantiate_checked(
+        cfg.model,
+        num_classes=dm.num_classes,
+        class_names=list(dm.class_names),
+        image_shape=list(dm.image_shape),
+        _convert_="all",
+    )
     if not isinstance(module, GeneratorModule):
-        raise ConfigError(f"`model._target_` = {cfg.model.get('_target_')!r} builds a {type(module).__name__}, not an "
-                          "imgaug_gen.generators.GeneratorModule; subclass it (README: Add a generator kind).")
+        raise ConfigError(
+            f"`model._target_` = {cfg.model.get('_target_')!r} builds a {type(module).__name__}, not an "
+            "imgaug_gen.generators.GeneratorModule; subclass it (README: Add a generator kind)."
+        )
     return module
 
 
@@ -161,8 +177,11 @@ def progress_reporting(cfg: DictConfig, callbacks: list) -> dict[str, Any]:
 
 
 # Lightning notices that are expected here and only add noise to every run's log.
-_QUIET = (".*ModelCheckpoint with manual optimization.*", ".*You passed in a `val_dataloader` but have no.*",
-          ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+_QUIET = (
+    ".*ModelCheckpoint with manual optimization.*",
+    ".*You passed in a `val_dataloader` but have no.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -217,8 +236,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, An
     extra_trainer: dict[str, Any] = progress_reporting(cfg, callbacks)
     if cfg.trainer.get("strategy") == "ddp" and module.ddp_find_unused_parameters:
         extra_trainer["strategy"] = "ddp_find_unused_parameters_true"
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False,
-                                      **extra_trainer)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=_build_loggers(cfg) or False, **extra_trainer
+    )
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -232,5 +252,4 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, An
         if isinstance(c, FidelityCallback) and c.history:
             metrics.update({k: v for k, v in c.history[-1].items() if k != "step"})
     metrics["global_step"] = trainer.global_step
-    return metrics, {"trainer": trainer, "module": module, "datamodule": dm,
-                     "generator_dir": run_dir / "generator"}
+    return metrics, {"trainer": trainer, "module": module, "datamodule": dm, "generator_dir": run_dir / "generator"}

@@ -1,7 +1,7 @@
 """Stable Diffusion families: what differs between SD-1.x/2.x and SDXL, in small pieces.
 
 The ``sd_lora`` kind trains and samples both families with one code path
-(:mod:`imgaug_gen.generators.sd_lora`); the family (read from the pretrained folder's
+(:mod:`imgaug_gen.generators.sd`); the family (read from the pretrained folder's
 ``model_index.json``: ``_class_name`` ``StableDiffusionPipeline`` or
 ``StableDiffusionXLPipeline``) supplies only what differs:
 
@@ -56,16 +56,20 @@ class Family:
         """Constructor / ``from_pretrained`` arguments besides the components."""
         if self.name == "sd":
             return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-        return {"add_watermarker": False,
-                "force_zeros_for_empty_prompt": bool(config.get("force_zeros_for_empty_prompt", True))}
+        return {
+            "add_watermarker": False,
+            "force_zeros_for_empty_prompt": bool(config.get("force_zeros_for_empty_prompt", True)),
+        }
 
     def call_kwargs(self, config: Mapping[str, Any], height: int, width: int) -> dict[str, Any]:
         """Pipeline call arguments besides the prompt: SDXL's micro-conditioning (the training values)."""
         if self.name == "sd":
             return {}
-        return {"original_size": tuple(config.get("original_size") or (height, width)),
-                "crops_coords_top_left": tuple(config.get("crops_coords_top_left") or (0, 0)),
-                "target_size": (height, width)}
+        return {
+            "original_size": tuple(config.get("original_size") or (height, width)),
+            "crops_coords_top_left": tuple(config.get("crops_coords_top_left") or (0, 0)),
+            "target_size": (height, width),
+        }
 
     def encode(self, text_encoders: Sequence[Any], ids: Sequence[torch.Tensor]):
         """(hidden states, pooled embeddings or None) of tokenised prompts (one id tensor per encoder)."""
@@ -80,30 +84,58 @@ class Family:
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
-    def added_cond(self, pooled: torch.Tensor | None, config: Mapping[str, Any], height: int,
-                   width: int) -> dict | None:
+    def added_cond(
+        self, pooled: torch.Tensor | None, config: Mapping[str, Any], height: int, width: int
+    ) -> dict | None:
         """The UNet's ``added_cond_kwargs``: None (SD); SDXL: the pooled text embeddings and the
         ``add_time_ids`` of every image (original size, crop top-left, target size)."""
         if self.name == "sd":
             return None
         kw = self.call_kwargs(config, height, width)
-        time_ids = compute_time_ids(kw["original_size"], kw["crops_coords_top_left"], kw["target_size"],
-                                    len(pooled), device=pooled.device, dtype=pooled.dtype)
+        time_ids = compute_time_ids(
+            kw["original_size"],
+            kw["crops_coords_top_left"],
+            kw["target_size"],
+            len(pooled),
+            device=pooled.device,
+            dtype=pooled.dtype,
+        )
         return {"text_embeds": pooled, "time_ids": time_ids}
 
 
-SD = Family("sd", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", ("text_encoder",), ("tokenizer",),
-            ("CLIPTextModel",))
-SDXL = Family("sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
-              ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
-              ("CLIPTextModel", "CLIPTextModelWithProjection"))
+SD = Family(
+    "sd",
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    ("text_encoder",),
+    ("tokenizer",),
+    ("CLIPTextModel",),
+)
+SDXL = Family(
+    "sdxl",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    ("text_encoder", "text_encoder_2"),
+    ("tokenizer", "tokenizer_2"),
+    ("CLIPTextModel", "CLIPTextModelWithProjection"),
+)
 FAMILIES = {"sd": SD, "sdxl": SDXL}
-_PIPELINES = {"StableDiffusionPipeline": SD, "StableDiffusionImg2ImgPipeline": SD,
-              "StableDiffusionXLPipeline": SDXL, "StableDiffusionXLImg2ImgPipeline": SDXL}
+_PIPELINES = {
+    "StableDiffusionPipeline": SD,
+    "StableDiffusionImg2ImgPipeline": SD,
+    "StableDiffusionXLPipeline": SDXL,
+    "StableDiffusionXLImg2ImgPipeline": SDXL,
+}
 
 
-def compute_time_ids(original_size: Sequence[int], crops_coords_top_left: Sequence[int],
-                     target_size: Sequence[int], n: int, device=None, dtype=None) -> torch.Tensor:
+def compute_time_ids(
+    original_size: Sequence[int],
+    crops_coords_top_left: Sequence[int],
+    target_size: Sequence[int],
+    n: int,
+    device=None,
+    dtype=None,
+) -> torch.Tensor:
     """SDXL's ``add_time_ids`` for ``n`` images, as ``train_dreambooth_lora_sdxl.py``'s
     ``compute_time_ids`` (adapted from ``StableDiffusionXLPipeline._get_add_time_ids``)."""
     add_time_ids = list(tuple(original_size) + tuple(crops_coords_top_left) + tuple(target_size))
@@ -120,11 +152,13 @@ def hf_offline() -> bool:
 
 
 def fix_hint(key: str) -> str:
-    return (f"Set `{key}` to a local folder holding a Stable Diffusion pipeline saved with "
-            "`StableDiffusionPipeline.save_pretrained(PATH)` or `StableDiffusionXLPipeline.save_pretrained(PATH)` "
-            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, "
-            "tokenizer_2/), or pre-download the Hub model into the Hugging Face cache on a machine with internet "
-            "(`hf download ID` / `huggingface-cli download ID`, then copy $HF_HOME over).")
+    return (
+        f"Set `{key}` to a local folder holding a Stable Diffusion pipeline saved with "
+        "`StableDiffusionPipeline.save_pretrained(PATH)` or `StableDiffusionXLPipeline.save_pretrained(PATH)` "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL also text_encoder_2/, "
+        "tokenizer_2/), or pre-download the Hub model into the Hugging Face cache on a machine with internet "
+        "(`hf download ID` / `huggingface-cli download ID`, then copy $HF_HOME over)."
+    )
 
 
 def _as_repo_id(value: str) -> bool:
@@ -137,20 +171,25 @@ def _as_repo_id(value: str) -> bool:
     return not value.startswith((".", "~")) and value.count("/") <= 1
 
 
-def resolve_pretrained(pretrained: Any, revision: str | None = None, key: str = "model.pretrained",
-                       cache_dir: str | None = None) -> str:
+def resolve_pretrained(
+    pretrained: Any, revision: str | None = None, key: str = "model.pretrained", cache_dir: str | None = None
+) -> str:
     """Check that ``pretrained`` can be loaded without network access where there is none;
     returns the absolute folder path (local) or the Hub id. Raises :class:`ConfigError`."""
     if pretrained in (None, "", "???"):
-        raise ConfigError(f"`{key}` is not set; Stable Diffusion LoRA needs a base model. {fix_hint(key)} "
-                          f"Example: `{key}=/models/stable-diffusion-v1-5`.")
+        raise ConfigError(
+            f"`{key}` is not set; Stable Diffusion LoRA needs a base model. {fix_hint(key)} "
+            f"Example: `{key}=/models/stable-diffusion-v1-5`."
+        )
     value = str(pretrained)
     path = Path(value).expanduser()
     if path.is_dir():
         missing = [p for p in ("model_index.json", *COMPONENTS) if not (path / p).exists()]
         if missing:
-            raise ConfigError(f"`{key}` = {value!r} is a folder but not a saved Stable Diffusion pipeline "
-                              f"(missing {missing}). {fix_hint(key)}")
+            raise ConfigError(
+                f"`{key}` = {value!r} is a folder but not a saved Stable Diffusion pipeline "
+                f"(missing {missing}). {fix_hint(key)}"
+            )
         return str(path.resolve())
     if not _as_repo_id(value):
         raise ConfigError(f"`{key}` = {value!r}: no such folder. {fix_hint(key)}")
@@ -159,8 +198,10 @@ def resolve_pretrained(pretrained: Any, revision: str | None = None, key: str = 
 
         cached = try_to_load_from_cache(value, "model_index.json", revision=revision, cache_dir=cache_dir)
         if not isinstance(cached, str):
-            raise ConfigError(f"`{key}` = {value!r} is neither a local folder nor a model in the Hugging Face "
-                              "cache, and HF_HUB_OFFLINE=1 forbids downloading it. " + fix_hint(key))
+            raise ConfigError(
+                f"`{key}` = {value!r} is neither a local folder nor a model in the Hugging Face "
+                "cache, and HF_HUB_OFFLINE=1 forbids downloading it. " + fix_hint(key)
+            )
     return value
 
 
@@ -171,9 +212,11 @@ def resolve_vae(vae: Any, key: str = "model.vae", cache_dir: str | None = None) 
         return None
     value = str(vae)
     path = Path(value).expanduser()
-    hint = ("give a folder written by `AutoencoderKL.save_pretrained(PATH)` (config.json + "
-            "diffusion_pytorch_model.safetensors), a Hub id already in the Hugging Face cache, or null "
-            "(the base model's VAE)")
+    hint = (
+        "give a folder written by `AutoencoderKL.save_pretrained(PATH)` (config.json + "
+        "diffusion_pytorch_model.safetensors), a Hub id already in the Hugging Face cache, or null "
+        "(the base model's VAE)"
+    )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"`{key}` = {value!r} is a folder without config.json; {hint}.")
@@ -184,8 +227,10 @@ def resolve_vae(vae: Any, key: str = "model.vae", cache_dir: str | None = None) 
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(value, "config.json", cache_dir=cache_dir), str):
-            raise ConfigError(f"`{key}` = {value!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                              f"downloading it; {hint}.")
+            raise ConfigError(
+                f"`{key}` = {value!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                f"downloading it; {hint}."
+            )
     return value
 
 
@@ -195,13 +240,19 @@ def _model_index(pretrained: str, revision: str | None, cache_dir: str | None) -
         return json.loads((path / "model_index.json").read_text())
     from huggingface_hub import hf_hub_download
 
-    file = hf_hub_download(pretrained, "model_index.json", revision=revision, cache_dir=cache_dir,
-                           local_files_only=hf_offline())
+    file = hf_hub_download(
+        pretrained, "model_index.json", revision=revision, cache_dir=cache_dir, local_files_only=hf_offline()
+    )
     return json.loads(Path(file).read_text())
 
 
-def detect_family(pretrained: str, revision: str | None = None, cache_dir: str | None = None,
-                  key: str = "model.pretrained", expect: str = "auto") -> tuple[Family, dict]:
+def detect_family(
+    pretrained: str,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    key: str = "model.pretrained",
+    expect: str = "auto",
+) -> tuple[Family, dict]:
     """(family, model_index.json) of a resolved ``pretrained``; ConfigError for another pipeline
     class, an SDXL refiner (no first text encoder), or a family other than ``expect``."""
     with load_errors(pretrained, key):
@@ -209,19 +260,25 @@ def detect_family(pretrained: str, revision: str | None = None, cache_dir: str |
     name = index.get("_class_name")
     family = _PIPELINES.get(name)
     if family is None:
-        raise ConfigError(f"`{key}` = {pretrained!r} is a {name} pipeline; the sd_lora kind trains "
-                          f"{sorted(_PIPELINES)} (Stable Diffusion 1.x/2.x and SDXL base).")
+        raise ConfigError(
+            f"`{key}` = {pretrained!r} is a {name} pipeline; the sd_lora kind trains "
+            f"{sorted(_PIPELINES)} (Stable Diffusion 1.x/2.x and SDXL base)."
+        )
     missing = [c for c in (*family.text_encoders, *family.tokenizers) if (index.get(c) or [None])[0] is None]
     if missing:
-        raise ConfigError(f"`{key}` = {pretrained!r} ({name}) has no {missing}: an SDXL refiner cannot be trained "
-                          "from text prompts; use the SDXL base model.")
+        raise ConfigError(
+            f"`{key}` = {pretrained!r} ({name}) has no {missing}: an SDXL refiner cannot be trained "
+            "from text prompts; use the SDXL base model."
+        )
     if Path(pretrained).is_dir():
         absent = [c for c in (*family.text_encoders, *family.tokenizers) if not (Path(pretrained) / c).exists()]
         if absent:
             raise ConfigError(f"`{key}` = {pretrained!r} is a {name} folder without {absent}. {fix_hint(key)}")
     if expect not in ("auto", family.name):
-        raise ConfigError(f"`model.family` = {expect!r} but `{key}` = {pretrained!r} is a {name} ({family.name}); "
-                          f"set `model.family=auto` (or {family.name}), or point `{key}` at a {expect} model.")
+        raise ConfigError(
+            f"`model.family` = {expect!r} but `{key}` = {pretrained!r} is a {name} ({family.name}); "
+            f"set `model.family=auto` (or {family.name}), or point `{key}` at a {expect} model."
+        )
     return family, index
 
 
@@ -233,21 +290,30 @@ def load_errors(pretrained: str, key: str):
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"`{key}` = {pretrained!r} could not be loaded as a Stable Diffusion pipeline "
-                          f"({type(e).__name__}: {e}). {fix_hint(key)}") from e
+        raise ConfigError(
+            f"`{key}` = {pretrained!r} could not be loaded as a Stable Diffusion pipeline "
+            f"({type(e).__name__}: {e}). {fix_hint(key)}"
+        ) from e
 
 
 def load_vae(vae: str, cache_dir: str | None = None, key: str = "model.vae", **kw):
     from diffusers import AutoencoderKL
 
     with load_errors(vae, key):
-        return AutoencoderKL.from_pretrained(vae, cache_dir=cache_dir, local_files_only=hf_offline(),
-                                             use_safetensors=True, **kw)
+        return AutoencoderKL.from_pretrained(
+            vae, cache_dir=cache_dir, local_files_only=hf_offline(), use_safetensors=True, **kw
+        )
 
 
-def load_components(family: Family, pretrained: str, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None, key: str = "model.pretrained",
-                    cache_dir: str | None = None) -> dict[str, Any]:
+def load_components(
+    family: Family,
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+    key: str = "model.pretrained",
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
     """Load the base model component by component (as diffusers' training scripts do): the
     tokenizer(s), text encoder(s), vae (or the separate ``vae``), unet, the noise scheduler
     (``DDPMScheduler``) and the sampling scheduler (the pipeline's own class)."""
@@ -266,20 +332,27 @@ def load_components(family: Family, pretrained: str, revision: str | None = None
         sched_cls = scheduler_class(name, f"{key}: scheduler/_class_name") if name else diffusers.PNDMScheduler
         comps["scheduler"] = sched_cls.from_config(sched_cfg)
         if vae is None:
-            comps["vae"] = diffusers.AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant,
-                                                                  use_safetensors=True, **kw)
+            comps["vae"] = diffusers.AutoencoderKL.from_pretrained(
+                pretrained, subfolder="vae", variant=variant, use_safetensors=True, **kw
+            )
         for slot, cls_name in zip(family.text_encoders, family.encoder_classes):
-            comps[slot] = getattr(transformers, cls_name).from_pretrained(pretrained, subfolder=slot,
-                                                                          variant=variant, use_safetensors=True, **kw)
-        comps["unet"] = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant,
-                                                             use_safetensors=True, **kw)
+            comps[slot] = getattr(transformers, cls_name).from_pretrained(
+                pretrained, subfolder=slot, variant=variant, use_safetensors=True, **kw
+            )
+        comps["unet"] = UNet2DConditionModel.from_pretrained(
+            pretrained, subfolder="unet", variant=variant, use_safetensors=True, **kw
+        )
     if vae is not None:
         comps["vae"] = load_vae(vae, cache_dir)
     return comps
 
 
-def save_lora_weights(family: Family, directory: str | os.PathLike, weight_name: str,
-                      layers: Mapping[str, tuple[dict | None, dict | None]]) -> None:
+def save_lora_weights(
+    family: Family,
+    directory: str | os.PathLike,
+    weight_name: str,
+    layers: Mapping[str, tuple[dict | None, dict | None]],
+) -> None:
     """One diffusers LoRA file from ``{component: (state dict, adapter metadata)}`` through the family
     pipeline's ``save_lora_weights`` (SD: unet + text_encoder; SDXL: + text_encoder_2)."""
     kwargs: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 Each class gets a new placeholder token (``<golden_retriever>``) added to the tokenizer(s);
 its embedding row starts from the mean embedding of the class name's words (or of
-``model.textual_inversion_init``) and is the only part of the text encoder that trains.
+``model.textual_inversion.init``) and is the only part of the text encoder that trains.
 Training keeps the embedding matrix frozen: the learned vectors are a separate float32
 parameter (:class:`TokenVectors`, checkpointed with the LoRA weights) that a forward hook
 on the input-embedding layer substitutes for the placeholder tokens' rows, so no other row
@@ -74,15 +74,18 @@ def _init_vector(tokenizer, weight: torch.Tensor, text: str, key: str) -> torch.
     return weight[torch.tensor(ids)].float().mean(0)
 
 
-def add_placeholder_tokens(tokenizer, text_encoder, tokens: Sequence[str], init_texts: Sequence[str],
-                           key: str = "model.textual_inversion_init") -> TokenVectors:
+def add_placeholder_tokens(
+    tokenizer, text_encoder, tokens: Sequence[str], init_texts: Sequence[str], key: str = "model.textual_inversion.init"
+) -> TokenVectors:
     """Add ``tokens`` to ``tokenizer`` (contiguous new ids), grow ``text_encoder``'s embedding
     matrix to hold them, set each new row to the mean embedding of its ``init_texts`` entry and
     return the trainable :class:`TokenVectors` (already attached to the embedding layer)."""
     clash = [t for t in tokens if t in tokenizer.get_vocab()]
     if clash:
-        raise ConfigError(f"the placeholder tokens {clash} are already in the tokenizer's vocabulary; rename the "
-                          "class folders (placeholders are `<class_name>`).")
+        raise ConfigError(
+            f"the placeholder tokens {clash} are already in the tokenizer's vocabulary; rename the "
+            "class folders (placeholders are `<class_name>`)."
+        )
     first = len(tokenizer)
     tokenizer.add_tokens(list(tokens))
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
@@ -94,7 +97,7 @@ def add_placeholder_tokens(tokenizer, text_encoder, tokens: Sequence[str], init_
         emb = text_encoder.get_input_embeddings()
     with torch.no_grad():
         init = torch.stack([_init_vector(tokenizer, emb.weight, t, key) for t in init_texts])
-        emb.weight[first:first + len(tokens)] = init.to(emb.weight.dtype)
+        emb.weight[first : first + len(tokens)] = init.to(emb.weight.dtype)
     vectors = TokenVectors(first, init)
     vectors.attach(emb)
     return vectors
@@ -115,9 +118,9 @@ def save_embeddings(path: Path, family_name: str, tokens: Sequence[str], vectors
     (path / TI_DIR).mkdir(parents=True, exist_ok=True)
     for i, token in enumerate(tokens):
         if family_name == "sdxl":
-            sd = {k: v[i:i + 1].contiguous() for k, v in zip(SDXL_KEYS, vectors)}
+            sd = {k: v[i : i + 1].contiguous() for k, v in zip(SDXL_KEYS, vectors)}
         else:
-            sd = {token: vectors[0][i:i + 1].contiguous()}
+            sd = {token: vectors[0][i : i + 1].contiguous()}
         atomic_save_safetensors(path / ti_file(i), sd)
 
 
@@ -126,8 +129,9 @@ def load_embeddings(pipe, path: Path, family_name: str, tokens: Sequence[str]) -
     files = [path / ti_file(i) for i in range(len(tokens))]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise ConfigError(f"`{missing[0]}` is missing ({len(missing)} textual-inversion files); the generator "
-                          "folder is incomplete.")
+        raise ConfigError(
+            f"`{missing[0]}` is missing ({len(missing)} textual-inversion files); the generator folder is incomplete."
+        )
     from safetensors.torch import load_file
 
     sds = [load_file(str(f)) for f in files]  # read here: safetensors only, never a pickle
@@ -135,8 +139,12 @@ def load_embeddings(pipe, path: Path, family_name: str, tokens: Sequence[str]) -
         pipe.load_textual_inversion(sds, token=list(tokens))
         return
     for key, encoder, tokenizer in zip(SDXL_KEYS, ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")):
-        pipe.load_textual_inversion([sd[key] for sd in sds], token=list(tokens),
-                                    text_encoder=getattr(pipe, encoder), tokenizer=getattr(pipe, tokenizer))
+        pipe.load_textual_inversion(
+            [sd[key] for sd in sds],
+            token=list(tokens),
+            text_encoder=getattr(pipe, encoder),
+            tokenizer=getattr(pipe, tokenizer),
+        )
 
 
 def textual_inversion_config(tokens: Sequence[str] | None, init: Any) -> dict | None:

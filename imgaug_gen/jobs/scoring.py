@@ -1,0 +1,166 @@
+"""Scoring a generate job's folder: the per-image scorer and quality filter, and ``metrics.json``'s
+counts, FID/KID, precision/recall/density/coverage (overall and per class) and the filter summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from imgaug_gen.jobs.plan import RealData, _filter_cfg
+
+
+@dataclass
+class Scorers:
+    scorer: Any = None  # per-image confidence + FID/KID features (score=true)
+    confidence: Any = None  # the domain classifier behind per-image confidence
+    quality_filter: Any = None
+    filter_images: int = 0  # images the filter's classifier learnt from
+
+
+def build_scorers(cfg: DictConfig, dm, real: RealData) -> Scorers:
+    """The domain classifier for per-image confidence and FID/KID (``score``), and the quality filter."""
+    fcfg = _filter_cfg(cfg)
+    out = Scorers()
+    if not (cfg.score or fcfg.get("enabled")):
+        return out
+    from imgaug_gen.metrics import build_feature_extractor
+
+    domain = {**OmegaConf.to_container(cfg.metrics, resolve=True), "features": "domain"}
+    ref_images, ref_labels = dm.reference_arrays()
+    out.scorer = build_feature_extractor(cfg.metrics, ref_images, ref_labels, dm.num_classes)
+    out.confidence = (
+        out.scorer
+        if hasattr(out.scorer, "predict_proba")
+        else build_feature_extractor(domain, ref_images, ref_labels, dm.num_classes)
+    )
+    if fcfg.get("enabled"):
+        from imgaug_gen.filtering import QualityFilter
+
+        confidence, out.filter_images = out.confidence, len(ref_images)
+        if fcfg["classifier_data"] == "train":
+            # The filter shapes the training data, so it may only learn from the images the user
+            # trains on (with data.shots set, the reference set holds labels a few-shot user lacks).
+            out.filter_images = len(real.images)
+            confidence = build_feature_extractor(domain, real.images, real.labels, dm.num_classes)
+        out.quality_filter = QualityFilter(
+            confidence, real.images, tau=fcfg["tau"], delta=fcfg["delta"], metric=fcfg["metric"], space=fcfg["space"]
+        )
+    if not cfg.score:
+        out.scorer = None  # the filter's extractor only; no per-image confidence / FID for unfiltered images
+    return out
+
+
+def filter_summary(records: list[dict], qf, class_names: list[str], targets: dict) -> dict:
+    """Acceptance per class and overall, memorisation rate and shortfalls, from the manifest's candidate lines."""
+    cands = [r for r in records if "kept" in r and r.get("source") == "synthetic"]
+    labels = np.asarray([r["label"] for r in cands], dtype=np.int64)
+    keep = np.asarray([bool(r["kept"]) for r in cands], dtype=bool)
+    scores = {}
+    for key in ("confidence", "nearest_real_distance"):
+        if cands and all(key in r.get("scores", {}) for r in cands):
+            scores[key] = np.asarray([r["scores"][key] for r in cands], dtype=np.float64)
+    out = qf.summarise(scores, keep, labels, class_names)
+    short = {}
+    for c, name in enumerate(class_names):
+        want = sum(n for (cc, _), n in targets.items() if cc == c)
+        got = int(keep[labels == c].sum())
+        if got < want:
+            short[str(name)] = {"target": int(want), "kept": got}
+    out["short"] = short
+    return out
+
+
+def folder_features(out_dir: Path, records: list[dict], extractor, chunk: int = 1024):
+    """Features ``[N, D]`` of the records' image files, read ``chunk`` files at a time."""
+    import torch
+
+    from imgaug_gen.export import load_folder_images
+
+    parts = [
+        extractor.features(load_folder_images(out_dir, records[i : i + chunk]), batch_size=256)
+        for i in range(0, len(records), chunk)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, extractor.num_features)
+
+
+def score_folder(
+    out_dir: Path,
+    records: list[dict],
+    class_names: list[str],
+    extractor=None,
+    dm=None,
+    k: int = 3,
+    max_images: int | None = None,
+) -> dict:
+    """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
+    images against the real reference, overall and per class. Lines with ``"kept": false`` are ignored.
+    With ``max_images``, the scores use at most that many synthetic images, evenly spaced in id order."""
+    from imgaug_gen.export import is_kept
+
+    records = [r for r in records if is_kept(r)]
+    counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
+    by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
+    for r in records:
+        counts[r["class_name"]][r["source"]] += 1
+        mode = r.get("mode") or r["source"]
+        by_mode[r["class_name"]][mode] = by_mode[r["class_name"]].get(mode, 0) + 1
+    out: dict[str, Any] = {
+        "counts": counts,
+        "counts_by_mode": by_mode,
+        "n_synthetic": sum(v["synthetic"] for v in counts.values()),
+        "n_real": sum(v["real"] for v in counts.values()),
+    }
+    syn = [r for r in records if r["source"] == "synthetic"]
+    if extractor is None or not syn:
+        return out
+    from imgaug_gen.metrics import PRDC_KEYS, FidelityEvaluator, per_class_fidelity_from_features, precision_recall
+
+    ref_images, ref_labels = dm.reference_arrays()
+    evaluator = FidelityEvaluator(extractor, ref_images)
+    # Streamed: files are read and turned into features chunk by chunk, so memory holds
+    # features (N x D floats), never all the images.
+    if max_images and len(syn) > max_images:
+        # Evenly spaced over the id order (every class and source keeps its share): memory and time
+        # of the scores stay bounded however many images the folder holds.
+        syn = [syn[i] for i in np.linspace(0, len(syn) - 1, int(max_images)).round().astype(int)]
+    out["n_scored"] = len(syn)
+    fake_f = folder_features(out_dir, syn, extractor)
+    fid = evaluator.evaluate_features(fake_f)
+    conf = [r["scores"]["confidence"] for r in syn if "confidence" in r.get("scores", {})]
+    out.update(
+        {
+            "fid": fid["fid"],
+            "kid_mean": fid["kid_mean"],
+            "kid_std": fid["kid_std"],
+            "features": fid["features"],
+            "num_features": fid["num_features"],
+            "n_reference": fid["n_real"],
+            "reference": "real images of the run's data (all but the test split)",
+            "mean_confidence": float(np.mean(conf)) if conf else None,
+        }
+    )
+    out.update(dict.fromkeys(PRDC_KEYS))
+    real_f = evaluator.real.features
+    if len(real_f) > k and len(fake_f) > k:
+        pr = precision_recall(real_f, fake_f, k=k)
+        out.update({key: pr[key] for key in PRDC_KEYS})
+    out["precision_recall_k"] = int(k)
+    fake_labels = np.asarray([r["label"] for r in syn], dtype=np.int64)
+    out["per_class"] = {
+        str(name): v
+        for name, v in per_class_fidelity_from_features(
+            real_f,
+            ref_labels,
+            fake_f,
+            fake_labels,
+            features_name=extractor.name,
+            num_features=extractor.num_features,
+            class_names=list(class_names),
+            k=k,
+        ).items()
+    }
+    return out
