@@ -90,3 +90,40 @@ def run_units(script: str, args, argv: list[str]) -> None:
                 print(f"unit shots={unit[0]} subset={unit[1]} finished (exit {proc.returncode})", flush=True)
                 if proc.returncode:
                     raise SystemExit(f"unit {unit} failed; see {log_dir}/shots{unit[0]}_d{unit[1]}.log")
+
+
+def add_evaluation_args(parser, out: str, shots: list[int], classifier_steps: int) -> None:
+    """The arguments every evaluation benchmark takes (the grid's size, the workers, the grid's entries)."""
+    import argparse
+
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--shots", type=int, nargs="+", default=shots)
+    parser.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--classifier-steps", type=int, default=classifier_steps)
+    parser.add_argument(
+        "--generators",
+        type=lambda v: v.split(","),
+        default=None,
+        help="comma-separated grid entries to run (default: all; name an entry's run_of source too)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="parallel single-threaded (shots, subset) units; 0: inline"
+    )
+    parser.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # one unit of a --workers run
+    parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
+
+
+def unit_argv(args, *extra: str) -> list[str]:
+    """The command line of one unit of ``args`` (``run_units`` adds its shots and subset)."""
+    return [
+        "--out",
+        args.out,
+        "--seeds",
+        *map(str, args.seeds),
+        "--classifier-steps",
+        str(args.classifier_steps),
+        *extra,
+        *(["--generators", ",".join(args.generators)] if args.generators else []),
+        *args.overrides,
+    ]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment variables)
-from _common import hydra_value, run_units
+from _common import add_evaluation_args, hydra_value, run_units, unit_argv
 
 TARGETS = {"5": 0.015, "10": 0.010}
 POLICIES = {"replace": "{name:replace,p:0.5}", "kd": "{name:replace,p:0.5,distill:0.5,temperature:2.0}"}
@@ -108,20 +108,7 @@ def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench_out/fewshot_digits")
-    p.add_argument("--shots", type=int, nargs="+", default=[5, 10])
-    p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--classifier-steps", type=int, default=400)
-    p.add_argument(
-        "--generators",
-        type=lambda v: v.split(","),
-        default=None,
-        help="comma-separated grid entries to run (default: all; name an entry's run_of source too)",
-    )
-    p.add_argument("--workers", type=int, default=2, help="parallel single-threaded (shots, subset) units; 0: inline")
-    p.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # one unit of a --workers run
-    p.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
+    add_evaluation_args(p, "bench_out/fewshot_digits", [5, 10], 400)
     args = p.parse_args(argv)
     unknown = sorted(set(args.generators or ()) - set(GENERATORS))
     if unknown:
@@ -132,20 +119,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     if args.workers > 0:
-        run_units(
-            __file__,
-            args,
-            [
-                "--out",
-                args.out,
-                "--seeds",
-                *map(str, args.seeds),
-                "--classifier-steps",
-                str(args.classifier_steps),
-                *(["--generators", ",".join(args.generators)] if args.generators else []),
-                *args.overrides,
-            ],
-        )
+        run_units(__file__, args, unit_argv(args))
     ev = evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     minutes = (time.perf_counter() - t0) / 60
     if args.unit:

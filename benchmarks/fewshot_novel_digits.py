@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment variables)
-from _common import ROOT, hydra_value, print_table, run_units
+from _common import ROOT, add_evaluation_args, hydra_value, print_table, run_units, unit_argv
 
 BASE, NOVEL = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 TARGETS = {"1": 0.030, "2": 0.030, "5": 0.010}
@@ -286,18 +286,7 @@ def verdicts(ev: dict) -> list[str]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench_out/fewshot_novel")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
-    p.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--classifier-steps", type=int, default=300)
-    p.add_argument(
-        "--generators",
-        type=lambda v: v.split(","),
-        default=None,
-        help="comma-separated grid entries (default: all; name an entry's run_of source too)",
-    )
-    p.add_argument("--workers", type=int, default=2, help="parallel single-threaded (shots, subset) units; 0: inline")
+    add_evaluation_args(p, "bench_out/fewshot_novel", [1, 2, 5, 10], 300)
     p.add_argument("--no-fid-steps", action="store_true", help="skip the FID-by-steps measurement")
     p.add_argument(
         "--docs",
@@ -305,8 +294,6 @@ def main(argv=None) -> dict:
         default=ROOT / "docs" / "results" / "fewshot_novel_digits.md",
         help="where the result tables are written as markdown (the docs site's results page)",
     )
-    p.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.generators or ()) - set(grid(Path(args.out))))
     if unknown:
@@ -320,21 +307,7 @@ def main(argv=None) -> dict:
         return evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     prior_seconds = train_priors(Path(args.out).resolve())
     if args.workers > 0:
-        run_units(
-            __file__,
-            args,
-            [
-                "--out",
-                args.out,
-                "--seeds",
-                *map(str, args.seeds),
-                "--classifier-steps",
-                str(args.classifier_steps),
-                "--no-fid-steps",
-                *(["--generators", ",".join(args.generators)] if args.generators else []),
-                *args.overrides,
-            ],
-        )
+        run_units(__file__, args, unit_argv(args, "--no-fid-steps"))
     ev = evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     steps = [] if args.no_fid_steps else fid_by_steps(args, ev)
     minutes = (time.perf_counter() - t0) / 60

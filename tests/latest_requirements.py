@@ -2,8 +2,9 @@
 out (they stay the installed build): what `make test-latest` upgrades to the newest allowed versions."""
 
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 KEEP = {"torch", "torchvision"}
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]

@@ -75,7 +75,7 @@ def toy_package(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(pkg))
     importlib.invalidate_caches()
     yield tmp_path
-    base._REGISTRY.pop("toy", None)
+    base.KINDS.classes.pop("toy", None)
     sys.modules.pop("toykind", None)
 
 
@@ -104,7 +104,7 @@ def test_a_plugin_kind_trains_loads_and_generates(toy_package, tmp_path):
     train(cfg)
     assert json.loads((run / "generator" / "config.json").read_text())["kind"] == "toy"
     # a fresh process would not have imported it: forget it, and let the entry point find it
-    base._REGISTRY.pop("toy", None)
+    base.KINDS.classes.pop("toy", None)
     sys.modules.pop("toykind", None)
     metrics = generate(
         compose_config(

@@ -22,28 +22,52 @@ def _run(argv, cwd, env, timeout=600):
 def test_the_wheel_trains_and_generates_from_outside_the_repository(tmp_path):
     dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
     env = cli_env()
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
-         tmp_path, env)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        tmp_path,
+        env,
+    )
     wheel = next(dist.glob("imgaug_gen-*.whl"))
     _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
     # the installed dependencies as a plain path entry: their .pth files (this checkout's editable install
     # among them) are not processed, so only the wheel's imgaug_gen can be imported
-    site = Path(_run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                     tmp_path, env).stdout.strip())
+    site = Path(
+        _run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            tmp_path,
+            env,
+        ).stdout.strip()
+    )
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], tmp_path, env)
+    _run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        tmp_path,
+        env,
+    )
     work.mkdir()
     env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env['PATH']}", "PYTHONPATH": ""}
-    where = _run([str(venv / "bin" / "python"), "-c", "import imgaug_gen, os; print(os.path.dirname(imgaug_gen.__file__))"],
-                 work, env).stdout.strip()
+    where = _run(
+        [str(venv / "bin" / "python"), "-c", "import imgaug_gen, os; print(os.path.dirname(imgaug_gen.__file__))"],
+        work,
+        env,
+    ).stdout.strip()
     assert where.startswith(str(venv)), where
     run, out = work / "run", work / "out"
     _run(["imgaug-gen", "train", "debug=tiny", "callbacks.fidelity=null", f"hydra.run.dir={run}"], work, env)
     assert (run / "generator" / "config.json").is_file() and (run / "train.log").is_file()
-    _run(["imgaug-gen-generate", f"run_dir={run}", f"out_dir={out}", "n_per_class=2", "score=false", "progress=false"],
-         work, env)
+    _run(
+        ["imgaug-gen-generate", f"run_dir={run}", f"out_dir={out}", "n_per_class=2", "score=false", "progress=false"],
+        work,
+        env,
+    )
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sum(r["source"] == "synthetic" for r in rows) == 20 and (out / "generate.log").is_file()
-    bad = subprocess.run(["imgaug-gen", "train", "debug=tiny", "data.shots=0", f"hydra.run.dir={work / 'bad'}"],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        ["imgaug-gen", "train", "debug=tiny", "data.shots=0", f"hydra.run.dir={work / 'bad'}"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "`data.shots` = 0" in bad.stderr

@@ -15,54 +15,32 @@ import logging
 from typing import Any, Mapping
 
 from imgaug_gen.errors import ConfigError
+from imgaug_gen.registry import KindRegistry
 
 log = logging.getLogger(__name__)
 
 #: Package entry-point group naming each data kind's class (``kind = "module:Class"``).
 ENTRY_POINT_GROUP = "imgaug_gen.data"
-_REGISTRY: dict[str, type] = {}
+KINDS = KindRegistry(ENTRY_POINT_GROUP, "data_kind", "data kind", "register_data_kind")
 
 
 def register_data_kind(kind: str):
     """Class decorator: the data module class recorded (and rebuilt) as ``kind``."""
-
-    def wrap(cls):
-        cls.data_kind = kind
-        _REGISTRY[kind] = cls
-        return cls
-
-    return wrap
+    return KINDS.register(kind)
 
 
 def data_kind_class(kind: Any, key: str = "data.kind") -> type:
     """The class of data kind ``kind``: registered in this process or declared by an installed package."""
-    if not isinstance(kind, str) or not kind:
-        raise ConfigError(f"`{key}` = {kind!r}; give a data kind name such as 'digits' or 'folder'.")
-    if kind not in _REGISTRY:
+    if isinstance(kind, str) and kind not in KINDS.classes:
         import imgaug_gen.data  # noqa: F401  (registers the built-in kinds)
-    if kind not in _REGISTRY:
-        from importlib.metadata import entry_points
-
-        eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-        if kind not in eps:
-            raise ConfigError(
-                f"`{key}` = {kind!r} is not a known data kind; known: {sorted(set(_REGISTRY) | set(eps))}. "
-                f"A plug-in data kind must be installed with an entry point in `{ENTRY_POINT_GROUP}`."
-            )
-        cls = eps[kind].load()
-        if _REGISTRY.get(kind) is not cls:
-            raise ConfigError(
-                f"the entry point `{kind} = {eps[kind].value}` ({ENTRY_POINT_GROUP}) does not name a class "
-                f"registered as `{kind}`; decorate it with @register_data_kind({kind!r})."
-            )
-    return _REGISTRY[kind]
+    return KINDS.get(kind, key)
 
 
 def data_record(dm) -> dict | None:
     """What a run records of its data module: ``{"kind", "args"}``, or None for a class that is not
     a registered data kind (then ``generate.py`` needs ``data=...`` on its command line)."""
     kind = getattr(type(dm), "data_kind", None)
-    if kind is None or _REGISTRY.get(kind) is not type(dm):
+    if kind is None or KINDS.classes.get(kind) is not type(dm):
         log.warning(
             "%s is not a registered data kind (@register_data_kind): the generator records no data, so "
             "generate.py will need `data=...`.",

@@ -21,7 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from imgaug_gen.errors import ConfigError
+from imgaug_gen.errors import BUILD_ERRORS, ConfigError
+from imgaug_gen.registry import KindRegistry
 
 #: 2: the training data is recorded as a data kind (``{"kind", "args"}``); format 1 named a Hydra
 #: ``_target_`` there, which is never called from a loaded file (``python -m imgaug_gen.upgrade RUN``).
@@ -100,49 +101,22 @@ def _find_targets(value: Any, where: str = "") -> list[tuple[str, Any]]:
     return found
 
 
-_REGISTRY: dict[str, type["ConditionalGenerator"]] = {}
 #: Package entry-point group naming each kind's generator class (``kind = "module:Class"``). The
 #: built-in kinds are declared in pyproject.toml like any plug-in, and imported only when a folder of
 #: that kind is loaded, so ``import imgaug_gen`` stays cheap (no diffusers import for a GAN).
 ENTRY_POINT_GROUP = "imgaug_gen.generators"
-
-
-def _entry_points() -> dict[str, Any]:
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+KINDS = KindRegistry(ENTRY_POINT_GROUP, "kind", "generator kind", "register_generator")
 
 
 def register_generator(kind: str):
     """Class decorator: make ``kind`` loadable by :func:`load_generator`."""
-
-    def wrap(cls):
-        cls.kind = kind
-        _REGISTRY[kind] = cls
-        return cls
-
-    return wrap
+    return KINDS.register(kind)
 
 
 def generator_class(kind: str) -> type["ConditionalGenerator"]:
     """The class of ``kind``: registered in this process, or declared under the entry-point group
     ``imgaug_gen.generators`` by an installed package (imported then; it must register ``kind``)."""
-    if kind not in _REGISTRY:
-        eps = _entry_points()
-        if kind in eps:
-            cls = eps[kind].load()
-            if _REGISTRY.get(kind) is not cls:
-                raise ConfigError(
-                    f"the entry point `{kind} = {eps[kind].value}` ({ENTRY_POINT_GROUP}) does not name a "
-                    f"class registered as `{kind}`; decorate it with @register_generator({kind!r})."
-                )
-        else:
-            known = sorted(set(_REGISTRY) | set(eps))
-            raise ConfigError(
-                f"Unknown generator kind `{kind}`; known kinds: {known}. A plug-in kind must be "
-                f"installed with an entry point in the `{ENTRY_POINT_GROUP}` group."
-            )
-    return _REGISTRY[kind]
+    return KINDS.get(kind)
 
 
 def per_image_seeds(seed: int, start: int, count: int) -> list[int]:
@@ -462,17 +436,7 @@ class ConditionalGenerator(nn.Module):
             model = cls._build(config, Path(path))
         except ConfigError:
             raise
-        except (
-            TypeError,
-            ValueError,
-            KeyError,
-            IndexError,
-            AttributeError,
-            RuntimeError,
-            OverflowError,
-            ZeroDivisionError,
-            NotImplementedError,
-        ) as e:  # a value the schema let through that the kind refuses
+        except BUILD_ERRORS as e:  # a value the schema let through that the kind refuses
             raise ConfigError(
                 f"`{cfg_file}` does not describe a loadable `{cls.kind}` generator "
                 f"({type(e).__name__}: {str(e)[:300]}); the folder was edited or is damaged."

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from imgaug_gen.errors import ConfigError
+from imgaug_gen.errors import BUILD_ERRORS, ConfigError
 from imgaug_gen.io import jsonable as plain
 
 #: Settings that define the noise schedule: sampling must use the one it was trained with.
@@ -129,17 +129,7 @@ def build_scheduler(value: Any, key: str, allow_target: bool = False) -> Schedul
                 x = torch.zeros(1, 1, 2, 2)
                 probe.step(x, probe.timesteps[0], x)
             return scheduler
-        except (
-            TypeError,
-            ValueError,
-            KeyError,
-            IndexError,
-            AttributeError,
-            NotImplementedError,
-            RuntimeError,
-            ZeroDivisionError,
-            OverflowError,
-        ) as e:
+        except BUILD_ERRORS as e:
             raise ConfigError(f"`{key}` does not make a {cls.__name__} ({type(e).__name__}: {str(e)[:200]}).") from None
     shown = (
         "{_target_: diffusers.DDIMScheduler, num_train_timesteps: 1000}"

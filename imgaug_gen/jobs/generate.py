@@ -244,8 +244,9 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
     real = RealData(*dm.train_arrays(), dm.train_records())
     if augmenter is not None:
         augmenter.check(real.images.shape[1:])
-    # 4. Plan this shard; 5. open the folder under the job record (refusing another job's folder).
+    # 4. Plan this shard.
     plan = plan_shard(cfg, gen, real, augmenter)
+    # 5. Open the folder under the job record (another job's folder is refused; a killed run's orphans go).
     writer = FolderWriter(
         Path(cfg.out_dir),
         gen.class_names,
@@ -266,11 +267,12 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
         written += write_filtered_items(cfg, gen, real, plan, writer, scorers, augmenter, bar)
     metrics: dict[str, Any] = {"images_written_now": written, "seconds": round(time.perf_counter() - t0, 3)}
     metrics["images_per_second"] = round(written / metrics["seconds"], 2) if metrics["seconds"] > 0 else None
-    # 8. The last shard to finish merges the manifests, then writes train/metadata.jsonl from the final
-    # manifest (Hugging Face imagefolder columns); 9. it scores the folder and writes the report.
+    # 8. Merge: the one shard that finds every shard done merges the manifests, then writes
+    # train/metadata.jsonl from the final manifest (Hugging Face imagefolder columns).
     if not finish_shards(cfg, plan):
         return metrics
     write_hf_metadata(cfg.out_dir, read_manifest(cfg.out_dir))
+    # 9. Report: score the folder, metrics.json, config.yaml, preview.png.
     metrics = write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics)
     if cfg.num_shards > 1:
         mark_merged(cfg.out_dir, cfg.num_shards)

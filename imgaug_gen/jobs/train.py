@@ -1,10 +1,11 @@
 """``train(cfg)``: the whole training job behind ``train.py``, callable from tests
 and notebooks with a composed config.
 
-Steps: 1. check the config, 2. build and validate the data (fails on bad input
-before anything heavy), 3. build the model with the data's facts, 4. build
-callbacks, loggers and the Trainer, 5. fit (optionally resuming exactly from a
-checkpoint, loaded with ``weights_only=True``), 6. save the generator and report.
+Steps (the headers in :func:`train` and :func:`_train` carry the same numbers): 1. check the config
+(the schemas, the files, the checkpoint's paths, the model against the data's shape) and claim the run
+folder, 2. build and validate the data (fails on bad input before anything heavy), 3. build the model with
+the data's facts, 4. build callbacks, loggers and the Trainer, 5. fit (optionally resuming exactly from a
+checkpoint, loaded with ``weights_only=True``), 6. report.
 """
 
 from __future__ import annotations

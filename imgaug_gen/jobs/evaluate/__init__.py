@@ -12,19 +12,22 @@ chosen there) and the **test** split (reported):
   images (and ``synthetic_copies`` classical copies of each), consumed under policy ``<P>``
   (``policies``: concat / replace / weighted, soft targets, distillation; see
   :mod:`imgaug_gen.data.mixed` -- the same sampler and loss a user trains with). The teacher of a
-  distilling policy is the ``real+classical`` classifier of the same subset and seed.
+  distilling policy is the ``real+classical`` classifier of the same subset and seed;
+* with ``classifier.init`` (a classifier of the same recipe trained on other classes), ``transfer`` and
+  ``transfer+classical``, and every generative method starts from that init (its head new).
 
 Every generator entry trains its generator on exactly that subset with the real ``train.py`` job
 (``train:``), reuses another entry's run (``run_of:``) or an existing run (``run_dir:``), and writes
 its images with the real ``generate.py`` job; ``folder:`` takes an existing output instead.
 
-Statistics: every method's gain over ``real+classical`` is paired per (subset, seed) with a 95 %
-cluster-bootstrap interval (:mod:`imgaug_gen.metrics.stats`). With ``selection: val`` the
-**headline** is the generative method with the best mean validation gain over all shots values,
-tested once on the test split; the full grid is reported beside it.
+Statistics: the baseline of each shots value is the non-generative recipe with the best validation
+accuracy; every method's gain over it is paired per (subset, seed) with a 95 % cluster-bootstrap interval
+(:mod:`imgaug_gen.metrics.stats`). With ``selection: val`` the **headline** is the generative method with
+the best mean validation gain over all shots values, tested once on the test split; the full grid is
+reported beside it.
 
-Steps:
-1. Check the config (every key, every entry, every policy) before any heavy work.
+Steps (the headers in the code carry the same numbers):
+1. Check the config (every key, every entry, every policy) before any heavy work; claim the units.
 2. Per shots x subset: the real subset, its classical copies, the validation and test splits.
 3. Per generator entry: train (or reuse) -> generate -> read the written folder.
 4. Train / score the classifier on every set x policy x seed (cached in ``OUT/classifier_runs.jsonl``).
