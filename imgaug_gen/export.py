@@ -47,9 +47,7 @@ from imgaug_gen.io import (
     read_image_array,
     unique_class_dirs,
 )
-from imgaug_gen.io import (
-    is_durable as io_durable,
-)
+from imgaug_gen.io import is_durable as io_durable
 
 log = logging.getLogger(__name__)
 

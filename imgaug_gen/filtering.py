@@ -95,11 +95,7 @@ def confidence_filter(probs: np.ndarray, labels: np.ndarray, tau: float | None) 
 
 
 def nearest_real_distance(
-    syn_features: Any,
-    real_features: Any,
-    metric: str = "cosine",
-    chunk: int | None = None,
-    exclude_self: bool = False,
+    syn_features: Any, real_features: Any, metric: str = "cosine", chunk: int | None = None, exclude_self: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distance of each synthetic feature to its nearest real feature, and that real's index.
 

@@ -38,8 +38,9 @@ class KindRegistry:
             eps = self.entry_points()
             if kind not in eps:
                 known = sorted(set(self.classes) | set(eps))
+                unknown = f"{where} is not a known {self.what}" if key else f"Unknown {self.what} `{kind}`"
                 raise ConfigError(
-                    f"{where} is not a known {self.what}; known: {known}. A plug-in {self.what} must be "
+                    f"{unknown}; known kinds: {known}. A plug-in {self.what} must be "
                     f"installed with an entry point in the `{self.group}` group."
                 )
             cls = eps[kind].load()

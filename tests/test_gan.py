@@ -240,10 +240,10 @@ def test_lecam_and_ada_train_resume_and_refuse_bad_values(tmp_path):
     from imgaug_gen.config import compose_config
     from imgaug_gen.jobs.train import train
 
-    extra = ["model.lecam_lambda=0.3", "model.ada_target=0.6", "model.ada_interval=1", "model.ada_kimg=0.05"]
+    extra = ["model.lecam_lambda=0.3", "model.ada_target=0.1", "model.ada_interval=1", "model.ada_kimg=0.05"]
     train(compose_config("train", train_overrides("cgan", tmp_path / "run", *extra)))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    # LeCam's moving averages were updated; ADA raised p above 0 (the tiny D overfits at once)
+    # LeCam's moving averages were updated; ADA raised p above 0 (a low target: the tiny D soon exceeds it)
     assert float(ckpt["state_dict"]["lecam_ema_real"]) != 0.0 and float(ckpt["state_dict"]["lecam_ema_fake"]) != 0.0
     assert 0.0 < ckpt["ada"]["p"] <= 1.0
     for bad, match in [

@@ -129,7 +129,7 @@ def test_checkpoint_holds_only_lora_and_its_optimizer_state(trained):
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in lora.items())
     state = ckpt["optimizer_states"][0]["state"]
     assert len(state) == len(lora) and all(s["exp_avg"].abs().sum() > 0 for s in state.values())
-    assert ckpt["global_step"] == 4 and ckpt["sd_lora"]["batches_seen"] == 4
+    assert ckpt["global_step"] == 4 and ckpt["training_noise"]["batches_seen"] == 4
 
 
 def test_exact_resume_restores_lora_weights(trained, tiny_sd, tmp_path):
@@ -152,7 +152,7 @@ def test_exact_resume_restores_lora_weights(trained, tiny_sd, tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"`ckpt_path`: LoRA tensor .* has shape \(4, 8\), this model's has "
-        r"\(8, 8\); resume with the run's own `model.lora_rank`",
+        r"\(8, 8\); resume with the run's own `model.lora.rank`",
     ):
         _train(
             tiny_sd,
@@ -234,19 +234,19 @@ def test_prompts():
         build_prompts(names, tpl, identifier_tokens={"cat": "zwx", "golden_retriever": "sks"})[1]
         == "a photo of zwx cat"
     )
-    with pytest.raises(ConfigError, match=r"`model.class_prompts` names unknown classes \['dog'\]"):
+    with pytest.raises(ConfigError, match=r"`model.prompts.class_prompts` names unknown classes \['dog'\]"):
         build_prompts(names, class_prompts={"dog": "x"})
-    with pytest.raises(ConfigError, match="`model.identifier_tokens` has 1 tokens for 2 classes"):
+    with pytest.raises(ConfigError, match="`model.prompts.identifier_tokens` has 1 tokens for 2 classes"):
         build_prompts(names, tpl, identifier_tokens=["sks"])
     with pytest.raises(
         ConfigError,
-        match=r"`model.prompt_template` = .* uses \{token\} but "
-        "`model.identifier_tokens` is null",
+        match=r"`model.prompts.template` = .* uses \{token\} but "
+        "`model.prompts.identifier_tokens` is null",
     ):
         build_prompts(names, tpl)
-    with pytest.raises(ConfigError, match=r"`model.identifier_tokens` is set but `model.prompt_template`"):
+    with pytest.raises(ConfigError, match=r"`model.prompts.identifier_tokens` is set but `model.prompts.template`"):
         build_prompts(names, identifier_tokens="sks")
-    with pytest.raises(ConfigError, match=r"`model.prompt_template` = 'a \{kind\}' is not a valid template"):
+    with pytest.raises(ConfigError, match=r"`model.prompts.template` = 'a \{kind\}' is not a valid template"):
         build_prompts(names, "a {kind}")
 
 
@@ -274,8 +274,8 @@ def test_training_options_and_text_encoder_lora(tiny_sd, tmp_path):
         loss.backward()
         return loss.detach(), {k: p.grad.clone() for k, p in module.named_parameters() if p.requires_grad}
 
-    loss0, g0 = grads(build(snr_gamma=5.0, noise_offset=0.1, train_text_encoder=True))
-    loss1, g1 = grads(build(snr_gamma=5.0, noise_offset=0.1, train_text_encoder=True, gradient_checkpointing=True))
+    loss0, g0 = grads(build(snr_gamma=5.0, noise_offset=0.1, lora={"text_encoder": True}))
+    loss1, g1 = grads(build(snr_gamma=5.0, noise_offset=0.1, lora={"text_encoder": True}, gradient_checkpointing=True))
     assert torch.isfinite(loss0) and torch.allclose(loss0, loss1)
     assert g0.keys() == g1.keys() and any("text_encoder" in k for k in g0)
     assert all(torch.allclose(g0[k], g1[k], atol=1e-6) for k in g0)
@@ -283,7 +283,7 @@ def test_training_options_and_text_encoder_lora(tiny_sd, tmp_path):
     loss_v, _ = grads(build(prediction_type="v_prediction"))
     assert torch.isfinite(loss_v) and not torch.allclose(loss_v, loss0)
 
-    module = build(train_text_encoder=True)
+    module = build(lora={"text_encoder": True})
     with torch.no_grad():
         for p in module.lora_parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -344,12 +344,12 @@ def test_config_errors(tiny_sd, tmp_path):
         run(f"model.pretrained={tiny_sd}", "data.image_size=17")
     with pytest.raises(ConfigError, match=r"`trainer.precision` = '16-true' would train the LoRA weights in half"):
         run(f"model.pretrained={tiny_sd}", "trainer.precision=16-true")
-    with pytest.raises(ConfigError, match=r"`model.sample_scheduler` = 'Nope' is not a diffusers scheduler"):
-        run(f"model.pretrained={tiny_sd}", "model.sample_scheduler=Nope")
-    with pytest.raises(ConfigError, match=r"`model.lr_scheduler` = 'fast'; allowed: \['linear', 'cosine'"):
-        run(f"model.pretrained={tiny_sd}", "model.lr_scheduler=fast")
-    with pytest.raises(ConfigError, match=r"`model.lora_rank` = 0; give a positive integer"):
-        run(f"model.pretrained={tiny_sd}", "model.lora_rank=0")
+    with pytest.raises(ConfigError, match=r"`model.sampling.scheduler` = 'Nope'.* not a diffusers scheduler"):
+        run(f"model.pretrained={tiny_sd}", "model.sampling.scheduler=Nope")
+    with pytest.raises(ConfigError, match=r"`model.optim.lr_scheduler` = 'fast': allowed: \['linear', 'cosine'"):
+        run(f"model.pretrained={tiny_sd}", "model.optim.lr_scheduler=fast")
+    with pytest.raises(ConfigError, match=r"`model.lora.rank` = 0: input should be greater than or equal to 1"):
+        run(f"model.pretrained={tiny_sd}", "model.lora.rank=0")
 
 
 def test_hub_id_from_the_offline_cache(tiny_sd, tmp_path):

@@ -166,8 +166,7 @@ class LabeledFolderDataModule(ImageDataModule):
     def _load(self) -> LoadedImages:
         root = Path(os.path.expanduser(str(self.root))).absolute()  # records keep absolute paths
         class_dirs = sorted(
-            (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-            key=lambda p: p.name,
+            (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
         )
         if not class_dirs:
             loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]

@@ -63,9 +63,7 @@ from imgaug_gen.generators.schedulers import (
     convert_scheduler,
     scheduler_spec,
 )
-from imgaug_gen.generators.schedulers import (
-    plain as _plain,
-)
+from imgaug_gen.generators.schedulers import plain as _plain
 from imgaug_gen.nets.ema import ema_decay, ema_update
 from imgaug_gen.nets.unet import (  # noqa: F401  (part of the kind's API)
     AUGMENT_GROUPS,

@@ -37,13 +37,7 @@ from torch import nn
 
 from imgaug_gen.errors import ConfigError, require
 
-__all__ = [
-    "FEATURE_KINDS",
-    "FeatureExtractor",
-    "build_feature_extractor",
-    "images_to_tensor",
-    "validate_images",
-]
+__all__ = ["FEATURE_KINDS", "FeatureExtractor", "build_feature_extractor", "images_to_tensor", "validate_images"]
 
 #: Allowed values of ``metrics.features``.
 FEATURE_KINDS = ("domain", "inception", "dinov2", "clip")

@@ -228,7 +228,7 @@ class SDLoRAModule(GeneratorModule):
             for tok, enc in zip(self.tokenizers, self.text_encoders)
         ]
 
-    def _addadapters(self, gradient_checkpointing: bool, train_text_encoder: bool) -> None:
+    def _add_adapters(self, gradient_checkpointing: bool, train_text_encoder: bool) -> None:
         """Freeze the base model, add the LoRA adapter(s) (float32: one, or one per class), set train/eval modes."""
         from diffusers.training_utils import cast_training_params
         from peft import inject_adapter_in_model

@@ -94,7 +94,7 @@ class SamplingOptions(_Block):
             try:
                 scheduler_class(v, "model.sampling.scheduler")
             except ConfigError as e:
-                raise ValueError(str(e).split("; ", 1)[-1]) from None
+                raise ValueError(str(e).split(" is ", 1)[-1]) from None  # the message without its key
         return v
 
 
