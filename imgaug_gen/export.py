@@ -29,14 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from imgaug_gen.data.manifest import (  # noqa: F401 (re-exported)
-    MANIFEST,
-    SPLIT,
-    is_kept,
-    load_folder_images,
-    read_manifest,
-    record_path,
-)
+from imgaug_gen.data.manifest import MANIFEST, SPLIT, is_kept, load_folder_images, read_manifest, record_path  # noqa: F401 (re-exported)
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.io import (
     FolderLock,

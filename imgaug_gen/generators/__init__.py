@@ -1,12 +1,7 @@
 """Generator kinds behind one contract (see :mod:`imgaug_gen.generators.base`); their training
 modules subclass :class:`GeneratorModule` (imported lazily: it needs pytorch_lightning)."""
 
-from imgaug_gen.generators.base import (  # noqa: F401
-    ConditionalGenerator,
-    generator_class,
-    load_generator,
-    register_generator,
-)
+from imgaug_gen.generators.base import ConditionalGenerator, generator_class, load_generator, register_generator  # noqa: F401
 
 
 def __getattr__(name: str):

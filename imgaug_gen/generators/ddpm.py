@@ -65,13 +65,7 @@ from imgaug_gen.generators.schedulers import (
 )
 from imgaug_gen.generators.schedulers import plain as _plain
 from imgaug_gen.nets.ema import ema_decay, ema_update
-from imgaug_gen.nets.unet import (  # noqa: F401  (part of the kind's API)
-    AUGMENT_GROUPS,
-    apply_group_element,
-    augment_group_size,
-    build_unet,
-    unet_config,
-)
+from imgaug_gen.nets.unet import AUGMENT_GROUPS, apply_group_element, augment_group_size, build_unet, unet_config  # noqa: F401  (part of the kind's API)
 
 log = logging.getLogger(__name__)
 
