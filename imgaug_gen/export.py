@@ -31,6 +31,7 @@ import numpy as np
 
 from imgaug_gen.data.manifest import MANIFEST, SPLIT, is_kept, load_folder_images, read_manifest, record_path  # noqa: F401 (re-exported)
 from imgaug_gen.errors import ConfigError
+from imgaug_gen.hf_metadata import HF_COLUMNS, HF_METADATA, hf_metadata_rows, write_hf_metadata  # noqa: F401 (importable from here)
 from imgaug_gen.io import (
     FolderLock,
     atomic_save_image,
@@ -45,8 +46,6 @@ from imgaug_gen.io import is_durable as io_durable
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
-#: The Hugging Face ``imagefolder`` metadata file, in ``OUT/train``.
-HF_METADATA = "metadata.jsonl"
 
 
 def manifest_shard_name(shard: int, num_shards: int) -> str:
@@ -434,74 +433,3 @@ def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:
     records.sort(key=lambda r: r["id"])
     atomic_write_text(out_dir / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     return records
-
-
-#: metadata.jsonl's columns, in this order on every line (then the manifest's score names).
-HF_COLUMNS = (
-    "file_name",
-    "id",
-    "label",
-    "label_id",
-    "source",
-    "mode",
-    "seed",
-    "generator",
-    "source_id",
-    "partner_id",
-    "strength",
-    "blend",
-    "prompt",
-    "augmented",
-)
-
-
-def _score_columns(records: list[dict]) -> dict[str, type]:
-    """Every score name of the records, as int where every value is an int, else float."""
-    kinds: dict[str, set[type]] = {}
-    for r in records:
-        for k, v in (r.get("scores") or {}).items():
-            kinds.setdefault(k, set()).add(int if isinstance(v, int) and not isinstance(v, bool) else float)
-    return {k: (int if t == {int} else float) for k, t in sorted(kinds.items())}
-
-
-def hf_metadata_rows(records: Iterable[dict]) -> list[dict]:
-    """The ``imagefolder`` metadata of the kept records: one dict per image, every dict with the same
-    keys (:data:`HF_COLUMNS`, then the score names; ``None`` where a record has no value), so Arrow
-    reads one schema. ``file_name`` is relative to ``OUT/train``; ``label`` is the class name (the
-    folder name) and ``label_id`` the generator's class index (the manifest's ``label``); ``generator``
-    is the generator kind (``None`` for real images); ``augmented`` tells classically augmented images."""
-    kept = [r for r in records if is_kept(r)]
-    scores = _score_columns(kept)
-    rows = []
-    for r in kept:
-        file = str(r["file"])
-        if not file.startswith(f"{SPLIT}/"):
-            raise ConfigError(f"manifest line {r.get('id')!r}: file {file!r} is not under {SPLIT}/.")
-        gen = r.get("generator")
-        row = {
-            "file_name": file[len(SPLIT) + 1 :],
-            "id": r["id"],
-            "label": r["class_name"],
-            "label_id": int(r["label"]),
-            "source": r["source"],
-            "mode": r.get("mode"),
-            "seed": r.get("seed"),
-            "generator": gen.get("kind") if isinstance(gen, dict) else gen,
-        }
-        row.update({k: r.get(k) for k in ("source_id", "partner_id", "strength", "blend", "prompt")})
-        row["augmented"] = bool(r.get("augment"))
-        for k, kind in scores.items():
-            v = (r.get("scores") or {}).get(k)
-            row[k if k not in HF_COLUMNS else f"score_{k}"] = None if v is None else kind(v)
-        rows.append(row)
-    return rows
-
-
-def write_hf_metadata(out_dir: str | os.PathLike, records: Iterable[dict]) -> Path:
-    """``OUT/train/metadata.jsonl`` from the (final) manifest's records, atomically; returns its path.
-
-    ``datasets.load_dataset("imagefolder", data_dir=OUT)`` then yields one row per image with these
-    columns besides ``image`` (see :func:`hf_metadata_rows`)."""
-    path = Path(out_dir) / SPLIT / HF_METADATA
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in hf_metadata_rows(records)))
-    return path

@@ -76,14 +76,19 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
             assert m["mean"] == pytest.approx(np.mean(m["accs"]))
             assert m["std"] == pytest.approx(np.std(m["accs"], ddof=1))
             assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
-        base = np.asarray(r["real+classical"]["accs"])
-        for m in ["real", *METHODS[2:]]:
-            g = r[m]["gain"]  # paired with real+classical, same subset and seed
-            assert g["mean"] == pytest.approx(np.mean(np.asarray(r[m]["accs"]) - base))
+        # the baseline is the non-generative recipe with the best validation mean; gains pair with it
+        chosen = ev["baselines"][str(shots)]
+        val_means = {m: r[m]["val_mean"] for m in METHODS[:2]}
+        assert chosen["method"] == max(val_means, key=val_means.get) and chosen["val_means"] == pytest.approx(val_means)
+        base = chosen["method"]
+        assert "gain" not in r[base]
+        for m in [x for x in METHODS if x != base]:
+            g = r[m]["gain"]  # paired with the chosen baseline, same subset and seed
+            assert g["mean"] == pytest.approx(np.mean(np.asarray(r[m]["accs"]) - np.asarray(r[base]["accs"])))
             assert g["lo"] <= g["mean"] <= g["hi"] and g["n_pairs"] == 6 and g["n_subsets"] == 2
             assert g["significant"] == (g["lo"] > 0 or g["hi"] < 0)
             assert r[m]["val_gain"]["mean"] == pytest.approx(
-                np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r["real+classical"]["val_accs"]))
+                np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r[base]["val_accs"]))
             )
         g = ev["generators"][str(shots)]["cgan"]
         assert g["n_synthetic"] == 40 and 0.0 <= g["cas"]["mean"] <= 1.0 and len(g["cas"]["accs"]) == 2
@@ -175,7 +180,9 @@ def test_evaluate_existing_run_and_folder_entries(trained_cgan, tmp_path):
         )
     )
     r = ev["results"]["6"]
-    assert list(r) == ["real", "real+mine+classical@replace", "real+made+classical@concat"]
+    # the non-generative recipes a baseline is chosen from always run, before the methods asked for
+    assert list(r) == ["real", "real+classical", "real+mine+classical@replace", "real+made+classical@concat"]
+    assert ev["baselines"]["6"]["criterion"] == "fixed (no validation split)"
     assert r["real+made+classical@concat"]["n_train"] == 180 + 80
     assert r["real+mine+classical@replace"]["n_train"] == 180 + 80
     assert ev["generators"]["6"]["mine"]["run_dir"] == str(trained_cgan.resolve())

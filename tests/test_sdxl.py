@@ -379,7 +379,7 @@ def test_train_then_generate_cli(tiny_sdxl, folder, tmp_path):
         "train.py",
         *TINY_SDXL,
         f"model.pretrained={tiny_sdxl}",
-        "model.textual_inversion=true",
+        "model.textual_inversion.enabled=true",
         "data=folder",
         f"data.root={folder}",
         "data.shots=2",

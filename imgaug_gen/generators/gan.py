@@ -23,6 +23,7 @@ from imgaug_gen.generators.base import ConditionalGenerator, StrictGeneratorConf
 from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.generators.priors import (
     FinetuneMode,
+    GANPrior,
     InitMode,
     apply_finetune,
     check_prior_shape,
@@ -159,6 +160,33 @@ def load_grown(net, state: dict, num_classes: int, init: str) -> None:
     net.load_state_dict(grown)
 
 
+def _start_from_prior(
+    pretrained: Optional[str],
+    with_discriminator: bool,
+    image_shape: Sequence[int],
+    z_dim: int,
+    g_width: int,
+    d_width: int,
+    finetune: str,
+    freeze_d: int,
+) -> tuple[GANPrior | None, int, int, int]:
+    """Start from a cGAN run: the prior and its sizes (z_dim, g_width, d_width); no prior: None, the sizes given."""
+    if pretrained is None:
+        if finetune != "full" or freeze_d:
+            raise ConfigError(
+                f"`model.finetune` = {finetune!r} / `model.freeze_d` = {freeze_d} adapt a prior; set "
+                "`model.pretrained=RUN` (a cGAN run), or leave them at full / 0."
+            )
+        return None, z_dim, g_width, d_width
+    prior = load_gan_prior(pretrained, with_discriminator)
+    check_prior_shape(prior.image_shape, image_shape, pretrained)
+    d_prior = prior_discriminator_width(prior)
+    z_dim = _from_prior("model.z_dim", z_dim, 64, prior.z_dim, pretrained)
+    g_width = _from_prior("model.g_width", g_width, 32, prior.width, pretrained)
+    d_width = _from_prior("model.d_width", d_width, 32, d_prior, pretrained) if d_prior else d_width
+    return prior, z_dim, g_width, d_width
+
+
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
 
@@ -228,19 +256,9 @@ class CGANModule(GeneratorModule):
             if ada_target is not None
             else None
         )
-        prior = None
-        if pretrained is not None:  # start from a cGAN run: its sizes, its weights, new class rows
-            prior = load_gan_prior(pretrained, pretrained_discriminator)
-            check_prior_shape(prior.image_shape, image_shape, pretrained)
-            d_prior = prior_discriminator_width(prior)
-            z_dim = _from_prior("model.z_dim", z_dim, 64, prior.z_dim, pretrained)
-            g_width = _from_prior("model.g_width", g_width, 32, prior.width, pretrained)
-            d_width = _from_prior("model.d_width", d_width, 32, d_prior, pretrained) if d_prior else d_width
-        elif finetune != "full" or freeze_d:
-            raise ConfigError(
-                f"`model.finetune` = {finetune!r} / `model.freeze_d` = {freeze_d} adapt a prior; set "
-                "`model.pretrained=RUN` (a cGAN run), or leave them at full / 0."
-            )
+        prior, z_dim, g_width, d_width = _start_from_prior(
+            pretrained, pretrained_discriminator, image_shape, z_dim, g_width, d_width, finetune, freeze_d
+        )
         self.generator = _GeneratorNet(num_classes, image_size=h, channels=c, z_dim=z_dim, width=g_width)
         self.discriminator = ProjectionDiscriminator(num_classes, image_size=h, channels=c, width=d_width)
         if freeze_d > len(self.discriminator.blocks):

@@ -98,34 +98,41 @@ def _sample_hw(sample_size: Any) -> tuple[int, int]:
 def load_ddpm_prior(pretrained: Any, key: str = "model.pretrained") -> DiffusionPrior:
     """A ddpm prior from a local folder: a run or generator folder of this project (kind ``ddpm``, any
     classes), a diffusers ``UNet2DModel`` folder, or a ``DDPMPipeline`` / ``DDIMPipeline`` folder."""
-    from diffusers import UNet2DModel
-
-    from imgaug_gen.generators.base import CONFIG_NAME, load_generator, read_run_config
+    from imgaug_gen.generators.base import CONFIG_NAME
 
     path = resolve_prior(pretrained, key)
     gen_dir = path / "generator" if (path / "generator" / CONFIG_NAME).is_file() else path
     config_file = gen_dir / CONFIG_NAME
     if config_file.is_file() and "kind" in _read_json(config_file, key):
-        kind = read_run_config(gen_dir)["kind"]
-        if kind != "ddpm":
-            raise ConfigError(
-                f"`{key}` = {str(pretrained)!r} holds a `{kind}` generator; a ddpm starts from a ddpm "
-                "prior (a run of model=ddpm, or a diffusers UNet2DModel / DDPMPipeline folder)."
-            )
-        gen = load_generator(gen_dir)
-        k = gen.num_classes
-        blocks = int(gen.unet.config.num_class_embeds) // (k + 1)
-        return DiffusionPrior(
-            gen.unet,
-            "imgaug_gen",
-            gen_dir,
-            tuple(gen.image_shape),
-            gen.config["train_scheduler"],
-            k,
-            gen.class_names,
-            True,
-            blocks,
+        return _project_ddpm_prior(gen_dir, pretrained, key)
+    unet_dir, scheduler = _pipeline_parts(path, pretrained, key)
+    unet = _diffusers_unet(unet_dir, pretrained, key)
+    h, w = _sample_hw(unet.config.sample_size)
+    n = unet.config.num_class_embeds
+    source = "diffusers_pipeline" if (path / "model_index.json").is_file() else "diffusers_unet"
+    shape = (int(unet.config.in_channels), h, w)
+    return DiffusionPrior(unet, source, path, shape, scheduler, None if n is None else int(n), None, False, 1)
+
+
+def _project_ddpm_prior(gen_dir: Path, pretrained: Any, key: str) -> DiffusionPrior:
+    """A ddpm generator folder of this project as a prior (any classes; its embedding has a null row)."""
+    from imgaug_gen.generators.base import load_generator, read_run_config
+
+    kind = read_run_config(gen_dir)["kind"]
+    if kind != "ddpm":
+        raise ConfigError(
+            f"`{key}` = {str(pretrained)!r} holds a `{kind}` generator; a ddpm starts from a ddpm "
+            "prior (a run of model=ddpm, or a diffusers UNet2DModel / DDPMPipeline folder)."
         )
+    gen = load_generator(gen_dir)
+    k = gen.num_classes
+    blocks = int(gen.unet.config.num_class_embeds) // (k + 1)
+    shape, scheduler = tuple(gen.image_shape), gen.config["train_scheduler"]
+    return DiffusionPrior(gen.unet, "imgaug_gen", gen_dir, shape, scheduler, k, gen.class_names, True, blocks)
+
+
+def _pipeline_parts(path: Path, pretrained: Any, key: str) -> tuple[Path, dict | None]:
+    """A diffusers folder's UNet folder and training scheduler (a pipeline's ``unet/`` and ``scheduler/``)."""
     unet_dir, scheduler = path, None
     index = path / "model_index.json"
     if index.is_file():
@@ -144,6 +151,13 @@ def load_ddpm_prior(pretrained: Any, key: str = "model.pretrained") -> Diffusion
                 "class_name": "DDPMScheduler",
                 "config": {k: v for k, v in cfg.items() if not str(k).startswith("_")},
             }
+    return unet_dir, scheduler
+
+
+def _diffusers_unet(unet_dir: Path, pretrained: Any, key: str) -> Any:
+    """A diffusers ``UNet2DModel`` folder's UNet, read from safetensors only."""
+    from diffusers import UNet2DModel
+
     unet_cfg = _read_json(unet_dir / "config.json", key) if (unet_dir / "config.json").is_file() else {}
     if unet_cfg.get("_class_name") != "UNet2DModel":
         raise ConfigError(
@@ -157,25 +171,12 @@ def load_ddpm_prior(pretrained: Any, key: str = "model.pretrained") -> Diffusion
             "with a class-embedding table (or none) can take new classes."
         )
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
+        return UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ConfigError(
             f"`{key}` = {str(pretrained)!r}: the UNet could not be loaded from safetensors ({e}). Weights "
             "are read from diffusion_pytorch_model.safetensors only (never a pickled .bin)."
         ) from None
-    h, w = _sample_hw(unet.config.sample_size)
-    n = unet.config.num_class_embeds
-    return DiffusionPrior(
-        unet,
-        "diffusers_pipeline" if index.is_file() else "diffusers_unet",
-        path,
-        (int(unet.config.in_channels), h, w),
-        scheduler,
-        None if n is None else int(n),
-        None,
-        False,
-        1,
-    )
 
 
 def _read_json(path: Path, key: str) -> dict:

@@ -271,6 +271,61 @@ def _load_domain(cache_dir: Path, key: str) -> DomainFeatures | None:
     return model
 
 
+def _domain_recipe(
+    images: np.ndarray,
+    num_classes: int,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    max_shift: int,
+) -> dict[str, Any]:
+    """The network config and training recipe of the domain classifier (part of the cache key)."""
+    arch = {
+        "num_classes": int(num_classes),
+        "in_channels": int(images.shape[-1]),
+        "input_size": DOMAIN_INPUT_SIZE,
+        "widths": list(DOMAIN_WIDTHS),
+        "feature_dim": DOMAIN_FEATURE_DIM,
+    }
+    return {
+        **arch,
+        "seed": int(seed),
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "max_shift": int(max_shift),
+    }
+
+
+def _save_and_reload(
+    model: DomainFeatures, cache_path: Path, key: str, recipe: dict[str, Any], images: np.ndarray, t0: float
+) -> DomainFeatures:
+    """Write a freshly trained network to the cache and return it as a later cache hit builds it."""
+    meta = {
+        "key": key,
+        "code_version": DOMAIN_CODE_VERSION,
+        "name": model.name,
+        "config": model.config(),
+        "recipe": recipe,
+        "n_images": int(images.shape[0]),
+        "image_shape": list(images.shape[1:]),
+        "train_accuracy": model.train_accuracy,
+        "train_seconds": round(time.perf_counter() - t0, 3),
+    }
+    _save_domain(model, cache_path, key, meta)
+    # Return the network exactly as a later cache hit builds it: a freshly trained module can
+    # differ from the reloaded one in the last float bits (parameter memory layout), and per-image
+    # scores of a resumed job must equal those of an uninterrupted one.
+    reloaded = _load_domain(cache_path, key)
+    if reloaded is not None:
+        reloaded.loaded_from_cache = False
+        return reloaded
+    return model
+
+
 def fit_domain_features(
     images: np.ndarray,
     labels: np.ndarray,
@@ -299,23 +354,7 @@ def fit_domain_features(
     require(
         images.shape[0] >= 2, f"`images` needs at least 2 images to train the domain features, got {images.shape[0]}."
     )
-    in_channels = int(images.shape[-1])
-    arch = {
-        "num_classes": int(num_classes),
-        "in_channels": in_channels,
-        "input_size": DOMAIN_INPUT_SIZE,
-        "widths": list(DOMAIN_WIDTHS),
-        "feature_dim": DOMAIN_FEATURE_DIM,
-    }
-    recipe = {
-        **arch,
-        "seed": int(seed),
-        "steps": int(steps),
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "max_shift": int(max_shift),
-    }
+    recipe = _domain_recipe(images, num_classes, seed, steps, batch_size, lr, weight_decay, max_shift)
     key = _domain_cache_key(images, labels, recipe)
     cache_path = Path(cache_dir).expanduser() / "domain_features" if cache_dir is not None else None
     if cache_path is not None:
@@ -326,7 +365,7 @@ def fit_domain_features(
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DomainFeatures(num_classes=num_classes, in_channels=in_channels)
+        model = DomainFeatures(num_classes=num_classes, in_channels=recipe["in_channels"])
         acc = _train_domain_classifier(
             model,
             images,
@@ -342,23 +381,5 @@ def fit_domain_features(
     model.loaded_from_cache = False
     model.train_accuracy = acc
     if cache_path is not None:
-        meta = {
-            "key": key,
-            "code_version": DOMAIN_CODE_VERSION,
-            "name": model.name,
-            "config": model.config(),
-            "recipe": recipe,
-            "n_images": int(images.shape[0]),
-            "image_shape": list(images.shape[1:]),
-            "train_accuracy": acc,
-            "train_seconds": round(time.perf_counter() - t0, 3),
-        }
-        _save_domain(model, cache_path, key, meta)
-        # Return the network exactly as a later cache hit builds it: a freshly trained module can
-        # differ from the reloaded one in the last float bits (parameter memory layout), and per-image
-        # scores of a resumed job must equal those of an uninterrupted one.
-        reloaded = _load_domain(cache_path, key)
-        if reloaded is not None:
-            reloaded.loaded_from_cache = False
-            return reloaded
+        return _save_and_reload(model, cache_path, key, recipe, images, t0)
     return model

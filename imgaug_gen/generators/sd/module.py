@@ -30,6 +30,7 @@ from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.generators.schedulers import convert_scheduler
 from imgaug_gen.generators.sd import textual_inversion as ti
+from imgaug_gen.generators.sd.checks import check_checkpoint_state, check_image_size, check_options, warn_long_prompts
 from imgaug_gen.generators.sd.family import detect_family, load_components, resolve_pretrained, resolve_vae
 from imgaug_gen.generators.sd.generator import DTYPES, SDLoRAGenerator
 from imgaug_gen.generators.sd.lora import (
@@ -131,11 +132,11 @@ class SDLoRAModule(GeneratorModule):
         # 2. Load the base model (the real from_pretrained code) and check it against the data.
         comps = load_components(self.family, self.pretrained, revision, variant, self.vae_path, cache_dir=cache_dir)
         self._set_components(comps)
-        self._check_image_size(h, w)
+        check_image_size(self.vae, self.unet, h, w)
 
         # 3. Learned class tokens, frozen base model, trainable LoRA adapters.
         self.ti = torch.nn.ModuleList(self._add_placeholders() if self.ti_options.enabled else [])
-        self._check_prompt_lengths()
+        warn_long_prompts(self.tokenizers, self.hparams.class_names, self.prompts)
         self._add_adapters(gradient_checkpointing, self.lora.text_encoder)
         # a batch trains only the adapters of its classes; SDXL reads text encoder 1's penultimate layer,
         # so LoRA on its last layer gets no gradient
@@ -150,23 +151,7 @@ class SDLoRAModule(GeneratorModule):
     def _check_options(self) -> tuple[int, int]:
         """Rules across blocks, prompts and LoRA configs; returns the image (height, width)."""
         hp, lora = self.hparams, self.lora
-        c, h, w = (int(v) for v in hp.image_shape)
-        if c != 3:
-            raise ConfigError(
-                f"`data.channels` = {c}, but Stable Diffusion works on RGB images; set "
-                "`data.channels=3` (grayscale images are then replicated to 3 channels)."
-            )
-        if not (lora.enabled or self.ti_options.enabled):
-            raise ConfigError(
-                "`model.lora.enabled=false` and `model.textual_inversion.enabled=false` leave nothing "
-                "to train; enable LoRA adapters, a learned token per class, or both."
-            )
-        if not lora.enabled and (lora.per_class or lora.text_encoder):
-            key = "per_class" if lora.per_class else "text_encoder"
-            raise ConfigError(
-                f"`model.lora.{key}=true` needs LoRA adapters, but `model.lora.enabled=false`; set "
-                "`model.lora.enabled=true`."
-            )
+        h, w = check_options(hp.image_shape, lora, self.ti_options)
         self.placeholders = ti.placeholder_tokens(hp.class_names) if self.ti_options.enabled else None
         po = self.prompt_options
         self.prompts = build_prompts(
@@ -198,17 +183,6 @@ class SDLoRAModule(GeneratorModule):
         self.vae, self.unet = comps["vae"], comps["unet"]
         self.tokenizer, self.tokenizer_2 = comps["tokenizer"], comps.get("tokenizer_2")
         self.text_encoder, self.text_encoder_2 = comps["text_encoder"], comps.get("text_encoder_2")
-
-    def _check_image_size(self, h: int, w: int) -> None:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if h % factor or w % factor:
-            raise ConfigError(
-                f"`data.image_size` = {h} is not a multiple of the VAE's downscale factor {factor}; "
-                f"use e.g. `data.image_size={max(factor, h // factor * factor)}`."
-            )
-        native = int(self.unet.config.sample_size) * factor
-        if h < native // 2:
-            log.warning("data.image_size=%d is far below the base model's native %d px; expect poor images.", h, native)
 
     @property
     def text_encoders(self) -> list:
@@ -275,20 +249,6 @@ class SDLoRAModule(GeneratorModule):
 
     def lora_state_keys(self) -> list[str]:
         return list(self._trainable)
-
-    def _check_prompt_lengths(self) -> None:
-        for tokenizer in self.tokenizers:
-            limit = tokenizer.model_max_length
-            for name, prompt in zip(self.hparams.class_names, self.prompts):
-                n = len(tokenizer(prompt).input_ids)
-                if n > limit:
-                    log.warning(
-                        "The prompt of class %r (%r) has %d tokens; the text encoder keeps only %d.",
-                        name,
-                        prompt,
-                        n,
-                        limit,
-                    )
 
     @staticmethod
     def _tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
@@ -521,21 +481,7 @@ class SDLoRAModule(GeneratorModule):
         checkpoint["sd_lora"] = {"pretrained": self.pretrained}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        missing = [k for k in self.lora_state_keys() if k not in state]
-        if missing:
-            raise ConfigError(
-                f"`ckpt_path`: the checkpoint lacks {len(missing)} of this model's {len(self.lora_state_keys())} "
-                f"LoRA tensors (e.g. {missing[0]!r}); it was written with a different `model.lora.*` config or a "
-                "different base model. Resume with the run's own config."
-            )
-        params = dict(self.named_parameters())
-        for k, v in state.items():
-            if k in params and tuple(v.shape) != tuple(params[k].shape):
-                raise ConfigError(
-                    f"`ckpt_path`: LoRA tensor {k!r} has shape {tuple(v.shape)}, this model's has "
-                    f"{tuple(params[k].shape)}; resume with the run's own `model.lora.rank`."
-                )
+        check_checkpoint_state(checkpoint.get("state_dict", {}), self.lora_state_keys(), dict(self.named_parameters()))
         super().on_load_checkpoint(checkpoint)
         info = checkpoint.get("sd_lora", {})
         if info.get("pretrained") not in (None, self.pretrained):
