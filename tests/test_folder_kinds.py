@@ -21,7 +21,11 @@ def test_folder_train_sample_and_img2img(kind, tiny_folder, tmp_path):
     model = (
         [*TINY_DDPM, "model.num_inference_steps=2"]
         if kind == "ddpm"
-        else [*TINY_SD, f"model.pretrained={build_tiny_sd(tmp_path / 'tiny_sd')}", "model.sampling.num_inference_steps=2"]
+        else [
+            *TINY_SD,
+            f"model.pretrained={build_tiny_sd(tmp_path / 'tiny_sd')}",
+            "model.sampling.num_inference_steps=2",
+        ]
     )
     run = tmp_path / "run"
     train(

@@ -24,7 +24,14 @@ def _train_cmd(run, *extra):
         for o in train_overrides("cgan", run, "callbacks.fidelity.every_n_steps=0")
         if not o.startswith(("run_dir", "trainer.enable_progress_bar"))
     ]  # the bar as configured by default (debug=tiny turns it off)
-    return [sys.executable, str(ROOT / "train.py"), *over, "trainer.enable_progress_bar=true", f"hydra.run.dir={run}", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *over,
+        "trainer.enable_progress_bar=true",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
 
 
 def test_log_file_gets_plain_progress_lines(tmp_path):
