@@ -87,7 +87,7 @@ def _ignorable(name: str) -> bool:
 class FolderWriter:
     """Atomic, resumable writer of one job's images and manifest lines.
 
-    One writer per (folder, shard): :class:`~imgaug_gen.io.FolderLock` ``generate[.shardXXX-of-YYY].lock``
+    One writer per (folder, shard): :class:`~imgaug_gen.locks.FolderLock` ``generate[.shardXXX-of-YYY].lock``
     is held for the writer's life, so a second copy of the same job (two terminals, a re-queued
     cluster job) stops at once with an error naming the holder; shards of one job never block each
     other. The job record (``job.json``) is read and written under a short ``claim.lock``.

@@ -138,6 +138,19 @@ def plan_items(
 
     counts = synthetic_counts(cfg, num_classes, real_labels)
     real_labels = np.asarray(real_labels, dtype=np.int64)
+    _check_planned(cfg, counts, real_labels, augmenter)
+    items = _sample_items(cfg, counts, num_classes)
+    items += _edit_items(cfg, counts, num_classes, real_labels, real_ids)
+    items += _real_items(cfg, real_labels, real_ids, augmenter)
+    if augmenter is not None:
+        for g, it in enumerate(items):
+            if it.source == "synthetic" or it.mode == "augment":
+                it.aug_seed = per_image_seeds(cfg.seed + AUGMENT_SEED_OFFSET, g, 1)[0]
+    return items
+
+
+def _check_planned(cfg: DictConfig, counts: dict[int, dict[str, int]], real_labels: np.ndarray, augmenter) -> None:
+    """Refuse a plan of more than :data:`MAX_PLANNED` images (candidates and real copies included)."""
     planned = sum(_candidates(n, cfg) for per in counts.values() for n in per.values())
     planned += len(real_labels) * (
         int(bool(cfg.include_real))
@@ -150,8 +163,13 @@ def plan_items(
             "`mix.target_per_class` / `img2img.edits_per_image`, or split the job into several "
             "`out_dir`s with different `seed`s."
         )
+
+
+def _sample_items(cfg: DictConfig, counts: dict[int, dict[str, int]], num_classes: int) -> list[Item]:
+    """The ``sample`` items: the classes one after the other, ids ``syn_{i}``."""
+    from imgaug_gen.generators.base import per_image_seeds
+
     items: list[Item] = []
-    # sample: classes one after the other
     n_sample = [_candidates(counts[c].get("sample", 0), cfg) for c in range(num_classes)]
     seeds = per_image_seeds(cfg.seed, 0, int(sum(n_sample)))
     i = 0
@@ -159,42 +177,56 @@ def plan_items(
         for _ in range(n_sample[c]):
             items.append(Item(f"syn_{i:07d}", c, "synthetic", "sample", seed=seeds[i]))
             i += 1
-    # img2img: edit k of real image r, round-robin over the class's real images
+    return items
+
+
+def _edit_items(
+    cfg: DictConfig, counts: dict[int, dict[str, int]], num_classes: int, real_labels: np.ndarray, real_ids: list[str]
+) -> list[Item]:
+    """The ``img2img`` items: edit ``k`` of real image ``r``, round-robin over the class's real images."""
+    from imgaug_gen.generators.base import per_image_seeds
+
     n_edit = [_candidates(counts[c].get("img2img", 0), cfg) for c in range(num_classes)]
-    if sum(n_edit):
-        strengths, blend = list(cfg.img2img.strengths), _blend_range(cfg)
-        by_class = [np.flatnonzero(real_labels == c) for c in range(num_classes)]
-        per_real = max(
-            [math.ceil(n_edit[c] / len(by_class[c])) for c in range(num_classes) if len(by_class[c])], default=0
+    if not sum(n_edit):
+        return []
+    strengths, blend = list(cfg.img2img.strengths), _blend_range(cfg)
+    by_class = [np.flatnonzero(real_labels == c) for c in range(num_classes)]
+    per_real = max([math.ceil(n_edit[c] / len(by_class[c])) for c in range(num_classes) if len(by_class[c])], default=0)
+    edits = []
+    for c in range(num_classes):
+        if n_edit[c] and not len(by_class[c]):
+            log.warning("class %d has no real images to edit; its %d img2img images are skipped", c, n_edit[c])
+            continue
+        for j in range(n_edit[c]):
+            r, k = int(by_class[c][j % len(by_class[c])]), j // len(by_class[c])
+            edits.append((r * per_real + k, r))
+    items: list[Item] = []
+    for idx, r in sorted(edits):
+        seed = per_image_seeds(cfg.seed, idx, 1)[0]
+        rng = np.random.default_rng(seed)
+        strength = float(strengths[rng.integers(len(strengths))])
+        item = Item(
+            f"edit_{idx:07d}",
+            int(real_labels[r]),
+            "synthetic",
+            "img2img",
+            seed=seed,
+            strength=strength,
+            real_index=r,
+            extra={"source_id": real_ids[r]},
         )
-        edits = []
-        for c in range(num_classes):
-            if n_edit[c] and not len(by_class[c]):
-                log.warning("class %d has no real images to edit; its %d img2img images are skipped", c, n_edit[c])
-                continue
-            for j in range(n_edit[c]):
-                r, k = int(by_class[c][j % len(by_class[c])]), j // len(by_class[c])
-                edits.append((r * per_real + k, r))
-        for idx, r in sorted(edits):
-            seed = per_image_seeds(cfg.seed, idx, 1)[0]
-            rng = np.random.default_rng(seed)
-            strength = float(strengths[rng.integers(len(strengths))])
-            item = Item(
-                f"edit_{idx:07d}",
-                int(real_labels[r]),
-                "synthetic",
-                "img2img",
-                seed=seed,
-                strength=strength,
-                real_index=r,
-                extra={"source_id": real_ids[r]},
-            )
-            if blend is not None:
-                mates = by_class[int(real_labels[r])]
-                others = mates[mates != r] if len(mates) > 1 else mates
-                item.partner_index = int(others[rng.integers(len(others))])
-                item.blend = round(float(rng.uniform(*blend)), 4)
-            items.append(item)
+        if blend is not None:
+            mates = by_class[int(real_labels[r])]
+            others = mates[mates != r] if len(mates) > 1 else mates
+            item.partner_index = int(others[rng.integers(len(others))])
+            item.blend = round(float(rng.uniform(*blend)), 4)
+        items.append(item)
+    return items
+
+
+def _real_items(cfg: DictConfig, real_labels: np.ndarray, real_ids: list[str], augmenter) -> list[Item]:
+    """The real images' items: the copies (``include_real``), then the classical copies (``apply_to: all``)."""
+    items: list[Item] = []
     if cfg.include_real:
         for r, label in enumerate(real_labels):
             items.append(Item(f"real_{real_ids[r]}", int(label), "real", "real", real_index=r))
@@ -211,10 +243,6 @@ def plan_items(
                         extra={"source_id": real_ids[r]},
                     )
                 )
-    if augmenter is not None:
-        for g, it in enumerate(items):
-            if it.source == "synthetic" or it.mode == "augment":
-                it.aug_seed = per_image_seeds(cfg.seed + AUGMENT_SEED_OFFSET, g, 1)[0]
     return items
 
 

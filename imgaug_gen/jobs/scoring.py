@@ -102,22 +102,11 @@ def score_folder(
     from imgaug_gen.export import is_kept
 
     records = [r for r in records if is_kept(r)]
-    counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
-    by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
-    for r in records:
-        counts[r["class_name"]][r["source"]] += 1
-        mode = r.get("mode") or r["source"]
-        by_mode[r["class_name"]][mode] = by_mode[r["class_name"]].get(mode, 0) + 1
-    out: dict[str, Any] = {
-        "counts": counts,
-        "counts_by_mode": by_mode,
-        "n_synthetic": sum(v["synthetic"] for v in counts.values()),
-        "n_real": sum(v["real"] for v in counts.values()),
-    }
+    out = _folder_counts(records, class_names)
     syn = [r for r in records if r["source"] == "synthetic"]
     if extractor is None or not syn:
         return out
-    from imgaug_gen.metrics import PRDC_KEYS, FidelityEvaluator, per_class_fidelity_from_features, precision_recall
+    from imgaug_gen.metrics import PRDC_KEYS, FidelityEvaluator, precision_recall
 
     ref_images, ref_labels = dm.reference_arrays()
     evaluator = FidelityEvaluator(extractor, ref_images)
@@ -149,8 +138,32 @@ def score_folder(
         pr = precision_recall(real_f, fake_f, k=k)
         out.update({key: pr[key] for key in PRDC_KEYS})
     out["precision_recall_k"] = int(k)
+    out["per_class"] = _per_class_scores(real_f, ref_labels, fake_f, syn, extractor, class_names, k)
+    return out
+
+
+def _folder_counts(records: list[dict], class_names: list[str]) -> dict[str, Any]:
+    """The kept records' counts: per class and source, per class and source mode, and the totals."""
+    counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
+    by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
+    for r in records:
+        counts[r["class_name"]][r["source"]] += 1
+        mode = r.get("mode") or r["source"]
+        by_mode[r["class_name"]][mode] = by_mode[r["class_name"]].get(mode, 0) + 1
+    return {
+        "counts": counts,
+        "counts_by_mode": by_mode,
+        "n_synthetic": sum(v["synthetic"] for v in counts.values()),
+        "n_real": sum(v["real"] for v in counts.values()),
+    }
+
+
+def _per_class_scores(real_f, ref_labels, fake_f, syn: list[dict], extractor, class_names: list[str], k: int) -> dict:
+    """FID/KID and precision/recall per class, keyed by class name, from the features already computed."""
+    from imgaug_gen.metrics import per_class_fidelity_from_features
+
     fake_labels = np.asarray([r["label"] for r in syn], dtype=np.int64)
-    out["per_class"] = {
+    return {
         str(name): v
         for name, v in per_class_fidelity_from_features(
             real_f,
@@ -163,4 +176,3 @@ def score_folder(
             k=k,
         ).items()
     }
-    return out

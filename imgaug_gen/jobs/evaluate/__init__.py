@@ -126,8 +126,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dict[str, Any]:
-    from imgaug_gen.io import atomic_write_json, atomic_write_text
-    from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
+    """Steps 2-5 (step 1 is :func:`evaluate`'s): every shots value's subsets and statistics, then the report."""
+    from imgaug_gen.io import atomic_write_text
 
     prepare_process()
     recipe = OmegaConf.to_container(cfg.classifier, resolve=True) or {}
@@ -158,28 +158,12 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
             n_classes = len(dataset["class_names"])
 
         # 5. Statistics per shots.
-        summary, baselines[str(shots)] = summarise(rows, seeds, init is not None)
-        for g, per_subset in generators[str(shots)].items():
-            cas = summary.pop(f"cas:{g}", None)
-            generators[str(shots)][g] = generator_summary(per_subset, cas)
-        names = method_names(entries, init is not None)
-        if wanted:
-            summary = {
-                k: summary[k] for k in names if (k in wanted or k == baselines[str(shots)]["method"]) and k in summary
-            }
-        results[str(shots)] = {k: summary[k] for k in names if k in summary}
-        for m, r in results[str(shots)].items():
-            g = r.get("gain")
-            log.info(
-                "shots=%s %-44s test %.2f ± %.2f %%%s",
-                shots,
-                m,
-                100 * r["mean"],
-                100 * r["std"],
-                "" if g is None else f"  gain {100 * g['mean']:+.2f} [{100 * g['lo']:+.2f}, {100 * g['hi']:+.2f}]",
-            )
+        results[str(shots)], baselines[str(shots)] = _shots_statistics(
+            rows, seeds, init, entries, wanted, generators[str(shots)], shots
+        )
         plot_x[str(shots)] = shots if shots is not None else round(dataset.get("n_train", 0) / n_classes)
 
+    # 5. Selection and report.
     selected = select_headline(results) if cfg.selection == "val" else None
     out = {
         "results": results,
@@ -197,13 +181,48 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
         "synthetic_copies": int(cfg.synthetic_copies),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    _write_report(out, root, entries, plot_x)
+    return out
+
+
+def _shots_statistics(
+    rows: list[dict], seeds: list[int], init: str | None, entries: dict, wanted, gens: dict, shots
+) -> tuple[dict, dict]:
+    """Step 5 for one shots value: the methods' results and the baseline; ``gens`` becomes the generators' facts."""
+    summary, baseline = summarise(rows, seeds, init is not None)
+    for g, per_subset in gens.items():
+        cas = summary.pop(f"cas:{g}", None)
+        gens[g] = generator_summary(per_subset, cas)
+    names = method_names(entries, init is not None)
+    if wanted:
+        summary = {k: summary[k] for k in names if (k in wanted or k == baseline["method"]) and k in summary}
+    results = {k: summary[k] for k in names if k in summary}
+    for m, r in results.items():
+        g = r.get("gain")
+        log.info(
+            "shots=%s %-44s test %.2f ± %.2f %%%s",
+            shots,
+            m,
+            100 * r["mean"],
+            100 * r["std"],
+            "" if g is None else f"  gain {100 * g['mean']:+.2f} [{100 * g['lo']:+.2f}, {100 * g['hi']:+.2f}]",
+        )
+    return results, baseline
+
+
+def _write_report(out: dict[str, Any], root: Path, entries: dict, plot_x: dict[str, int]) -> None:
+    """Step 5's files: ``results.md``, ``accuracy_vs_shots.png`` and (with their paths in ``out``) ``eval.json``."""
+    from imgaug_gen.io import atomic_write_json, atomic_write_text
+    from imgaug_gen.metrics.downstream import plot_accuracy_vs_shots
+
+    results = out["results"]
     md = report_markdown(out)
     atomic_write_text(root / "results.md", md)
-    shown = chart_methods(results, selected, entries)
+    shown = chart_methods(results, out["selected"], entries)
     plot_accuracy_vs_shots(
         {plot_x[s]: {m: r[m] for m in shown if m in r} for s, r in results.items()},
         root / "accuracy_vs_shots.png",
-        title=f"{len(data_seeds)} subsets x {len(seeds)} seeds, 95 % intervals",
+        title=f"{len(out['data_seeds'])} subsets x {len(out['seeds'])} seeds, 95 % intervals",
     )
     out["files"] = {
         "eval_json": str(root / "eval.json"),
@@ -211,4 +230,3 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
         "chart": str(root / "accuracy_vs_shots.png"),
     }
     atomic_write_json(root / "eval.json", out)
-    return out

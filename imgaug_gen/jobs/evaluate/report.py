@@ -67,13 +67,30 @@ def report_markdown(ev: Mapping[str, Any]) -> str:
     methods: list[str] = []
     for s in shots:
         methods += [m for m in results[s] if m not in methods]
+    sel = ev.get("selected")
+    lines = _intro_lines(ev, shots, base)
+    if sel:
+        lines += _headline_lines(ev, sel["method"], shots, base)
+    lines += _grid_lines(results, methods, shots, sel)
+    pols = ev.get("policies") or {}
+    if pols:
+        from imgaug_gen.data.mixed import MixPolicy
+
+        lines += ["", "Policies: " + "; ".join(f"`{k}` = {MixPolicy(**v).tag}" for k, v in pols.items()) + "."]
+    for s in shots:
+        lines += _generator_lines(s, ev.get("generators", {}).get(s, {}))
+    return "\n".join(lines) + "\n"
+
+
+def _intro_lines(ev: Mapping[str, Any], shots: list[str], base: dict[str, str]) -> list[str]:
+    """The report's opening paragraph: the test set, the subsets and seeds, the baselines, what a gain is."""
     n_sub, n_seeds = len(ev.get("data_seeds", [0])), len(ev["seeds"])
     init = (
         f" `transfer` methods and every generative one start from the classifier `{ev['classifier_init']}`."
         if ev.get("classifier_init")
         else ""
     )
-    lines = [
+    return [
         f"Fixed-recipe classifier on {ev['dataset'].get('n_test', '?')} held-out real test images; "
         f"{n_sub} few-shot subset(s) x {n_seeds} classifier seeds per shots value.{init} The baseline of each "
         "shots value is the non-generative recipe with the best validation accuracy ("
@@ -83,28 +100,33 @@ def report_markdown(ev: Mapping[str, Any]) -> str:
         "excludes 0.",
         "",
     ]
-    sel = ev.get("selected")
-    if sel:
-        m = sel["method"]
-        lines += [
-            f"**Headline (chosen on the validation split, {ev['dataset'].get('n_val', '?')} images; tested once): "
-            f"`{m}`**",
-            "",
-            "| | " + " | ".join(f"{s} shots" for s in shots) + " |",
-            "|---|" + "---:|" * len(shots),
-            "| baseline | " + " | ".join(f"`{base[s]}`" for s in shots) + " |",
-            "| baseline test accuracy | "
-            + " | ".join(
-                f"{100 * results[s][base[s]]['mean']:.1f} ± {100 * results[s][base[s]]['std']:.1f}" for s in shots
-            )
-            + " |",
-            f"| `{m}` test accuracy | "
-            + " | ".join(f"{100 * results[s][m]['mean']:.1f} ± {100 * results[s][m]['std']:.1f}" for s in shots)
-            + " |",
-            "| gain over the baseline | " + " | ".join(fmt_gain(results[s][m].get("gain")) for s in shots) + " |",
-            "",
-        ]
-    lines += [
+
+
+def _headline_lines(ev: Mapping[str, Any], m: str, shots: list[str], base: dict[str, str]) -> list[str]:
+    """The headline method ``m`` against the baseline, per shots value."""
+    results = ev["results"]
+    return [
+        f"**Headline (chosen on the validation split, {ev['dataset'].get('n_val', '?')} images; tested once): `{m}`**",
+        "",
+        "| | " + " | ".join(f"{s} shots" for s in shots) + " |",
+        "|---|" + "---:|" * len(shots),
+        "| baseline | " + " | ".join(f"`{base[s]}`" for s in shots) + " |",
+        "| baseline test accuracy | "
+        + " | ".join(f"{100 * results[s][base[s]]['mean']:.1f} ± {100 * results[s][base[s]]['std']:.1f}" for s in shots)
+        + " |",
+        f"| `{m}` test accuracy | "
+        + " | ".join(f"{100 * results[s][m]['mean']:.1f} ± {100 * results[s][m]['std']:.1f}" for s in shots)
+        + " |",
+        "| gain over the baseline | " + " | ".join(fmt_gain(results[s][m].get("gain")) for s in shots) + " |",
+        "",
+    ]
+
+
+def _grid_lines(
+    results: Mapping[str, Mapping[str, dict]], methods: list[str], shots: list[str], sel: dict | None
+) -> list[str]:
+    """The full grid: per method and shots value, test accuracy, gain and validation gain."""
+    lines = [
         "| method | " + " | ".join(f"{s} shots: test | gain | val gain" for s in shots) + " |",
         "|---|" + "---:|---:|---:|" * len(shots),
     ]
@@ -122,32 +144,30 @@ def report_markdown(ev: Mapping[str, Any]) -> str:
             ]
         mark = " (headline)" if sel and m == sel["method"] else ""
         lines.append(f"| {m}{mark} | " + " | ".join(cells) + " |")
-    pols = ev.get("policies") or {}
-    if pols:
-        from imgaug_gen.data.mixed import MixPolicy
+    return lines
 
-        lines += ["", "Policies: " + "; ".join(f"`{k}` = {MixPolicy(**v).tag}" for k, v in pols.items()) + "."]
-    for s in shots:
-        gens = ev.get("generators", {}).get(s, {})
-        if not gens:
-            continue
-        lines += [
-            "",
-            f"### {s} shots per class: generators (means over subsets)",
-            "",
-            "| generator | synthetic images | FID | KID | precision | recall | density | coverage | memorisation "
-            "| copy rate (fresh real: 0.05) | CAS (%) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for g, info in gens.items():
-            cas = info.get("cas") or {}
-            fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
-            lines.append(
-                f"| {g} | {info.get('n_synthetic', '—')} | {fmt(info.get('fid'), '.2f')} | "
-                f"{fmt(info.get('kid_mean'), '.4f')} | {fmt(info.get('precision'), '.3f')} | "
-                f"{fmt(info.get('recall'), '.3f')} | {fmt(info.get('density'), '.3f')} | "
-                f"{fmt(info.get('coverage'), '.3f')} | {fmt(info.get('memorisation'), '.3f')} | "
-                f"{fmt(info.get('copy_rate'), '.3f')} | "
-                f"{fmt(100 * cas['mean'] if cas else None, '.1f')} |"
-            )
-    return "\n".join(lines) + "\n"
+
+def _generator_lines(s: str, gens: Mapping[str, dict]) -> list[str]:
+    """One shots value's generator table (none without generators)."""
+    if not gens:
+        return []
+    lines = [
+        "",
+        f"### {s} shots per class: generators (means over subsets)",
+        "",
+        "| generator | synthetic images | FID | KID | precision | recall | density | coverage | memorisation "
+        "| copy rate (fresh real: 0.05) | CAS (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g, info in gens.items():
+        cas = info.get("cas") or {}
+        fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+        lines.append(
+            f"| {g} | {info.get('n_synthetic', '—')} | {fmt(info.get('fid'), '.2f')} | "
+            f"{fmt(info.get('kid_mean'), '.4f')} | {fmt(info.get('precision'), '.3f')} | "
+            f"{fmt(info.get('recall'), '.3f')} | {fmt(info.get('density'), '.3f')} | "
+            f"{fmt(info.get('coverage'), '.3f')} | {fmt(info.get('memorisation'), '.3f')} | "
+            f"{fmt(info.get('copy_rate'), '.3f')} | "
+            f"{fmt(100 * cas['mean'] if cas else None, '.1f')} |"
+        )
+    return lines
