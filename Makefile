@@ -38,14 +38,20 @@ test-all: lint
 # ones) in a fresh virtual environment over the installed packages, then the SD, SDXL, metrics and cGAN tests:
 # the next dependency drift fails here, not at a user's.
 LATEST_VENV ?= build/latest-venv
+# SD and SDXL training with text-encoder LoRA, save and reload; the pretrained feature loaders; a cGAN end to end
+LATEST_TESTS ?= tests/test_sd_lora.py::test_train_writes_run_in_diffusers_lora_format \
+  tests/test_sd_lora.py::test_training_options_and_text_encoder_lora \
+  tests/test_sdxl.py::test_sdxl_training_options_and_text_encoder_lora tests/test_sdxl.py::test_per_class_adapters \
+  "tests/test_metrics.py::test_fid_inception_fid_and_kid_equal_torchmetrics_on_the_same_file" \
+  tests/test_metrics.py::test_fd_dinov2_equals_a_direct_computation tests/test_metrics.py::test_fd_clip_features_and_folder_checks \
+  tests/test_gan.py::test_front_ends_end_to_end_on_a_user_folder
 test-latest: install
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv --system-site-packages $(LATEST_VENV)
 	$(PYTHON) tests/latest_requirements.py > $(LATEST_VENV)/requirements.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r $(LATEST_VENV)/requirements.txt
 	$(LATEST_VENV)/bin/python -m pip freeze | grep -iE "^(diffusers|transformers|peft|pytorch-lightning|torchmetrics|accelerate|huggingface.hub)=" || true
-	$(LATEST_VENV)/bin/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile \
-	  tests/test_sd_lora.py tests/test_sdxl.py tests/test_metrics.py tests/test_gan.py
+	$(LATEST_VENV)/bin/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(LATEST_TESTS)
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs serve

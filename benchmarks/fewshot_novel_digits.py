@@ -184,6 +184,7 @@ def fid_by_steps(args, ev: dict) -> list[list]:
                     "callbacks.fidelity.at_end=true",
                     "callbacks.samples=null",
                     "callbacks.progress=null",
+                    "logger=csv",  # val/fid per step in RUN/metrics.csv
                     "model.num_inference_steps=10",
                 ],
             )  # the folders' sampler steps
