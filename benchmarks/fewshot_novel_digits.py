@@ -190,7 +190,9 @@ def fid_by_steps(args, ev: dict) -> list[list]:
             )  # the folders' sampler steps
             train(cfg)
             history = [
-                (int(float(r["global_step"])), float(r["val/fid"])) for r in _csv_rows(run / "metrics.csv") if r.get("val/fid")
+                (int(float(r["global_step"])), float(r["val/fid"]))
+                for r in _csv_rows(run / "metrics.csv")
+                if r.get("val/fid")
             ]
             done.write_text(json.dumps(history))
         history = json.loads(done.read_text())
