@@ -251,7 +251,8 @@ def lora_step(b: Bench, name: str, unet, latents, cond, fam, noise_scheduler):
     """Stage 3a: LoRA on the UNet and one AdamW step of the epsilon MSE."""
     from diffusers.training_utils import cast_training_params
 
-    from imgaug_gen.generators.sd.lora import UNET_TARGETS, make_lora_config
+    from imgaug_gen.generators.finetune import make_lora_config
+    from imgaug_gen.generators.sd.lora import UNET_TARGETS
 
     unet.add_adapter(make_lora_config(b.args.rank, b.args.rank, 0.0, UNET_TARGETS))
     cast_training_params(unet, dtype=torch.float32)

@@ -26,20 +26,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.ddpm_sampling import DDPMGenerator
+from imgaug_gen.generators.finetune import AdapterOptions, FinetuneMode, apply_finetune, merged_copy
 from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.generators.priors import (  # noqa: F401  (DEFAULT_*: the defaults a prior's values replace)
     DEFAULT_TRAIN_SCHEDULER,
     DEFAULT_UNET,
     DiffusionPrior,
-    FinetuneMode,
     InitMode,
-    apply_finetune,
     check_prior_architecture,
     check_prior_shape,
     ddpm_prior_shape,
     ddpm_unet_from_prior,
     load_ddpm_prior,
-    merged_copy,
     prior_schedulers,
 )
 from imgaug_gen.generators.schedulers import build_scheduler, check_same_schedule, check_x0_clipping, scheduler_spec
@@ -133,7 +131,7 @@ class DDPMModule(GeneratorModule):
         pretrained: Optional[str] = None,
         finetune: FinetuneMode = "full",
         init_class_embeddings: InitMode = "null_class",
-        lora: Optional[dict[str, Any]] = None,
+        lora: Optional[AdapterOptions] = None,
         embedding_lr: Optional[Annotated[float, Field(gt=0)]] = None,
     ):
         super().__init__()
@@ -153,7 +151,7 @@ class DDPMModule(GeneratorModule):
                 for k, v in locals().items()
                 if k in inspect.signature(type(self).__init__).parameters and k != "self"
             }
-            | {"augment": augment.model_dump()}
+            | {"augment": augment.model_dump(), "lora": lora.model_dump() if isinstance(lora, AdapterOptions) else lora}
         )
         if prior is None:
             self.unet = build_unet(unet_config(num_classes, image_shape, unet, self._aug_classes))

@@ -20,18 +20,9 @@ from pydantic import Field, model_validator
 
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import ConditionalGenerator, StrictGeneratorConfig, register_generator, to_uint8_nhwc
+from imgaug_gen.generators.finetune import AdapterOptions, FinetuneMode, apply_finetune, merged_copy, trainable
 from imgaug_gen.generators.module import GeneratorModule
-from imgaug_gen.generators.priors import (
-    FinetuneMode,
-    GANPrior,
-    InitMode,
-    apply_finetune,
-    check_prior_shape,
-    grow_rows,
-    load_gan_prior,
-    merged_copy,
-    trainable,
-)
+from imgaug_gen.generators.priors import GANPrior, InitMode, check_prior_shape, grow_rows, load_gan_prior
 from imgaug_gen.nets.cgan import CGANGenerator as _GeneratorNet
 from imgaug_gen.nets.cgan import ProjectionDiscriminator
 from imgaug_gen.nets.diffaug import POLICIES, AdaptiveAugmentProbability, diff_augment
@@ -235,10 +226,12 @@ class CGANModule(GeneratorModule):
         finetune: FinetuneMode = "full",
         init_class_embeddings: InitMode = "class_mean",
         freeze_d: Annotated[int, Field(ge=0, le=16)] = 0,
-        lora: Optional[dict[str, Any]] = None,
+        lora: Optional[AdapterOptions] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if isinstance(lora, AdapterOptions):  # plain data in hparams and checkpoints
+            self.hparams["lora"] = lora.model_dump()
         self.automatic_optimization = False
         c, h, w = image_shape
         if h != w:

@@ -22,7 +22,6 @@ Everything is read as data: safetensors only, offline, a project generator throu
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -38,8 +37,6 @@ from imgaug_gen.generators.schedulers import plain as _plain
 
 log = logging.getLogger(__name__)
 
-FinetuneMode = Literal["full", "lora", "embeddings"]
-FINETUNE_MODES = ("full", "lora", "embeddings")
 InitMode = Literal["null_class", "class_mean"]
 
 
@@ -111,7 +108,16 @@ def load_ddpm_prior(pretrained: Any, key: str = "model.pretrained") -> Diffusion
     n = unet.config.num_class_embeds
     source = "diffusers_pipeline" if (path / "model_index.json").is_file() else "diffusers_unet"
     shape = (int(unet.config.in_channels), h, w)
-    return DiffusionPrior(unet, source, path, shape, scheduler, None if n is None else int(n), None, False, 1)
+    return DiffusionPrior(
+        unet,
+        source,
+        path,
+        shape,
+        train_scheduler=scheduler,
+        num_classes=None if n is None else int(n),
+        class_names=None,
+        has_null=False,
+    )
 
 
 def _project_ddpm_prior(gen_dir: Path, pretrained: Any, key: str) -> DiffusionPrior:
@@ -128,7 +134,17 @@ def _project_ddpm_prior(gen_dir: Path, pretrained: Any, key: str) -> DiffusionPr
     k = gen.num_classes
     blocks = int(gen.unet.config.num_class_embeds) // (k + 1)
     shape, scheduler = tuple(gen.image_shape), gen.config["train_scheduler"]
-    return DiffusionPrior(gen.unet, "imgaug_gen", gen_dir, shape, scheduler, k, gen.class_names, True, blocks)
+    return DiffusionPrior(
+        gen.unet,
+        "imgaug_gen",
+        gen_dir,
+        shape,
+        train_scheduler=scheduler,
+        num_classes=k,
+        class_names=gen.class_names,
+        has_null=True,
+        aug_blocks=blocks,
+    )
 
 
 def _pipeline_parts(path: Path, pretrained: Any, key: str) -> tuple[Path, dict | None]:
@@ -344,8 +360,6 @@ def prior_schedulers(prior: DiffusionPrior, train, sample):
 
 def ddpm_prior_shape(pretrained: Any) -> tuple[int, int, int]:
     """(C, H, W) a ddpm prior makes, from its config files alone (no weights read)."""
-    import json
-
     path = resolve_prior(pretrained)
     for cfg in (path / "generator" / "config.json", path / "config.json", path / "unet" / "config.json"):
         if cfg.is_file():
@@ -424,75 +438,3 @@ def grow_rows(old: torch.Tensor, new_classes: int, init: InitMode, null_value: f
     projection 0)."""
     row = old.float().mean(0) if init == "class_mean" else torch.full((old.shape[1],), float(null_value))
     return row.expand(new_classes, -1).clone()
-
-
-# -- what trains -----------------------------------------------------------------------------------
-def lora_config(lora: dict | None, key: str = "model.lora"):
-    from peft import LoraConfig
-
-    lora = dict(lora or {})
-    unknown = sorted(set(lora) - {"rank", "alpha", "dropout", "target_modules"})
-    if unknown:
-        raise ConfigError(f"`{key}` has unknown keys {unknown}; allowed: rank, alpha, dropout, target_modules.")
-    rank = lora.get("rank", 8)
-    targets = lora.get("target_modules")
-    if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 1024):
-        raise ConfigError(f"`{key}.rank` = {rank!r}; give an integer in [1, 1024].")
-    if not (isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)):
-        raise ConfigError(
-            f"`{key}.target_modules` = {targets!r}; give a list of layer names, e.g. "
-            "[to_q, to_k, to_v, to_out.0] (attention) and/or [conv1, conv2] (convolutions)."
-        )
-    alpha = lora.get("alpha") or rank
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        init_lora_weights=True,
-        target_modules=list(targets),
-    )
-
-
-def apply_finetune(
-    net: nn.Module, mode: str, embeddings: Sequence[nn.Parameter], lora: dict | None = None, key: str = "model"
-) -> nn.Module:
-    """Choose what trains in ``net`` (in place; returns it): ``full`` every weight; ``lora`` peft LoRA
-    adapters on ``lora.target_modules`` with the rest frozen; ``embeddings`` nothing but the class
-    rows. In every mode the class rows (``embeddings``: parameters of ``net``) train: the new classes
-    live there. LoRA starts at zero (B = 0), so the adapted network equals the prior at step 0."""
-    if mode not in FINETUNE_MODES:
-        raise ConfigError(f"`{key}.finetune` = {mode!r}; allowed: {list(FINETUNE_MODES)}.")
-    if mode == "lora":
-        from peft import inject_adapter_in_model
-
-        cfg = lora_config(lora, f"{key}.lora")
-        try:
-            inject_adapter_in_model(cfg, net)
-        except ValueError as e:  # no layer matched
-            raise ConfigError(f"`{key}.lora.target_modules` = {list(cfg.target_modules)}: {e}") from None
-    keep = {id(p) for p in embeddings}
-    for name, p in net.named_parameters():
-        trains = mode == "full" or id(p) in keep or (mode == "lora" and "lora_" in name)
-        p.requires_grad_(trains)
-    return net
-
-
-def merged_copy(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with every LoRA adapter merged into its base layer and the peft layers
-    replaced by the plain ones (the same function, a plain module); ``net`` itself if it has none."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if not any(isinstance(m, BaseTunerLayer) for m in net.modules()):
-        return net
-    out = copy.deepcopy(net)
-    for name, module in list(out.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge(safe_merge=True)
-            parent_name, _, child = name.rpartition(".")
-            parent = out.get_submodule(parent_name) if parent_name else out
-            setattr(parent, child, module.get_base_layer())
-    return out
-
-
-def trainable(net: nn.Module) -> list[nn.Parameter]:
-    return [p for p in net.parameters() if p.requires_grad]

@@ -39,17 +39,27 @@ def scheduler_spec(scheduler: SchedulerMixin) -> dict[str, Any]:
     return {"class_name": type(scheduler).__name__, "config": plain(scheduler.config)}
 
 
-def scheduler_class(name: Any, key: str) -> type:
-    """The diffusers scheduler class called ``name``; refused unless it is one (checked by name
-    first, so nothing but a diffusers scheduler class is ever looked up)."""
+#: why a name is refused as a scheduler (the config schemas and :func:`scheduler_class` say the same)
+NOT_A_SCHEDULER = (
+    "is not a diffusers scheduler class; use e.g. DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, "
+    "EulerDiscreteScheduler or PNDMScheduler."
+)
+
+
+def find_scheduler_class(name: Any) -> type | None:
+    """The diffusers scheduler class called ``name``, or None (checked by name first, so nothing but a
+    diffusers scheduler class is ever looked up)."""
     import diffusers
 
     cls = getattr(diffusers, name, None) if isinstance(name, str) and _NAME.match(name) else None
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ConfigError(
-            f"`{key}` = {str(name)[:100]!r} is not a diffusers scheduler class; use e.g. DDPMScheduler, "
-            "DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler or PNDMScheduler."
-        )
+    return cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else None
+
+
+def scheduler_class(name: Any, key: str) -> type:
+    """The diffusers scheduler class called ``name``; a ConfigError naming ``key`` unless it is one."""
+    cls = find_scheduler_class(name)
+    if cls is None:
+        raise ConfigError(f"`{key}` = {str(name)[:100]!r} {NOT_A_SCHEDULER}")
     return cls
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import ConditionalGenerator, StrictGeneratorConfig, register_generator
-from imgaug_gen.generators.schedulers import convert_scheduler, scheduler_class
+from imgaug_gen.generators.schedulers import NOT_A_SCHEDULER, convert_scheduler, find_scheduler_class
 from imgaug_gen.generators.sd import textual_inversion as ti
 from imgaug_gen.generators.sd.family import (
     FAMILIES,
@@ -119,11 +119,8 @@ class SDConfig(StrictGeneratorConfig):
                 f"`textual_inversion.tokens` has {len(self.textual_inversion.tokens)} entries for "
                 f"num_classes={self.num_classes}"
             )
-        if self.sample_scheduler is not None:
-            try:
-                scheduler_class(self.sample_scheduler, "sample_scheduler")
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
+        if self.sample_scheduler is not None and find_scheduler_class(self.sample_scheduler) is None:
+            raise ValueError(f"`sample_scheduler` = {str(self.sample_scheduler)[:100]!r} {NOT_A_SCHEDULER}")
         return self
 
 

@@ -17,20 +17,6 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def make_lora_config(rank: int, alpha: float | None, dropout: float, target_modules: Sequence[str]):
-    """peft ``LoraConfig`` as diffusers' scripts build it (gaussian init: the adapter starts as a no-op);
-    the values are checked by :class:`~imgaug_gen.generators.sd.options.LoRAOptions`."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=int(rank),
-        lora_alpha=float(rank if alpha is None else alpha),
-        lora_dropout=float(dropout),
-        init_lora_weights="gaussian",
-        target_modules=list(target_modules),
-    )
-
-
 def class_adapter_name(label: int) -> str:
     """The peft adapter name of class ``label`` (``per_class_adapters``)."""
     return f"class_{int(label):03d}"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from imgaug_gen.errors import ConfigError
+from imgaug_gen.generators.finetune import make_lora_config
 from imgaug_gen.generators.module import GeneratorModule
 from imgaug_gen.generators.schedulers import convert_scheduler
 from imgaug_gen.generators.sd import textual_inversion as ti
@@ -38,7 +39,6 @@ from imgaug_gen.generators.sd.lora import (
     activate_adapter,
     class_adapter_file,
     class_adapter_name,
-    make_lora_config,
     quiet_diffusers,
 )
 from imgaug_gen.generators.sd.options import (

@@ -87,14 +87,10 @@ class SamplingOptions(_Block):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: Optional[str]) -> Optional[str]:
-        from imgaug_gen.errors import ConfigError
-        from imgaug_gen.generators.schedulers import scheduler_class
+        from imgaug_gen.generators.schedulers import NOT_A_SCHEDULER, find_scheduler_class
 
-        if v is not None:
-            try:
-                scheduler_class(v, "model.sampling.scheduler")
-            except ConfigError as e:
-                raise ValueError(str(e).split(" is ", 1)[-1]) from None  # the message without its key
+        if v is not None and find_scheduler_class(v) is None:
+            raise ValueError(NOT_A_SCHEDULER)
         return v
 
 
