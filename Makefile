@@ -12,11 +12,10 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sche
 
 .PHONY: install demo test test-all test-latest lint docs bench bench-fewshot bench-novel bench-sd-lora bench-sd-fullsize clean
 
-# Installs (editable, with the dev extras and the known-good pins) unless this checkout is
-# already the importable imgaug_gen with its dependencies and its generator entry points present.
+# Installs (editable, with the dev extras and the known-good pins) unless this checkout is already the
+# installed imgaug_gen with its dependencies and the entry points pyproject.toml declares (tests/install_is_current.py).
 install:
-	@$(PYTHON) -c "import os, imgaug_gen, torch, torchvision, pytorch_lightning, diffusers, transformers, peft, torchmetrics, torch_fidelity, albumentations, hydra, sklearn, pytest, nbclient, importlinter, prdc, datasets, mkdocs, material, mkdocstrings_handlers.python; import xdist; import shutil; assert shutil.which('ruff'); from importlib.metadata import entry_points; assert {'cgan', 'ddpm', 'sd_lora'} <= set(entry_points(group='imgaug_gen.generators').names); assert {'digits', 'folder'} <= set(entry_points(group='imgaug_gen.data').names); assert os.path.samefile(os.path.dirname(os.path.dirname(imgaug_gen.__file__)), '$(CURDIR)')" 2>/dev/null \
-	  || $(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
+	@$(PYTHON) tests/install_is_current.py 2>/dev/null || $(PYTHON) -m pip install -c constraints.txt -e ".[dev]"
 
 demo: install
 	$(PYTHON) -m imgaug_gen.demo --out $(DEMO_DIR)
