@@ -252,6 +252,21 @@ class GeneratorEntry(_Block):
         return self
 
 
+class Pseudo(_Block):
+    """``pseudo`` of ``evaluate.py``: the ``real+pseudo+classical`` baseline of an unlabelled pool."""
+
+    enabled: bool = True
+    thresholds: list[float] = Field(min_length=1)  # the teacher's confidence to keep a pseudo-label; val-chosen
+    copies: int = Field(default=0, ge=0, le=1000)  # classical copies of each kept pseudo-labelled image
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_unit_interval(cls, v: list[float]) -> list[float]:
+        if min(v) < 0 or max(v) > 1:
+            raise ValueError("give confidences in [0, 1], e.g. [0.5, 0.8, 0.95]")
+        return _distinct(v)
+
+
 class Evaluate(_Block):
     """``conf/evaluate.yaml``."""
 
@@ -270,6 +285,7 @@ class Evaluate(_Block):
     data: Any = None
     augment: Any = None
     metrics: Optional[Metrics] = None
+    pseudo: Optional[Pseudo] = None
 
     _distinct_lists = field_validator("shots", "data_seeds", "seeds")(_distinct)
 
@@ -279,6 +295,16 @@ class Evaluate(_Block):
         if any(s is not None and s <= 0 for s in v):
             raise ValueError("give positive ints (null = all training images), e.g. shots=[5,10]")
         return v
+
+
+class PseudoLabelOptions(_Block):
+    """``pseudo_labels`` of ``conf/train.yaml``: a teacher (the fixed-recipe classifier trained on the shots)
+    labels the unlabelled pool; the images it is at least ``threshold`` sure of train as labelled ones."""
+
+    enabled: bool = False
+    threshold: float = Field(default=0.9, ge=0, le=1)
+    steps: int = Field(default=300, ge=1)  # the teacher's optimisation steps
+    seed: int = 0
 
 
 class Train(_Block):
@@ -294,6 +320,7 @@ class Train(_Block):
     metrics: Metrics
     callbacks: Optional[dict[str, Optional[dict[str, Any]]]]
     logger: Optional[dict[str, Optional[dict[str, Any]]]]
+    pseudo_labels: PseudoLabelOptions = PseudoLabelOptions()
 
     @field_validator("model")
     @classmethod

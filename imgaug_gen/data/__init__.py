@@ -7,10 +7,11 @@ batches come from the resumable :class:`StepBatchSampler` / :class:`ResumableDat
 consumption policy (``MixPolicy``, ``MixedDataModule``).
 """
 
-from imgaug_gen.data.base import ImageDataModule, ResumableDataLoader, StepBatchSampler
+from imgaug_gen.data.base import ImageDataModule
 from imgaug_gen.data.digits import DigitsDataModule
 from imgaug_gen.data.folder import LabeledFolderDataModule
 from imgaug_gen.data.mixed import MixedBatchSampler, MixedDataModule, MixedFolderDataset, MixPolicy, mixed_loss
+from imgaug_gen.data.samplers import ResumableDataLoader, StepBatchSampler
 
 __all__ = [
     "ImageDataModule",

@@ -18,168 +18,18 @@ import logging
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterator, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pydantic import Field
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from imgaug_gen.data.samplers import DEFAULT_NUM_BATCHES, ResumableDataLoader, StepBatchSampler
 from imgaug_gen.errors import ConfigError, require
 
 log = logging.getLogger("imgaug_gen.data")
-
-DEFAULT_NUM_BATCHES = 10**7
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def take_from_epochs(epoch_order, n_items: int, start: int, count: int) -> np.ndarray:
-    """Positions ``[start, start + count)`` of the stream ``epoch_order(0), epoch_order(1), ...``
-    (each an array of ``n_items`` item indices): batches that wrap across epochs."""
-    pos = np.arange(start, start + count, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, n_items)
-    out = np.empty(count, dtype=np.int64)
-    for e in np.unique(epochs):
-        mask = epochs == e
-        out[mask] = epoch_order(int(e))[offsets[mask]]
-    return out
-
-
-class EpochBatches(BatchSampler):
-    """The epoch protocol of the step-indexed samplers: ``batch(b)`` gives global batch ``b``; an
-    epoch is ``num_batches`` batches, and iteration resumes at ``start_batch`` (set by
-    :class:`ResumableDataLoader`) up to the end of that epoch."""
-
-    num_batches: int
-    start_batch: int
-
-    def batch(self, b: int) -> list[int]:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[list[int]]:
-        start = int(self.start_batch)
-        end = (start // self.num_batches + 1) * self.num_batches
-        for b in range(start, end):
-            yield self.batch(b)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-
-class StepBatchSampler(EpochBatches):
-    """Deterministic, resumable, endless batch sampler.
-
-    The stream of item indices is the concatenation of permutations
-    ``perm(seed, 0), perm(seed, 1), ...`` of ``range(n_items)``; global batch ``b`` is
-    positions ``[b * B, (b + 1) * B)`` of that stream with ``B = batch_size * world_size``
-    (so batch ``b`` lies in epoch ``(b * B) // n_items``, and batches wrap across epochs:
-    nothing is dropped and any ``batch_size`` works, even one larger than ``n_items``).
-    Rank ``r`` takes the disjoint slice ``[r * batch_size, (r + 1) * batch_size)`` of
-    each global batch, so ``batch_size`` is per rank.
-
-    Iteration starts at batch ``start_batch`` and runs to the end of the pass
-    (``num_batches`` batches per pass) that contains it; ``len()`` is always
-    ``num_batches``. A ``start_batch`` beyond ``num_batches`` continues in a later pass
-    (fresh permutations), which is how :class:`ResumableDataLoader` keeps going across
-    Lightning epochs.
-
-    ``rank``/``world_size`` default to ``torch.distributed`` when it is initialised,
-    else ``0``/``1``. ``sampler`` exists only so that Lightning can inject its
-    ``DistributedSampler`` under DDP (``use_distributed_sampler=True``): its ``rank``
-    and ``num_replicas`` are adopted, its order is not used.
-    """
-
-    def __init__(
-        self,
-        n_items: int,
-        batch_size: int,
-        seed: int = 0,
-        num_batches: int = DEFAULT_NUM_BATCHES,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        sampler: Any = None,
-        drop_last: bool = False,
-    ) -> None:
-        # BatchSampler.__init__ is not called on purpose: there is no inner sampler.
-        if n_items < 1:
-            raise ValueError(f"`n_items` must be >= 1, got {n_items}")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-        if num_batches < 1:
-            raise ValueError(f"`num_batches` must be >= 1, got {num_batches}")
-        if sampler is not None and hasattr(sampler, "num_replicas") and hasattr(sampler, "rank"):
-            rank, world_size = int(sampler.rank), int(sampler.num_replicas)
-        if rank is None or world_size is None:
-            d_rank, d_world = dist_rank_world()
-            rank = d_rank if rank is None else rank
-            world_size = d_world if world_size is None else world_size
-        if not 0 <= rank < world_size:
-            raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank}")
-        self.n_items = int(n_items)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.num_batches = int(num_batches)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.sampler = sampler
-        self.drop_last = False  # nothing is ever dropped; kept for BatchSampler look-alikes
-        self.start_batch = 0
-        self._perm_cache: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perm_cache.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
-            if len(self._perm_cache) >= 4:
-                self._perm_cache.pop(next(iter(self._perm_cache)))
-            self._perm_cache[epoch] = perm
-        return perm
-
-    def batch(self, b: int) -> list[int]:
-        """Item indices of (this rank's slice of) global batch ``b``."""
-        start = b * self.batch_size * self.world_size + self.rank * self.batch_size
-        return take_from_epochs(self._perm, self.n_items, start, self.batch_size).tolist()
-
-
-class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`StepBatchSampler` that knows how far it got.
-
-    It counts the batches its iterators actually yielded (in the main process, so
-    worker prefetching does not count) and exposes ``state_dict()`` /
-    ``load_state_dict()``; Lightning (``_Stateful`` protocol: both methods) saves that
-    state in ``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]`` and
-    restores it before the first ``iter()`` of a resumed run. Every new ``iter()``
-    continues from the batch after the last one yielded.
-    """
-
-    def __init__(self, dataset: Dataset, batch_sampler: StepBatchSampler, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
-        self._batches_done = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        self.batch_sampler.start_batch = self._batches_done
-        return self._counting(super().__iter__())
-
-    def _counting(self, it: Iterator[Any]) -> Iterator[Any]:
-        for batch in it:
-            self._batches_done += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": int(self._batches_done)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._batches_done = int(state_dict["batches_done"])
-        self.batch_sampler.start_batch = self._batches_done
 
 
 class ImageArrayDataset(Dataset):
@@ -250,6 +100,9 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         class_names: Optional[Sequence[str]] = None,
         classes: Optional[Annotated[list[Union[int, str]], Field(min_length=2)]] = None,
+        unlabeled: Optional[Literal["rest"]] = None,
+        unlabeled_root: Optional[str] = None,
+        unlabeled_share: Annotated[float, Field(ge=0, le=1)] = 0.5,
     ) -> None:
         # the annotations are the `data` block's schema (checked in setup by schemas.check_args)
         self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -265,6 +118,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.classes = None if classes is None else list(classes)
+        self.unlabeled, self.unlabeled_root, self.unlabeled_share = unlabeled, unlabeled_root, unlabeled_share
+        self._pool = None
+        self._pseudo = None
         self._ready = False
 
     def record_args(self) -> dict[str, Any]:
@@ -277,7 +133,12 @@ class ImageDataModule(pl.LightningDataModule):
                 return OmegaConf.to_container(v, resolve=True)
             return list(v) if isinstance(v, tuple) else v
 
-        return {k: plain(v) for k, v in self._args.items()}
+        args = {k: plain(v) for k, v in self._args.items()}
+        if args.get("unlabeled_root") is not None:
+            import os
+
+            args["unlabeled_root"] = os.path.abspath(os.path.expanduser(str(args["unlabeled_root"])))
+        return args
 
     # ---- to implement -----------------------------------------------------------
     def _check_args(self) -> None:
@@ -309,6 +170,9 @@ class ImageDataModule(pl.LightningDataModule):
             f"`data.val_fraction` + `data.test_fraction` = {vf!r} + {tf!r} leaves no training images; "
             "keep their sum below 1, e.g. `data.val_fraction=0.2`.",
         )
+        from imgaug_gen.data.unlabeled import check_pool_args
+
+        check_pool_args(self.unlabeled, self.unlabeled_root, getattr(self, "root", None))
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._ready:
@@ -342,6 +206,8 @@ class ImageDataModule(pl.LightningDataModule):
         self._val_idx = val_idx
         self._ref_idx = train_idx
         self._train_idx = shot_idx
+        # 4. The unlabelled pool (``data.unlabeled`` / ``data.unlabeled_root``), without any labelled image
+        self._pool = self._build_pool(data, test_idx, val_idx, train_idx, shot_idx)
         self._ready = True
         counts = np.bincount(data.labels[shot_idx], minlength=self.num_classes)
         log.info(
@@ -362,6 +228,31 @@ class ImageDataModule(pl.LightningDataModule):
                 self.test_fraction,
             )
         log.debug("training images per class: %s", dict(zip(self.class_names, counts.tolist())))
+
+    def _build_pool(self, data: LoadedImages, test_idx, val_idx, train_idx, shot_idx):
+        from imgaug_gen.data.unlabeled import build_pool, read_pool_folder
+
+        if self.unlabeled is None and self.unlabeled_root is None:
+            return None
+        rest = np.setdiff1d(train_idx, shot_idx)
+        # a folder pool must not hold any labelled image; `rest` is the training split outside the shots
+        labelled = shot_idx if self.unlabeled == "rest" else train_idx
+        read = lambda: read_pool_folder(
+            self.unlabeled_root,
+            int(self.channels),
+            int(self.image_size),
+            getattr(self, "resize", "resize"),
+            getattr(self, "on_corrupt", "error"),
+        )
+        splits = {"labelled": labelled, "validation": val_idx, "test": test_idx}
+        pool = build_pool(self.unlabeled or "folder", data.images, data.ids, data.paths, splits, rest, read)
+        log.info(
+            "unlabelled pool (%s): %d images, %.0f %% of each training batch",
+            self.unlabeled or self.unlabeled_root,
+            len(pool),
+            100 * float(self.unlabeled_share),
+        )
+        return pool
 
     def _select_classes(self, data: LoadedImages) -> LoadedImages:
         """``data.classes``: only these classes, relabelled 0.. in the order given. An entry is a class
@@ -453,6 +344,35 @@ class ImageDataModule(pl.LightningDataModule):
         """The fixed held-out test split (``test_fraction``, ``split_seed``)."""
         return self._arrays(self._test_idx)
 
+    def add_pseudo_labels(self, index: np.ndarray, labels: np.ndarray) -> None:
+        """Move the pool images ``index`` into the labelled training batches with a teacher's ``labels``
+        (``train_dataloader`` only: :meth:`train_arrays` stays the real shots)."""
+        self._require_setup()
+        require(self._pool is not None, "there is no unlabelled pool to pseudo-label; set `data.unlabeled`.")
+        index, labels = np.asarray(index, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        require(
+            bool(np.all((labels >= 0) & (labels < self.num_classes))),
+            f"pseudo-labels outside 0..{self.num_classes - 1}",
+        )
+        self._pseudo = (self._pool.images[index], labels)
+        keep = np.setdiff1d(np.arange(len(self._pool)), index)
+        p = self._pool
+        self._pool = type(p)(
+            p.images[keep], [p.ids[k] for k in keep], [p.paths[k] for k in keep], [p.hashes[k] for k in keep]
+        )
+
+    def unlabeled_arrays(self) -> np.ndarray:
+        """The unlabelled pool, uint8 ``[M, H, W, C]`` (``M = 0`` when none is configured)."""
+        self._require_setup()
+        if self._pool is None:
+            return np.zeros((0, *self._data.images.shape[1:]), dtype=np.uint8)
+        return self._pool.images.copy()
+
+    def unlabeled_records(self) -> list[dict]:
+        """One ``{id, path, sha1}`` per pool image, in the order of :meth:`unlabeled_arrays`."""
+        self._require_setup()
+        return [] if self._pool is None else self._pool.records()
+
     def train_records(self) -> list[dict]:
         """One record per training image, in the order of :meth:`train_arrays`."""
         self._require_setup()
@@ -471,9 +391,25 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         self._require_setup()
         images, labels = self.train_arrays()
-        sampler = StepBatchSampler(
-            len(labels), self.batch_size, seed=int(self.seed), num_batches=self.train_num_batches
-        )
+        if self._pseudo is not None:
+            images, labels = np.concatenate([images, self._pseudo[0]]), np.concatenate([labels, self._pseudo[1]])
+        if self._pool is not None and len(self._pool) and float(self.unlabeled_share) > 0:
+            from imgaug_gen.data.unlabeled import UNLABELED, PoolBatchSampler
+
+            sampler = PoolBatchSampler(
+                len(labels),
+                len(self._pool),
+                self.batch_size,
+                float(self.unlabeled_share),
+                seed=int(self.seed),
+                num_batches=self.train_num_batches,
+            )
+            images = np.concatenate([images, self._pool.images])
+            labels = np.concatenate([labels, np.full(len(self._pool), UNLABELED, dtype=np.int64)])
+        else:
+            sampler = StepBatchSampler(
+                len(labels), self.batch_size, seed=int(self.seed), num_batches=self.train_num_batches
+            )
         return ResumableDataLoader(
             ImageArrayDataset(images, labels),
             batch_sampler=sampler,

@@ -111,57 +111,11 @@ class LabeledFolderDataModule(ImageDataModule):
         return {"." + e.strip().lstrip(".").lower() for e in self.extensions}
 
     def _class_files(self, class_dir: Path, seen: dict[str, Path]) -> list[tuple[Path, bool]]:
-        """(file, must_decode) for every candidate file under ``class_dir``, sorted.
-
-        Symlinked folders are followed, each real folder at most once (``seen``: real path -> the
-        folder it was first listed as, shared by all classes): a link back to a folder already
-        listed (``loop -> .``) or a second link to the same folder is skipped and logged, so no
-        image is listed twice and a loop cannot make the walk explode."""
-        wanted = self._wanted_exts()
-        out = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            kept = []
-            for d in sorted(d for d in dirnames if not d.startswith(".")):
-                sub = Path(dirpath) / d
-                real = os.path.realpath(sub)
-                if real in seen:
-                    log.info("not following %s: it is the folder %s, already listed", sub, seen[real])
-                    continue
-                seen[real] = sub
-                kept.append(d)
-            dirnames[:] = kept
-            for fn in sorted(filenames):
-                if fn.startswith("."):
-                    continue
-                ext = os.path.splitext(fn)[1].lower()
-                if wanted is not None:
-                    if ext in wanted:
-                        out.append((Path(dirpath) / fn, True))
-                else:
-                    out.append((Path(dirpath) / fn, ext in IMAGE_EXTENSIONS))
-        return out
+        return walk_image_files(class_dir, seen, self._wanted_exts())
 
     # ---- 3. decoding --------------------------------------------------------------
     def _decode(self, path: Path) -> np.ndarray:
-        """One file -> uint8 ``[H, W, C]`` at the target size; raises :class:`_Unreadable`."""
-        from imgaug_gen.io import open_image
-
-        try:
-            # PIL's decompression-bomb limit, checked from the header before any pixel is decoded
-            with open_image(path) as im:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    im.load()
-                    im = ImageOps.exif_transpose(im)
-                    im = to_mode(im, "L" if self.channels == 1 else "RGB")
-                    im = fit_square(im, int(self.image_size), self.resize)
-                    arr = np.asarray(im, dtype=np.uint8)
-        except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
-            kind = type(e).__name__
-            raise _Unreadable(f"{kind}: {e}") from e
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        return arr
+        return decode_image(path, int(self.channels), int(self.image_size), self.resize)
 
     def _load(self) -> LoadedImages:
         root = Path(os.path.expanduser(str(self.root))).absolute()  # records keep absolute paths
@@ -197,21 +151,8 @@ class LabeledFolderDataModule(ImageDataModule):
         for c, class_dir in enumerate(class_dirs):
             n_before = len(labels)
             n_skipped_before = len(skipped)
-            for path, must_decode in self._class_files(class_dir, seen):
-                try:
-                    arr = self._decode(path)
-                except _Unreadable as e:
-                    if not must_decode:
-                        log.debug("ignoring non-image file %s (%s)", path, e)
-                        continue
-                    if self.on_corrupt == "skip":
-                        log.warning("skipping unreadable image %s (%s)", path, e)
-                        skipped.append(str(path))
-                        continue
-                    raise ConfigError(
-                        f"Cannot read image file {str(path)!r} ({e}). Fix or remove it, or set "
-                        "`data.on_corrupt=skip` to skip such files."
-                    ) from None
+            files = self._class_files(class_dir, seen)
+            for path, arr in decode_files(files, self._decode, self.on_corrupt, skipped, "data.on_corrupt"):
                 images.append(arr)
                 labels.append(c)
                 paths.append(str(path))
@@ -252,6 +193,78 @@ class LabeledFolderDataModule(ImageDataModule):
 
 
 # --------------------------------------------------------------------------- image helpers
+
+
+def walk_image_files(top: Path, seen: dict[str, Path], wanted: Optional[set[str]] = None) -> list[tuple[Path, bool]]:
+    """(file, must_decode) for every candidate image file under ``top``, sorted; ``wanted``: only these
+    extensions (each must decode), else every file, those with an image extension marked must-decode.
+
+    Symlinked folders are followed, each real folder at most once (``seen``: real path -> the folder it
+    was first listed as, shared by all the walks of one data set): a link back to a folder already listed
+    (``loop -> .``) or a second link to the same folder is skipped and logged, so no image is listed twice
+    and a loop cannot make the walk explode. Hidden files and folders are ignored."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            sub = Path(dirpath) / d
+            real = os.path.realpath(sub)
+            if real in seen:
+                log.info("not following %s: it is the folder %s, already listed", sub, seen[real])
+                continue
+            seen[real] = sub
+            kept.append(d)
+        dirnames[:] = kept
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            ext = os.path.splitext(fn)[1].lower()
+            if wanted is None:
+                out.append((Path(dirpath) / fn, ext in IMAGE_EXTENSIONS))
+            elif ext in wanted:
+                out.append((Path(dirpath) / fn, True))
+    return out
+
+
+def decode_files(files, decode, on_corrupt: str, skipped: list[str], key: str):
+    """Yield ``(path, array)`` for each ``(path, must_decode)`` in ``files`` that ``decode`` reads. A file
+    that does not decode is ignored when it need not be an image; a must-decode one is an error naming it
+    and ``key`` (or, with ``on_corrupt="skip"``, logged and appended to ``skipped``)."""
+    for path, must_decode in files:
+        try:
+            arr = decode(path)
+        except _Unreadable as e:
+            if not must_decode:
+                log.debug("ignoring non-image file %s (%s)", path, e)
+                continue
+            if on_corrupt == "skip":
+                log.warning("skipping unreadable image %s (%s)", path, e)
+                skipped.append(str(path))
+                continue
+            raise ConfigError(
+                f"Cannot read image file {str(path)!r} ({e}). Fix or remove it, or set `{key}=skip` to skip such files."
+            ) from None
+        yield path, arr
+
+
+def decode_image(path: Path, channels: int, size: int, resize: str = "resize") -> np.ndarray:
+    """One file -> uint8 ``[size, size, channels]`` (EXIF orientation applied, any PIL mode converted);
+    raises :class:`_Unreadable`. PIL's decompression-bomb limit is checked from the header before any
+    pixel is decoded."""
+    from imgaug_gen.io import open_image
+
+    try:
+        with open_image(path) as im:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                im = to_mode(im, "L" if channels == 1 else "RGB")
+                im = fit_square(im, int(size), resize)
+                arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for bad files; all mean "unreadable"
+        raise _Unreadable(f"{type(e).__name__}: {e}") from e
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def to_mode(im: Image.Image, mode: str) -> Image.Image:

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from imgaug_gen.data.base import DEFAULT_NUM_BATCHES, EpochBatches, dist_rank_world, take_from_epochs
 from imgaug_gen.data.mix_policy import MixPolicy
+from imgaug_gen.data.samplers import DEFAULT_NUM_BATCHES, EpochBatches, dist_rank_world, take_from_epochs
 from imgaug_gen.errors import require
 
 log = logging.getLogger("imgaug_gen.data.mixed")  # the logger it always logged to

@@ -20,7 +20,7 @@ The pieces:
 * :class:`MixPolicy` -- the policy, checked once (``MixPolicy.from_config``).
 * :class:`MixedBatchSampler` -- deterministic, resumable, endless batches over real items
   ``[0, n_real)`` and synthetic items ``[n_real, n_real + n_syn)`` (a pure function of the batch
-  index, like :class:`~imgaug_gen.data.base.StepBatchSampler`, so Lightning resumes it exactly).
+  index, like :class:`~imgaug_gen.data.samplers.StepBatchSampler`, so Lightning resumes it exactly).
 * :func:`mixed_loss` -- the policy's loss for a batch (per-sample weights, soft targets).
 * :class:`MixedFolderDataset` / :class:`MixedDataModule` -- a ``generate.py`` output folder read
   through its manifest, for training *your own* classifier the recommended way.
@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from imgaug_gen.data.base import ResumableDataLoader
 from imgaug_gen.data.mix_policy import POLICIES, MixPolicy
 from imgaug_gen.data.mix_sampler import MixedBatchSampler
+from imgaug_gen.data.samplers import ResumableDataLoader
 from imgaug_gen.errors import require
 
 log = logging.getLogger(__name__)

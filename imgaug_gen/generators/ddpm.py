@@ -109,6 +109,8 @@ def _check_guidance(cond_drop_prob: float, guidance_scale: float) -> None:
 class DDPMModule(GeneratorModule):
     """Training logic only: epsilon (or v) prediction MSE, label dropout for CFG, EMA."""
 
+    trains_unlabeled = True  # unlabelled images train the null class
+
     def __init__(
         self,
         num_classes: int,
@@ -209,7 +211,10 @@ class DDPMModule(GeneratorModule):
     def training_step(self, batch, batch_idx):
         x0, labels = batch
         n, rng = x0.shape[0], self.training_noise()
-        # 1. Drop labels to the null class (classifier-free guidance).
+        # 1. Unlabelled images (label -1, `data.unlabeled`) train the null class only; labelled ones drop to
+        # it at `cond_drop_prob` (classifier-free guidance).
+        null = self.hparams.num_classes
+        labels = torch.where(labels < 0, torch.full_like(labels, null), labels)
         if self.hparams.cond_drop_prob > 0:
             drop = torch.rand(n, device=self.device, generator=rng) < self.hparams.cond_drop_prob
             labels = torch.where(drop, torch.full_like(labels, self.hparams.num_classes), labels)

@@ -24,6 +24,8 @@ class GeneratorModule(pl.LightningModule):
 
     #: DDP must look for parameters without gradients (a GAN's D step leaves G unused).
     ddp_find_unused_parameters: ClassVar[bool] = False
+    #: the kind trains on unlabelled images (label -1 in a batch: `data.unlabeled`); others refuse them
+    trains_unlabeled: ClassVar[bool] = False
     #: the seed of the training noise (:meth:`training_noise`); kinds set it from their config
     noise_seed: int = 0
     #: training batches drawn so far (saved in checkpoints, so a resumed run continues the noise stream)

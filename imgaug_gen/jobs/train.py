@@ -62,6 +62,20 @@ def check_model_against_data(cfg: DictConfig) -> None:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     cls = get_class(model["_target_"])
     data = cfg.get("data") or {}
+    pool = data.get("unlabeled") is not None or data.get("unlabeled_root") is not None
+    share = data.get("unlabeled_share", 0.5)
+    if pool and share and not getattr(cls, "trains_unlabeled", False):
+        raise ConfigError(
+            f"`model` = {model['_target_']} trains on labelled images only, and `data.unlabeled_share` = {share} "
+            "would put unlabelled images in its batches. Set `data.unlabeled_share=0` (with "
+            "`pseudo_labels.enabled=true` it then trains on the images a teacher labels confidently), or use "
+            "model=ddpm, whose null class learns from unlabelled images."
+        )
+    if (cfg.get("pseudo_labels") or {}).get("enabled") and not pool:
+        raise ConfigError(
+            "`pseudo_labels.enabled=true` needs an unlabelled pool: set `data.unlabeled=rest` (the training "
+            "images outside the shots) or `data.unlabeled_root=PATH`."
+        )
     if hasattr(cls, "check_config") and data.get("image_size") is not None:
         size = int(data.image_size)
         cls.check_config(
@@ -146,6 +160,45 @@ def build_module(cfg: DictConfig, dm) -> Any:
     return module
 
 
+def pseudo_label_pool(opts: DictConfig, dm, run_dir: Path) -> None:
+    """Step 2b: the fixed-recipe classifier trained on the shots labels the unlabelled pool; the images it is
+    at least ``threshold`` sure of join the labelled training batches, each recorded as a pseudo-label with
+    its confidence in ``RUN/pseudo_labels.jsonl``."""
+    from imgaug_gen.io import atomic_write_text
+    from imgaug_gen.metrics.downstream import train_and_test
+    from imgaug_gen.metrics.pseudo_labels import pseudo_label
+
+    x, y = dm.train_arrays()
+    check = dm.val_arrays() if len(dm.val_arrays()[1]) else dm.test_arrays()
+    if not len(check[1]):
+        check = (x, y)
+    d = train_and_test(
+        x, y, *check, dm.num_classes, int(opts.seed), steps=int(opts.steps), return_details=True, return_model=True
+    )
+    labels = pseudo_label(d["model"], dm.unlabeled_arrays(), float(opts.threshold))
+    pool = dm.unlabeled_records()
+    ids = [r["id"] for r in pool]
+    teacher = f"downstream recipe on the {len(y)} shots, {int(opts.steps)} steps, held-out accuracy {d['accuracy']:.3f}"
+    rows = labels.records(ids, list(dm.class_names), teacher)
+    for r, i in zip(rows, labels.index):
+        r["path"] = pool[int(i)]["path"]
+        r["threshold"] = labels.threshold
+    if is_launch_rank_zero():
+        import json
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "pseudo_labels.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    log.info(
+        "pseudo-labels: kept %d of %d unlabelled images at confidence >= %.2f (per class %s); teacher %s",
+        len(labels),
+        labels.pool_size,
+        labels.threshold,
+        labels.per_class(dm.num_classes),
+        teacher,
+    )
+    dm.add_pseudo_labels(labels.index, labels.labels)
+
+
 class _NoAdverts(logging.Filter):
     """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines (pytorch_lightning 2.6 logs
     them through ``rank_zero_info`` on every fit; there is no switch for them)."""
@@ -221,6 +274,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, An
 
     # 2. Data: validated here, before any network is built.
     dm = build_datamodule(cfg)
+    if cfg.pseudo_labels.enabled:
+        pseudo_label_pool(cfg.pseudo_labels, dm, run_dir)
 
     # 3. Model, with the data's facts.
     module = build_module(cfg, dm)

@@ -89,6 +89,9 @@ def train_entry(
         tcfg.callbacks.fidelity = None
     tdata = dict(data)
     tdata["batch_size"] = tcfg.data.get("batch_size", data.get("batch_size"))
+    for key in ("unlabeled", "unlabeled_root", "unlabeled_share"):  # the entry's own use of an unlabelled pool
+        if any(o.split("=", 1)[0].lstrip("+~") == f"data.{key}" for o in entry["train"]):
+            tdata[key] = tcfg.data.get(key)
     OmegaConf.set_struct(tcfg, False)
     tcfg.data = OmegaConf.create(tdata)
     OmegaConf.set_struct(tcfg, True)
