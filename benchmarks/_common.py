@@ -114,6 +114,28 @@ def add_evaluation_args(parser, out: str, shots: list[int], classifier_steps: in
     parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (key=value)")
 
 
+def benchmark_args(doc: str, out: str, docs_page: str, grid_names, argv=None, extra=None):
+    """The parsed command line of an evaluation benchmark (:func:`add_evaluation_args`, ``extra(parser)``'s own
+    arguments, ``--docs`` defaulting to ``docs/results/<docs_page>``); unknown ``--generators`` are an error."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_evaluation_args(p, out, [1, 2, 5, 10], 300)
+    if extra is not None:
+        extra(p)
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=ROOT / "docs" / "results" / docs_page,
+        help="where the result tables are written as markdown (the docs site's results page)",
+    )
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.generators or ()) - set(grid_names))
+    if unknown:
+        p.error(f"--generators: unknown entries {unknown}; choose from {sorted(grid_names)}")
+    return args
+
+
 def unit_argv(args, *extra: str) -> list[str]:
     """The command line of one unit of ``args`` (``run_units`` adds its shots and subset)."""
     return [
@@ -127,3 +149,94 @@ def unit_argv(args, *extra: str) -> list[str]:
         *(["--generators", ",".join(args.generators)] if args.generators else []),
         *args.overrides,
     ]
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    )
+
+
+def generator_rows(ev: dict) -> list[list]:
+    rows = []
+    for shots, gens in ev["generators"].items():
+        for g, info in gens.items():
+            cas = info.get("cas") or {}
+            fmt = lambda v, f=".3f": "—" if v is None else format(v, f)  # noqa: E731
+            rows.append(
+                [
+                    shots,
+                    g,
+                    fmt(info.get("fid"), ".2f"),
+                    fmt(100 * cas["mean"] if cas else None, ".1f"),
+                    fmt(info.get("copy_rate")),
+                    fmt(info.get("memorisation")),
+                    fmt(info.get("train_seconds"), ".0f")
+                    if not info.get("reused_run")
+                    else fmt(info.get("train_seconds"), ".0f") + " (earlier run)",
+                ]
+            )
+    return rows
+
+
+def fmt_gain(g: dict | None) -> str:
+    """A gain in points with its 95 % interval: ``+1.2 [+0.3, +2.0]``."""
+    return "—" if not g else f"{100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]"
+
+
+def gain_verdict(label: str, g: dict, target: float) -> str:
+    """One acceptance line: the gain, the target, and met only when the mean reaches it and the interval excludes 0."""
+    met = g["mean"] >= target and g["lo"] > 0
+    verdict = "met" if met else "NOT met"
+    return f"  {label}: {fmt_gain(g)} (target >= +{100 * target:.1f}, interval excluding 0) -> {verdict}"
+
+
+def evaluation_overrides(args, shots, subsets, grid: dict, policies: dict, *extra: str) -> list[str]:
+    """The ``evaluate.py`` overrides of one benchmark run: its output folder, the grid's size, the classifier
+    steps, the policies and the chosen ``grid`` entries (``--generators``), then ``extra`` and the user's own."""
+    join = lambda v: ",".join(map(str, v))  # noqa: E731
+    chosen = {k: v for k, v in grid.items() if not args.generators or k in args.generators}
+    return [
+        f"out_dir={Path(args.out).resolve()}",
+        f"shots=[{join(shots)}]",
+        f"data_seeds=[{join(subsets)}]",
+        f"seeds=[{join(args.seeds)}]",
+        f"classifier.steps={args.classifier_steps}",
+        "~policies",
+        "+policies={" + ",".join(f"{k}:{v}" for k, v in policies.items()) + "}",
+        "~generators",
+        "+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}",
+        *extra,
+        *args.overrides,
+    ]
+
+
+GENERATOR_COLUMNS = ["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"]
+
+
+def write_results_page(
+    path: Path, title: str, written_by: str, table: str, gen_rows: list, lines: list[str], more: tuple = ()
+) -> None:
+    """A docs/results/ page, written by its benchmark, never by hand: the accuracy table (evaluate's
+    results.md), the generators' facts (:func:`generator_rows`), ``more`` ``(heading, markdown)`` sections
+    and the verdict lines."""
+    text = [
+        f"# {title}",
+        "",
+        written_by,
+        "",
+        "## Accuracy",
+        "",
+        table,
+        "",
+        "## Generators",
+        "",
+        markdown_table(GENERATOR_COLUMNS, gen_rows),
+        "",
+    ]
+    for heading, body in more:
+        text += [f"## {heading}", "", body, ""]
+    text += ["## Verdict", "", *[f"- {line.strip()}" for line in lines], ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment variables)
-from _common import add_evaluation_args, hydra_value, run_units, unit_argv
+from _common import add_evaluation_args, evaluation_overrides, run_units, unit_argv
 
 TARGETS = {"5": 0.015, "10": 0.010}
 POLICIES = {"replace": "{name:replace,p:0.5}", "kd": "{name:replace,p:0.5,distill:0.5,temperature:2.0}"}
@@ -90,20 +90,7 @@ GENERATORS = {
 
 
 def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
-    join = lambda v: ",".join(map(str, v))  # noqa: E731
-    out = [
-        f"out_dir={Path(args.out).resolve()}",
-        f"shots=[{join(shots)}]",
-        f"data_seeds=[{join(subsets)}]",
-        f"seeds=[{join(args.seeds)}]",
-        f"classifier.steps={args.classifier_steps}",
-        "~policies",
-        "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}",
-        "~generators",
-    ]
-    chosen = {k: v for k, v in GENERATORS.items() if not args.generators or k in args.generators}
-    out.append("+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}")
-    return [*out, *args.overrides]
+    return evaluation_overrides(args, shots, subsets, GENERATORS, POLICIES)
 
 
 def main(argv=None) -> dict:

@@ -25,7 +25,6 @@ finished prior, generator, folder and classifier result. Budget: 90 minutes on 2
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -33,7 +32,19 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment variables)
-from _common import ROOT, add_evaluation_args, hydra_value, print_table, run_units, unit_argv
+from _common import (
+    GENERATOR_COLUMNS,
+    ROOT,
+    benchmark_args,
+    evaluation_overrides,
+    gain_verdict,
+    generator_rows,
+    markdown_table,
+    print_table,
+    run_units,
+    unit_argv,
+    write_results_page,
+)
 
 BASE, NOVEL = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 TARGETS = {"1": 0.030, "2": 0.030, "5": 0.010}
@@ -98,22 +109,8 @@ def grid(out: Path) -> dict[str, dict]:
 
 def overrides_for(args, shots: list[int], subsets: list[int]) -> list[str]:
     join = lambda v: ",".join(map(str, v))  # noqa: E731
-    out = Path(args.out).resolve()
-    chosen = {k: v for k, v in grid(out).items() if not args.generators or k in args.generators}
-    return [
-        f"out_dir={out}",
-        f"shots=[{join(shots)}]",
-        f"data_seeds=[{join(subsets)}]",
-        f"seeds=[{join(args.seeds)}]",
-        f"data.classes=[{join(NOVEL)}]",
-        f"classifier.init={{classes:[{join(BASE)}]}}",
-        f"classifier.steps={args.classifier_steps}",
-        "~policies",
-        "+policies={" + ",".join(f"{k}:{v}" for k, v in POLICIES.items()) + "}",
-        "~generators",
-        "+generators={" + ",".join(f"{k}:{hydra_value(v)}" for k, v in chosen.items()) + "}",
-        *args.overrides,
-    ]
+    novel = [f"data.classes=[{join(NOVEL)}]", f"classifier.init={{classes:[{join(BASE)}]}}"]
+    return evaluation_overrides(args, shots, subsets, grid(Path(args.out).resolve()), POLICIES, *novel)
 
 
 def train_priors(out: Path) -> dict[str, float]:
@@ -217,28 +214,6 @@ def _csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def generator_rows(ev: dict) -> list[list]:
-    rows = []
-    for shots, gens in ev["generators"].items():
-        for g, info in gens.items():
-            cas = info.get("cas") or {}
-            fmt = lambda v, f=".3f": "—" if v is None else format(v, f)  # noqa: E731
-            rows.append(
-                [
-                    shots,
-                    g,
-                    fmt(info.get("fid"), ".2f"),
-                    fmt(100 * cas["mean"] if cas else None, ".1f"),
-                    fmt(info.get("copy_rate")),
-                    fmt(info.get("memorisation")),
-                    fmt(info.get("train_seconds"), ".0f")
-                    if not info.get("reused_run")
-                    else fmt(info.get("train_seconds"), ".0f") + " (earlier run)",
-                ]
-            )
-    return rows
-
-
 def verdicts(ev: dict) -> list[str]:
     """The acceptance lines: the validation-chosen prior-started recipe vs the chosen baseline, and the
     prior-started vs the from-scratch generator's copy rate and CAS at 1 and 2 shots."""
@@ -257,12 +232,7 @@ def verdicts(ev: dict) -> list[str]:
         g = results.get(s, {}).get(best, {}).get("gain")
         if g is None:
             continue
-        met = g["mean"] >= target and g["lo"] > 0
-        out.append(
-            f"  {s} shots vs `{ev['baselines'][s]['method']}`: {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, "
-            f"{100 * g['hi']:+.1f}] (target >= +{100 * target:.1f}, interval excluding 0) -> "
-            f"{'met' if met else 'NOT met'}"
-        )
+        out.append(gain_verdict(f"{s} shots vs `{ev['baselines'][s]['method']}`", g, target))
     if "10" in results and best in results["10"]:
         g = results["10"][best]["gain"]
         out.append(f"  10 shots (reported): {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]")
@@ -288,19 +258,14 @@ def verdicts(ev: dict) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_evaluation_args(p, "bench_out/fewshot_novel", [1, 2, 5, 10], 300)
-    p.add_argument("--no-fid-steps", action="store_true", help="skip the FID-by-steps measurement")
-    p.add_argument(
-        "--docs",
-        type=Path,
-        default=ROOT / "docs" / "results" / "fewshot_novel_digits.md",
-        help="where the result tables are written as markdown (the docs site's results page)",
+    args = benchmark_args(
+        __doc__,
+        "bench_out/fewshot_novel",
+        "fewshot_novel_digits.md",
+        grid(Path("bench_out/fewshot_novel")),
+        argv,
+        extra=lambda p: p.add_argument("--no-fid-steps", action="store_true", help="skip the FID-by-steps measurement"),
     )
-    args = p.parse_args(argv)
-    unknown = sorted(set(args.generators or ()) - set(grid(Path(args.out))))
-    if unknown:
-        p.error(f"--generators: unknown entries {unknown}; choose from {sorted(grid(Path(args.out)))}")
 
     from imgaug_gen.config import compose_config
     from imgaug_gen.jobs.evaluate import evaluate
@@ -318,7 +283,7 @@ def main(argv=None) -> dict:
     print("\n" + table)
     print_table(
         "Generators (means over subsets): folder FID (domain features), CAS, copy rate, memorisation, training seconds",
-        ["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"],
+        GENERATOR_COLUMNS,
         generator_rows(ev),
     )
     print(f"\npriors: ddpm {prior_seconds.get('ddpm')} s, cgan {prior_seconds.get('cgan')} s (training, base classes)")
@@ -339,49 +304,12 @@ def main(argv=None) -> dict:
 def write_docs(
     path: Path, table: str, gen_rows: list, steps: list, lines: list[str], minutes: float, prior_seconds: dict
 ) -> None:
-    """The result page the docs site shows (docs/results/), written by the benchmark, never by hand."""
-
-    def md(header, rows):
-        return "\n".join(
-            ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-        )
-
-    text = [
-        "# Novel digits from a prior",
-        "",
-        "Written by `python benchmarks/fewshot_novel_digits.py` "
-        f"({minutes:.1f} min on 2 CPU cores; priors {prior_seconds}).",
-        "",
-        "## Accuracy",
-        "",
-        table,
-        "",
-        "## Generators",
-        "",
-        md(["shots", "generator", "FID", "CAS %", "copy rate", "memorisation", "train s"], gen_rows),
-        "",
-    ]
-    if steps:
-        text += [
-            "## FID by optimiser steps",
-            "",
-            md(
-                [
-                    "shots",
-                    "scratch steps",
-                    "scratch final FID",
-                    "prior: step: FID",
-                    "prior reaches it at",
-                    "<= a quarter",
-                ],
-                steps,
-            ),
-            "",
-        ]
-    text += ["## Verdict", "", *[f"- {line.strip()}" for line in lines], ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text))
+    """The result page the docs site shows (docs/results/)."""
+    header = ["shots", "scratch steps", "scratch final FID", "prior: step: FID", "prior reaches it at", "<= a quarter"]
+    more = (("FID by optimiser steps", markdown_table(header, steps)),) if steps else ()
+    by = f"Written by `python benchmarks/fewshot_novel_digits.py` ({minutes:.1f} min on 2 CPU cores; priors "
+    by += f"{prior_seconds})."
+    write_results_page(path, "Novel digits from a prior", by, table, gen_rows, lines, more)
 
 
 if __name__ == "__main__":
