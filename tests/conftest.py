@@ -134,7 +134,8 @@ def gen_cfg(run_dir, out_dir, *extra):
     from imgaug_gen.config import compose_config
 
     return compose_config(
-        "generate", [f"run_dir={run_dir}", f"out_dir={out_dir}", "n_per_class=4", "progress=false", *extra]
+        "generate",
+        [f"run_dir={run_dir}", f"out_dir={out_dir}", "n_per_class=4", "progress=false", *TINY_METRICS, *extra],
     )
 
 

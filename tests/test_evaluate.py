@@ -18,6 +18,7 @@ TINY_TRAIN = ",".join(
     f'"{o}"'
     for o in [
         *TINY_MODELS["cgan"],
+        "debug=tiny",  # 8 steps of the tiny cGAN (the default trainer runs 3000)
         "callbacks=none",
         "logger=none",
         "trainer.enable_progress_bar=false",

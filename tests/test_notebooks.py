@@ -95,6 +95,7 @@ def test_03_does_it_help(tmp_path, monkeypatch):
         f'"{o}"'
         for o in [
             *TINY_MODELS["cgan"],
+            "debug=tiny",  # 8 steps of the tiny cGAN (the default trainer runs 3000)
             "callbacks=none",
             "logger=none",
             "trainer.enable_progress_bar=false",

@@ -98,7 +98,7 @@ def test_train_killed_with_sigkill_resumes_to_the_same_generator(tmp_path):
     """SIGKILL a real train.py after a checkpoint, resume with ckpt_path=: the final generator
     equals the uninterrupted run's, byte for byte (step, optimisers, EMA, data order, RNG)."""
     common = [
-        "trainer.max_steps=200",
+        "trainer.max_steps=60",
         "callbacks.checkpoint.every_n_train_steps=4",
         "callbacks.fidelity.every_n_steps=0",
     ]
@@ -107,7 +107,7 @@ def test_train_killed_with_sigkill_resumes_to_the_same_generator(tmp_path):
         over = [o for o in train_overrides("cgan", run, *common) if not o.startswith("run_dir")]
         return [sys.executable, str(ROOT / "train.py"), *over, f"hydra.run.dir={run}", *extra]
 
-    full, killed = train_killed_and_resumed(cmd, tmp_path, first_step=4, max_steps=200)
+    full, killed = train_killed_and_resumed(cmd, tmp_path, first_step=4, max_steps=60)
     a = (full / "generator" / "model.safetensors").read_bytes()
     b = (killed / "generator" / "model.safetensors").read_bytes()
     assert a == b

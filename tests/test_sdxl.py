@@ -412,6 +412,8 @@ def test_train_then_generate_cli(tiny_sdxl, folder, tmp_path):
         assert rec["mode"] == "sample" or (rec["strength"] == 0.5 and rec["source_id"])
 
 
+# fast variants: test_exact_resume_keeps_lora_and_embeddings (SDXL), test_reliability's SIGKILL resume (train.py)
+@pytest.mark.slow
 def test_train_killed_with_sigkill_resumes_to_the_same_generator(tiny_sdxl, folder, tmp_path):
     """SIGKILL a real `train.py model=sdxl_lora` (LoRA + textual inversion) once it has written a
     checkpoint, resume with ckpt_path=: the generator's weight files (LoRA, both encoders' learned
