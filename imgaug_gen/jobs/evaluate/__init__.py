@@ -14,7 +14,10 @@ chosen there) and the **test** split (reported):
   :mod:`imgaug_gen.data.mixed` -- the same sampler and loss a user trains with). The teacher of a
   distilling policy is the ``real+classical`` classifier of the same subset and seed;
 * with ``classifier.init`` (a classifier of the same recipe trained on other classes), ``transfer`` and
-  ``transfer+classical``, and every generative method starts from that init (its head new).
+  ``transfer+classical``, and every generative method starts from that init (its head new);
+* with an unlabelled pool in the data (``data.unlabeled`` / ``data.unlabeled_root``), ``real+pseudo+classical``
+  -- the ``real+classical`` set plus the pool images its teacher labels with a validation-chosen confidence --
+  and ``real+pseudo+<g>+classical@<P>`` on top of it (:mod:`imgaug_gen.jobs.evaluate.pseudo`).
 
 Every generator entry trains its generator on exactly that subset with the real ``train.py`` job
 (``train:``), reuses another entry's run (``run_of:``) or an existing run (``run_dir:``), and writes
@@ -55,8 +58,17 @@ from imgaug_gen.jobs.evaluate.config import (
     check_evaluate_config,
     method_name,
     method_names,
+    pseudo_settings,
     shots_list,
     wanted_methods,
+)
+from imgaug_gen.jobs.evaluate.pseudo import (
+    PseudoJob,
+    load_pool,
+    pseudo_runs,
+    reference_gains,
+    summarise_pseudo,
+    wants_pseudo,
 )
 from imgaug_gen.jobs.evaluate.report import chart_methods, full_recipe, generator_summary, report_markdown
 from imgaug_gen.jobs.evaluate.selection import select_headline, summarise
@@ -80,9 +92,10 @@ def _evaluate_subset(
     wanted,
     seeds: list[int],
     init: str | None = None,
-) -> tuple[list, dict, dict]:
+) -> tuple[list, dict, dict, dict | None]:
     """One (shots, subset): its real and classical sets, its generators' synthetic sets, every classifier
-    run. Returns the result rows, the generator facts and the dataset facts."""
+    run. Returns the result rows, the generator facts, the dataset facts and the pseudo-label facts (None
+    without an unlabelled pool)."""
     from imgaug_gen.augment.classical import build_augmenter
 
     # 2. Real subset, its classical copies, the fixed validation and test splits.
@@ -104,10 +117,17 @@ def _evaluate_subset(
     facts, sets = synthetic_sets(cfg, entries, shots, data_seed, data, root, dm)
     for s in sets.values():
         s.mixed = s.images.plus(classical_copies(augmenter, s.images, int(cfg.synthetic_copies), data_seed + 1))
-    # 4. Classifier runs.
+    # 4. Classifier runs (then, with an unlabelled pool, the pseudo-label ones: imgaug_gen.jobs.evaluate.pseudo).
     clf = Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed, init)
     rows = runs_for_subset(clf, seeds, real, classical, sets, entries, policies, wanted, int(cfg.cas_seeds))
-    return rows, facts, dataset
+    settings = pseudo_settings(cfg)
+    pool = load_pool(dm, real_x.shape[1:]) if settings and wants_pseudo(entries, wanted) else None
+    if pool is None:
+        return rows, facts, dataset, None
+    tag = f"shots{shots if shots is not None else 'all'}_d{data_seed}"
+    job = PseudoJob.build(clf, classical, len(real), pool, augmenter, settings, list(dm.class_names), root, tag)
+    pseudo_rows, pseudo_facts = pseudo_runs(job, seeds, sets, entries, policies, wanted)
+    return rows + pseudo_rows, facts, dataset, pseudo_facts
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -145,22 +165,28 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
     generators: dict[str, dict] = {}
     dataset: dict[str, Any] = {}
     plot_x: dict[str, int] = {}
+    pseudo: dict[str, dict] = {}
     for shots in all_shots:
         rows: list[dict] = []
-        generators[str(shots)] = {}
+        generators[str(shots)], pseudo_subsets = {}, {}
         for data_seed in data_seeds:
-            subset_rows, subset_gens, dataset = _evaluate_subset(
+            subset_rows, subset_gens, dataset, subset_pseudo = _evaluate_subset(
                 cfg, entries, policies, shots, data_seed, root, cache, recipe, wanted, seeds, init
             )
             rows += subset_rows
             for g, info in subset_gens.items():
                 generators[str(shots)].setdefault(g, {})[str(data_seed)] = info
+            if subset_pseudo is not None:
+                pseudo_subsets[str(data_seed)] = subset_pseudo
             n_classes = len(dataset["class_names"])
 
         # 5. Statistics per shots.
         results[str(shots)], baselines[str(shots)] = _shots_statistics(
             rows, seeds, init, entries, wanted, generators[str(shots)], shots
         )
+        if pseudo_subsets:
+            settings = pseudo_settings(cfg)
+            pseudo[str(shots)] = summarise_pseudo(pseudo_subsets, settings["thresholds"], settings["copies"])
         plot_x[str(shots)] = shots if shots is not None else round(dataset.get("n_train", 0) / n_classes)
 
     # 5. Selection and report.
@@ -181,6 +207,8 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
         "synthetic_copies": int(cfg.synthetic_copies),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    if pseudo:  # only with an unlabelled pool: eval.json without one is unchanged
+        out["pseudo"] = pseudo
     _write_report(out, root, entries, plot_x)
     return out
 
@@ -193,10 +221,11 @@ def _shots_statistics(
     for g, per_subset in gens.items():
         cas = summary.pop(f"cas:{g}", None)
         gens[g] = generator_summary(per_subset, cas)
-    names = method_names(entries, init is not None)
+    names = method_names(entries, init is not None, pseudo=True)  # the pseudo-label ones: with a pool only
     if wanted:
         summary = {k: summary[k] for k in names if (k in wanted or k == baseline["method"]) and k in summary}
     results = {k: summary[k] for k in names if k in summary}
+    reference_gains(rows, results)  # with pseudo-label rows only: gains over real+classical and real+pseudo+classical
     for m, r in results.items():
         g = r.get("gain")
         log.info(

@@ -109,7 +109,30 @@ class Classifiers:
         self.split_key = digest(test[0], test[1], val[0], val[1])
         self.init, self.init_key = init, (tree_hash(init) if init else None)
         self.teacher = TRANSFER_BASELINE if init else BASELINE
+        #: the set the teacher learns from (the `real+classical` set); default: the `real` set of the distilling run
+        self.teacher_data: TrainingSet | None = None
         self._teachers: dict[int, Any] = {}
+
+    def key(
+        self, seed: int, real: TrainingSet, synthetic: TrainingSet | None = None, policy=None, transfer: bool = False
+    ) -> str:
+        """The cache key of a run: everything that decides its result."""
+        pol = None if policy is None else policy.to_dict()
+        return digest(
+            *real.astuple(),
+            *(synthetic.astuple() if synthetic is not None else ()),
+            pol,
+            self.recipe,
+            int(seed),
+            self.split_key,
+            *([self.init_key] if transfer and self.init is not None else []),
+        )
+
+    def teacher_model(self, seed: int, data: TrainingSet):
+        """The same seed's teacher (``self.teacher`` trained on ``data``), trained once and kept."""
+        if seed not in self._teachers:
+            self.run(self.teacher, seed, data, keep_model=True, transfer=True)
+        return self._teachers[seed]
 
     def run(
         self,
@@ -124,16 +147,7 @@ class Classifiers:
         from imgaug_gen.metrics.downstream import predict_logits, train_and_test
 
         transfer = transfer and self.init is not None
-        pol = None if policy is None else policy.to_dict()
-        key = digest(
-            *real.astuple(),
-            *(synthetic.astuple() if synthetic is not None else ()),
-            pol,
-            self.recipe,
-            int(seed),
-            self.split_key,
-            *([self.init_key] if transfer else []),
-        )
+        key = self.key(seed, real, synthetic, policy, transfer)
         row = self.cache.get(key)
         if row is not None and not (keep_model and seed not in self._teachers):
             return row
@@ -141,8 +155,8 @@ class Classifiers:
         if synthetic is not None:
             kwargs.update(synthetic=synthetic.astuple(), policy=policy, train_groups=real.groups)
             if policy.distill > 0:
-                if seed not in self._teachers:  # `real` is the (+classical) set the teacher learns from
-                    self.run(self.teacher, seed, real, keep_model=True, transfer=True)
+                if seed not in self._teachers:  # the (+classical) set the teacher learns from
+                    self.teacher_model(seed, self.teacher_data if self.teacher_data is not None else real)
                 kwargs["teacher_logits"] = predict_logits(
                     self._teachers[seed], synthetic.images, self.recipe.get("input_size")
                 )
@@ -191,6 +205,7 @@ def runs_for_subset(
 ) -> list[dict]:
     """Every (method, seed) row of one (shots, subset), CAS rows included."""
     rows = []
+    clf.teacher_data = classical
 
     def want(m: str) -> bool:
         return wanted is None or m in wanted

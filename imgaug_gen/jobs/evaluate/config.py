@@ -27,6 +27,11 @@ BASELINE = "real+classical"
 TRANSFER_BASELINE = "transfer+classical"
 
 
+#: with an unlabelled pool (`data.unlabeled` / `data.unlabeled_root`): `real+classical` plus the pool's images
+#: that the teacher labels with confidence >= the validation-chosen threshold (imgaug_gen.jobs.evaluate.pseudo)
+PSEUDO_BASELINE = "real+pseudo+classical"
+
+
 def generator_entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str, dict]:
     gens = OmegaConf.to_container(cfg.get("generators") or {}, resolve=True)  # typed by schemas.Evaluate
     out = {}
@@ -95,21 +100,45 @@ def wanted_methods(cfg: DictConfig) -> list[str] | None:
     return None if m is None else [str(x) for x in m]
 
 
-def method_name(generator: str, policy: str) -> str:
-    return f"real+{generator}+classical@{policy}"
+def method_name(generator: str, policy: str, pseudo: bool = False) -> str:
+    """``real+<g>+classical@<P>``; ``pseudo``: on top of the pseudo-labelled set, ``real+pseudo+<g>+classical@<P>``."""
+    return f"real+{'pseudo+' if pseudo else ''}{generator}+classical@{policy}"
 
 
-def method_names(entries: Mapping[str, Mapping], with_init: bool = False) -> list[str]:
-    """The methods, in report order, for these generator entries (``{name: {"policies": [...]}}``)."""
-    names = baseline_methods(with_init)
+def method_names(entries: Mapping[str, Mapping], with_init: bool = False, pseudo: bool = False) -> list[str]:
+    """The methods, in report order, for these generator entries (``{name: {"policies": [...]}}``);
+    ``pseudo``: with the pseudo-label methods of an unlabelled pool."""
+    names = baseline_methods(with_init, pseudo)
     for g, e in entries.items():
         names += [method_name(g, p) for p in e["policies"]]
+    if pseudo:
+        for g, e in entries.items():
+            names += [method_name(g, p, pseudo=True) for p in e["policies"]]
     return names
 
 
-def baseline_methods(with_init: bool) -> list[str]:
+def baseline_methods(with_init: bool, pseudo: bool = False) -> list[str]:
     """The non-generative recipes a gain is measured against (the best on validation is the baseline)."""
-    return ["real", BASELINE, *(("transfer", TRANSFER_BASELINE) if with_init else ())]
+    return [
+        "real",
+        BASELINE,
+        *(("transfer", TRANSFER_BASELINE) if with_init else ()),
+        *((PSEUDO_BASELINE,) if pseudo else ()),
+    ]
+
+
+def pseudo_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``pseudo`` block when the data names an unlabelled pool (``data.unlabeled`` / ``data.unlabeled_root``)
+    and ``pseudo.enabled``; else None (no pseudo-label method exists)."""
+    data = cfg.get("data") or {}
+    pool = data.get("unlabeled") not in (None, "", False, "none") or data.get("unlabeled_root") not in (None, "")
+    block = OmegaConf.to_container(cfg.pseudo, resolve=True) if cfg.get("pseudo") is not None else {}
+    if not pool or not block.get("enabled", True):
+        return None
+    return {
+        "thresholds": [float(t) for t in block.get("thresholds") or [0.5, 0.8, 0.95]],
+        "copies": int(block.get("copies") or 0),
+    }
 
 
 def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -166,7 +195,25 @@ def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, A
             "from other classes than the evaluated ones (set `data.classes` to the evaluated classes, disjoint "
             "from the init's).",
         )
-    known = method_names(entries, init is not None)
+    pseudo = pseudo_settings(cfg)
+    _check_pseudo(cfg, pseudo)
+    known = method_names(entries, init is not None, pseudo is not None)
+    dup = sorted({m for m in known if known.count(m) > 1})
+    require(not dup, f"the generator entries make the method name(s) {dup} twice; rename the entries.")
     bad = sorted(set(wanted_methods(cfg) or []) - set(known))
-    require(not bad, f"`methods` names unknown method(s) {bad}; known: {known} (null = all).")
+    hint = "" if pseudo else " (the `real+pseudo...` methods need an unlabelled pool: data.unlabeled=rest)"
+    require(not bad, f"`methods` names unknown method(s) {bad}; known: {known} (null = all){hint}.")
     return entries, policies
+
+
+def _check_pseudo(cfg: DictConfig, pseudo: dict | None) -> None:
+    """The threshold is chosen on the validation split: several thresholds need one."""
+    if pseudo is None or len(pseudo["thresholds"]) < 2:
+        return
+    vf = cfg.data.get("val_fraction", 0.0)
+    require(
+        isinstance(vf, (int, float)) and vf > 0,
+        f"`pseudo.thresholds` = {pseudo['thresholds']} are chosen between on the validation split, but "
+        f"`data.val_fraction` = {vf!r}. Set `data.val_fraction=0.2`, or give one threshold, e.g. "
+        "`pseudo.thresholds=[0.9]`.",
+    )

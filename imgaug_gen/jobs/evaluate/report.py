@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imgaug_gen.jobs.evaluate.config import BASELINE, baseline_methods, method_name
+from imgaug_gen.jobs.evaluate.config import BASELINE, PSEUDO_BASELINE, TRANSFER_BASELINE, baseline_methods, method_name
 
 
 def generator_summary(per_subset: Mapping[str, dict], cas: dict | None) -> dict:
@@ -35,7 +36,7 @@ def chart_methods(
 ) -> list[str]:
     """The non-generative recipes, the headline, and each generator's best policy on validation (or its first)."""
     first = next(iter(results.values()))
-    shown = [m for m in baseline_methods(True) if m in first]
+    shown = [m for m in baseline_methods(True, pseudo=True) if m in first]
     for g, e in entries.items():
         ms = [method_name(g, p) for p in e["policies"] if method_name(g, p) in first]
         if ms:
@@ -79,7 +80,62 @@ def report_markdown(ev: Mapping[str, Any]) -> str:
         lines += ["", "Policies: " + "; ".join(f"`{k}` = {MixPolicy(**v).tag}" for k, v in pols.items()) + "."]
     for s in shots:
         lines += _generator_lines(s, ev.get("generators", {}).get(s, {}))
+    if ev.get("pseudo"):
+        lines += _pseudo_lines(ev["pseudo"])
+        lines += _beyond_pseudo_lines(results, methods, shots)
     return "\n".join(lines) + "\n"
+
+
+def _pseudo_lines(pseudo: Mapping[str, dict]) -> list[str]:
+    """Per shots value: the pseudo-label threshold grid (validation and test means, kept images, purity) and
+    the threshold each subset chose on validation."""
+    lines = []
+    for s, p in pseudo.items():
+        chosen = ", ".join(f"subset {d}: {t:g}" for d, t in p["chosen"].items())
+        paths = [Path(r["records"]) for sub in p["subsets"].values() for r in sub["runs"].values()]
+        where = ", ".join(sorted({f"`{q.parent.as_posix()}/{q.stem.rsplit('_s', 1)[0]}_s<seed>.jsonl`" for q in paths}))
+        lines += [
+            "",
+            f"### {s} shots per class: pseudo-labels (`{PSEUDO_BASELINE}`)",
+            "",
+            f"The same seed's `{p['teacher']}` classifier labels the {p['pool_size']} unlabelled images; those it "
+            "labels with confidence >= the threshold join its training set (each its own group"
+            + (f", {p['copies']} classical copies each" if p["copies"] else "")
+            + f"). Threshold chosen per subset on the validation split: {chosen} (its validation accuracy, the "
+            "best of the grid's on that split, is slightly optimistic where it competes for the baseline). The kept "
+            f"pseudo-labels, one JSON line each with its confidence, teacher and threshold: {where}.",
+            "",
+            "| threshold | kept images (mean per run) | validation accuracy | test accuracy | pseudo-label accuracy |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for t, g in p["grid"].items():
+            mark = " (chosen)" if g["chosen_in"] else ""
+            val = "—" if g["val_mean"] is None else f"{100 * g['val_mean']:.1f}"
+            pur = "—" if not g["kept_mean"] else "not known" if g["purity"] is None else f"{100 * g['purity']:.1f}"
+            lines.append(f"| {t}{mark} | {g['kept_mean']:.0f} | {val} | {100 * g['test_mean']:.1f} | {pur} |")
+    return lines
+
+
+def _beyond_pseudo_lines(results: Mapping[str, Mapping[str, dict]], methods: list[str], shots: list[str]) -> list[str]:
+    """Every generative method's paired gain over `real+classical` and over `real+pseudo+classical`."""
+    given = {ref for res in results.values() for r in res.values() for ref in r.get("gains") or {}}
+    refs = [m for m in (BASELINE, TRANSFER_BASELINE, PSEUDO_BASELINE) if m in given]
+    gen = [m for m in methods if any((results[s].get(m) or {}).get("gains") for s in shots)]
+    if not gen:
+        return []
+    lines = [
+        "",
+        "### What the generator adds beyond the pseudo-labels",
+        "",
+        "Paired test gain (same subset, same seed), mean [95 % cluster-bootstrap interval], over each reference.",
+        "",
+        "| method | " + " | ".join(f"{s} shots: vs `{ref}`" for s in shots for ref in refs) + " |",
+        "|---|" + "---:|" * (len(shots) * len(refs)),
+    ]
+    for m in gen:
+        cells = [fmt_gain(((results[s].get(m) or {}).get("gains") or {}).get(ref)) for s in shots for ref in refs]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _intro_lines(ev: Mapping[str, Any], shots: list[str], base: dict[str, str]) -> list[str]:

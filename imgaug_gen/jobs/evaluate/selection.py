@@ -12,7 +12,7 @@ from imgaug_gen.jobs.evaluate.config import BASELINE, TRANSFER_BASELINE, baselin
 def choose_baseline(by_method: Mapping[str, Mapping[tuple, dict]], with_init: bool) -> dict:
     """The baseline of one shots value: the non-generative recipe with the best mean validation accuracy
     (without a validation split: ``transfer+classical`` with an init, else ``real+classical``)."""
-    cands = [m for m in baseline_methods(with_init) if m in by_method]
+    cands = [m for m in baseline_methods(with_init, pseudo=True) if m in by_method]  # pseudo: with a pool only
     fixed = TRANSFER_BASELINE if with_init and TRANSFER_BASELINE in by_method else BASELINE
     val = {m: [r.get("val_accuracy") for r in by_method[m].values()] for m in cands}
     if not cands or any(v is None for vs in val.values() for v in vs):
