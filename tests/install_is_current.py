@@ -8,9 +8,10 @@ import importlib
 import os
 import shutil
 import sys
-import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (

@@ -9,13 +9,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from factories_ddpm import TINY_UNET
 from PIL import Image
 
-from conftest import digits_images, train_overrides, write_digit_folder
 from imgaug_gen.data import DigitsDataModule, LabeledFolderDataModule
 from imgaug_gen.data.unlabeled import UNLABELED, PoolBatchSampler, content_hash
 from imgaug_gen.errors import ConfigError
+
+from conftest import digits_images, train_overrides, write_digit_folder
+from factories_ddpm import TINY_UNET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
