@@ -152,3 +152,17 @@ def test_kinds_without_a_null_class_refuse_pool_batches_and_take_pseudo_labels(t
     assert all(r["class_name"] == str(r["label"]) and r["threshold"] == 0.3 for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
     assert (run_dir / "generator" / "config.json").is_file()
+
+
+def test_evaluate_keeps_the_pool_out_of_the_batches_of_kinds_without_a_null_class(tmp_path, monkeypatch):
+    import imgaug_gen.jobs.train as train_job
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.jobs.evaluate.sources import train_entry
+
+    seen = {}
+    monkeypatch.setattr(train_job, "train", lambda cfg: seen.setdefault("data", dict(cfg.data)) and ({}, {}))
+    data = dict(compose_config("evaluate", ["out_dir=x", "data.unlabeled=rest"]).data)
+    for kind, own, share in (("cgan", [], 0.0), ("ddpm", [], 0.5), ("cgan", ["data.unlabeled_share=0.25"], 0.25)):
+        seen.clear()
+        train_entry(None, kind, {"train": [f"model={kind}", *own]}, 2, data, tmp_path / f"{kind}{share}", 0)
+        assert seen["data"]["unlabeled"] == "rest" and seen["data"]["unlabeled_share"] == share

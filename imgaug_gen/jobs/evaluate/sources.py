@@ -89,9 +89,13 @@ def train_entry(
         tcfg.callbacks.fidelity = None
     tdata = dict(data)
     tdata["batch_size"] = tcfg.data.get("batch_size", data.get("batch_size"))
+    own = {o.split("=", 1)[0].lstrip("+~") for o in entry["train"]}
     for key in ("unlabeled", "unlabeled_root", "unlabeled_share"):  # the entry's own use of an unlabelled pool
-        if any(o.split("=", 1)[0].lstrip("+~") == f"data.{key}" for o in entry["train"]):
+        if f"data.{key}" in own:
             tdata[key] = tcfg.data.get(key)
+    pool = tdata.get("unlabeled") is not None or tdata.get("unlabeled_root") is not None
+    if pool and "data.unlabeled_share" not in own and not _trains_unlabeled(tcfg):
+        tdata["unlabeled_share"] = 0.0  # the pool is for its pseudo-labels and the baseline, not its batches
     OmegaConf.set_struct(tcfg, False)
     tcfg.data = OmegaConf.create(tdata)
     OmegaConf.set_struct(tcfg, True)
@@ -119,6 +123,13 @@ def train_entry(
     }
     atomic_write_json(done, info)
     return info
+
+
+def _trains_unlabeled(tcfg: DictConfig) -> bool:
+    """Whether the entry's generator kind learns from unlabelled images in its batches (the DDPM's null class)."""
+    from hydra.utils import get_class
+
+    return bool(getattr(get_class(tcfg.model._target_), "trains_unlabeled", False))
 
 
 def generate_entry(name: str, entry: dict, run_dir: Path, out: Path, fresh_run: bool, data_seed: int) -> dict:
