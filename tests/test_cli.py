@@ -69,3 +69,13 @@ def test_no_function_in_the_package_is_80_lines_or_longer():
                     f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
                 )
     assert not long, long
+
+
+def test_no_module_in_the_package_is_over_500_lines():
+    """One responsibility per module: a module that outgrows 500 lines is split."""
+    big = [
+        f"{p.relative_to(ROOT)} ({n} lines)"
+        for p in sorted((ROOT / "imgaug_gen").rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > 500
+    ]
+    assert not big, big
