@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from imgaug_gen.data import DigitsDataModule, LabeledFolderDataModule
-from imgaug_gen.data.unlabeled import UNLABELED, PoolBatchSampler, content_hash
+from imgaug_gen.data.unlabeled import UNLABELED, content_hash, pool_batch_sampler
 from imgaug_gen.errors import ConfigError
 
 from conftest import digits_images, train_overrides, write_digit_folder
@@ -89,13 +89,13 @@ def test_a_bad_unlabeled_root_is_refused_before_any_work(tmp_path):
 
 
 def test_pool_batches_hold_the_share_and_are_a_function_of_the_index():
-    s = PoolBatchSampler(10, 50, batch_size=8, share=0.25, seed=3, num_batches=6, rank=0, world_size=1)
+    s = pool_batch_sampler(10, 50, batch_size=8, share=0.25, seed=3, num_batches=6, rank=0, world_size=1)
     batches = list(s)
     assert all(len(b) == 8 and sum(i >= 10 for i in b) == 2 for b in batches)
-    assert batches == list(PoolBatchSampler(10, 50, 8, 0.25, seed=3, num_batches=6, rank=0, world_size=1))
+    assert batches == list(pool_batch_sampler(10, 50, 8, 0.25, seed=3, num_batches=6, rank=0, world_size=1))
     s.start_batch = 4
     assert list(s) == batches[4:]
-    only_pool = PoolBatchSampler(10, 50, 8, 1.0, seed=3, num_batches=2, rank=0, world_size=1)
+    only_pool = pool_batch_sampler(10, 50, 8, 1.0, seed=3, num_batches=2, rank=0, world_size=1)
     assert all(min(b) >= 10 for b in only_pool)
     dm = DigitsDataModule(image_size=8, shots=2, unlabeled="rest", unlabeled_share=0.5, batch_size=8)
     dm.setup()

@@ -85,6 +85,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     #: batches per Lightning epoch of ``train_dataloader``; large so one epoch spans a run.
     train_num_batches: int = DEFAULT_NUM_BATCHES
+    #: the labelled folder (none for built-in data) and how an unlabelled folder is read; the folder module sets its own
+    root: Optional[str] = None
+    resize: str = "resize"
+    on_corrupt: str = "error"
 
     def __init__(
         self,
@@ -172,7 +176,7 @@ class ImageDataModule(pl.LightningDataModule):
         )
         from imgaug_gen.data.unlabeled import check_pool_args
 
-        check_pool_args(self.unlabeled, self.unlabeled_root, getattr(self, "root", None))
+        check_pool_args(self.unlabeled, self.unlabeled_root, self.root)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._ready:
@@ -238,11 +242,7 @@ class ImageDataModule(pl.LightningDataModule):
         # a folder pool must not hold any labelled image; `rest` is the training split outside the shots
         labelled = shot_idx if self.unlabeled == "rest" else train_idx
         read = lambda: read_pool_folder(
-            self.unlabeled_root,
-            int(self.channels),
-            int(self.image_size),
-            getattr(self, "resize", "resize"),
-            getattr(self, "on_corrupt", "error"),
+            self.unlabeled_root, int(self.channels), int(self.image_size), self.resize, self.on_corrupt
         )
         splits = {"labelled": labelled, "validation": val_idx, "test": test_idx}
         pool = build_pool(self.unlabeled or "folder", data.images, data.ids, data.paths, splits, rest, read)
@@ -355,11 +355,7 @@ class ImageDataModule(pl.LightningDataModule):
             f"pseudo-labels outside 0..{self.num_classes - 1}",
         )
         self._pseudo = (self._pool.images[index], labels)
-        keep = np.setdiff1d(np.arange(len(self._pool)), index)
-        p = self._pool
-        self._pool = type(p)(
-            p.images[keep], [p.ids[k] for k in keep], [p.paths[k] for k in keep], [p.hashes[k] for k in keep]
-        )
+        self._pool = self._pool.subset(np.setdiff1d(np.arange(len(self._pool)), index))
 
     def unlabeled_arrays(self) -> np.ndarray:
         """The unlabelled pool, uint8 ``[M, H, W, C]`` (``M = 0`` when none is configured)."""
@@ -394,9 +390,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self._pseudo is not None:
             images, labels = np.concatenate([images, self._pseudo[0]]), np.concatenate([labels, self._pseudo[1]])
         if self._pool is not None and len(self._pool) and float(self.unlabeled_share) > 0:
-            from imgaug_gen.data.unlabeled import UNLABELED, PoolBatchSampler
+            from imgaug_gen.data.unlabeled import UNLABELED, pool_batch_sampler
 
-            sampler = PoolBatchSampler(
+            sampler = pool_batch_sampler(
                 len(labels),
                 len(self._pool),
                 self.batch_size,

@@ -11,8 +11,7 @@ Two sources, one per key:
 Either way an image whose pixels (after conversion and resizing) equal a labelled, validation or test
 image's is dropped, and the drops are counted in the log, so the pool never leaks an evaluated image into
 training. Training batches then hold ``data.unlabeled_share`` pool images each (label
-:data:`UNLABELED`), drawn by :class:`PoolBatchSampler`, a pure function of the batch index like every
-sampler here.
+:data:`UNLABELED`), drawn by the consumption policies' ``weighted`` sampler (:func:`pool_batch_sampler`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from imgaug_gen.data.samplers import DEFAULT_NUM_BATCHES, EpochBatches, StepBatchSampler
 from imgaug_gen.errors import ConfigError, require
 
 log = logging.getLogger("imgaug_gen.data")
@@ -52,6 +50,12 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, idx) -> "Pool":
+        idx = [int(i) for i in idx]
+        return Pool(
+            self.images[idx], [self.ids[i] for i in idx], [self.paths[i] for i in idx], [self.hashes[i] for i in idx]
+        )
 
     def records(self) -> list[dict[str, Any]]:
         return [{"id": i, "path": p, "sha1": h} for i, p, h in zip(self.ids, self.paths, self.hashes)]
@@ -162,36 +166,15 @@ def build_pool(
 # --------------------------------------------------------------------------- 3. batches
 
 
-class PoolBatchSampler(EpochBatches):
-    """Batches of ``batch_size`` items: ``round(batch_size * share)`` from the pool (items ``n_labelled ..``),
-    the rest labelled (items ``0 .. n_labelled - 1``), each part its own step-indexed stream
-    (:class:`~imgaug_gen.data.samplers.StepBatchSampler`), so batch ``b`` is a pure function of ``b`` and
-    resumes exactly. ``share=1`` trains on the pool alone (pretraining on unlabelled images)."""
+def pool_batch_sampler(n_labelled: int, n_pool: int, batch_size: int, share: float, seed: int = 0, **kwargs):
+    """Batches of ``batch_size`` items, ``round(batch_size * share)`` of them from the pool (items
+    ``n_labelled ..``), the rest labelled (items ``0 .. n_labelled - 1``): the consumption policies'
+    ``weighted`` sampler (a pure function of the batch index, so resume stays exact). ``share=1`` trains on
+    the pool alone (pretraining on unlabelled images)."""
+    from imgaug_gen.data.mix_policy import MixPolicy
+    from imgaug_gen.data.mix_sampler import MixedBatchSampler
 
-    def __init__(
-        self,
-        n_labelled: int,
-        n_pool: int,
-        batch_size: int,
-        share: float,
-        seed: int = 0,
-        num_batches: int = DEFAULT_NUM_BATCHES,
-        rank: Optional[int] = None,
-        world_size: Optional[int] = None,
-        sampler: Any = None,
-        drop_last: bool = False,
-    ) -> None:
-        require(0.0 < float(share) <= 1.0, f"`data.unlabeled_share` = {share!r}; give a share in (0, 1].")
-        n_from_pool = min(batch_size, max(1, int(round(batch_size * float(share)))))
-        self.n_labelled, self.n_pool, self.share = int(n_labelled), int(n_pool), float(share)
-        self.batch_size, self.seed, self.num_batches = int(batch_size), int(seed), int(num_batches)
-        self.sampler, self.drop_last, self.start_batch = sampler, False, 0
-        common = dict(num_batches=num_batches, rank=rank, world_size=world_size, sampler=sampler)
-        self._pool = StepBatchSampler(n_pool, n_from_pool, seed=seed + 1, **common)
-        n_lab = batch_size - n_from_pool
-        self._lab = StepBatchSampler(n_labelled, n_lab, seed=seed, **common) if n_lab > 0 else None
-        self.rank, self.world_size = self._pool.rank, self._pool.world_size
-
-    def batch(self, b: int) -> list[int]:
-        lab = self._lab.batch(b) if self._lab is not None else []
-        return lab + [self.n_labelled + i for i in self._pool.batch(b)]
+    require(0.0 < float(share) <= 1.0, f"`data.unlabeled_share` = {share!r}; give a share in (0, 1].")
+    policy = MixPolicy(name="weighted", p=float(share))
+    labels = np.zeros(n_labelled, dtype=np.int64)  # labels only matter to `replace`
+    return MixedBatchSampler(labels, np.full(n_pool, UNLABELED), policy, batch_size, seed=seed, **kwargs)

@@ -169,16 +169,15 @@ def pseudo_label_pool(opts: DictConfig, dm, run_dir: Path) -> None:
     from imgaug_gen.metrics.pseudo_labels import pseudo_label
 
     x, y = dm.train_arrays()
-    check = dm.val_arrays() if len(dm.val_arrays()[1]) else dm.test_arrays()
-    if not len(check[1]):
-        check = (x, y)
+    val = dm.val_arrays()
+    check, where = (val, "validation") if len(val[1]) else ((x, y), "training")  # never the test split
     d = train_and_test(
         x, y, *check, dm.num_classes, int(opts.seed), steps=int(opts.steps), return_details=True, return_model=True
     )
     labels = pseudo_label(d["model"], dm.unlabeled_arrays(), float(opts.threshold))
     pool = dm.unlabeled_records()
     ids = [r["id"] for r in pool]
-    teacher = f"downstream recipe on the {len(y)} shots, {int(opts.steps)} steps, held-out accuracy {d['accuracy']:.3f}"
+    teacher = f"downstream recipe on the {len(y)} shots, {int(opts.steps)} steps, {where} accuracy {d['accuracy']:.3f}"
     rows = labels.records(ids, list(dm.class_names), teacher)
     for r, i in zip(rows, labels.index):
         r["path"] = pool[int(i)]["path"]
