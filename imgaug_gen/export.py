@@ -56,10 +56,13 @@ def manifest_shard_name(shard: int, num_shards: int) -> str:
 #: ``overwrite=true`` removes these and the image files a previous job's manifest lists, nothing else.
 OWN_FILES = ("metrics.json", "config.yaml", "preview.png", "merged.json")
 #: Entries of a folder that hold no output: Hydra's, the job log, the locks.
-IGNORED = (".hydra", "generate.log")
+IGNORED = (".hydra", "generate.log", "multirun.yaml", "logs", ".submitit")
 CLAIM_LOCK = "claim.lock"  # held briefly: reading / writing job.json, clearing, merging
 #: an output file name of this project inside a class folder (a previous job's, possibly unlisted after a kill)
-_OWN_IMAGE = re.compile(r"^(syn|edit)_\d{7}\.png$|^(real|aug)_.+\.png$|^\..+\.png\.[0-9a-f]{8}\.tmp$")
+_OWN_IMAGE = re.compile(
+    r"^(syn|edit)_\d{7}\.png$|^(real|aug)_.+\.png$|^\..+\.png\.[0-9a-f]{8}\.tmp$"
+    r"|^\.?shard-(\d{3}of\d{3}-)?\d{5}\.(tar|parquet)(\.[0-9a-f]{8}\.tmp)?$"  # format=webdataset | parquet
+)
 
 
 def refuse_foreign_folder(out_dir: str | os.PathLike) -> None:
@@ -74,6 +77,10 @@ def refuse_foreign_folder(out_dir: str | os.PathLike) -> None:
             f"its files ({theirs[:5]}) were not written by imgaug_gen, and nothing of them is deleted or "
             "overwritten. Choose an empty or new `out_dir`."
         )
+
+
+def plan_record_name(shard: int, num_shards: int) -> str:
+    return "plan.json" if num_shards == 1 else f"plan.shard{shard:03d}-of-{num_shards:03d}.json"
 
 
 def writer_lock_name(shard: int, num_shards: int) -> str:
@@ -200,7 +207,7 @@ class FolderWriter:
                         removed += 1
         for name in (*OWN_FILES, f"{SPLIT}/{HF_METADATA}"):
             (self.out_dir / name).unlink(missing_ok=True)
-        for p in self.out_dir.glob("shard*.done"):
+        for p in [*self.out_dir.glob("shard*.done"), *self.out_dir.glob("plan*.json")]:
             p.unlink()
         for folder in sorted(class_dirs, reverse=True) + [self.out_dir / SPLIT]:
             with contextlib.suppress(OSError):
@@ -264,6 +271,16 @@ class FolderWriter:
                     os.unlink(entry.path)
                     removed += 1
         return removed
+
+    # -- state -------------------------------------------------------------------
+    def has(self, rec_id: str) -> bool:
+        """Whether ``rec_id`` is in the folder already (written, or rejected by the filter)."""
+        return rec_id in self.records
+
+    def is_kept(self, rec_id: str) -> bool:
+        """Whether ``rec_id`` is in the folder as an image (a filter-rejected candidate is not)."""
+        rec = self.records.get(rec_id)
+        return rec is not None and is_kept(rec)
 
     # -- writing -------------------------------------------------------------------
     def relpath(self, rec_id: str, label: int) -> str:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -220,6 +221,22 @@ def _small_png(array) -> bool:
         and array.shape[0] * array.shape[1] <= 64 * 64
         and (array.ndim == 2 or array.shape[2] in _PNG_COLOUR_TYPE)
     )
+
+
+def png_bytes(array, compress_level: int = 1) -> bytes:
+    """A uint8 HW / HWC image as PNG bytes: :func:`encode_png` for small images, PIL for larger ones."""
+    import numpy as np
+
+    array = np.asarray(array)
+    if _small_png(array):
+        return encode_png(array, compress_level)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array).save(
+        buf, format="PNG", compress_level=int(compress_level)
+    )
+    return buf.getvalue()
 
 
 def atomic_save_image(path: str | os.PathLike, array, format: str = "PNG", compress_level: int = 1) -> None:

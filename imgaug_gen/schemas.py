@@ -118,6 +118,8 @@ class Generate(_Block):
 
     run_dir: str = Field(min_length=1)
     out_dir: str = Field(min_length=1)
+    format: Literal["folder", "webdataset", "parquet"] = "folder"
+    shard_size: int = Field(10000, ge=1, le=10_000_000)
     mode: Mode
     n_per_class: int = Field(ge=0, le=MAX_PER_CLASS)
     seed: int

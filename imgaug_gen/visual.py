@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -132,6 +132,20 @@ PREVIEW_GROUPS = (
     ("img2img", lambda r: r["source"] == "synthetic" and r.get("mode") == "img2img" and not r.get("augment")),
     ("augmented", lambda r: bool(r.get("augment"))),
 )
+
+
+def preview_records(records: Iterable[dict], class_names: Sequence[str], per_group: int = 6) -> list[dict]:
+    """The records :func:`preview_sheet` shows (the first ``per_group`` of each class and group), from a
+    stream of any length: only these are kept."""
+    left = {(str(n), g): per_group for n in class_names for g, _ in PREVIEW_GROUPS}
+    out = []
+    for r in records:
+        hit = [g for g, keep in PREVIEW_GROUPS if left.get((str(r["class_name"]), g), 0) > 0 and keep(r)]
+        for g in hit:
+            left[(str(r["class_name"]), g)] -= 1
+        if hit:
+            out.append(r)
+    return out
 
 
 def preview_sheet(

@@ -16,7 +16,8 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
     "torch torchvision pytorch_lightning diffusers transformers peft torchmetrics torch_fidelity albumentations hydra "
-    "sklearn pytest xdist nbclient importlinter prdc datasets mkdocs material mkdocstrings_handlers.python"
+    "sklearn pytest xdist nbclient importlinter prdc datasets pyarrow webdataset submitit mkdocs material "
+    "mkdocstrings_handlers.python"
 ).split()
 
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from imgaug_gen.data.manifest import RecordImages
 from imgaug_gen.data.mix_policy import POLICIES, MixPolicy
 from imgaug_gen.data.mix_sampler import MixedBatchSampler
 from imgaug_gen.data.samplers import ResumableDataLoader
@@ -194,6 +195,7 @@ class MixedFolderDataset(Dataset):
         self.records = real_recs + syn_recs
         self._item_records = ([None] * len(real_labels) if real is not None else real_recs) + syn_recs
         self.transform = transform
+        self._reader = RecordImages(self.out_dir)  # image files, WebDataset or Parquet shards
         # (width, height) every file must have, from the first one read (checked from each header)
         self._size: tuple[int, int] | None = (
             None if self._arrays is None else (self._arrays.shape[2], self._arrays.shape[1])
@@ -211,15 +213,7 @@ class MixedFolderDataset(Dataset):
         if i < self.n_real and self._arrays is not None:
             a = self._arrays[i]
         else:
-            from imgaug_gen.data.manifest import record_path
-            from imgaug_gen.io import read_image_array
-
-            rec = self._item_records[i]
-            a = read_image_array(
-                record_path(self.out_dir, rec),
-                f"`{self.out_dir / self.files[i]}` (manifest line {rec.get('id')!r})",
-                expect_size=self._size,
-            )
+            a = self._reader.array(self._item_records[i], expect_size=self._size)
             if self._size is None:
                 self._size = (a.shape[1], a.shape[0])
         return a[..., None] if a.ndim == 2 else a

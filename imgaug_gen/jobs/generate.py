@@ -38,7 +38,7 @@ from imgaug_gen.jobs.plan import (  # noqa: F401  (split_counts, plan_items: par
     split_counts,
     synthetic_counts,
 )
-from imgaug_gen.jobs.scoring import Scorers, build_scorers, filter_summary, score_folder
+from imgaug_gen.jobs.scoring import Scorers, build_scorers, filter_summary, score_folder, score_manifest  # noqa: F401
 from imgaug_gen.runtime import prepare_process
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ def check_generate_config(cfg: DictConfig):
     validate(cfg, Generate, "generate")
     if not Path(cfg.run_dir).is_dir():
         raise ConfigError(f"`run_dir` = {cfg.run_dir!r} is not a folder; pass the folder train.py wrote.")
+    from imgaug_gen.shards import require_format
+
+    require_format(cfg.format)
     return build_augmenter(cfg.get("augment"))
 
 
@@ -231,7 +234,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock) -> dict[str, Any]:
-    from imgaug_gen.export import FolderWriter, mark_merged, read_manifest, write_hf_metadata
+    from imgaug_gen.export import mark_merged, read_manifest, write_hf_metadata
     from imgaug_gen.generators.base import load_generator
 
     # 2. Load the generator (denormal floats flushed, freed tensor memory reused: runtime.py).
@@ -247,17 +250,9 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
     # 4. Plan this shard.
     plan = plan_shard(cfg, gen, real, augmenter)
     # 5. Open the folder under the job record (another job's folder is refused; a killed run's orphans go).
-    writer = FolderWriter(
-        Path(cfg.out_dir),
-        gen.class_names,
-        job_record(cfg, gen, gen_dir, plan, augmenter),
-        overwrite=cfg.overwrite,
-        shard=cfg.shard,
-        num_shards=cfg.num_shards,
-        io_workers=int(cfg.io_workers),
-        lock=lock,
-    )
+    writer = open_writer(cfg, gen.class_names, job_record(cfg, gen, gen_dir, plan, augmenter), lock)
     writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in plan.mine)
+    write_plan_record(cfg, len(plan.plain) + sum(plan.targets.get(k, 0) for k in plan.groups))
     # 6. Scorers: per-image confidence, the quality filter, FID/KID at the end.
     scorers = build_scorers(cfg, dm, real)
     # 7. Generate and write: plain items, then filtered candidates until each target is met.
@@ -271,12 +266,37 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
     # train/metadata.jsonl from the final manifest (Hugging Face imagefolder columns).
     if not finish_shards(cfg, plan):
         return metrics
-    write_hf_metadata(cfg.out_dir, read_manifest(cfg.out_dir))
+    if cfg.format == "folder":
+        write_hf_metadata(cfg.out_dir, read_manifest(cfg.out_dir))
     # 9. Report: score the folder, metrics.json, config.yaml, preview.png.
     metrics = write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics)
     if cfg.num_shards > 1:
         mark_merged(cfg.out_dir, cfg.num_shards)
     return metrics
+
+
+def open_writer(cfg: DictConfig, class_names: list[str], job: dict, lock):
+    """The writer of ``cfg.format``: image files (:class:`~imgaug_gen.export.FolderWriter`) or shards
+    (:class:`~imgaug_gen.shards.ShardWriter`), under the job's lock."""
+    from imgaug_gen.export import FolderWriter
+
+    common = dict(
+        overwrite=cfg.overwrite, shard=cfg.shard, num_shards=cfg.num_shards, io_workers=int(cfg.io_workers), lock=lock
+    )
+    if cfg.format == "folder":
+        return FolderWriter(Path(cfg.out_dir), class_names, job, **common)
+    from imgaug_gen.shards import ShardWriter
+
+    return ShardWriter(Path(cfg.out_dir), class_names, job, format=cfg.format, shard_size=cfg.shard_size, **common)
+
+
+def write_plan_record(cfg: DictConfig, planned: int) -> None:
+    """``plan[.shardXXX-of-YYY].json``: how many images this shard of the job keeps when done (read by
+    :func:`imgaug_gen.progress.job_progress` beside the manifests' line counts)."""
+    from imgaug_gen.export import plan_record_name
+    from imgaug_gen.io import atomic_write_json
+
+    atomic_write_json(Path(cfg.out_dir) / plan_record_name(cfg.shard, cfg.num_shards), {"planned": int(planned)})
 
 
 def job_record(cfg: DictConfig, gen, gen_dir: Path, plan: ShardPlan, augmenter) -> dict:
@@ -300,14 +320,16 @@ def job_record(cfg: DictConfig, gen, gen_dir: Path, plan: ShardPlan, augmenter) 
             "sources": _mix_sources(cfg),
         },
         "filter": fcfg if fcfg.get("enabled") else None,
+        # a folder-format job keeps the record it always had (its folders stay resumable)
+        **({"format": cfg.format, "shard_size": int(cfg.shard_size)} if cfg.format != "folder" else {}),
     }
 
 
 def _progress(cfg: DictConfig, writer, plan: ShardPlan):
     from tqdm.auto import tqdm
 
-    kept = lambda g: sum(1 for it in g if writer.records.get(it.id, {}).get("kept"))  # noqa: E731
-    todo = sum(1 for it in plan.plain if it.id not in writer.records)
+    kept = lambda g: sum(1 for it in g if writer.is_kept(it.id))  # noqa: E731
+    todo = sum(1 for it in plan.plain if not writer.has(it.id))
     log.info(
         "%d images planned for this shard, %d already written, %d to go", len(plan.plain), len(plan.plain) - todo, todo
     )
@@ -326,7 +348,7 @@ def _generator_info(cfg: DictConfig, gen) -> dict:
 
 def write_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, writer, scorers: Scorers, augmenter, bar) -> int:
     """Generate (or copy) the plain items not yet in the folder, batch by batch; returns how many."""
-    todo = [it for it in plan.plain if it.id not in writer.records]
+    todo = [it for it in plan.plain if not writer.has(it.id)]
     info, written = _generator_info(cfg, gen), 0
     for batch in _batches(todo, int(cfg.batch_size)):
         by_mode: dict[str, list[Item]] = {}
@@ -360,8 +382,8 @@ def write_filtered_items(
     info, written = _generator_info(cfg, gen), 0
     for key, cands in plan.groups.items():
         n = plan.targets.get(key, 0)
-        accepted = sum(1 for it in cands if writer.records.get(it.id, {}).get("kept", False))
-        pending = [it for it in cands if it.id not in writer.records]
+        accepted = sum(1 for it in cands if writer.is_kept(it.id))
+        pending = [it for it in cands if not writer.has(it.id)]
         done_n = len(cands) - len(pending)
         while accepted < n and pending:
             est = max(accepted / done_n if done_n else 1.0, 1.0 / max_factor)
@@ -410,16 +432,14 @@ def write_report(
     cfg: DictConfig, gen, dm, real: RealData, plan: ShardPlan, scorers: Scorers, augmenter, metrics: dict
 ) -> dict:
     """Score the whole folder; write metrics.json, config.yaml and preview.png; return the metrics."""
-    from imgaug_gen.export import is_kept, read_manifest
+    from imgaug_gen.data.manifest import iter_manifest
     from imgaug_gen.io import atomic_write_json, atomic_write_text
 
     out_dir = Path(cfg.out_dir)
-    all_records = read_manifest(out_dir, include_rejected=True)
-    records = [r for r in all_records if is_kept(r)]
+    # streamed from the manifest: memory holds the scored lines (at most `score_max_images`), not the folder
     metrics.update(
-        score_folder(
+        score_manifest(
             out_dir,
-            records,
             gen.class_names,
             scorers.scorer,
             dm if scorers.scorer is not None else None,
@@ -433,7 +453,8 @@ def write_report(
         for c, name in enumerate(gen.class_names)
     }
     if scorers.quality_filter is not None:
-        metrics["filter"] = filter_summary(all_records, scorers.quality_filter, gen.class_names, plan.targets)
+        candidates = iter_manifest(out_dir, include_rejected=True)
+        metrics["filter"] = filter_summary(candidates, scorers.quality_filter, gen.class_names, plan.targets)
         metrics["filter"]["classifier_data"] = _filter_cfg(cfg)["classifier_data"]
         metrics["filter"]["classifier_images"] = scorers.filter_images
     for name in gen.class_names:
@@ -443,9 +464,9 @@ def write_report(
     resolved["augment_resolved"] = augmenter.to_dict() if augmenter is not None else None
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     try:
-        from imgaug_gen.visual import preview_sheet
+        from imgaug_gen.visual import preview_records, preview_sheet
 
-        preview_sheet(out_dir, records, gen.class_names)
+        preview_sheet(out_dir, preview_records(iter_manifest(out_dir), gen.class_names), gen.class_names)
     except Exception as e:  # a picture must never fail the job
         log.warning("could not draw preview.png: %s", e)
     return metrics

@@ -106,17 +106,49 @@ def score_folder(
     syn = [r for r in records if r["source"] == "synthetic"]
     if extractor is None or not syn:
         return out
+    if max_images and len(syn) > max_images:
+        syn = [syn[i] for i in _evenly(len(syn), max_images)]
+    out.update(_synthetic_scores(out_dir, syn, class_names, extractor, dm, k))
+    return out
+
+
+def score_manifest(
+    out_dir: Path, class_names: list[str], extractor=None, dm=None, k: int = 3, max_images: int | None = None
+) -> dict:
+    """:func:`score_folder` of a folder's manifest, streamed: one pass counts, a second keeps only the
+    synthetic lines scored, so memory holds at most ``max_images`` lines however many the folder has."""
+    from imgaug_gen.data.manifest import iter_manifest
+
+    n_syn = [0]
+
+    def counted():
+        for r in iter_manifest(out_dir):
+            n_syn[0] += r["source"] == "synthetic"
+            yield r
+
+    out = _folder_counts(counted(), class_names)
+    if extractor is None or not n_syn[0]:
+        return out
+    picked = set(_evenly(n_syn[0], max_images).tolist()) if max_images and n_syn[0] > max_images else None
+    syn = (r for r in iter_manifest(out_dir) if r["source"] == "synthetic")
+    syn = [r for i, r in enumerate(syn) if picked is None or i in picked]
+    out.update(_synthetic_scores(out_dir, syn, class_names, extractor, dm, k))
+    return out
+
+
+def _evenly(n: int, m: int) -> np.ndarray:
+    """``m`` indices evenly spaced over ``range(n)`` (every class and source keeps its share)."""
+    return np.linspace(0, n - 1, int(m)).round().astype(int)
+
+
+def _synthetic_scores(out_dir: Path, syn: list[dict], class_names: list[str], extractor, dm, k: int) -> dict:
     from imgaug_gen.metrics import PRDC_KEYS, FidelityEvaluator, precision_recall
 
     ref_images, ref_labels = dm.reference_arrays()
     evaluator = FidelityEvaluator(extractor, ref_images)
     # Streamed: files are read and turned into features chunk by chunk, so memory holds
     # features (N x D floats), never all the images.
-    if max_images and len(syn) > max_images:
-        # Evenly spaced over the id order (every class and source keeps its share): memory and time
-        # of the scores stay bounded however many images the folder holds.
-        syn = [syn[i] for i in np.linspace(0, len(syn) - 1, int(max_images)).round().astype(int)]
-    out["n_scored"] = len(syn)
+    out = {"n_scored": len(syn)}
     fake_f = folder_features(out_dir, syn, extractor)
     fid = evaluator.evaluate_features(fake_f)
     conf = [r["scores"]["confidence"] for r in syn if "confidence" in r.get("scores", {})]

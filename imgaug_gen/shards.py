@@ -1,0 +1,384 @@
+"""``generate.py format=webdataset | parquet``: the job's images as shards instead of one file each.
+
+* ``webdataset``: ``OUT/train/shard-00000.tar``, ... Each sample is ``{key}.png`` (the image), ``{key}.json``
+  (its manifest row) and ``{key}.cls`` (the class index as text), in the layout WebDataset, OpenCLIP and
+  ``datasets.load_dataset("webdataset")`` read. ``key`` is the image id (dots, which WebDataset reads as
+  the start of the extension, become ``_``).
+* ``parquet``: ``OUT/train/shard-00000.parquet``, ... One row per image: an ``image`` column
+  (``{bytes, path}``, the Hugging Face ``Image`` feature), the provenance columns of the ``imagefolder``
+  metadata (:data:`imgaug_gen.hf_metadata.HF_COLUMNS` less ``file_name``; ``label_id`` a ``ClassLabel``),
+  the score columns and ``json`` (the whole manifest row). ``datasets.load_dataset("parquet")`` reads the
+  features from the file.
+
+``shard_size`` images go to a shard (the last one holds the rest). A shard is written under a temp name
+and renamed once whole; only then are its manifest lines appended (with the shard's path and the image's
+``offset`` / ``size`` in the tar, or its ``row``), so after a SIGKILL anywhere the manifest lists whole
+shards only, a half-written or unlisted shard is removed, and the same command writes the rest. The
+images go to the shards in the job's deterministic order, so a resumed job writes the same bytes as an
+uninterrupted one. ``shard=i num_shards=n`` processes name their shards ``shard-iiiofnnn-00000.*``.
+
+The writer keeps one bit per image in memory (done, kept) and streams the shards, so its memory does not
+grow with the number of images. The tar is written with the standard library's ``tarfile`` rather than
+``webdataset.TarWriter``: the writer needs each member's byte offset (for random access from the
+manifest) and fixed headers (mtime 0, uid 0) for byte-identical shards, which ``TarWriter`` does not
+expose.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgaug_gen.data.manifest import SPLIT, is_kept, record_path
+from imgaug_gen.errors import ConfigError
+from imgaug_gen.export import FolderWriter
+from imgaug_gen.io import _create_beside, atomic_write_text, fsync_dir, is_durable, png_bytes
+
+log = logging.getLogger(__name__)
+
+#: The output formats of generate.py (``format=``).
+FORMATS = ("folder", "webdataset", "parquet")
+SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
+#: Parquet rows per row group: the unit a random read of one row decodes (RecordImages caches a few).
+ROW_GROUP = 256
+#: The typed score columns of a Parquet shard (every score also stays in the ``json`` column).
+SCORE_COLUMNS = {"confidence": "float64", "predicted": "int64", "nearest_real_distance": "float64",
+                 "nearest_real_index": "int64"}  # fmt: skip
+_LOCATION = ("file", "offset", "size", "row")  # where a manifest line finds its image; not part of the json
+
+
+def require_format(fmt: str) -> None:
+    """A clear error when a shard format's library is missing (before any work)."""
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "`format` = 'parquet' needs pyarrow: pip install 'imgaug_gen[shards]' (or pyarrow)."
+            ) from None
+
+
+def shard_prefix(shard: int, num_shards: int) -> str:
+    return "shard-" if num_shards == 1 else f"shard-{shard:03d}of{num_shards:03d}-"
+
+
+def sample_key(rec_id: str) -> str:
+    """The WebDataset key of an image id (a key holds no dot: the first dot starts the extension)."""
+    return rec_id.replace(".", "_")
+
+
+def sample_row(record: dict) -> dict:
+    """The manifest row as a shard stores it (its ``.json``): everything but where the image lies."""
+    return {k: v for k, v in record.items() if k not in _LOCATION}
+
+
+class _TarShard:
+    """One ``.tar`` being written under its temp name."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fd, self.tmp = _create_beside(path)
+        self._f = open(fd, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.PAX_FORMAT)
+
+    def _add(self, name: str, data: bytes) -> int:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        return self._tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # the data's offset
+
+    def add(self, record: dict, png: bytes, class_names: list[str]) -> dict:
+        key = sample_key(str(record["id"]))
+        offset = self._add(f"{key}.png", png)
+        self._add(f"{key}.json", json.dumps(sample_row(record), sort_keys=True).encode())
+        self._add(f"{key}.cls", str(int(record["label"])).encode())
+        return {"offset": offset, "size": len(png)}
+
+    def close(self) -> None:
+        self._tar.close()
+        _finish_file(self._f, self.tmp, self.path)
+
+    def abandon(self) -> None:
+        self._f.close()
+        os.unlink(self.tmp)
+
+
+class _ParquetShard:
+    """One ``.parquet`` being written under its temp name, a row group at a time."""
+
+    def __init__(self, path: str, class_names: list[str]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self._pa = path, pa
+        fd, self.tmp = _create_beside(path)
+        self._f = open(fd, "wb")
+        self.schema = parquet_schema(class_names)
+        self._writer = pq.ParquetWriter(self._f, self.schema, compression="zstd")
+        self._rows: list[dict] = []
+        self.n = 0
+
+    def add(self, record: dict, png: bytes, class_names: list[str]) -> dict:
+        row = parquet_row(record, png)
+        self._rows.append(row)
+        if len(self._rows) >= ROW_GROUP:
+            self._flush()
+        self.n += 1
+        return {"row": self.n - 1}
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(self._pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        _finish_file(self._f, self.tmp, self.path)
+
+    def abandon(self) -> None:
+        self._writer.close()
+        self._f.close()
+        os.unlink(self.tmp)
+
+
+def _finish_file(f, tmp: str, path: str) -> None:
+    f.flush()
+    if is_durable():
+        os.fsync(f.fileno())
+    f.close()
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+_STRING_COLUMNS = ("id", "label", "source", "mode", "generator", "source_id", "partner_id", "prompt", "json")
+
+
+def parquet_schema(class_names: list[str]):
+    """The Parquet shards' Arrow schema, with the Hugging Face features in its metadata (``image`` an
+    ``Image``, ``label_id`` a ``ClassLabel`` of the class names)."""
+    import pyarrow as pa
+
+    types = {"id": pa.string(), "label": pa.string(), "label_id": pa.int64(), "source": pa.string(),
+             "mode": pa.string(), "seed": pa.int64(), "generator": pa.string(), "source_id": pa.string(),
+             "partner_id": pa.string(), "strength": pa.float64(), "blend": pa.float64(), "prompt": pa.string(),
+             "augmented": pa.bool_(), **{k: getattr(pa, v)() for k, v in SCORE_COLUMNS.items()},
+             "json": pa.string()}  # fmt: skip
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    dtype = {"string": "string", "int64": "int64", "double": "float64", "bool": "bool"}
+    features: dict[str, Any] = {"image": {"_type": "Image"}}
+    features.update({name: {"dtype": dtype[str(t)], "_type": "Value"} for name, t in types.items()})
+    features["label_id"] = {"names": [str(n) for n in class_names], "_type": "ClassLabel"}
+    meta = {"huggingface": json.dumps({"info": {"features": features}})}
+    return pa.schema([("image", image), *types.items()], metadata=meta)
+
+
+def parquet_row(record: dict, png: bytes) -> dict:
+    gen = record.get("generator")
+    scores = record.get("scores") or {}
+    row = {
+        "image": {"bytes": png, "path": f"{sample_key(str(record['id']))}.png"},
+        "id": record["id"],
+        "label": record["class_name"],
+        "label_id": int(record["label"]),
+        "source": record["source"],
+        "mode": record.get("mode"),
+        "seed": record.get("seed"),
+        "generator": gen.get("kind") if isinstance(gen, dict) else gen,
+        **{k: record.get(k) for k in ("source_id", "partner_id", "strength", "blend", "prompt")},
+        "augmented": bool(record.get("augment")),
+        **{k: scores.get(k) for k in SCORE_COLUMNS},
+        "json": json.dumps(sample_row(record), sort_keys=True),
+    }
+    return row
+
+
+class ShardWriter(FolderWriter):
+    """The writer of ``format=webdataset | parquet``: the :class:`~imgaug_gen.export.FolderWriter` contract
+    (the folder lock, the job record, ``overwrite``, ``write`` / ``write_rejected`` / ``close``, ``has`` /
+    ``is_kept``), with images streamed into shards of ``shard_size``. The encoding and the shard writes run
+    on one writer thread (``io_workers=1``), overlapping the generator; ``io_workers=0`` writes inline."""
+
+    def __init__(self, out_dir, class_names, job, *, format: str, shard_size: int, **kwargs):
+        if format not in SUFFIX:
+            raise ConfigError(f"`format` = {format!r}: a shard format is one of {sorted(SUFFIX)}.")
+        self.format, self.shard_size = format, int(shard_size)
+        self.prefix = shard_prefix(kwargs.get("shard", 0), kwargs.get("num_shards", 1))
+        self._name = re.compile(rf"^{re.escape(self.prefix)}(\d{{5}}){re.escape(SUFFIX[format])}$")
+        self._next = 0
+        super().__init__(out_dir, class_names, job, **kwargs)
+        self._open: _TarShard | _ParquetShard | None = None
+        self._in_shard = 0
+        self._lines: list[dict] = []  # manifest lines of the shard being written (and rejected candidates)
+
+    # -- opening ---------------------------------------------------------------------
+    def _recover(self) -> dict[str, bool]:
+        """The manifest's lines whose shard is whole; unlisted and half-written shards of this writer are
+        removed (their images are made again, into the same bytes). Returns id -> kept."""
+        lines, shards = [], {}
+        if self.manifest_path.is_file():
+            for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                    lines.append(rec)
+                    if is_kept(rec):
+                        shards.setdefault(str(rec["file"]), []).append(rec)
+        whole = {f for f, recs in shards.items() if self._shard_ok(f, recs)}
+        kept = [r for r in lines if not is_kept(r) or r["file"] in whole]
+        folder = self.out_dir / SPLIT
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                name = entry.name
+                own_tmp = name.startswith("." + self.prefix) and name.endswith(".tmp")
+                if own_tmp or (self._name.match(name) and f"{SPLIT}/{name}" not in whole):
+                    os.unlink(entry.path)
+        indices = [int(self._name.match(Path(f).name).group(1)) for f in whole if self._name.match(Path(f).name)]
+        self._next = max(indices) + 1 if indices else 0
+        atomic_write_text(self.manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        return {r["id"]: is_kept(r) for r in kept}
+
+    def _shard_ok(self, file: str, recs: list[dict]) -> bool:
+        try:
+            path = record_path(self.out_dir, recs[0])
+            if not self._name.match(path.name) or not path.is_file():
+                return False
+            if self.format == "webdataset":
+                return all(int(r["offset"]) + int(r["size"]) <= path.stat().st_size for r in recs)
+            import pyarrow.parquet as pq
+
+            return max(int(r["row"]) for r in recs) < pq.read_metadata(path).num_rows
+        except (ConfigError, KeyError, TypeError, ValueError, OSError) as e:
+            log.warning("dropping shard %s of the manifest: %s", file, e)
+            return False
+
+    def remove_orphans(self, planned_ids) -> int:
+        return 0  # done on open: unlisted shards of this writer are removed by _recover
+
+    # -- state -----------------------------------------------------------------------
+    def has(self, rec_id: str) -> bool:
+        return rec_id in self.records
+
+    def is_kept(self, rec_id: str) -> bool:
+        return bool(self.records.get(rec_id, False))
+
+    # -- writing ---------------------------------------------------------------------
+    def write(self, record: dict[str, Any], image: np.ndarray) -> dict:
+        rec_id = str(record["id"])
+        if "/" in rec_id or "\x00" in rec_id:
+            raise ConfigError(f"refusing to write image id {rec_id!r}: an id holds no path separator.")
+        record = {"class_name": self.class_names[int(record["label"])], **record}
+        self.records[rec_id] = True
+        self._queue(record, None, np.array(image))
+        return record
+
+    def write_rejected(self, record: dict[str, Any]) -> dict:
+        record = {"class_name": self.class_names[int(record["label"])], **record, "kept": False}
+        self.records[str(record["id"])] = False
+        self._queue(record, None, None)
+        return record
+
+    def _queue(self, record: dict, path, image) -> None:
+        if self._pool is None:
+            self._write_chunk([(record, image)])
+            return
+        self._batch.append((record, path, image))
+        if len(self._batch) >= self.chunk:
+            self._send()
+            self._drain(self.max_pending)
+
+    def _send(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            future = self._pool.submit(self._write_chunk, [(rec, img) for rec, _, img in batch])
+            self._pending.append((batch, future))
+            self._pending_records += len(batch)
+
+    def _drain(self, keep: int) -> None:
+        while self._pending_records > keep:
+            batch, future = self._pending.popleft()
+            future.result()  # re-raises a failed write
+            self._pending_records -= len(batch)
+
+    def _write_chunk(self, items: list[tuple[dict, np.ndarray | None]]) -> None:
+        """On the writer thread: encode and add each image to the open shard; a full shard is finished."""
+        for record, image in items:
+            if image is not None:
+                if self._open is None:
+                    self._start_shard()
+                png = png_bytes(image)
+                record["file"] = self._open_file
+                record.update(self._open.add(record, png, self.class_names))
+                self._in_shard += 1
+            self._lines.append(record)
+            if self._in_shard >= self.shard_size:
+                self._finish_shard()
+
+    def _start_shard(self) -> None:
+        rel = f"{SPLIT}/{self.prefix}{self._next:05d}{SUFFIX[self.format]}"
+        path = os.path.join(self.out_dir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._open = _TarShard(path) if self.format == "webdataset" else _ParquetShard(path, self.class_names)
+        self._open_file = rel
+        self._next += 1
+
+    def _finish_shard(self) -> None:
+        """Close and rename the open shard, then append its manifest lines (and any rejected candidates)."""
+        if self._open is not None:
+            self._open.close()
+            self._open, self._in_shard = None, 0
+        if self._lines:
+            if self._fh is None:
+                self._fh = open(self.manifest_path, "a", encoding="utf-8")
+            self._fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in self._lines))
+            self._fh.flush()
+            if is_durable():
+                os.fsync(self._fh.fileno())
+            self._lines = []
+
+    def flush(self) -> None:
+        """Wait for the queued images to be in the open shard (a shard is finished only when full, or
+        at :meth:`close`: shard boundaries do not depend on when flush is called)."""
+        if self._pool is not None:
+            self._send()
+        self._drain(0)
+
+    def close(self, failed: bool = False) -> None:
+        """Finish the job's last shard; ``failed`` (an exception left the ``with`` block): abandon the
+        open shard instead, so the next run writes it whole, with the same bytes."""
+        try:
+            if not failed:
+                self.flush()
+                self._run(self._finish_shard)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._open is not None:  # a failed write: the half shard goes (the next run makes it again)
+                self._open.abandon()
+                self._open = None
+            self._close_manifest()
+            if self._own_lock:
+                self.lock.release()
+
+    def __exit__(self, *exc):
+        self.close(failed=exc[0] is not None)
+
+    def _run(self, fn) -> None:
+        """``fn`` on the writer thread (after every queued chunk), or inline."""
+        if self._pool is None:
+            fn()
+        else:
+            self._pool.submit(fn).result()
