@@ -10,6 +10,9 @@ Each variant runs in its own process (so peak RSS is its own):
                 flush; the folder lock taken once per job), score=false
   generate, durable=false  the same without any fsync (``generate.py durable=false``): the cost of
                 durability, side by side
+  generate, webdataset / parquet  the same job into shards (``format=webdataset`` / ``parquet``,
+                ``shard_size=10000``): one file per 10,000 images, fsynced once (target: webdataset <= 1.2x
+                the bare forward; sample() alone is about 1.15x)
   files only, durable=false  the writer alone without fsync
   generate+score  the same plus per-image confidence and FID/KID of the folder (metrics.json)
 Every variant runs with the process settings the jobs make (``imgaug_gen.runtime.prepare_process``:
@@ -115,7 +118,8 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
         seconds = time.perf_counter() - t
     else:
         import imgaug_gen.data  # noqa: E401,F401  (the job's imports, done before the clock
-        from imgaug_gen.config import compose_config
+        import imgaug_gen.generators.gan  # noqa: F401  (the kind's module, which load_generator imports: the
+        from imgaug_gen.config import compose_config  # bare forward loads its generator before its clock too)
         from imgaug_gen.jobs.generate import generate
         # starts as the other variants' are; the "process wall s" column counts every import)
 
@@ -128,6 +132,7 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
                 "include_real=false",
                 "progress=false",
                 *([] if durable else ["durable=false"]),
+                *[f"format={f}" for f in ("webdataset", "parquet") if f in mode],
                 f"score={'true' if mode == 'generate+score' else 'false'}",
             ],
         )
@@ -175,13 +180,14 @@ def main():
         help="where the generated folders (and the file-system probe) go, in a fresh temporary "
         "subfolder removed afterwards; default: bench_out/bench_generate",
     )
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (bare-forward always runs)")
     p.add_argument("--worker", nargs=4, metavar=("MODE", "RUN", "OUT", "N"))
     args = p.parse_args()
     if args.worker:
         mode, run_dir, out_dir, n = args.worker
         print("RESULT " + json.dumps(worker(mode, run_dir, out_dir, int(n))))
         return
-    rows, results, per_round = [], {}, []
+    rows, results, per_round, per_round_wds = [], {}, [], []
     args.dir.mkdir(parents=True, exist_ok=True)
     variants = [
         (m, m, None)
@@ -192,9 +198,13 @@ def main():
             "files only, durable=false",
             "generate",
             "generate, durable=false",
+            "generate, webdataset",
+            "generate, parquet",
             "generate+score",
         )
     ]
+    if args.only:
+        variants = [v for v in variants if v[0] == "bare-forward" or v[0] in args.only]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         make_run(tmp / "run", args.size)
@@ -236,7 +246,10 @@ def main():
                 this_round[name] = r["seconds"]
                 if name not in results or r["seconds"] < results[name]["seconds"]:
                     results[name] = r
-            per_round.append(this_round["generate"] / this_round["bare-forward"])
+            if "generate" in this_round:
+                per_round.append(this_round["generate"] / this_round["bare-forward"])
+            if "generate, webdataset" in this_round:
+                per_round_wds.append(this_round["generate, webdataset"] / this_round["bare-forward"])
     for mode, r in results.items():
         rows.append([mode, r["images"], r["seconds"], r["images"] / r["seconds"], r["wall"], r["peak_rss_mib"]])
     base = results["bare-forward"]["seconds"]
@@ -248,19 +261,28 @@ def main():
         ["variant", "images", "job s", "images/s", "time / bare", "process wall s", "peak RSS MiB"],
         rows,
     )
-    print(
-        "\ndurability (fsync of every file, folder and manifest flush): "
-        f"generate {results['generate']['seconds']:.2f} s "
-        f"vs {results['generate, durable=false']['seconds']:.2f} s without, "
-        f"{results['generate']['seconds'] / results['generate, durable=false']['seconds']:.2f}x; writer alone "
-        f"{results['files only']['seconds'] / results['files only, durable=false']['seconds']:.2f}x"
-    )
-    print(
-        f"generate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
-        f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}; "
-        f"generate / bare forward of each round (same round, side by side): "
-        f"{', '.join(f'{x:.2f}' for x in per_round)}"
-    )
+    has = set(results)
+    if {"generate", "generate, durable=false", "files only", "files only, durable=false", "generate+score"} <= has:
+        print(
+            "\ndurability (fsync of every file, folder and manifest flush): "
+            f"generate {results['generate']['seconds']:.2f} s "
+            f"vs {results['generate, durable=false']['seconds']:.2f} s without, "
+            f"{results['generate']['seconds'] / results['generate, durable=false']['seconds']:.2f}x; writer alone "
+            f"{results['files only']['seconds'] / results['files only, durable=false']['seconds']:.2f}x"
+        )
+        print(
+            f"generate (files + manifest) / bare forward = {results['generate']['seconds'] / base:.2f} "
+            f"(target <= 1.5); with scoring: {results['generate+score']['seconds'] / base:.2f}; "
+            f"generate / bare forward of each round (same round, side by side): "
+            f"{', '.join(f'{x:.2f}' for x in per_round)}"
+        )
+    if {"generate, webdataset", "generate, parquet", "sample()"} <= has:
+        print(
+            f"generate into WebDataset shards / bare forward = {results['generate, webdataset']['seconds'] / base:.2f} "
+            f"(target <= 1.2; sample() alone {results['sample()']['seconds'] / base:.2f}); each round: "
+            f"{', '.join(f'{x:.2f}' for x in per_round_wds)}; Parquet "
+            f"{results['generate, parquet']['seconds'] / base:.2f}"
+        )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         print_table(
             f"\nThe file system under {args.dir}, per file (2,000 files)",

@@ -134,18 +134,29 @@ PREVIEW_GROUPS = (
 )
 
 
-def preview_records(records: Iterable[dict], class_names: Sequence[str], per_group: int = 6) -> list[dict]:
-    """The records :func:`preview_sheet` shows (the first ``per_group`` of each class and group), from a
-    stream of any length: only these are kept."""
-    left = {(str(n), g): per_group for n in class_names for g, _ in PREVIEW_GROUPS}
-    out = []
-    for r in records:
-        hit = [g for g, keep in PREVIEW_GROUPS if left.get((str(r["class_name"]), g), 0) > 0 and keep(r)]
+class PreviewPicks:
+    """The records :func:`preview_sheet` shows (the first ``per_group`` of each class and group), picked from
+    a stream of any length one record at a time (:meth:`add`): only these are kept (``.records``)."""
+
+    def __init__(self, class_names: Sequence[str], per_group: int = 6):
+        self.left = {(str(n), g): per_group for n in class_names for g, _ in PREVIEW_GROUPS}
+        self.records: list[dict] = []
+
+    def add(self, r: dict) -> None:
+        name = str(r["class_name"])
+        hit = [g for g, keep in PREVIEW_GROUPS if self.left.get((name, g), 0) > 0 and keep(r)]
         for g in hit:
-            left[(str(r["class_name"]), g)] -= 1
+            self.left[(name, g)] -= 1
         if hit:
-            out.append(r)
-    return out
+            self.records.append(r)
+
+
+def preview_records(records: Iterable[dict], class_names: Sequence[str], per_group: int = 6) -> list[dict]:
+    """:class:`PreviewPicks` of a whole stream."""
+    picks = PreviewPicks(class_names, per_group)
+    for r in records:
+        picks.add(r)
+    return picks.records
 
 
 def preview_sheet(

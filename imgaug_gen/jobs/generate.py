@@ -434,9 +434,12 @@ def write_report(
     """Score the whole folder; write metrics.json, config.yaml and preview.png; return the metrics."""
     from imgaug_gen.data.manifest import iter_manifest
     from imgaug_gen.io import atomic_write_json, atomic_write_text
+    from imgaug_gen.visual import PreviewPicks
 
     out_dir = Path(cfg.out_dir)
-    # streamed from the manifest: memory holds the scored lines (at most `score_max_images`), not the folder
+    # streamed from the manifest: memory holds the scored lines (at most `score_max_images`) and the
+    # preview's picks, not the folder
+    picks = PreviewPicks(gen.class_names)
     metrics.update(
         score_manifest(
             out_dir,
@@ -445,6 +448,7 @@ def write_report(
             dm if scorers.scorer is not None else None,
             k=int(cfg.get("precision_recall_k", 3) or 3),
             max_images=cfg.get("score_max_images"),
+            each=picks.add,
         )
     )
     real_counts = np.bincount(np.asarray(real.labels, dtype=np.int64), minlength=gen.num_classes)
@@ -464,9 +468,9 @@ def write_report(
     resolved["augment_resolved"] = augmenter.to_dict() if augmenter is not None else None
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     try:
-        from imgaug_gen.visual import preview_records, preview_sheet
+        from imgaug_gen.visual import preview_sheet
 
-        preview_sheet(out_dir, preview_records(iter_manifest(out_dir), gen.class_names), gen.class_names)
+        preview_sheet(out_dir, picks.records, gen.class_names)
     except Exception as e:  # a picture must never fail the job
         log.warning("could not draw preview.png: %s", e)
     return metrics

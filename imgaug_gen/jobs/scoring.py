@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -113,10 +113,17 @@ def score_folder(
 
 
 def score_manifest(
-    out_dir: Path, class_names: list[str], extractor=None, dm=None, k: int = 3, max_images: int | None = None
+    out_dir: Path,
+    class_names: list[str],
+    extractor=None,
+    dm=None,
+    k: int = 3,
+    max_images: int | None = None,
+    each: Callable[[dict], Any] | None = None,
 ) -> dict:
-    """:func:`score_folder` of a folder's manifest, streamed: one pass counts, a second keeps only the
-    synthetic lines scored, so memory holds at most ``max_images`` lines however many the folder has."""
+    """:func:`score_folder` of a folder's manifest, streamed: one pass counts (and calls ``each`` on every
+    kept line), a second keeps only the synthetic lines scored, so memory holds at most ``max_images``
+    lines however many the folder has."""
     from imgaug_gen.data.manifest import iter_manifest
 
     n_syn = [0]
@@ -124,6 +131,8 @@ def score_manifest(
     def counted():
         for r in iter_manifest(out_dir):
             n_syn[0] += r["source"] == "synthetic"
+            if each is not None:
+                each(r)
             yield r
 
     out = _folder_counts(counted(), class_names)
