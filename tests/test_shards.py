@@ -288,3 +288,17 @@ def test_a_tampered_shard_line_is_refused_with_its_key(trained_cgan, tmp_path, e
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(ConfigError, match=match):
         MixedFolderDataset(out).image(0)
+
+
+def test_the_filter_and_the_scores_on_shards_match_the_folder_job(trained_cgan, tmp_path):
+    from imgaug_gen.jobs.generate import generate
+
+    opts = ["filter.enabled=true", "filter.tau=0.3", "shard_size=6", "n_per_class=5"]
+    metrics = {}
+    for fmt in ("folder", "webdataset"):
+        metrics[fmt] = generate(gen_cfg(trained_cgan, tmp_path / fmt, f"format={fmt}", *opts))
+    assert rows(tmp_path / "webdataset") == rows(tmp_path / "folder")  # kept and rejected candidates alike
+    assert any(not r.get("kept", True) for r in read_manifest(tmp_path / "webdataset", include_rejected=True))
+    for key in ("fid", "kid_mean", "counts", "filter", "n_scored"):
+        assert metrics["webdataset"][key] == metrics["folder"][key], key
+    assert images_by_id(tmp_path / "webdataset") == images_by_id(tmp_path / "folder")
