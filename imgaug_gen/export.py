@@ -328,9 +328,12 @@ class FolderWriter:
         """Hand the queued images to a writer thread as one task."""
         if self._batch:
             batch, self._batch = self._batch, []
-            future = self._pool.submit(_save_images, [(path, image) for _, path, image in batch if path is not None])
-            self._pending.append(([record for record, _, _ in batch], future))
+            self._pending.append(([record for record, _, _ in batch], self._submit(batch)))
             self._pending_records += len(batch)
+
+    def _submit(self, batch: list[tuple[dict, str | None, np.ndarray | None]]):
+        """The writer thread's task for a chunk (its future): the image files."""
+        return self._pool.submit(_save_images, [(path, image) for _, path, image in batch if path is not None])
 
     def _append(self, record: dict) -> None:
         if self._fh is None:
@@ -358,8 +361,12 @@ class FolderWriter:
             records, future = self._pending.popleft()
             future.result()  # re-raises a failed write
             self._pending_records -= len(records)
-            for record in records:
-                self._append(record)
+            self._written(records)
+
+    def _written(self, records: list[dict]) -> None:
+        """A chunk's files are in place: their manifest lines follow."""
+        for record in records:
+            self._append(record)
 
     def flush(self) -> None:
         """Wait for every pending file and write out its manifest line."""

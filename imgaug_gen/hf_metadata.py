@@ -44,6 +44,23 @@ def _score_columns(records: list[dict]) -> dict[str, type]:
     return {k: (int if t == {int} else float) for k, t in sorted(kinds.items())}
 
 
+def provenance_columns(r: dict) -> dict:
+    """A manifest line's provenance as flat columns (:data:`HF_COLUMNS` after ``file_name``), shared by
+    ``metadata.jsonl`` and the Parquet shards."""
+    gen = r.get("generator")
+    return {
+        "id": r["id"],
+        "label": r["class_name"],
+        "label_id": int(r["label"]),
+        "source": r["source"],
+        "mode": r.get("mode"),
+        "seed": r.get("seed"),
+        "generator": gen.get("kind") if isinstance(gen, dict) else gen,
+        **{k: r.get(k) for k in ("source_id", "partner_id", "strength", "blend", "prompt")},
+        "augmented": bool(r.get("augment")),
+    }
+
+
 def hf_metadata_rows(records: Iterable[dict]) -> list[dict]:
     """The ``imagefolder`` metadata of the kept records: one dict per image, every dict with the same
     keys (:data:`HF_COLUMNS`, then the score names; ``None`` where a record has no value), so Arrow
@@ -57,19 +74,7 @@ def hf_metadata_rows(records: Iterable[dict]) -> list[dict]:
         file = str(r["file"])
         if not file.startswith(f"{SPLIT}/"):
             raise ConfigError(f"manifest line {r.get('id')!r}: file {file!r} is not under {SPLIT}/.")
-        gen = r.get("generator")
-        row = {
-            "file_name": file[len(SPLIT) + 1 :],
-            "id": r["id"],
-            "label": r["class_name"],
-            "label_id": int(r["label"]),
-            "source": r["source"],
-            "mode": r.get("mode"),
-            "seed": r.get("seed"),
-            "generator": gen.get("kind") if isinstance(gen, dict) else gen,
-        }
-        row.update({k: r.get(k) for k in ("source_id", "partner_id", "strength", "blend", "prompt")})
-        row["augmented"] = bool(r.get("augment"))
+        row = {"file_name": file[len(SPLIT) + 1 :], **provenance_columns(r)}
         for k, kind in scores.items():
             v = (r.get("scores") or {}).get(k)
             row[k if k not in HF_COLUMNS else f"score_{k}"] = None if v is None else kind(v)

@@ -39,6 +39,7 @@ import numpy as np
 from imgaug_gen.data.manifest import SPLIT, is_kept, record_path
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.export import FolderWriter
+from imgaug_gen.hf_metadata import provenance_columns
 from imgaug_gen.io import _create_beside, atomic_write_text, fsync_dir, is_durable, png_bytes
 
 log = logging.getLogger(__name__)
@@ -200,19 +201,10 @@ def parquet_schema(class_names: list[str]):
 
 
 def parquet_row(record: dict, png: bytes, row_json: str) -> dict:
-    gen = record.get("generator")
     scores = record.get("scores") or {}
     row = {
         "image": {"bytes": png, "path": f"{sample_key(str(record['id']))}.png"},
-        "id": record["id"],
-        "label": record["class_name"],
-        "label_id": int(record["label"]),
-        "source": record["source"],
-        "mode": record.get("mode"),
-        "seed": record.get("seed"),
-        "generator": gen.get("kind") if isinstance(gen, dict) else gen,
-        **{k: record.get(k) for k in ("source_id", "partner_id", "strength", "blend", "prompt")},
-        "augmented": bool(record.get("augment")),
+        **provenance_columns(record),
         **{k: scores.get(k) for k in SCORE_COLUMNS},
         "json": row_json,
     }
@@ -309,24 +301,14 @@ class ShardWriter(FolderWriter):
     def _queue(self, record: dict, path, image) -> None:
         if self._pool is None:
             self._write_chunk([(record, image)])
-            return
-        self._batch.append((record, path, image))
-        if len(self._batch) >= self.chunk:
-            self._send()
-            self._drain(self.max_pending)
+        else:
+            super()._queue(record, path, image)
 
-    def _send(self) -> None:
-        if self._batch:
-            batch, self._batch = self._batch, []
-            future = self._pool.submit(self._write_chunk, [(rec, img) for rec, _, img in batch])
-            self._pending.append((batch, future))
-            self._pending_records += len(batch)
+    def _submit(self, batch):
+        return self._pool.submit(self._write_chunk, [(rec, img) for rec, _, img in batch])
 
-    def _drain(self, keep: int) -> None:
-        while self._pending_records > keep:
-            batch, future = self._pending.popleft()
-            future.result()  # re-raises a failed write
-            self._pending_records -= len(batch)
+    def _written(self, records: list[dict]) -> None:
+        pass  # the writer thread appends a shard's lines once the shard is whole
 
     def _write_chunk(self, items: list[tuple[dict, np.ndarray | None]]) -> None:
         """On the writer thread: encode and add each image to the open shard; a full shard is finished."""
