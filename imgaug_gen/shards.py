@@ -232,20 +232,35 @@ class ShardWriter(FolderWriter):
     # -- opening ---------------------------------------------------------------------
     def _recover(self) -> dict[str, bool]:
         """The manifest's lines whose shard is whole; unlisted and half-written shards of this writer are
-        removed (their images are made again, into the same bytes). Returns id -> kept."""
-        lines, shards = [], {}
+        removed (their images are made again, into the same bytes). Returns id -> kept. Holds each line as
+        text, not as a parsed record, so resuming a large job costs no more memory than running it."""
+        lines: list[tuple[str, bool, str | None, str]] = []  # (id, kept, shard file, the line as written)
+        ends: dict[str, int | None] = {}  # shard file -> the end its lines need (bytes or rows); None: a bad line
         if self.manifest_path.is_file():
             for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(rec, dict) and isinstance(rec.get("id"), str):
-                    lines.append((rec, line))
-                    if is_kept(rec):
-                        shards.setdefault(str(rec["file"]), []).append(rec)
-        whole = {f for f, recs in shards.items() if self._shard_ok(f, recs)}
-        kept = [(r, line) for r, line in lines if not is_kept(r) or r["file"] in whole]
+                if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+                    continue
+                kept = is_kept(rec)
+                file = str(rec["file"]) if kept else None
+                lines.append((rec["id"], kept, file, line))
+                if kept:
+                    try:
+                        end = (
+                            int(rec["offset"]) + int(rec["size"])
+                            if self.format == "webdataset"
+                            else int(rec["row"]) + 1
+                        )
+                    except (KeyError, TypeError, ValueError):
+                        end = None
+                    ends[file] = (
+                        None if end is None or (file in ends and ends[file] is None) else max(ends.get(file, 0), end)
+                    )
+        whole = {f for f, end in ends.items() if self._shard_ok(f, end)}
+        lines = [x for x in lines if not x[1] or x[2] in whole]
         folder = self.out_dir / SPLIT
         if folder.is_dir():
             for entry in os.scandir(folder):
@@ -253,22 +268,23 @@ class ShardWriter(FolderWriter):
                 own_tmp = name.startswith("." + self.prefix) and name.endswith(".tmp")
                 if own_tmp or (self._name.match(name) and f"{SPLIT}/{name}" not in whole):
                     os.unlink(entry.path)
-        indices = [int(self._name.match(Path(f).name).group(1)) for f in whole if self._name.match(Path(f).name)]
+        indices = [int(m.group(1)) for m in (self._name.match(Path(f).name) for f in whole) if m]
         self._next = max(indices) + 1 if indices else 0
-        atomic_write_text(self.manifest_path, "".join(line + "\n" for _, line in kept))  # the lines as written
-        return {r["id"]: is_kept(r) for r, _ in kept}
+        atomic_write_text(self.manifest_path, "".join(x[3] + "\n" for x in lines))  # the lines as written
+        return {rec_id: kept for rec_id, kept, _, _ in lines}
 
-    def _shard_ok(self, file: str, recs: list[dict]) -> bool:
+    def _shard_ok(self, file: str, end: int | None) -> bool:
+        """The shard is this writer's, in place, and long enough for every line that names it."""
         try:
-            path = record_path(self.out_dir, recs[0])
-            if not self._name.match(path.name) or not path.is_file():
+            path = record_path(self.out_dir, {"file": file, "id": file})
+            if end is None or not self._name.match(path.name) or not path.is_file():
                 return False
             if self.format == "webdataset":
-                return all(int(r["offset"]) + int(r["size"]) <= path.stat().st_size for r in recs)
+                return end <= path.stat().st_size
             import pyarrow.parquet as pq
 
-            return max(int(r["row"]) for r in recs) < pq.read_metadata(path).num_rows
-        except (ConfigError, KeyError, TypeError, ValueError, OSError) as e:
+            return end <= pq.read_metadata(path).num_rows
+        except (ConfigError, OSError, ValueError) as e:
             log.warning("dropping shard %s of the manifest: %s", file, e)
             return False
 
