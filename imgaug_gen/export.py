@@ -291,12 +291,7 @@ class FolderWriter:
 
         The file is written in the background; its manifest line follows once it is in
         place (at the latest on :meth:`flush` / :meth:`close`)."""
-        rec_id = str(record["id"])
-        if "/" in rec_id or "\\" in rec_id or "\x00" in rec_id:  # class folders are safe_class_dir names
-            raise ConfigError(
-                f"refusing to write image id {rec_id!r}: an id is a file name inside "
-                f"`out_dir`/{SPLIT}/<class>, without path separators."
-            )
+        rec_id = _checked_id(record)
         rel = self.relpath(rec_id, int(record["label"]))
         path = os.path.join(self.out_dir, rel)
         self._dirty_dirs.add(os.path.dirname(path))
@@ -396,6 +391,17 @@ class FolderWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _checked_id(record: dict) -> str:
+    """A record's id, refused if it could name a path (an id is a file name, or a shard member's key)."""
+    rec_id = str(record["id"])
+    if "/" in rec_id or "\\" in rec_id or "\x00" in rec_id:  # class folders are safe_class_dir names
+        raise ConfigError(
+            f"refusing to write image id {rec_id!r}: an id is a file name inside "
+            f"`out_dir`/{SPLIT}/<class>, without path separators."
+        )
+    return rec_id
 
 
 def _save_images(items: list[tuple[str, np.ndarray]]) -> None:

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from imgaug_gen.data.manifest import is_kept
 from imgaug_gen.errors import ConfigError
 
 
@@ -34,10 +35,12 @@ def _count_lines(path: Path) -> tuple[int, int]:
         for line in f:
             if not line.endswith("\n"):
                 break  # being written
-            if '"kept": false' in line:
-                rejected += 1
-            elif line.strip():
-                kept += 1
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                kept, rejected = (kept + 1, rejected) if is_kept(rec) else (kept, rejected + 1)
     return kept, rejected
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from imgaug_gen.data.manifest import SPLIT, is_kept, record_path
 from imgaug_gen.errors import ConfigError
-from imgaug_gen.export import FolderWriter
+from imgaug_gen.export import FolderWriter, _checked_id
 from imgaug_gen.hf_metadata import provenance_columns
 from imgaug_gen.io import _create_beside, atomic_write_text, fsync_dir, is_durable, png_bytes
 
@@ -292,17 +292,12 @@ class ShardWriter(FolderWriter):
         return 0  # done on open: unlisted shards of this writer are removed by _recover
 
     # -- state -----------------------------------------------------------------------
-    def has(self, rec_id: str) -> bool:
-        return rec_id in self.records
-
     def is_kept(self, rec_id: str) -> bool:
         return bool(self.records.get(rec_id, False))
 
     # -- writing ---------------------------------------------------------------------
     def write(self, record: dict[str, Any], image: np.ndarray) -> dict:
-        rec_id = str(record["id"])
-        if "/" in rec_id or "\x00" in rec_id:
-            raise ConfigError(f"refusing to write image id {rec_id!r}: an id holds no path separator.")
+        rec_id = _checked_id(record)
         record = {"class_name": self.class_names[int(record["label"])], **record}
         self.records[rec_id] = True
         self._queue(record, None, np.asarray(image))  # the job never reuses an image array it has written

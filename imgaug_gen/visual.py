@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -149,14 +149,6 @@ class PreviewPicks:
             self.left[(name, g)] -= 1
         if hit:
             self.records.append(r)
-
-
-def preview_records(records: Iterable[dict], class_names: Sequence[str], per_group: int = 6) -> list[dict]:
-    """:class:`PreviewPicks` of a whole stream."""
-    picks = PreviewPicks(class_names, per_group)
-    for r in records:
-        picks.add(r)
-    return picks.records
 
 
 def preview_sheet(

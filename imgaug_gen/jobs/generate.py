@@ -38,7 +38,7 @@ from imgaug_gen.jobs.plan import (  # noqa: F401  (split_counts, plan_items: par
     split_counts,
     synthetic_counts,
 )
-from imgaug_gen.jobs.scoring import Scorers, build_scorers, filter_summary, score_folder, score_manifest  # noqa: F401
+from imgaug_gen.jobs.scoring import Scorers, build_scorers, filter_summary, score_manifest
 from imgaug_gen.runtime import prepare_process
 
 log = logging.getLogger(__name__)

@@ -87,31 +87,6 @@ def folder_features(out_dir: Path, records: list[dict], extractor, chunk: int = 
     return torch.cat(parts) if parts else torch.zeros(0, extractor.num_features)
 
 
-def score_folder(
-    out_dir: Path,
-    records: list[dict],
-    class_names: list[str],
-    extractor=None,
-    dm=None,
-    k: int = 3,
-    max_images: int | None = None,
-) -> dict:
-    """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
-    images against the real reference, overall and per class. Lines with ``"kept": false`` are ignored.
-    With ``max_images``, the scores use at most that many synthetic images, evenly spaced in id order."""
-    from imgaug_gen.export import is_kept
-
-    records = [r for r in records if is_kept(r)]
-    out = _folder_counts(records, class_names)
-    syn = [r for r in records if r["source"] == "synthetic"]
-    if extractor is None or not syn:
-        return out
-    if max_images and len(syn) > max_images:
-        syn = [syn[i] for i in _evenly(len(syn), max_images)]
-    out.update(_synthetic_scores(out_dir, syn, class_names, extractor, dm, k))
-    return out
-
-
 def score_manifest(
     out_dir: Path,
     class_names: list[str],
@@ -121,9 +96,11 @@ def score_manifest(
     max_images: int | None = None,
     each: Callable[[dict], Any] | None = None,
 ) -> dict:
-    """:func:`score_folder` of a folder's manifest, streamed: one pass counts (and calls ``each`` on every
-    kept line), a second keeps only the synthetic lines scored, so memory holds at most ``max_images``
-    lines however many the folder has."""
+    """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
+    images against the real reference, overall and per class; rejected candidates are ignored. With
+    ``max_images``, the scores use at most that many synthetic images, evenly spaced in manifest order.
+    Streamed: one pass counts (and calls ``each`` on every kept line), a second keeps only the synthetic
+    lines scored, so memory holds at most ``max_images`` lines however many the folder has."""
     from imgaug_gen.data.manifest import iter_manifest
 
     n_syn = [0]
