@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
+import fastcli
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,17 +50,20 @@ def eval_cfg(out_dir, *extra):
     return compose_config("evaluate", [f"out_dir={out_dir}", *TINY_EVAL, *extra])
 
 
+EVALUATED = ["shots=[3,4]", "data_seeds=[0,1]", "seeds=[0,1]"]  # the `evaluated` fixture's job
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     from imgaug_gen.jobs.evaluate import evaluate
 
     out = tmp_path_factory.mktemp("eval")
-    return out, evaluate(eval_cfg(out, "shots=[3,4]", "data_seeds=[0,1]"))
+    return out, evaluate(eval_cfg(out, *EVALUATED, f"metrics.cache_dir={out / 'cache'}"))
 
 
 def test_evaluate_writes_every_method_per_shots(evaluated):
     out, ev = evaluated
-    assert ev["shots"] == [3, 4] and ev["seeds"] == [0, 1, 2] and ev["data_seeds"] == [0, 1]
+    assert ev["shots"] == [3, 4] and ev["seeds"] == [0, 1] and ev["data_seeds"] == [0, 1]
     for shots in (3, 4):
         r = ev["results"][str(shots)]
         assert list(r) == METHODS
@@ -72,8 +75,8 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
             assert r[m]["n_train"] == 3 * n_real + 80
         for m in r.values():
             # one accuracy per (subset, seed) pair, tested and validated
-            assert m["pairs"] == [[d, s] for d in (0, 1) for s in (0, 1, 2)]
-            assert len(m["accs"]) == 6 and all(0.0 <= a <= 1.0 for a in m["accs"] + m["val_accs"])
+            assert m["pairs"] == [[d, s] for d in (0, 1) for s in (0, 1)]
+            assert len(m["accs"]) == 4 and all(0.0 <= a <= 1.0 for a in m["accs"] + m["val_accs"])
             assert m["mean"] == pytest.approx(np.mean(m["accs"]))
             assert m["std"] == pytest.approx(np.std(m["accs"], ddof=1))
             assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
@@ -86,7 +89,7 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
         for m in [x for x in METHODS if x != base]:
             g = r[m]["gain"]  # paired with the chosen baseline, same subset and seed
             assert g["mean"] == pytest.approx(np.mean(np.asarray(r[m]["accs"]) - np.asarray(r[base]["accs"])))
-            assert g["lo"] <= g["mean"] <= g["hi"] and g["n_pairs"] == 6 and g["n_subsets"] == 2
+            assert g["lo"] <= g["mean"] <= g["hi"] and g["n_pairs"] == 4 and g["n_subsets"] == 2
             assert g["significant"] == (g["lo"] > 0 or g["hi"] < 0)
             assert r[m]["val_gain"]["mean"] == pytest.approx(
                 np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r[base]["val_accs"]))
@@ -114,6 +117,24 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
     assert "memorisation" in md and "95 %" in md
     with Image.open(out / "accuracy_vs_shots.png") as im:
         assert im.format == "PNG" and im.size[0] > 600  # accuracy and gain panels
+    # the evaluation's `metrics` block scored the generators' folders: their domain network is its recipe
+    recipes = [json.loads(p.read_text())["recipe"] for p in (out / "cache" / "domain_features").glob("*.json")]
+    assert recipes and all(r["steps"] == 30 for r in recipes)
+
+
+def test_the_evaluation_metrics_apply_to_generate_entries_under_their_own_keys(tmp_path):
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.jobs.evaluate.sources import _apply_metrics
+
+    ev = eval_cfg(tmp_path, "metrics.domain_steps=30", "metrics.seed=7")
+    for own, steps, seed in (
+        ([], 30, 7),
+        (["metrics.domain_steps=5"], 5, 7),
+        (["metrics=default"], 300, 0),  # another metrics config chosen: none of the evaluation's keys
+    ):
+        gcfg = compose_config("generate", ["run_dir=r", "out_dir=o", *own])
+        _apply_metrics(gcfg, ev.metrics, own)
+        assert (gcfg.metrics.domain_steps, gcfg.metrics.seed) == (steps, seed)
 
 
 def test_evaluate_validation_test_and_shots_are_disjoint():
@@ -140,7 +161,7 @@ def test_evaluate_rerun_reuses_runs_and_results(evaluated, tmp_path):
 
     out, ev = evaluated
     lines = (out / "classifier_runs.jsonl").read_text().splitlines()
-    again = evaluate(eval_cfg(out, "shots=[3,4]", "data_seeds=[0,1]"))
+    again = evaluate(eval_cfg(out, *EVALUATED, f"metrics.cache_dir={out / 'cache'}"))
     assert all(s["reused_run"] for s in again["generators"]["3"]["cgan"]["subsets"].values())
     assert (out / "classifier_runs.jsonl").read_text().splitlines() == lines  # nothing retrained
     assert again["results"] == ev["results"]  # read back from the cache, seconds included
@@ -150,7 +171,7 @@ def test_evaluate_is_deterministic(evaluated, tmp_path):
     from imgaug_gen.jobs.evaluate import evaluate
 
     _, ev = evaluated
-    fresh = evaluate(eval_cfg(tmp_path / "e2", "shots=[3]", "data_seeds=[0,1]"))
+    fresh = evaluate(eval_cfg(tmp_path / "e2", "shots=[3]", "data_seeds=[0,1]", "seeds=[0,1]"))
 
     def accs(r):
         return {m: v["accs"] for m, v in r.items()}
@@ -242,9 +263,9 @@ def test_evaluate_run_dir_of_other_subset_is_refused(trained_cgan, tmp_path):
 
 
 def test_evaluate_cli_help_and_typo():
-    help_ = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    help_ = fastcli.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0 and "generators" in help_.stdout
-    typo = subprocess.run(
+    typo = fastcli.run(
         [sys.executable, "evaluate.py", "out_dir=/tmp/x", "shotz=[3]"], cwd=ROOT, capture_output=True, text=True
     )
     assert typo.returncode != 0 and "shotz" in typo.stderr

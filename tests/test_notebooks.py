@@ -55,7 +55,8 @@ def test_01_quickstart(tmp_path, monkeypatch):
     extra = [o for o in TINY_MODELS["cgan"] if not o.startswith(("model=", "trainer.max_steps"))] + TINY_CB
     nb = run_notebook(
         "01_quickstart.ipynb",
-        f"OUT = {str(tmp_path / 'nb')!r}\nSTEPS = 8\nSHOTS = 5\nN_PER_CLASS = 3\nEXTRA = {extra!r}",
+        f"OUT = {str(tmp_path / 'nb')!r}\nSTEPS = 8\nSHOTS = 5\nN_PER_CLASS = 3\nEXTRA = {extra!r}\n"
+        'GEN_EXTRA = ["metrics.domain_steps=30"]',  # the scoring network's tiny recipe, as in training
         tmp_path,
         monkeypatch,
     )

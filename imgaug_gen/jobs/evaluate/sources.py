@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgaug_gen.errors import require
 from imgaug_gen.jobs.evaluate.classifiers import SyntheticSet, TrainingSet, digest
@@ -132,7 +132,11 @@ def _trains_unlabeled(tcfg: DictConfig) -> bool:
     return bool(getattr(get_class(tcfg.model._target_), "trains_unlabeled", False))
 
 
-def generate_entry(name: str, entry: dict, run_dir: Path, out: Path, fresh_run: bool, data_seed: int) -> dict:
+def generate_entry(
+    name: str, entry: dict, run_dir: Path, out: Path, fresh_run: bool, data_seed: int, metrics: DictConfig | None = None
+) -> dict:
+    """Write the entry's synthetic folder with generate.py. The evaluation's ``metrics`` block (the scoring of
+    each written folder) applies to it, under any ``metrics`` key the entry's own ``generate`` overrides set."""
     from imgaug_gen.config import compose_config
     from imgaug_gen.jobs.generate import generate
 
@@ -146,10 +150,25 @@ def generate_entry(name: str, entry: dict, run_dir: Path, out: Path, fresh_run: 
     if fresh_run:
         overrides.append("overwrite=true")  # the generator changed: its old images are stale
     log.info("[%s] generating: %s", name, " ".join(overrides))
+    gcfg = compose_config("generate", overrides)
+    if metrics is not None:
+        _apply_metrics(gcfg, metrics, entry.get("generate") or [])
     t0 = time.perf_counter()
-    metrics = generate(compose_config("generate", overrides))
-    metrics["generate_seconds"] = round(time.perf_counter() - t0, 1)
-    return metrics
+    scores = generate(gcfg)
+    scores["generate_seconds"] = round(time.perf_counter() - t0, 1)
+    return scores
+
+
+def _apply_metrics(gcfg: DictConfig, metrics: DictConfig, own: list[str]) -> None:
+    """Set the evaluation's ``metrics`` keys on a generate config, except those the entry's overrides name
+    (``metrics.KEY=...``), and none if they choose another metrics config (``metrics=NAME``)."""
+    named = {str(o).lstrip("+~").split("=", 1)[0] for o in own}
+    if "metrics" in named:
+        return
+    with open_dict(gcfg):
+        for key, value in metrics.items():
+            if f"metrics.{key}" not in named:
+                gcfg.metrics[key] = value
 
 
 def check_run_data(run_dir: Path, shots: int | None, data: Mapping[str, Any], where: str) -> None:
@@ -210,7 +229,7 @@ def synthetic_sets(
             folder = root / "synthetic" / name / tag
             info["generate"] = {
                 k: v
-                for k, v in generate_entry(name, e, run_dir, folder, fresh, data_seed).items()
+                for k, v in generate_entry(name, e, run_dir, folder, fresh, data_seed, cfg.metrics).items()
                 if k
                 in (
                     "fid",
