@@ -119,11 +119,18 @@ class FidelityCallback(pl.Callback):
 
         dm = trainer.datamodule
         images, labels = dm.reference_arrays()
+        # Under DDP with a feature cache, rank 0 fits (or loads) the feature network and the other ranks
+        # then load it from the cache, instead of each training the same network at once.
+        wait = int(trainer.world_size) > 1 and self.metrics_cfg.get("cache_dir") is not None
+        if wait and not trainer.is_global_zero:
+            trainer.strategy.barrier("fidelity_features")
         # Fitting (or loading) the feature network must not move the global RNG: training
         # randomness must not depend on whether the feature cache was warm.
         with torch.random.fork_rng(devices=[]):
             extractor = build_feature_extractor(self.metrics_cfg, images, labels, dm.num_classes)
             self.evaluator = FidelityEvaluator(extractor, images)
+        if wait and trainer.is_global_zero:
+            trainer.strategy.barrier("fidelity_features")
 
     def evaluate(self, trainer, pl_module) -> dict:
         """Every process makes and featurises its share of the images (image i: its own seed, on

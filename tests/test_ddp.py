@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 
+import fastcli
 import numpy as np
 import pytest
 
@@ -14,7 +14,7 @@ from conftest import ROOT, train_overrides
 
 
 def _train(args, env, cwd):
-    out = subprocess.run(
+    out = fastcli.run(
         [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
     )
     assert out.returncode == 0, out.stderr[-4000:]
@@ -31,14 +31,17 @@ def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "IMGAUG_GEN_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
     run = tmp / "run"
-    over = [o for o in train_overrides("cgan", run) if not o.startswith("run_dir")]
+    # a 10-step feature network: the FID values only need to match between DDP and one process
+    over = [o for o in train_overrides("cgan", run, "metrics.domain_steps=10") if not o.startswith("run_dir")]
     ddp = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={run}"]
-    _train([*over, *ddp], env, tmp)
-    return tmp, run, over, ddp, env
+    out = _train([*over, *ddp], env, tmp)
+    return tmp, run, over, ddp, env, out.stdout + out.stderr
 
 
 def test_ddp_trains_writes_once_and_checkpoints(ddp_run):
-    tmp, run, *_ = ddp_run
+    tmp, run, *_, log = ddp_run
+    # rank 0 trains the feature network into the cache, the other rank loads it from there
+    assert log.count("domain feature network trained") == 1, log[-3000:]
     # one run folder (no second Hydra output folder from the spawned rank), one generator, one log
     assert sorted(p.name for p in tmp.iterdir() if p.name != "cache") == ["run"]
     assert (run / "generator" / "config.json").is_file()
@@ -61,7 +64,7 @@ def test_ddp_fid_equals_single_process_value(ddp_run):
     from imgaug_gen.jobs.train import build_datamodule
     from imgaug_gen.metrics import FidelityEvaluator, build_feature_extractor
 
-    tmp, run, over, _, env = ddp_run
+    tmp, run, over, _, env, _ = ddp_run
     os.environ["IMGAUG_GEN_CACHE"] = env["IMGAUG_GEN_CACHE"]
     cfg = compose_config("train", [*over, f"run_dir={run}"])
     dm = build_datamodule(cfg)
@@ -89,7 +92,7 @@ def test_ddp_fid_equals_single_process_value(ddp_run):
 def test_ddp_resumes_from_checkpoint(ddp_run):
     import torch
 
-    tmp, run, over, ddp, env = ddp_run
+    tmp, run, over, ddp, env, _ = ddp_run
     run2 = tmp / "run_resumed"
     over2 = [*over, "trainer.max_steps=12"]  # 8 in debug=tiny
     _train(

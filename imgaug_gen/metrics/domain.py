@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from imgaug_gen.metrics.features import (
     to_float01,
     validate_images,
 )
+
+log = logging.getLogger(__name__)
 
 #: Bump when the domain network or its training recipe changes, so that cached
 #: weights trained by older code are not reused.
@@ -380,6 +383,14 @@ def fit_domain_features(
     model.cache_key = key
     model.loaded_from_cache = False
     model.train_accuracy = acc
+    log.info(
+        "domain feature network trained: %d images, %d steps, %.1f s, train accuracy %.3f%s",
+        images.shape[0],
+        steps,
+        time.perf_counter() - t0,
+        acc,
+        f"; cached in {cache_path}" if cache_path is not None else "",
+    )
     if cache_path is not None:
         return _save_and_reload(model, cache_path, key, recipe, images, t0)
     return model
