@@ -172,13 +172,14 @@ def train_killed_and_resumed(cmd, tmp_path, first_step: int, max_steps: int):
     import signal
     import subprocess
 
+    import fastcli
     import torch
 
     env = cli_env()
     full, killed = tmp_path / "full", tmp_path / "killed"
-    done = subprocess.run(cmd(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = fastcli.run(cmd(full), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(
+    proc = fastcli.Popen(
         cmd(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     ckpt = killed / "checkpoints" / "last.ckpt"
@@ -186,7 +187,7 @@ def train_killed_and_resumed(cmd, tmp_path, first_step: int, max_steps: int):
     assert proc.returncode == -signal.SIGKILL
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert first_step <= step < max_steps  # killed part-way, after a checkpoint
-    resumed = subprocess.run(
+    resumed = fastcli.run(
         cmd(killed, f"ckpt_path={ckpt}"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]

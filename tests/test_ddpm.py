@@ -4,9 +4,9 @@ config errors, and train.py -> generate.py (img2img) end to end."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
+import fastcli
 import numpy as np
 import pytest
 import torch
@@ -240,11 +240,11 @@ def test_train_then_generate_img2img_end_to_end(tmp_path):
         "callbacks.samples=null",
         "callbacks.checkpoint=null",
     ]
-    subprocess.run(
+    fastcli.run(
         [sys.executable, "train.py", *train_args], cwd=ROOT, env=env, check=True, capture_output=True, text=True
     )
     assert (run_dir / "generator" / "model.safetensors").is_file()
-    r = subprocess.run(
+    r = fastcli.run(
         [
             sys.executable,
             "generate.py",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
+import fastcli
 import numpy as np
 import pytest
 import torch
@@ -132,7 +132,7 @@ def test_data_errors_stop_before_training(tmp_path):
 
 
 def _run(args, env, cwd):
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    out = fastcli.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
@@ -189,7 +189,7 @@ def test_front_ends_end_to_end_on_a_user_folder(tiny_folder, tmp_path):
 
 def test_cli_errors_are_clean(tmp_path):
     env = dict(os.environ)
-    out = subprocess.run(
+    out = fastcli.run(
         [
             sys.executable,
             "train.py",
@@ -204,7 +204,7 @@ def test_cli_errors_are_clean(tmp_path):
     )
     assert out.returncode == 2 and "error:" in out.stderr and "data.root" in out.stderr
     assert "Traceback" not in out.stderr
-    typo = subprocess.run(
+    typo = fastcli.run(
         [sys.executable, "train.py", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path / 'r'}"],
         capture_output=True,
         text=True,

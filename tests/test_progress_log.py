@@ -8,6 +8,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import fastcli
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def _train_cmd(run, *extra):
 def test_log_file_gets_plain_progress_lines(tmp_path):
     log = tmp_path / "train.out"
     with open(log, "w") as f:  # stdout is a file, as under SLURM / CI / tee
-        done = subprocess.run(
+        done = fastcli.run(
             _train_cmd(tmp_path / "run", "callbacks.progress_log.every_n_steps=2"),
             cwd=tmp_path,
             env=cli_env(),
@@ -56,7 +57,7 @@ def test_log_file_gets_plain_progress_lines(tmp_path):
 
 def test_every_n_steps_0_and_enabled_false_print_nothing(tmp_path):
     for i, extra in enumerate(("callbacks.progress_log.every_n_steps=0", "callbacks.progress_log.enabled=false")):
-        done = subprocess.run(
+        done = fastcli.run(
             _train_cmd(tmp_path / f"run{i}", extra, "trainer.enable_progress_bar=false"),
             cwd=tmp_path,
             env=cli_env(),
@@ -78,7 +79,7 @@ def test_terminal_gets_the_step_counted_bar(tmp_path):
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    proc = subprocess.Popen(
+    proc = fastcli.Popen(
         _train_cmd(tmp_path / "run", "callbacks.progress_log.every_n_steps=2"),
         cwd=tmp_path,
         env=cli_env(),

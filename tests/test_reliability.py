@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 
+import fastcli
+
 from imgaug_gen.export import read_manifest
 
 from conftest import ROOT, cli_env, files_bytes, gen_cfg, kill_when, train_killed_and_resumed, train_overrides
@@ -47,7 +49,7 @@ def test_torchrun_ranks_write_disjoint_shards(trained_cgan, tmp_path):
 
     one, ranks = tmp_path / "one", tmp_path / "ranks"
     generate(gen_cfg(trained_cgan, one, "score=false"))
-    out = subprocess.run(
+    out = fastcli.run(
         [
             sys.executable,
             "-m",
@@ -80,14 +82,12 @@ def test_generate_killed_with_sigkill_then_rerun_finishes_the_job(trained_cgan, 
     args = [f"run_dir={trained_cgan}", "n_per_class=150", "progress=false", "score=false", "batch_size=16"]
     generate(gen_cfg(trained_cgan, ref, *args[1:]))
     cmd = [sys.executable, str(ROOT / "generate.py"), *args, f"out_dir={out}"]
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    proc = fastcli.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     manifest = out / "manifest.jsonl"
     kill_when(proc, lambda: manifest.is_file() and manifest.stat().st_size > 40_000)  # ~ a third written
     assert proc.returncode == -signal.SIGKILL
     assert 0 < len(read_manifest(out)) < 1500 and not (out / "metrics.json").exists()
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    rerun = fastcli.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert files_bytes(out) == files_bytes(ref)
     assert _lines(out) == _lines(ref)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
+import fastcli
 import numpy as np
 import pytest
 import torch
@@ -386,9 +386,7 @@ def test_train_then_generate_end_to_end(tiny_sd, tmp_path):
     env = cli_env()
 
     def run(script, *args):
-        r = subprocess.run(
-            [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-        )
+        r = fastcli.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 

@@ -8,9 +8,9 @@ the saved files loaded with plain diffusers. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
+import fastcli
 import numpy as np
 import pytest
 import torch
@@ -370,9 +370,7 @@ def test_train_then_generate_cli(tiny_sdxl, folder, tmp_path):
     env = cli_env()
 
     def run(script, *args):
-        r = subprocess.run(
-            [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-        )
+        r = fastcli.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
 
     run(

@@ -12,6 +12,7 @@ import sys
 import unicodedata
 import zlib
 
+import fastcli
 import numpy as np
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_generate_and_evaluate_front_ends_refuse_a_target(ddpm_run, tmp_path):
     shutil.copytree(ddpm_run, run)
     sentinel = tmp_path / "sentinel"
     _edit_config(run / "generator", data={"_target_": "os.system", "command": f"touch {sentinel}"})
-    done = subprocess.run(
+    done = fastcli.run(
         [sys.executable, str(ROOT / "generate.py"), f"run_dir={run}", f"out_dir={tmp_path / 'o'}"],
         cwd=tmp_path,
         env=cli_env(),
@@ -489,11 +490,11 @@ def _second_launch(argv, lock_file, cwd):
     import signal
 
     env = cli_env()
-    first = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = fastcli.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_lock(lock_file, first)
         first.send_signal(signal.SIGSTOP)
-        second = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        second = fastcli.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     finally:
         first.send_signal(signal.SIGCONT)
     log, _ = first.communicate(timeout=600)
@@ -563,7 +564,7 @@ def test_shards_finishing_together_merge_once(ddpm_run, tmp_path):
 
     out = tmp_path / "out"
     procs = [
-        subprocess.Popen(
+        fastcli.Popen(
             [
                 sys.executable,
                 str(ROOT / "generate.py"),

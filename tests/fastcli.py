@@ -1,0 +1,245 @@
+"""The front ends (train.py, generate.py, evaluate.py) as real processes, without paying their imports each time.
+
+Importing torch + Lightning (+ torchmetrics, torchvision, transformers) costs about 10 s of CPU per process on
+this project's 2-core machines, and the suite starts dozens of front-end processes. Here one server process
+per test worker imports them once and forks a child per run; the child takes the caller's stdin/stdout/stderr
+file descriptors, working directory, environment and argv, and runs the script as ``python SCRIPT ARGS``
+would (``__main__``, ``sys.path[0]`` the script's folder, exit status from ``SystemExit``, atexit handlers).
+It is a separate process with its own pid: SIGKILL, SIGSTOP, file locks and Lightning's DDP launcher act on it
+as on any other. :class:`Popen` is :class:`subprocess.Popen`; only how the child starts and is reaped differs.
+
+Anything else (``python -m ...``, ``-c``, other programs, or an environment that changes what the server
+fixed at import time, such as ``OMP_NUM_THREADS``) runs as a plain subprocess. ``IMGAUG_GEN_FORK_SERVER=0``
+turns the server off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {str(ROOT / name) for name in ("train.py", "generate.py", "evaluate.py")}
+PRELOAD = [
+    "imgaug_gen.cli",
+    "imgaug_gen.jobs.train",
+    "imgaug_gen.jobs.generate",
+    "imgaug_gen.jobs.evaluate",
+    "imgaug_gen.generators.gan",
+    "imgaug_gen.generators.ddpm",
+    "imgaug_gen.metrics",
+    "diffusers",
+]
+# read once, when the libraries load: a run that sets them otherwise needs a fresh interpreter
+IMPORT_TIME = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "PYTHONPATH")
+
+_server: dict = {}
+
+
+def _server_env() -> dict[str, str]:
+    from conftest import cli_env
+
+    return cli_env()
+
+
+def _start_server() -> str | None:
+    """The socket of this process's fork server (started on first use), or None when it is off."""
+    if os.environ.get("IMGAUG_GEN_FORK_SERVER", "1") == "0" or not hasattr(os, "fork"):
+        return None
+    if _server.get("pid") == os.getpid():
+        return _server["path"]
+    import atexit
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="imgaug_gen_fork_"), "s")
+    env = _server_env()
+    log = open(path + ".log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, __file__, path], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT
+    )
+    while not os.path.exists(path + ".ready"):
+        if proc.poll() is not None:
+            raise RuntimeError("the fork server failed to start:\n" + Path(path + ".log").read_text()[-3000:])
+        time.sleep(0.05)
+    _server.update(pid=os.getpid(), path=path, proc=proc, env=env)
+    atexit.register(proc.kill)
+    return path
+
+
+def _forkable(args, env, cwd) -> bool:
+    if not (isinstance(args, (list, tuple)) and len(args) >= 2 and args[0] == sys.executable):
+        return False
+    if str(Path(cwd or os.getcwd(), args[1])) not in SCRIPTS:
+        return False
+    env = os.environ if env is None else env
+    return _start_server() is not None and all(env.get(k) == _server["env"].get(k) for k in IMPORT_TIME)
+
+
+class Popen(subprocess.Popen):
+    """:class:`subprocess.Popen` whose front-end children are forked by the server (see the module)."""
+
+    def __init__(self, args, *a, **kw):
+        self._forked = _forkable(args, kw.get("env"), kw.get("cwd"))
+        self._conn = None
+        super().__init__(args, *a, **kw)
+
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, *rest):
+        if not self._forked:
+            return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env, *rest)
+        p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite = rest[3:9]
+        fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1, errwrite if errwrite != -1 else 2]
+        request = {
+            "argv": [str(a) for a in args[1:]],
+            "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
+            "env": dict(os.environ if env is None else env),
+        }
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(_server["path"])
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
+        reader = conn.makefile("rb")
+        self.pid = int(reader.readline())
+        self._conn, self._reader = conn, reader
+        self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+    def _try_wait(self, wait_flags):
+        if not self._forked:
+            return super()._try_wait(wait_flags)
+        if wait_flags & os.WNOHANG:
+            import select
+
+            if not select.select([self._conn], [], [], 0)[0]:
+                return (0, 0)
+        line = self._reader.readline()
+        self._reader.close()
+        self._conn.close()
+        return (self.pid, int(line))
+
+    def _internal_poll(self, _deadstate=None, **kw):
+        if not self._forked:
+            return super()._internal_poll(_deadstate=_deadstate, **kw)
+        if self.returncode is None and self._waitpid_lock.acquire(False):
+            try:
+                if self.returncode is None:
+                    pid, sts = self._try_wait(os.WNOHANG)
+                    if pid == self.pid:
+                        self._handle_exitstatus(sts)
+            finally:
+                self._waitpid_lock.release()
+        return self.returncode
+
+
+def run(args, *, input=None, capture_output=False, timeout=None, check=False, **kw) -> subprocess.CompletedProcess:
+    """:func:`subprocess.run` through :class:`Popen`."""
+    if capture_output:
+        kw["stdout"] = kw["stderr"] = subprocess.PIPE
+    stdin = kw.pop("stdin", None)
+    with Popen(args, stdin=subprocess.PIPE if input is not None else stdin, **kw) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
+# --------------------------------------------------------------------------- #
+# The server: python tests/fastcli.py SOCKET
+# --------------------------------------------------------------------------- #
+def _child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become ``python SCRIPT ARGS`` on the caller's descriptors, then exit."""
+    import atexit
+    import io
+    import runpy
+    import threading
+    import traceback
+
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in set(fds):
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), line_buffering=os.isatty(1), write_through=unbuffered
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), errors="backslashreplace", line_buffering=True, write_through=unbuffered
+    )
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    script, *args = request["argv"]
+    sys.argv = [script, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _serve(path: str) -> None:
+    import importlib
+    import threading
+
+    sys.path[0] = str(ROOT)  # where `python ROOT/train.py` finds its modules first
+    for name in PRELOAD:
+        importlib.import_module(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    Path(path + ".ready").touch()
+
+    def reap(conn: socket.socket, pid: int) -> None:
+        _, status = os.waitpid(pid, 0)
+        try:
+            conn.sendall(f"{status}\n".encode())
+        except OSError:  # the caller has gone
+            pass
+        conn.close()
+
+    while True:
+        conn, _ = listener.accept()
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        while not msg.endswith(b"\n"):
+            msg += conn.recv(1 << 20)
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            conn.close()
+            _child(json.loads(msg), fds)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(f"{pid}\n".encode())
+        threading.Thread(target=reap, args=(conn, pid), daemon=True).start()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])

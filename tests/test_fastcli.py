@@ -1,0 +1,60 @@
+"""The forked front-end processes of tests/fastcli.py behave as fresh interpreters do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fastcli
+
+from conftest import ROOT, cli_env
+
+
+def _both(argv, **kw):
+    fresh = subprocess.run(argv, capture_output=True, text=True, timeout=300, **kw)
+    forked = fastcli.run(argv, capture_output=True, text=True, timeout=300, **kw)
+    return fresh, forked
+
+
+def test_a_forked_front_end_prints_and_exits_as_a_fresh_one(tmp_path):
+    env = cli_env()
+    for argv in (
+        [sys.executable, str(ROOT / "generate.py"), "--help"],
+        [sys.executable, "generate.py", f"run_dir={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'o'}"],
+    ):
+        fresh, forked = _both(argv, env=env, cwd=ROOT)
+        assert forked.returncode == fresh.returncode and forked.stdout == fresh.stdout
+        assert forked.stderr.splitlines()[-3:] == fresh.stderr.splitlines()[-3:]
+    assert fresh.returncode == 2 and "nowhere" in fresh.stderr  # the second: a clean config error
+
+
+def test_a_forked_front_end_is_its_own_process(tmp_path):
+    proc = fastcli.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "debug=tiny",
+            f"run_dir={tmp_path / 'run'}",
+            "trainer.max_steps=100000",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc._forked and proc.pid not in (os.getpid(), fastcli._server["proc"].pid)
+    while not (tmp_path / "run").is_dir():  # Hydra made the run folder: the script is running
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    if os.path.isdir("/proc"):
+        assert os.readlink(f"/proc/{proc.pid}/cwd") == str(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    # anything but a front-end script starts as a plain subprocess
+    plain = fastcli.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
+    out, _ = plain.communicate(timeout=60)
+    assert not plain._forked and int(out) == plain.pid
