@@ -1,14 +1,15 @@
 """The front ends (train.py, generate.py, evaluate.py) as real processes, without paying their imports each time.
 
-Importing torch + Lightning (+ torchmetrics, torchvision, transformers) costs about 10 s of CPU per process on
-this project's 2-core machines, and the suite starts dozens of front-end processes. Here one server process
-per test worker imports them once and forks a child per run; the child takes the caller's stdin/stdout/stderr
-file descriptors, working directory, environment and argv, and runs the script as ``python SCRIPT ARGS``
-would (``__main__``, ``sys.path[0]`` the script's folder, exit status from ``SystemExit``, atexit handlers).
-It is a separate process with its own pid: SIGKILL, SIGSTOP, file locks and Lightning's DDP launcher act on it
-as on any other. :class:`Popen` is :class:`subprocess.Popen`; only how the child starts and is reaped differs.
+Importing torch + Lightning (+ torchmetrics, torchvision, transformers) is most of a tiny run's CPU time, and the
+suite starts dozens of front-end processes. Here one server process per test worker imports them once and forks
+a child per run; the child takes the caller's stdin/stdout/stderr file descriptors, working directory,
+environment, session and argv, and runs the command as ``python [-u] SCRIPT ARGS`` / ``python -m MODULE ARGS``
+would (``__main__``, ``sys.path[0]``, exit status from ``SystemExit``, atexit handlers). It is a separate process
+with its own pid: SIGKILL, SIGSTOP, file locks and Lightning's DDP launcher act on it as on any other.
+:class:`Popen` is :class:`subprocess.Popen`; only how the child starts and is reaped differs. What a forked
+child starts itself (Lightning's DDP ranks, torchrun's ranks, submitit's tasks) is forked the same way.
 
-Anything else (``python -m ...``, ``-c``, other programs, or an environment that changes what the server
+Anything else (other ``-m`` programs, ``-c``, other interpreters, or an environment that changes what the server
 fixed at import time, such as ``OMP_NUM_THREADS``) runs as a plain subprocess. ``IMGAUG_GEN_FORK_SERVER=0``
 turns the server off.
 """
@@ -25,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {str(ROOT / name) for name in ("train.py", "generate.py", "evaluate.py")}
+# the ``python -m`` programs the front ends and their tests start: torchrun, submitit's local job controller and
+# task (not Jupyter kernels: matplotlib, imported here, would keep its backend instead of the kernel's inline one)
+MODULES = {"torch.distributed.run", "submitit.local._local", "submitit.core._submit"}
 PRELOAD = [
     "imgaug_gen.cli",
     "imgaug_gen.jobs.train",
@@ -36,7 +40,14 @@ PRELOAD = [
     "diffusers",
 ]
 # read once, when the libraries load: a run that sets them otherwise needs a fresh interpreter
-IMPORT_TIME = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE", "PYTHONPATH")
+IMPORT_TIME = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "HF_HUB_OFFLINE",
+    "NO_ALBUMENTATIONS_UPDATE",
+    "PYTHONPATH",
+    "MPLBACKEND",
+)
 
 _server: dict = {}
 
@@ -48,10 +59,11 @@ def _server_env() -> dict[str, str]:
 
 
 def _start_server() -> str | None:
-    """The socket of this process's fork server (started on first use), or None when it is off."""
+    """The socket of the fork server (started on first use in a test process; in a forked child, the server
+    that forked it), or None when it is off."""
     if os.environ.get("IMGAUG_GEN_FORK_SERVER", "1") == "0" or not hasattr(os, "fork"):
         return None
-    if _server.get("pid") == os.getpid():
+    if _server.get("served") or _server.get("pid") == os.getpid():
         return _server["path"]
     import atexit
     import tempfile
@@ -71,20 +83,32 @@ def _start_server() -> str | None:
     return path
 
 
-def _forkable(args, env, cwd) -> bool:
-    if not (isinstance(args, (list, tuple)) and len(args) >= 2 and args[0] == sys.executable):
-        return False
-    if str(Path(cwd or os.getcwd(), args[1])) not in SCRIPTS:
-        return False
+def _target(args, env, cwd) -> dict | None:
+    """What a ``python [-u] SCRIPT|-m MODULE ARGS`` command runs, when the server may fork it; else None."""
+    if not (isinstance(args, (list, tuple)) and len(args) >= 2 and str(args[0]) == sys.executable):
+        return None
+    args = [os.fspath(a) for a in args]
+    i, unbuffered = 1, False
+    while i < len(args) and args[i] == "-u":
+        i, unbuffered = i + 1, True
+    if i + 1 < len(args) and args[i] == "-m" and args[i + 1] in MODULES:
+        target = {"module": args[i + 1], "argv": args[i + 2 :]}
+    elif i < len(args) and str(Path(cwd or os.getcwd(), args[i])) in SCRIPTS:
+        target = {"script": args[i], "argv": args[i + 1 :]}
+    else:
+        return None
     env = os.environ if env is None else env
-    return _start_server() is not None and all(env.get(k) == _server["env"].get(k) for k in IMPORT_TIME)
+    if _start_server() is None or any(env.get(k) != _server["env"].get(k) for k in IMPORT_TIME):
+        return None
+    return {**target, "unbuffered": unbuffered}
 
 
 class Popen(subprocess.Popen):
     """:class:`subprocess.Popen` whose front-end children are forked by the server (see the module)."""
 
     def __init__(self, args, *a, **kw):
-        self._forked = _forkable(args, kw.get("env"), kw.get("cwd"))
+        self._target = _target(args, kw.get("env"), kw.get("cwd"))
+        self._forked = self._target is not None
         self._conn = None
         super().__init__(args, *a, **kw)
 
@@ -92,11 +116,14 @@ class Popen(subprocess.Popen):
         if not self._forked:
             return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env, *rest)
         p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite = rest[3:9]
+        start_new_session, process_group = rest[14], rest[15] if len(rest) > 15 else -1
         fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1, errwrite if errwrite != -1 else 2]
         request = {
-            "argv": [str(a) for a in args[1:]],
+            **self._target,
             "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
             "env": dict(os.environ if env is None else env),
+            "new_session": bool(start_new_session),
+            "process_group": process_group,
         }
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(_server["path"])
@@ -167,10 +194,14 @@ def _child(request: dict, fds: list[int]) -> None:
     for fd in set(fds):
         if fd > 2:
             os.close(fd)
+    if request["new_session"]:
+        os.setsid()
+    elif request["process_group"] not in (None, -1):
+        os.setpgid(0, request["process_group"])
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    unbuffered = request["unbuffered"] or bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = io.TextIOWrapper(
         io.FileIO(1, "w", closefd=False), line_buffering=os.isatty(1), write_through=unbuffered
@@ -179,12 +210,19 @@ def _child(request: dict, fds: list[int]) -> None:
         io.FileIO(2, "w", closefd=False), errors="backslashreplace", line_buffering=True, write_through=unbuffered
     )
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
-    script, *args = request["argv"]
-    sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    subprocess.Popen = Popen  # what this process starts (DDP ranks, torchrun's, submitit's tasks) is forked too
+    if "module" in request:
+        sys.argv = ["-m", *request["argv"]]
+        sys.path[0] = os.getcwd()
+        run = lambda: runpy.run_module(request["module"], run_name="__main__", alter_sys=True)  # noqa: E731
+    else:
+        script = request["script"]
+        sys.argv = [script, *request["argv"]]
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        run = lambda: runpy.run_path(script, run_name="__main__")  # noqa: E731
     code = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        run()
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -210,6 +248,7 @@ def _serve(path: str) -> None:
     import threading
 
     sys.path[0] = str(ROOT)  # where `python ROOT/train.py` finds its modules first
+    _server.update(served=True, path=path, env=dict(os.environ))
     for name in PRELOAD:
         importlib.import_module(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
