@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # What the tests train with: conf/debug/tiny.yaml (16 px digits, 6 shots, 8 optimiser steps, a tiny feature
 # network, frequent checkpoints and grids) and its model part (debug/model/tiny_<kind>.yaml: narrow nets).
 TINY_DATA = ["debug=tiny", "data=digits"]
-TINY_METRICS = ["metrics.domain_steps=60"]  # generate / evaluate configs have no debug group
+TINY_METRICS = ["metrics.domain_steps=30"]  # generate / evaluate configs have no debug group
 TINY_CALLBACKS: list[str] = []  # in debug=tiny
 TINY_MODELS = {"cgan": ["model=cgan"]}
 
@@ -192,3 +192,24 @@ def train_killed_and_resumed(cmd, tmp_path, first_step: int, max_steps: int):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return full, killed
+
+
+# The longest files first: pytest-xdist (--dist loadfile) hands files to the workers in this order, so the
+# last files to run are short ones and the workers finish together. The rest keep their order.
+LONG_FIRST = (
+    "test_wheel.py",
+    "test_evaluate.py",
+    "test_untrusted.py",
+    "test_metrics.py",
+    "test_notebooks.py",
+    "test_priors.py",
+    "test_reliability.py",
+    "test_pseudo_baseline.py",
+    "test_shards.py",
+    "test_gan.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: a file keeps its order

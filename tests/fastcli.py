@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {str(ROOT / name) for name in ("train.py", "generate.py", "evaluate.py")}
 # the ``python -m`` programs the front ends and their tests start: torchrun, submitit's local job controller and
-# task (not Jupyter kernels: matplotlib, imported here, would keep its backend instead of the kernel's inline one)
-MODULES = {"torch.distributed.run", "submitit.local._local", "submitit.core._submit"}
+# task, the notebooks' Jupyter kernel
+MODULES = {"torch.distributed.run", "submitit.local._local", "submitit.core._submit", "ipykernel_launcher"}
 PRELOAD = [
     "imgaug_gen.cli",
     "imgaug_gen.jobs.train",
@@ -123,7 +123,7 @@ class Popen(subprocess.Popen):
             "cwd": os.fspath(cwd) if cwd is not None else os.getcwd(),
             "env": dict(os.environ if env is None else env),
             "new_session": bool(start_new_session),
-            "process_group": process_group,
+            "process_group": process_group if process_group not in (None, -1) else os.getpgrp(),
         }
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(_server["path"])
@@ -181,7 +181,7 @@ def run(args, *, input=None, capture_output=False, timeout=None, check=False, **
 # --------------------------------------------------------------------------- #
 # The server: python tests/fastcli.py SOCKET
 # --------------------------------------------------------------------------- #
-def _child(request: dict, fds: list[int]) -> None:
+def _child(request: dict, fds: list[int], ready: int) -> None:
     """In the forked child: become ``python SCRIPT ARGS`` on the caller's descriptors, then exit."""
     import atexit
     import io
@@ -194,10 +194,14 @@ def _child(request: dict, fds: list[int]) -> None:
     for fd in set(fds):
         if fd > 2:
             os.close(fd)
-    if request["new_session"]:
-        os.setsid()
-    elif request["process_group"] not in (None, -1):
-        os.setpgid(0, request["process_group"])
+    # the caller's process group (as a plain child is in) or the new session asked for, before the caller has
+    # the pid: it may signal the group at once (Jupyter kills a kernel's whole process group)
+    try:
+        os.setsid() if request["new_session"] else os.setpgid(0, request["process_group"])
+    except OSError:
+        pass
+    os.write(ready, b"1")
+    os.close(ready)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -211,6 +215,12 @@ def _child(request: dict, fds: list[int]) -> None:
     )
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     subprocess.Popen = Popen  # what this process starts (DDP ranks, torchrun's, submitit's tasks) is forked too
+    if request.get("module") == "ipykernel_launcher" and "matplotlib" in sys.modules:
+        # matplotlib reads MPLBACKEND when it is imported, which here was before the kernel sets its inline backend
+        import matplotlib
+
+        os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
     if "module" in request:
         sys.argv = ["-m", *request["argv"]]
         sys.path[0] = os.getcwd()
@@ -269,11 +279,16 @@ def _serve(path: str) -> None:
         msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
         while not msg.endswith(b"\n"):
             msg += conn.recv(1 << 20)
+        ready_read, ready_write = os.pipe()
         pid = os.fork()
         if pid == 0:
             listener.close()
             conn.close()
-            _child(json.loads(msg), fds)
+            os.close(ready_read)
+            _child(json.loads(msg), fds, ready_write)
+        os.close(ready_write)
+        os.read(ready_read, 1)  # its process group or session is set
+        os.close(ready_read)
         for fd in fds:
             os.close(fd)
         conn.sendall(f"{pid}\n".encode())

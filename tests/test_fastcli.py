@@ -31,29 +31,34 @@ def test_a_forked_front_end_prints_and_exits_as_a_fresh_one(tmp_path):
     assert fresh.returncode == 2 and "nowhere" in fresh.stderr  # the second: a clean config error
 
 
-def test_a_forked_front_end_is_its_own_process(tmp_path):
+def _long_train(tmp_path, name, **kw):
+    argv = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "debug=tiny",
+        f"run_dir={tmp_path / name}",
+        "trainer.max_steps=9999",
+    ]
     proc = fastcli.Popen(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "debug=tiny",
-            f"run_dir={tmp_path / 'run'}",
-            "trainer.max_steps=100000",
-        ],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        argv, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw
     )
-    assert proc._forked and proc.pid not in (os.getpid(), fastcli._server["proc"].pid)
-    while not (tmp_path / "run").is_dir():  # Hydra made the run folder: the script is running
+    while not (tmp_path / name).is_dir():  # Hydra made the run folder: the script is running
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         time.sleep(0.05)
+    return proc
+
+
+def test_a_forked_front_end_is_its_own_process(tmp_path):
+    proc = _long_train(tmp_path, "run")
+    assert proc._forked and proc.pid not in (os.getpid(), fastcli._server["proc"].pid)
+    assert os.getpgid(proc.pid) == os.getpgrp()  # in the caller's process group, as a plain child
     if os.path.isdir("/proc"):
         assert os.readlink(f"/proc/{proc.pid}/cwd") == str(tmp_path)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    alone = _long_train(tmp_path, "run2", start_new_session=True)
+    assert os.getsid(alone.pid) == os.getpgid(alone.pid) == alone.pid
+    for p in (proc, alone):
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
     # anything but a front-end script starts as a plain subprocess
     plain = fastcli.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
     out, _ = plain.communicate(timeout=60)

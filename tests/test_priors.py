@@ -331,7 +331,7 @@ def test_evaluate_transfer_and_the_chosen_baseline(tmp_path):
         f"out_dir={tmp_path / 'ev'}",
         "shots=[2]",
         "seeds=[0,1]",
-        "classifier.steps=60",
+        "classifier.steps=30",
         "data.classes=[5,6,7]",
         "classifier.init={classes:[0,1,2,3,4]}",
         "cas_seeds=0",

@@ -28,7 +28,7 @@ def test_the_wheel_trains_and_generates_from_outside_the_repository(tmp_path):
         env,
     )
     wheel = next(dist.glob("imgaug_gen-*.whl"))
-    _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)  # this pip installs into it
     # the installed dependencies as a plain path entry: their .pth files (this checkout's editable install
     # among them) are not processed, so only the wheel's imgaug_gen can be imported
     site = Path(
@@ -40,7 +40,18 @@ def test_the_wheel_trains_and_generates_from_outside_the_repository(tmp_path):
     )
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
         tmp_path,
         env,
     )
