@@ -50,6 +50,7 @@ IMPORT_TIME = (
 )
 
 _server: dict = {}
+_PLAIN_POPEN = subprocess.Popen
 
 
 def _server_env() -> dict[str, str]:
@@ -214,7 +215,14 @@ def _child(request: dict, fds: list[int], ready: int) -> None:
         io.FileIO(2, "w", closefd=False), errors="backslashreplace", line_buffering=True, write_through=unbuffered
     )
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
-    subprocess.Popen = Popen  # what this process starts (DDP ranks, torchrun's, submitit's tasks) is forked too
+    # what this process starts (DDP ranks, torchrun's, submitit's tasks) is forked too, also through the modules
+    # already imported here that hold their own `Popen` (`from subprocess import Popen`: torch's elastic agent)
+    for module in [subprocess, *list(sys.modules.values())]:
+        try:
+            if getattr(module, "Popen", None) is _PLAIN_POPEN:
+                module.Popen = Popen
+        except Exception:  # noqa: BLE001 - a lazy module that imports on attribute access: not a holder
+            pass
     if request.get("module") == "ipykernel_launcher" and "matplotlib" in sys.modules:
         # matplotlib reads MPLBACKEND when it is imported, which here was before the kernel sets its inline backend
         import matplotlib

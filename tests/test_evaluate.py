@@ -27,7 +27,7 @@ TINY_TRAIN = ",".join(
 )
 TINY_EVAL = [
     "seeds=[0,1,2]",
-    "classifier.steps=15",
+    "classifier.steps=10",
     "metrics.domain_steps=30",
     "augment.copies_per_image=2",
     "synthetic_copies=1",
