@@ -104,7 +104,7 @@ def test_training_lowers_fid(tmp_path):
     over = train_overrides(
         "cgan",
         run,
-        "trainer.max_steps=240",
+        "trainer.max_steps=160",
         "model.g_width=16",
         "model.d_width=16",
         "data.shots=20",
