@@ -108,7 +108,12 @@ class Popen(subprocess.Popen):
     """:class:`subprocess.Popen` whose front-end children are forked by the server (see the module)."""
 
     def __init__(self, args, *a, **kw):
-        self._target = _target(args, kw.get("env"), kw.get("cwd"))
+        # options a forked child would not honour: a plain subprocess then
+        plain = any(
+            kw.get(k) not in (None, False, (), -1)
+            for k in ("preexec_fn", "pass_fds", "user", "group", "extra_groups", "umask", "shell")
+        )
+        self._target = None if plain else _target(args, kw.get("env"), kw.get("cwd"))
         self._forked = self._target is not None
         self._conn = None
         super().__init__(args, *a, **kw)

@@ -73,3 +73,11 @@ def test_a_forked_front_end_is_its_own_process(tmp_path):
     plain = fastcli.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
     out, _ = plain.communicate(timeout=60)
     assert not plain._forked and int(out) == plain.pid
+    # an option a forked child would not honour (here preexec_fn) also gets a plain subprocess
+    hook = fastcli.Popen(
+        [sys.executable, str(ROOT / "generate.py"), "--help"],
+        preexec_fn=os.getpid,
+        stdout=subprocess.DEVNULL,
+        env=cli_env(),
+    )
+    assert hook.wait(timeout=120) == 0 and not hook._forked
