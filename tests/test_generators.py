@@ -13,6 +13,21 @@ from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator, per_image_seeds
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, 2**32 + 5, 2**64 + 3, 2**96 + 1])
+@pytest.mark.parametrize("start", [0, 977, 2**32 - 3])
+def test_per_image_seeds_are_numpys_seed_sequence(seed, start):
+    """The batched seeds equal numpy's SeedSequence([seed, i]) image by image (existing folders keep their
+    seeds), for seeds of 1 to 4 words and ids near the 32-bit edge; a negative seed is numpy's error."""
+    expected = [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0]) for i in range(start, start + 40)]
+    assert per_image_seeds(seed, start, 40) == expected
+    assert per_image_seeds(seed, start, 0) == []
+
+
+def test_per_image_seeds_refuse_a_negative_seed():
+    with pytest.raises(ValueError):
+        per_image_seeds(-1, 0, 3)
+
+
 def make_cgan():
     from imgaug_gen.generators.gan import CGANModule
 

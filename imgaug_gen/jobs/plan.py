@@ -134,7 +134,7 @@ def plan_items(
     Seeds come from ``(seed, id number)``; augmentation seeds from a separate stream
     ``(seed + 1_000_003, position in the plan)``.
     """
-    from imgaug_gen.generators.base import per_image_seeds
+    from imgaug_gen.generators.base import seeds_at
 
     counts = synthetic_counts(cfg, num_classes, real_labels)
     real_labels = np.asarray(real_labels, dtype=np.int64)
@@ -143,9 +143,9 @@ def plan_items(
     items += _edit_items(cfg, counts, num_classes, real_labels, real_ids)
     items += _real_items(cfg, real_labels, real_ids, augmenter)
     if augmenter is not None:
-        for g, it in enumerate(items):
-            if it.source == "synthetic" or it.mode == "augment":
-                it.aug_seed = per_image_seeds(cfg.seed + AUGMENT_SEED_OFFSET, g, 1)[0]
+        at = [g for g, it in enumerate(items) if it.source == "synthetic" or it.mode == "augment"]
+        for g, aug_seed in zip(at, seeds_at(cfg.seed + AUGMENT_SEED_OFFSET, at)):
+            items[g].aug_seed = aug_seed
     return items
 
 
@@ -184,7 +184,7 @@ def _edit_items(
     cfg: DictConfig, counts: dict[int, dict[str, int]], num_classes: int, real_labels: np.ndarray, real_ids: list[str]
 ) -> list[Item]:
     """The ``img2img`` items: edit ``k`` of real image ``r``, round-robin over the class's real images."""
-    from imgaug_gen.generators.base import per_image_seeds
+    from imgaug_gen.generators.base import seeds_at
 
     n_edit = [_candidates(counts[c].get("img2img", 0), cfg) for c in range(num_classes)]
     if not sum(n_edit):
@@ -201,8 +201,8 @@ def _edit_items(
             r, k = int(by_class[c][j % len(by_class[c])]), j // len(by_class[c])
             edits.append((r * per_real + k, r))
     items: list[Item] = []
-    for idx, r in sorted(edits):
-        seed = per_image_seeds(cfg.seed, idx, 1)[0]
+    edits.sort()
+    for (idx, r), seed in zip(edits, seeds_at(cfg.seed, [idx for idx, _ in edits])):
         rng = np.random.default_rng(seed)
         strength = float(strengths[rng.integers(len(strengths))])
         item = Item(
