@@ -87,7 +87,9 @@ def _tar_header(name: str, size: int) -> bytes:
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     octal = b"%011o" % size
     checksum = _HEADER_SUM + sum(raw) + sum(octal)
-    return b"".join((raw, bytes(100 - len(raw)), _HEADER_IDS, octal, _HEADER_MTIME, b"%06o\x00 " % checksum, _HEADER_TAIL))
+    return b"".join(
+        (raw, bytes(100 - len(raw)), _HEADER_IDS, octal, _HEADER_MTIME, b"%06o\x00 " % checksum, _HEADER_TAIL)
+    )
 
 
 _HEADER_IDS = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid (bytes 100-124)

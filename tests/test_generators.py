@@ -18,7 +18,9 @@ from imgaug_gen.generators.base import load_generator, per_image_seeds
 def test_per_image_seeds_are_numpys_seed_sequence(seed, start):
     """The batched seeds equal numpy's SeedSequence([seed, i]) image by image (existing folders keep their
     seeds), for seeds of 1 to 4 words and ids near the 32-bit edge; a negative seed is numpy's error."""
-    expected = [int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0]) for i in range(start, start + 40)]
+    expected = [
+        int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint32)[0]) for i in range(start, start + 40)
+    ]
     assert per_image_seeds(seed, start, 40) == expected
     assert per_image_seeds(seed, start, 0) == []
 
