@@ -135,7 +135,7 @@ class FidelityCallback(pl.Callback):
     def evaluate(self, trainer, pl_module) -> dict:
         """Every process makes and featurises its share of the images (image i: its own seed, on
         rank i % world_size); the features are gathered, so FID/KID equal the one-process value."""
-        from imgaug_gen.generators.base import per_image_seeds
+        from imgaug_gen.generators.seeds import per_image_seeds
 
         self._last = trainer.global_step
         t0 = time.perf_counter()

@@ -117,14 +117,13 @@ class _TarShard:
     def add(self, record: dict, png: bytes, row_json: bytes) -> dict:
         """The sample's three members (``.png``, ``.json``, ``.cls``) in one write; where its PNG lies."""
         key = sample_key(str(record["id"]))
-        parts, offset = [], self.offset
+        parts = []
         for ext, data in ((".png", png), (".json", row_json), (".cls", b"%d" % int(record["label"]))):
-            header = _tar_header(key + ext, len(data))
-            parts += (header, data, _ZEROS[: -len(data) % tarfile.BLOCKSIZE])
-            offset += len(header) + len(data) + (-len(data) % tarfile.BLOCKSIZE)
+            parts += (_tar_header(key + ext, len(data)), data, _ZEROS[: -len(data) % tarfile.BLOCKSIZE])
         png_at = self.offset + len(parts[0])
-        self._f.write(b"".join(parts))
-        self.offset = offset
+        blob = b"".join(parts)
+        self._f.write(blob)
+        self.offset += len(blob)
         return {"offset": png_at, "size": len(png)}
 
     def close(self) -> None:

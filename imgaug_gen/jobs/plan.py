@@ -134,7 +134,7 @@ def plan_items(
     Seeds come from ``(seed, id number)``; augmentation seeds from a separate stream
     ``(seed + 1_000_003, position in the plan)``.
     """
-    from imgaug_gen.generators.base import seeds_at
+    from imgaug_gen.generators.seeds import seeds_at
 
     counts = synthetic_counts(cfg, num_classes, real_labels)
     real_labels = np.asarray(real_labels, dtype=np.int64)
@@ -167,7 +167,7 @@ def _check_planned(cfg: DictConfig, counts: dict[int, dict[str, int]], real_labe
 
 def _sample_items(cfg: DictConfig, counts: dict[int, dict[str, int]], num_classes: int) -> list[Item]:
     """The ``sample`` items: the classes one after the other, ids ``syn_{i}``."""
-    from imgaug_gen.generators.base import per_image_seeds
+    from imgaug_gen.generators.seeds import per_image_seeds
 
     items: list[Item] = []
     n_sample = [_candidates(counts[c].get("sample", 0), cfg) for c in range(num_classes)]
@@ -184,7 +184,7 @@ def _edit_items(
     cfg: DictConfig, counts: dict[int, dict[str, int]], num_classes: int, real_labels: np.ndarray, real_ids: list[str]
 ) -> list[Item]:
     """The ``img2img`` items: edit ``k`` of real image ``r``, round-robin over the class's real images."""
-    from imgaug_gen.generators.base import seeds_at
+    from imgaug_gen.generators.seeds import seeds_at
 
     n_edit = [_candidates(counts[c].get("img2img", 0), cfg) for c in range(num_classes)]
     if not sum(n_edit):

@@ -36,7 +36,7 @@ def subset_datamodule(cfg: DictConfig, shots: int | None, data_seed: int):
 def classical_copies(augmenter, images: TrainingSet, copies: int, seed: int) -> TrainingSet:
     """``copies`` classical copies of every image (copy k of image i seeded (seed, k, i)), with the
     labels and groups of their originals."""
-    from imgaug_gen.generators.base import per_image_seeds
+    from imgaug_gen.generators.seeds import per_image_seeds
 
     x, y, g = images.astuple()
     if augmenter is None or copies == 0 or len(x) == 0:
