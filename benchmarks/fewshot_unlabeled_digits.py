@@ -15,8 +15,8 @@ The protocol (16 px digits, all 10 classes):
   ``ddpm_scratch`` (the shots alone: what the pool adds), ``ddpm_semi`` (shots + pool in one run, the pool as
   the null class of classifier-free guidance; its guidance scale chosen on validation between the entries
   ``ddpm_semi`` and ``ddpm_semi_g3``), ``ddpm_pre`` (a DDPM pretrained on the pool alone, fine-tuned on the
-  shots through ``model.pretrained``) and ``cgan_pseudo`` (a cGAN on the shots + the teacher's confident
-  pseudo-labels).
+  shots through ``model.pretrained``), ``ddpm_pseudo`` (a DDPM on the shots + the teacher's confident
+  pseudo-labels, as labelled images) and ``cgan_pseudo`` (a cGAN on the same).
 
 It runs the real jobs (``train.py`` for the pool prior, ``evaluate.py`` for the rest), one (shots, subset) unit
 per single-threaded worker process, then assembles the tables from their finished work; re-running the same
@@ -85,6 +85,17 @@ def grid(out: Path) -> dict[str, dict]:
                 "model.finetune=full",
                 "model.embedding_lr=3e-2",
                 f"trainer.max_steps={STEPS['ddpm_pre']}",
+            ],
+            "generate": SAMPLE,
+            "policies": ["replace"],
+        },
+        "ddpm_pseudo": {
+            "train": [
+                *DDPM,
+                shots_only,
+                "pseudo_labels.enabled=true",
+                "pseudo_labels.threshold=0.9",
+                f"trainer.max_steps={STEPS['ddpm']}",
             ],
             "generate": SAMPLE,
             "policies": ["replace"],
