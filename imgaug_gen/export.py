@@ -25,7 +25,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -127,11 +127,15 @@ class FolderWriter:
             with FolderLock(self.out_dir, CLAIM_LOCK, "generate.py job").acquire(blocking=True):
                 self._claim(overwrite)
             self.records: dict[str, dict] = self._recover()
+            self.resumed = bool(self.records)  # the manifest held lines of an earlier run of the job
         except BaseException:
             if self._own_lock:
                 self.lock.release()
             raise
         self._fh = None
+        #: Called with each kept manifest record as its line is written, in manifest order (the report's
+        #: counts and preview picks, made as the job writes instead of by a pass over the manifest after it).
+        self.watch: Callable[[dict], Any] | None = None
         # PNG encoding and file writes run on a writer thread, overlapping the generator (whose
         # tensor ops, zlib and the file system calls release the GIL); a manifest line is appended
         # only once its file is in place. Images go to the thread ``chunk`` at a time, and one thread by
@@ -335,6 +339,8 @@ class FolderWriter:
             self._fh = open(self.manifest_path, "a", encoding="utf-8")
         self._fh.write(json.dumps(record, sort_keys=True) + "\n")
         self.records[record["id"]] = record
+        if self.watch is not None and is_kept(record):
+            self.watch(record)
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
             self._sync()

@@ -334,9 +334,11 @@ class ShardWriter(FolderWriter):
                 if self._open is None:
                     self._start_shard()
                 row = json.dumps(record, sort_keys=True)  # the sample's row: where it lies is added below
-                where = self._open.add(record, png_bytes(image), row.encode())
-                where = self._where + "".join(f', "{k}": {int(v)}' for k, v in where.items()) + "}"  # as json.dumps
+                at = self._open.add(record, png_bytes(image), row.encode())
+                where = self._where + "".join(f', "{k}": {int(v)}' for k, v in at.items()) + "}"  # as json.dumps
                 self._lines.append(f"{row[:-1]}, {where[1:]}" if len(row) > 2 else where)
+                if self.watch is not None:
+                    self.watch({**record, "file": self._rel, **at})  # the line as the manifest will hold it
                 self._in_shard += 1
             else:
                 self._lines.append(json.dumps(record, sort_keys=True))
@@ -348,7 +350,7 @@ class ShardWriter(FolderWriter):
         path = os.path.join(self.out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._open = _TarShard(path) if self.format == "webdataset" else _ParquetShard(path, self.class_names)
-        self._where = '{"file": ' + json.dumps(rel)
+        self._where, self._rel = '{"file": ' + json.dumps(rel), rel
         self._next += 1
 
     def _finish_shard(self) -> None:

@@ -325,3 +325,32 @@ def test_a_listed_shard_cut_short_is_made_again(trained_cgan, tmp_path, fmt):
         json.dumps({k: v for k, v in r.items() if k not in ("file", "offset", "size", "row")}, sort_keys=True)
         for r in before
     )
+
+
+@pytest.mark.parametrize("fmt", ["folder", *FORMATS])
+def test_the_reports_counts_and_preview_are_the_manifests_fresh_or_resumed(trained_cgan, tmp_path, fmt):
+    """A fresh one-process job counts its kept lines and picks the preview's as it writes them; a resumed one
+    counts the whole manifest again. Both equal a pass over the finished manifest (real copies, augmented
+    copies and the filter's rejected candidates included)."""
+    from imgaug_gen.jobs.generate import generate
+    from imgaug_gen.jobs.scoring import tally_manifest
+    from imgaug_gen.visual import preview_sheet
+
+    out = tmp_path / fmt
+    opts = [f"format={fmt}", "shard_size=5", "include_real=true", "augment=light", "score=false"]
+    opts += ["filter.enabled=true", "filter.tau=0.3"]
+
+    def check(metrics):
+        tally = tally_manifest(out, list(metrics["counts"]), preview=True)
+        assert {k: metrics[k] for k in ("counts", "counts_by_mode", "n_synthetic", "n_real")} == tally.summary()
+        assert metrics["n_real"] > 0 and metrics["n_synthetic"] > 0
+        preview_sheet(out, tally.picks.records, list(metrics["counts"]), path=tmp_path / "again.png")
+        assert (tmp_path / "again.png").read_bytes() == (out / "preview.png").read_bytes()
+
+    check(generate(gen_cfg(trained_cgan, out, *opts)))
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines[: len(lines) // 2]))  # a run killed half-way through its lines
+    metrics = generate(gen_cfg(trained_cgan, out, *opts))
+    assert 0 < metrics["images_written_now"] < sum(v["synthetic"] + v["real"] for v in metrics["counts"].values())
+    check(metrics)

@@ -38,7 +38,14 @@ from imgaug_gen.jobs.plan import (  # noqa: F401  (split_counts, plan_items: par
     split_counts,
     synthetic_counts,
 )
-from imgaug_gen.jobs.scoring import Scorers, build_scorers, filter_summary, score_manifest
+from imgaug_gen.jobs.scoring import (
+    ManifestTally,
+    Scorers,
+    build_scorers,
+    filter_summary,
+    score_manifest,
+    tally_manifest,
+)
 from imgaug_gen.runtime import prepare_process
 
 log = logging.getLogger(__name__)
@@ -255,7 +262,13 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
     write_plan_record(cfg, len(plan.plain) + sum(plan.targets.get(k, 0) for k in plan.groups))
     # 6. Scorers: per-image confidence, the quality filter, FID/KID at the end.
     scorers = build_scorers(cfg, dm, real)
-    # 7. Generate and write: plain items, then filtered candidates until each target is met.
+    # 7. Generate and write: plain items, then filtered candidates until each target is met. A fresh
+    # one-shard job counts its kept lines (and picks the preview's) as it writes them: the report then
+    # reads the manifest only for the images it scores.
+    tally = None
+    if cfg.num_shards == 1 and not writer.resumed:
+        tally = ManifestTally(gen.class_names, preview=True)
+        writer.watch = tally.add
     t0 = time.perf_counter()
     with writer, _progress(cfg, writer, plan) as bar:
         written = write_items(cfg, gen, real, plan, writer, scorers, augmenter, bar)
@@ -269,7 +282,7 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
     if cfg.format == "folder":
         write_hf_metadata(cfg.out_dir, read_manifest(cfg.out_dir))
     # 9. Report: score the folder, metrics.json, config.yaml, preview.png.
-    metrics = write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics)
+    metrics = write_report(cfg, gen, dm, real, plan, scorers, augmenter, metrics, tally)
     if cfg.num_shards > 1:
         mark_merged(cfg.out_dir, cfg.num_shards)
     return metrics
@@ -429,17 +442,25 @@ def finish_shards(cfg: DictConfig, plan: ShardPlan) -> bool:
 
 
 def write_report(
-    cfg: DictConfig, gen, dm, real: RealData, plan: ShardPlan, scorers: Scorers, augmenter, metrics: dict
+    cfg: DictConfig,
+    gen,
+    dm,
+    real: RealData,
+    plan: ShardPlan,
+    scorers: Scorers,
+    augmenter,
+    metrics: dict,
+    tally: ManifestTally | None = None,
 ) -> dict:
-    """Score the whole folder; write metrics.json, config.yaml and preview.png; return the metrics."""
+    """Score the whole folder; write metrics.json, config.yaml and preview.png; return the metrics.
+    ``tally``: the counts and preview picks the writer made of every kept line (else a pass makes them)."""
     from imgaug_gen.data.manifest import iter_manifest
     from imgaug_gen.io import atomic_write_json, atomic_write_text
-    from imgaug_gen.visual import PreviewPicks
 
     out_dir = Path(cfg.out_dir)
     # streamed from the manifest: memory holds the scored lines (at most `score_max_images`) and the
     # preview's picks, not the folder
-    picks = PreviewPicks(gen.class_names)
+    tally = tally or tally_manifest(out_dir, gen.class_names, preview=True)
     metrics.update(
         score_manifest(
             out_dir,
@@ -448,7 +469,7 @@ def write_report(
             dm if scorers.scorer is not None else None,
             k=int(cfg.get("precision_recall_k", 3) or 3),
             max_images=cfg.get("score_max_images"),
-            each=picks.add,
+            tally=tally,
         )
     )
     real_counts = np.bincount(np.asarray(real.labels, dtype=np.int64), minlength=gen.num_classes)
@@ -470,7 +491,7 @@ def write_report(
     try:
         from imgaug_gen.visual import preview_sheet
 
-        preview_sheet(out_dir, picks.records, gen.class_names)
+        preview_sheet(out_dir, tally.picks.records, gen.class_names)
     except Exception as e:  # a picture must never fail the job
         log.warning("could not draw preview.png: %s", e)
     return metrics

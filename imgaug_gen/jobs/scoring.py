@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -94,32 +94,65 @@ def score_manifest(
     dm=None,
     k: int = 3,
     max_images: int | None = None,
-    each: Callable[[dict], Any] | None = None,
+    tally: ManifestTally | None = None,
 ) -> dict:
     """Counts per class and source (and source mode); FID/KID and precision/recall of the synthetic
     images against the real reference, overall and per class; rejected candidates are ignored. With
     ``max_images``, the scores use at most that many synthetic images, evenly spaced in manifest order.
-    Streamed: one pass counts (and calls ``each`` on every kept line), a second keeps only the synthetic
-    lines scored, so memory holds at most ``max_images`` lines however many the folder has."""
+    Streamed: one pass counts (:func:`tally_manifest`), a second keeps only the synthetic lines scored, so
+    memory holds at most ``max_images`` lines however many the folder has. ``tally``: the counts already
+    made (the writer fed them every kept line as it wrote it), so the first pass is skipped."""
     from imgaug_gen.data.manifest import iter_manifest
 
-    n_syn = [0]
-
-    def counted():
-        for r in iter_manifest(out_dir):
-            n_syn[0] += r["source"] == "synthetic"
-            if each is not None:
-                each(r)
-            yield r
-
-    out = _folder_counts(counted(), class_names)
-    if extractor is None or not n_syn[0]:
+    out = (tally or tally_manifest(out_dir, class_names)).summary()
+    n_syn = out["n_synthetic"]
+    if extractor is None or not n_syn:
         return out
-    picked = set(_evenly(n_syn[0], max_images).tolist()) if max_images and n_syn[0] > max_images else None
+    picked = set(_evenly(n_syn, max_images).tolist()) if max_images and n_syn > max_images else None
     syn = (r for r in iter_manifest(out_dir) if r["source"] == "synthetic")
     syn = [r for i, r in enumerate(syn) if picked is None or i in picked]
     out.update(_synthetic_scores(out_dir, syn, class_names, extractor, dm, k))
     return out
+
+
+class ManifestTally:
+    """The kept manifest lines' counts, fed one line at a time in manifest order (by a pass over the
+    manifest, or by the writer as it writes them): per class and source, per class and source mode, and
+    the totals; with ``preview``, also the lines ``preview.png`` shows (``picks``)."""
+
+    def __init__(self, class_names: list[str], preview: bool = False):
+        from imgaug_gen.visual import PreviewPicks
+
+        self.counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
+        self.by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
+        self.picks = PreviewPicks(class_names) if preview else None
+        self.each = self.picks.add if preview else None
+
+    def add(self, r: dict) -> None:
+        name, source = r["class_name"], r["source"]
+        self.counts[name][source] += 1
+        modes, mode = self.by_mode[name], r.get("mode") or source
+        modes[mode] = modes.get(mode, 0) + 1
+        if self.each is not None:
+            self.each(r)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts,
+            "counts_by_mode": self.by_mode,
+            "n_synthetic": sum(v["synthetic"] for v in self.counts.values()),
+            "n_real": sum(v["real"] for v in self.counts.values()),
+        }
+
+
+def tally_manifest(out_dir: Path, class_names: list[str], preview: bool = False) -> ManifestTally:
+    """:class:`ManifestTally` of a folder's kept manifest lines, in one streamed pass."""
+    from imgaug_gen.data.manifest import iter_manifest
+
+    tally = ManifestTally(class_names, preview)
+    for r in iter_manifest(out_dir):
+        tally.add(r)
+    return tally
 
 
 def _evenly(n: int, m: int) -> np.ndarray:
@@ -158,22 +191,6 @@ def _synthetic_scores(out_dir: Path, syn: list[dict], class_names: list[str], ex
     out["precision_recall_k"] = int(k)
     out["per_class"] = _per_class_scores(real_f, ref_labels, fake_f, syn, extractor, class_names, k)
     return out
-
-
-def _folder_counts(records: list[dict], class_names: list[str]) -> dict[str, Any]:
-    """The kept records' counts: per class and source, per class and source mode, and the totals."""
-    counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
-    by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
-    for r in records:
-        counts[r["class_name"]][r["source"]] += 1
-        mode = r.get("mode") or r["source"]
-        by_mode[r["class_name"]][mode] = by_mode[r["class_name"]].get(mode, 0) + 1
-    return {
-        "counts": counts,
-        "counts_by_mode": by_mode,
-        "n_synthetic": sum(v["synthetic"] for v in counts.values()),
-        "n_real": sum(v["real"] for v in counts.values()),
-    }
 
 
 def _per_class_scores(real_f, ref_labels, fake_f, syn: list[dict], extractor, class_names: list[str], k: int) -> dict:
