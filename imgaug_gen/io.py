@@ -211,6 +211,15 @@ def encode_png(array, compress_level: int = 1) -> bytes:
 _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
 
 
+def stored_png_size(shape) -> int:
+    """The bytes :func:`encode_png` writes at ``compress_level=0`` (zlib's stored blocks) for an image of
+    ``shape`` (HW or HWC): signature and chunks (57), zlib's header and checksum (6), each row with its
+    filter byte, 5 bytes per stored block of up to 65,535 bytes."""
+    h, w = shape[:2]
+    raw = h * (1 + w * (shape[2] if len(shape) == 3 else 1))
+    return 63 + raw + 5 * max(1, -(-raw // 65535))
+
+
 def _window_bits(n: int) -> int:
     """The smallest zlib window (9-15 bits) that spans ``n`` bytes: the same matches as the default 32 KiB
     window, at a third less set-up time per small image."""

@@ -354,3 +354,25 @@ def test_the_reports_counts_and_preview_are_the_manifests_fresh_or_resumed(train
     metrics = generate(gen_cfg(trained_cgan, out, *opts))
     assert 0 < metrics["images_written_now"] < sum(v["synthetic"] + v["real"] for v in metrics["counts"].values())
     check(metrics)
+
+
+def test_a_tar_members_png_is_stored_only_where_it_fits_in_one_block():
+    """Tar members take whole 512-byte blocks: a PNG that fits in one uncompressed is stored (zlib level 0),
+    larger ones are compressed; both decode to the same pixels."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from imgaug_gen.io import png_bytes, stored_png_size
+    from imgaug_gen.shards import member_png
+
+    rng = np.random.default_rng(0)
+    blocks = lambda n, size, c: np.repeat(np.repeat(rng.integers(0, 256, (n, n, c), dtype=np.uint8), size, 0), size, 1)
+    small, large = blocks(4, 4, 1), blocks(4, 8, 3)  # 16 px grey, 32 px RGB, both compressible
+    for image, stored in ((small, True), (large, False)):
+        png = member_png(image)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))).reshape(image.shape), image)
+        assert (len(png) == stored_png_size(image.shape)) is stored
+        assert (stored_png_size(image.shape) <= tarfile.BLOCKSIZE) is stored
+    assert len(png_bytes(small)) < stored_png_size(small.shape)  # level 1 would have compressed it, for nothing
