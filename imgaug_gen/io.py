@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -193,22 +194,27 @@ def encode_png(array, compress_level: int = 1) -> bytes:
     if a.ndim == 2:
         a = a[:, :, None]
     h, w, c = a.shape
-    raw = np.zeros((h, 1 + w * c), np.uint8)  # each row: filter byte 0, then the row's bytes
+    raw = np.empty((h, 1 + w * c), np.uint8)  # each row: filter byte 0, then the row's bytes
+    raw[:, 0] = 0
     raw[:, 1:] = a.reshape(h, w * c)
+    data = zlib.compress(raw, int(compress_level), _window_bits(raw.nbytes))
+    return b"".join((_png_head(w, h, c), _U32(len(data)), b"IDAT", data, _U32(zlib.crc32(data, _IDAT_CRC)), _IEND))
 
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPE[c], 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw.tobytes(), int(compress_level), _window_bits(raw.nbytes)))
-        + chunk(b"IEND", b"")
-    )
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+@functools.lru_cache(maxsize=64)
+def _png_head(w: int, h: int, c: int) -> bytes:
+    """The PNG signature and IHDR chunk of an 8-bit image of this size (the same for every image of it)."""
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPE[c], 0, 0, 0))
 
 
 _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
+_IEND = _png_chunk(b"IEND", b"")
+_IDAT_CRC = zlib.crc32(b"IDAT")
+_U32 = struct.Struct(">I").pack
 
 
 def stored_png_size(shape) -> int:

@@ -83,6 +83,11 @@ def sample_key(rec_id: str) -> str:
     return rec_id.replace(".", "_")
 
 
+_ZEROS = bytes(tarfile.BLOCKSIZE)
+#: A sample's member extensions, as bytes with their byte sums.
+_MEMBERS = tuple((ext.encode(), sum(ext.encode())) for ext in (".png", ".json", ".cls"))
+
+
 def _tar_header(name: str, size: int) -> bytes:
     """The tar header of a regular file ``name`` of ``size`` bytes: mode 0644, uid/gid 0, mtime 0 (the same
     bytes on every run). Hand-written for the usual short ASCII name (a plain ustar block, as ``tarfile``
@@ -94,10 +99,15 @@ def _tar_header(name: str, size: int) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return _ustar_header(raw, sum(raw), size)
+
+
+def _ustar_header(raw: bytes, name_sum: int, size: int) -> bytes:
+    """The ustar block of an ASCII name of under 100 bytes whose byte sum is ``name_sum``."""
     octal = b"%011o" % size
-    checksum = _HEADER_SUM + sum(raw) + sum(octal)
+    checksum = _HEADER_SUM + name_sum + sum(octal)
     return b"".join(
-        (raw, bytes(100 - len(raw)), _HEADER_IDS, octal, _HEADER_MTIME, b"%06o\x00 " % checksum, _HEADER_TAIL)
+        (raw, _ZEROS[: 100 - len(raw)], _HEADER_IDS, octal, _HEADER_MTIME, b"%06o\x00 " % checksum, _HEADER_TAIL)
     )
 
 
@@ -108,9 +118,6 @@ _HEADER_TAIL = (  # type "0" (a regular file), no link name, "ustar 00", no user
 )
 #: Every header byte's sum but the name's and the size digits' (the checksum field counts as 8 spaces).
 _HEADER_SUM = sum(_HEADER_IDS) + sum(_HEADER_MTIME) + 8 * 0x20 + sum(_HEADER_TAIL)
-
-
-_ZEROS = bytes(tarfile.BLOCKSIZE)
 
 
 def member_png(image: np.ndarray) -> bytes:
@@ -137,9 +144,14 @@ class _TarShard:
     def add(self, record: dict, png: bytes, row_json: bytes) -> dict:
         """The sample's three members (``.png``, ``.json``, ``.cls``) in one write; where its PNG lies."""
         key = sample_key(str(record["id"]))
+        raw = key.encode()
+        short = len(raw) < 95 and key.isascii()  # every member's name under 100 bytes: a plain ustar block
+        key_sum = sum(raw) if short else 0
         parts = []
-        for ext, data in ((".png", png), (".json", row_json), (".cls", b"%d" % int(record["label"]))):
-            parts += (_tar_header(key + ext, len(data)), data, _ZEROS[: -len(data) % tarfile.BLOCKSIZE])
+        for (ext, ext_sum), data in zip(_MEMBERS, (png, row_json, b"%d" % int(record["label"]))):
+            n = len(data)
+            head = _ustar_header(raw + ext, key_sum + ext_sum, n) if short else _tar_header(key + ext.decode(), n)
+            parts += (head, data, _ZEROS[: -n % tarfile.BLOCKSIZE])
         png_at = self.offset + len(parts[0])
         blob = b"".join(parts)
         self._f.write(blob)
