@@ -38,6 +38,7 @@ from imgaug_gen.io import (
     atomic_write_json,
     atomic_write_text,
     fsync_dir,
+    manifest_json,
     read_image_array,
     unique_class_dirs,
 )
@@ -241,7 +242,7 @@ class FolderWriter:
                 if not is_kept(rec) or self._file_ok(rec):
                     records[rec["id"]] = rec
         # Rewrite the manifest cleanly (atomically); orphan files are dropped by remove_orphans.
-        atomic_write_text(self.manifest_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records.values()))
+        atomic_write_text(self.manifest_path, "".join(manifest_json(r) + "\n" for r in records.values()))
         return records
 
     def _file_ok(self, rec: dict) -> bool:
@@ -337,7 +338,7 @@ class FolderWriter:
     def _append(self, record: dict) -> None:
         if self._fh is None:
             self._fh = open(self.manifest_path, "a", encoding="utf-8")
-        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self._fh.write(manifest_json(record) + "\n")
         self.records[record["id"]] = record
         if self.watch is not None and is_kept(record):
             self.watch(record)
@@ -467,5 +468,5 @@ def merge_manifests(out_dir: str | os.PathLike, num_shards: int) -> list[dict]:
             raise ConfigError(f"shard manifest {p} is missing; run `shard={s} num_shards={num_shards}` first.")
         records += [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     records.sort(key=lambda r: r["id"])
-    atomic_write_text(out_dir / MANIFEST, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_write_text(out_dir / MANIFEST, "".join(manifest_json(r) + "\n" for r in records))
     return records

@@ -211,6 +211,9 @@ def _png_head(w: int, h: int, c: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPE[c], 0, 0, 0))
 
 
+#: A manifest line's JSON, as ``json.dumps(record, sort_keys=True)`` (one encoder for every line, not one per call).
+manifest_json = json.JSONEncoder(sort_keys=True).encode
+
 _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
 _IEND = _png_chunk(b"IEND", b"")
 _IDAT_CRC = zlib.crc32(b"IDAT")

@@ -47,6 +47,7 @@ from imgaug_gen.io import (
     encode_png,
     fsync_dir,
     is_durable,
+    manifest_json,
     png_bytes,
     stored_png_size,
 )
@@ -365,7 +366,7 @@ class ShardWriter(FolderWriter):
             if image is not None:
                 if self._open is None:
                     self._start_shard()
-                row = json.dumps(record, sort_keys=True)  # the sample's row: where it lies is added below
+                row = manifest_json(record)  # the sample's row: where it lies is added below
                 png = member_png(image) if self.format == "webdataset" else png_bytes(image)
                 at = self._open.add(record, png, row.encode())
                 where = self._where + "".join(f', "{k}": {int(v)}' for k, v in at.items()) + "}"  # as json.dumps
@@ -374,7 +375,7 @@ class ShardWriter(FolderWriter):
                     self.watch({**record, "file": self._rel, **at})  # the line as the manifest will hold it
                 self._in_shard += 1
             else:
-                self._lines.append(json.dumps(record, sort_keys=True))
+                self._lines.append(manifest_json(record))
             if self._in_shard >= self.shard_size:
                 self._finish_shard()
 

@@ -140,15 +140,20 @@ class PreviewPicks:
 
     def __init__(self, class_names: Sequence[str], per_group: int = 6):
         self.left = {(str(n), g): per_group for n in class_names for g, _ in PREVIEW_GROUPS}
+        self.full: set[tuple] = set()  # (class, source, mode, augmented): every group such a record joins is full
         self.records: list[dict] = []
 
     def add(self, r: dict) -> None:
-        name = str(r["class_name"])
-        hit = [g for g, keep in PREVIEW_GROUPS if self.left.get((name, g), 0) > 0 and keep(r)]
+        key = (str(r["class_name"]), r["source"], r.get("mode"), bool(r.get("augment")))
+        if key in self.full:
+            return  # the usual case in a large job, at the cost of one set lookup
+        hit = [g for g, keep in PREVIEW_GROUPS if self.left.get((key[0], g), 0) > 0 and keep(r)]
         for g in hit:
-            self.left[(name, g)] -= 1
+            self.left[(key[0], g)] -= 1
         if hit:
             self.records.append(r)
+        else:  # the groups depend on these four fields only, and a full group stays full
+            self.full.add(key)
 
 
 def preview_sheet(
