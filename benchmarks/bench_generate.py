@@ -12,7 +12,8 @@ Each variant runs in its own process (so peak RSS is its own):
                 durability, side by side
   generate, webdataset / parquet  the same job into shards (``format=webdataset`` / ``parquet``,
                 ``shard_size=10000``): one file per 10,000 images, fsynced once (target: webdataset <= 1.2x
-                the bare forward; sample() alone is about 1.15x)
+                the bare forward; sample() alone is about 1.15x); on a CPU device they write inline
+  generate, webdataset, writer thread  the same with ``io_workers=1`` (the writing on its own thread)
   files only, durable=false  the writer alone without fsync
   generate+score  the same plus per-image confidence and FID/KID of the folder (metrics.json)
 Every variant runs with the process settings the jobs make (``imgaug_gen.runtime.prepare_process``:
@@ -133,6 +134,7 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
                 "progress=false",
                 *([] if durable else ["durable=false"]),
                 *[f"format={f}" for f in ("webdataset", "parquet") if f in mode],
+                *(["io_workers=1"] if "writer thread" in mode else []),
                 f"score={'true' if mode == 'generate+score' else 'false'}",
             ],
         )
@@ -199,6 +201,7 @@ def main():
             "generate",
             "generate, durable=false",
             "generate, webdataset",
+            "generate, webdataset, writer thread",
             "generate, parquet",
             "generate+score",
         )

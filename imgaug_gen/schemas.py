@@ -131,7 +131,7 @@ class Generate(_Block):
     score_max_images: Optional[int] = Field(ge=1)
     sample_kwargs: Optional[dict[str, Any]]  # checked by the generator kind (each declares its keys)
     batch_size: int = Field(ge=1, le=65536)
-    io_workers: int = Field(ge=0, le=64)
+    io_workers: Optional[int] = Field(ge=0, le=64)  # null: io_workers_for's choice
     device: str
     score: bool
     progress: bool

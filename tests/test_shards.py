@@ -376,3 +376,15 @@ def test_a_tar_members_png_is_stored_only_where_it_fits_in_one_block():
         assert (len(png) == stored_png_size(image.shape)) is stored
         assert (stored_png_size(image.shape) <= tarfile.BLOCKSIZE) is stored
     assert len(png_bytes(small)) < stored_png_size(small.shape)  # level 1 would have compressed it, for nothing
+
+
+def test_the_writer_thread_by_default_but_inline_for_shards_on_a_cpu():
+    from omegaconf import OmegaConf
+
+    from imgaug_gen.jobs.generate import io_workers_for
+
+    cfg = lambda fmt, n=None: OmegaConf.create({"format": fmt, "io_workers": n})
+    assert [io_workers_for(cfg("folder"), d) for d in ("cpu", "cuda")] == [1, 1]
+    assert [io_workers_for(cfg(f), "cpu") for f in FORMATS] == [0, 0]
+    assert [io_workers_for(cfg(f), "cuda") for f in FORMATS] == [1, 1]
+    assert io_workers_for(cfg("webdataset", 2), "cpu") == 2 and io_workers_for(cfg("folder", 0), "cuda") == 0

@@ -257,7 +257,7 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
     # 4. Plan this shard.
     plan = plan_shard(cfg, gen, real, augmenter)
     # 5. Open the folder under the job record (another job's folder is refused; a killed run's orphans go).
-    writer = open_writer(cfg, gen.class_names, job_record(cfg, gen, gen_dir, plan, augmenter), lock)
+    writer = open_writer(cfg, gen.class_names, job_record(cfg, gen, gen_dir, plan, augmenter), lock, gen.device.type)
     writer.remove_orphans((it.id, writer.class_dirs[it.label]) for it in plan.mine)
     write_plan_record(cfg, len(plan.plain) + sum(plan.targets.get(k, 0) for k in plan.groups))
     # 6. Scorers: per-image confidence, the quality filter, FID/KID at the end.
@@ -288,14 +288,23 @@ def _generate(cfg: DictConfig, augmenter, gen_dir: Path, gen_config: dict, lock)
     return metrics
 
 
-def open_writer(cfg: DictConfig, class_names: list[str], job: dict, lock):
+def io_workers_for(cfg: DictConfig, device: str) -> int:
+    """``io_workers``, or where it is null: one writer thread, overlapping the generator's forward with the
+    writes' waits on the disk (and, on a GPU, with the encoding); inline for shards on a CPU device, where
+    the forward keeps every core busy and a shard job waits on no disk: a thread there overlaps nothing
+    (``benchmarks/bench_generate.py`` runs both)."""
+    if cfg.io_workers is not None:
+        return int(cfg.io_workers)
+    return 0 if cfg.format != "folder" and device == "cpu" else 1
+
+
+def open_writer(cfg: DictConfig, class_names: list[str], job: dict, lock, device: str = "cpu"):
     """The writer of ``cfg.format``: image files (:class:`~imgaug_gen.export.FolderWriter`) or shards
     (:class:`~imgaug_gen.shards.ShardWriter`), under the job's lock."""
     from imgaug_gen.export import FolderWriter
 
-    common = dict(
-        overwrite=cfg.overwrite, shard=cfg.shard, num_shards=cfg.num_shards, io_workers=int(cfg.io_workers), lock=lock
-    )
+    io_workers = io_workers_for(cfg, device)
+    common = dict(overwrite=cfg.overwrite, shard=cfg.shard, num_shards=cfg.num_shards, io_workers=io_workers, lock=lock)
     if cfg.format == "folder":
         return FolderWriter(Path(cfg.out_dir), class_names, job, **common)
     from imgaug_gen.shards import ShardWriter
