@@ -1,8 +1,10 @@
-"""Scoring a generate job's folder: the per-image scorer and quality filter, and ``metrics.json``'s
-counts, FID/KID, precision/recall/density/coverage (overall and per class) and the filter summary."""
+"""Scoring a generate job's folder: the per-image scorer and quality filter, and the report: ``metrics.json``'s
+counts, FID/KID, precision/recall/density/coverage (overall and per class) and the filter summary, with
+``config.yaml`` and ``preview.png``."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from imgaug_gen.jobs.plan import RealData, _filter_cfg
+from imgaug_gen.jobs.plan import RealData, ShardPlan, _filter_cfg
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -211,3 +215,59 @@ def _per_class_scores(real_f, ref_labels, fake_f, syn: list[dict], extractor, cl
             k=k,
         ).items()
     }
+
+
+def write_report(
+    cfg: DictConfig,
+    gen,
+    dm,
+    real: RealData,
+    plan: ShardPlan,
+    scorers: Scorers,
+    augmenter,
+    metrics: dict,
+    tally: ManifestTally | None = None,
+) -> dict:
+    """Score the whole folder; write metrics.json, config.yaml and preview.png; return the metrics.
+    ``tally``: the counts and preview picks the writer made of every kept line (else a pass makes them)."""
+    from imgaug_gen.data.manifest import iter_manifest
+    from imgaug_gen.io import atomic_write_json, atomic_write_text
+
+    out_dir = Path(cfg.out_dir)
+    # streamed from the manifest: memory holds the scored lines (at most `score_max_images`) and the
+    # preview's picks, not the folder
+    tally = tally or tally_manifest(out_dir, gen.class_names, preview=True)
+    metrics.update(
+        score_manifest(
+            out_dir,
+            gen.class_names,
+            scorers.scorer,
+            dm if scorers.scorer is not None else None,
+            k=int(cfg.get("precision_recall_k", 3) or 3),
+            max_images=cfg.get("score_max_images"),
+            tally=tally,
+        )
+    )
+    real_counts = np.bincount(np.asarray(real.labels, dtype=np.int64), minlength=gen.num_classes)
+    metrics["planned"] = {
+        name: {"real": int(real_counts[c]) if cfg.include_real else 0, **plan.counts[c]}
+        for c, name in enumerate(gen.class_names)
+    }
+    if scorers.quality_filter is not None:
+        candidates = iter_manifest(out_dir, include_rejected=True)
+        metrics["filter"] = filter_summary(candidates, scorers.quality_filter, gen.class_names, plan.targets)
+        metrics["filter"]["classifier_data"] = _filter_cfg(cfg)["classifier_data"]
+        metrics["filter"]["classifier_images"] = scorers.filter_images
+    for name in gen.class_names:
+        log.info("class %s: %s", name, metrics["counts_by_mode"][name])
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["augment_resolved"] = augmenter.to_dict() if augmenter is not None else None
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    try:
+        from imgaug_gen.visual import preview_sheet
+
+        preview_sheet(out_dir, tally.picks.records, gen.class_names)
+    except Exception as e:  # a picture must never fail the job
+        log.warning("could not draw preview.png: %s", e)
+    return metrics
