@@ -147,6 +147,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+#: A manifest line's JSON, as ``json.dumps(record, sort_keys=True)`` (one encoder for every line, not one per call).
+manifest_json = json.JSONEncoder(sort_keys=True).encode
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -210,9 +214,6 @@ def _png_head(w: int, h: int, c: int) -> bytes:
     """The PNG signature and IHDR chunk of an 8-bit image of this size (the same for every image of it)."""
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPE[c], 0, 0, 0))
 
-
-#: A manifest line's JSON, as ``json.dumps(record, sort_keys=True)`` (one encoder for every line, not one per call).
-manifest_json = json.JSONEncoder(sort_keys=True).encode
 
 _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}
 _IEND = _png_chunk(b"IEND", b"")

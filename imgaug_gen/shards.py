@@ -136,6 +136,8 @@ class _TarShard:
     """One ``.tar`` being written under its temp name: per member a header, the data, zeros to 512 bytes;
     at the end two zero blocks and zeros to a 10,240-byte record (``tarfile``'s layout)."""
 
+    encode = staticmethod(member_png)  # an image's PNG bytes
+
     def __init__(self, path: str):
         self.path = path
         fd, self.tmp = _create_beside(path)
@@ -171,6 +173,8 @@ class _TarShard:
 
 class _ParquetShard:
     """One ``.parquet`` being written under its temp name, a row group at a time."""
+
+    encode = staticmethod(png_bytes)
 
     def __init__(self, path: str, class_names: list[str]):
         import pyarrow as pa
@@ -367,8 +371,7 @@ class ShardWriter(FolderWriter):
                 if self._open is None:
                     self._start_shard()
                 row = manifest_json(record)  # the sample's row: where it lies is added below
-                png = member_png(image) if self.format == "webdataset" else png_bytes(image)
-                at = self._open.add(record, png, row.encode())
+                at = self._open.add(record, self._open.encode(image), row.encode())
                 where = self._where + "".join(f', "{k}": {int(v)}' for k, v in at.items()) + "}"  # as json.dumps
                 self._lines.append(f"{row[:-1]}, {where[1:]}" if len(row) > 2 else where)
                 if self.watch is not None:

@@ -130,15 +130,14 @@ class ManifestTally:
         self.counts = {c: {"real": 0, "synthetic": 0} for c in class_names}
         self.by_mode: dict[str, dict[str, int]] = {c: {} for c in class_names}
         self.picks = PreviewPicks(class_names) if preview else None
-        self.each = self.picks.add if preview else None
 
     def add(self, r: dict) -> None:
         name, source = r["class_name"], r["source"]
         self.counts[name][source] += 1
         modes, mode = self.by_mode[name], r.get("mode") or source
         modes[mode] = modes.get(mode, 0) + 1
-        if self.each is not None:
-            self.each(r)
+        if self.picks is not None:
+            self.picks.add(r)
 
     def summary(self) -> dict[str, Any]:
         return {
