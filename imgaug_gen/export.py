@@ -308,6 +308,10 @@ class FolderWriter:
             self._queue(record, path, np.array(image))
         return record
 
+    def write_many(self, records: list[dict[str, Any]], images) -> list[dict]:
+        """:meth:`write` of each record and its image, in order (a shard writer encodes them together)."""
+        return [self.write(record, image) for record, image in zip(records, images)]
+
     def write_rejected(self, record: dict[str, Any]) -> dict:
         """A manifest line with no file (a candidate the quality filter rejected), kept in
         order after the pending writes so a resumed run skips it."""

@@ -26,6 +26,7 @@ expose.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from imgaug_gen.io import (
     manifest_json,
     png_bytes,
     stored_png_size,
+    stored_pngs,
 )
 
 log = logging.getLogger(__name__)
@@ -105,11 +107,18 @@ def _tar_header(name: str, size: int) -> bytes:
 
 def _ustar_header(raw: bytes, name_sum: int, size: int) -> bytes:
     """The ustar block of an ASCII name of under 100 bytes whose byte sum is ``name_sum``."""
-    octal = b"%011o" % size
-    checksum = _HEADER_SUM + name_sum + sum(octal)
+    field, field_sum = _size_field(size)
     return b"".join(
-        (raw, _ZEROS[: 100 - len(raw)], _HEADER_IDS, octal, _HEADER_MTIME, b"%06o\x00 " % checksum, _HEADER_TAIL)
+        (raw, _ZEROS[: 100 - len(raw)], _HEADER_IDS, field, b"%06o\x00 " % (name_sum + field_sum), _HEADER_TAIL)
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _size_field(size: int) -> tuple[bytes, int]:
+    """A header's bytes 124-148 for a member of ``size`` bytes (the size in octal, then mtime 0), and the
+    checksum of every header byte but the name's (a job's members have few distinct sizes)."""
+    octal = b"%011o" % size
+    return octal + _HEADER_MTIME, _HEADER_SUM + sum(octal)
 
 
 _HEADER_IDS = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid (bytes 100-124)
@@ -132,13 +141,23 @@ def member_png(image: np.ndarray) -> bytes:
     return png_bytes(a)
 
 
+def member_pngs(images) -> list[bytes]:
+    """:func:`member_png` of each image of a batch: a batch of one shape whose stored PNG fits one tar block
+    is encoded at once (:func:`~imgaug_gen.io.stored_pngs`), others image by image."""
+    if len(images) > 1 and len({np.shape(a) for a in images}) == 1:
+        a = np.stack([np.asarray(x) for x in images])
+        if _small_png(a[0]) and stored_png_size(a.shape[1:]) <= tarfile.BLOCKSIZE:
+            return stored_pngs(a)
+    return [member_png(a) for a in images]
+
+
 class _TarShard:
     """One ``.tar`` being written under its temp name: per member a header, the data, zeros to 512 bytes;
     at the end two zero blocks and zeros to a 10,240-byte record (``tarfile``'s layout)."""
 
-    encode = staticmethod(member_png)  # an image's PNG bytes
+    encode = staticmethod(member_pngs)  # a batch's PNG bytes
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, class_names: list[str]):
         self.path = path
         fd, self.tmp = _create_beside(path)
         self._f = open(fd, "wb", buffering=1 << 20)
@@ -161,6 +180,11 @@ class _TarShard:
         self.offset += len(blob)
         return {"offset": png_at, "size": len(png)}
 
+    @staticmethod
+    def where(at: dict) -> str:
+        """The manifest line's end after its shard's file, as ``json.dumps`` writes it."""
+        return f', "offset": {at["offset"]}, "size": {at["size"]}}}'
+
     def close(self) -> None:
         end = self.offset + 2 * tarfile.BLOCKSIZE
         self._f.write(b"\x00" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
@@ -174,7 +198,7 @@ class _TarShard:
 class _ParquetShard:
     """One ``.parquet`` being written under its temp name, a row group at a time."""
 
-    encode = staticmethod(png_bytes)
+    encode = staticmethod(lambda images: [png_bytes(a) for a in images])  # a batch's PNG bytes
 
     def __init__(self, path: str, class_names: list[str]):
         import pyarrow as pa
@@ -196,6 +220,11 @@ class _ParquetShard:
         self.n += 1
         return {"row": self.n - 1}
 
+    @staticmethod
+    def where(at: dict) -> str:
+        """The manifest line's end after its shard's file, as ``json.dumps`` writes it."""
+        return f', "row": {at["row"]}}}'
+
     def _flush(self) -> None:
         if self._rows:
             self._writer.write_table(self._pa.Table.from_pylist(self._rows, schema=self.schema))
@@ -210,6 +239,10 @@ class _ParquetShard:
         self._writer.close()
         self._f.close()
         os.unlink(self.tmp)
+
+
+#: The shard kind of each format.
+_SHARD_KINDS = {"webdataset": _TarShard, "parquet": _ParquetShard}
 
 
 def _finish_file(f, tmp: str, path: str) -> None:
@@ -340,11 +373,21 @@ class ShardWriter(FolderWriter):
 
     # -- writing ---------------------------------------------------------------------
     def write(self, record: dict[str, Any], image: np.ndarray) -> dict:
-        rec_id = _checked_id(record)
-        record = {"class_name": self.class_names[int(record["label"])], **record}
-        self.records[rec_id] = True
-        self._queue(record, None, np.asarray(image))  # the job never reuses an image array it has written
-        return record
+        return self.write_many([record], [image])[0]
+
+    def write_many(self, records: list[dict[str, Any]], images) -> list[dict]:
+        """:meth:`write` of each record and its image, in order (their PNGs are encoded together)."""
+        out = []
+        for record in records:
+            self.records[_checked_id(record)] = True
+            out.append({"class_name": self.class_names[int(record["label"])], **record})
+        images = [np.asarray(a) for a in images]  # the job never reuses an image array it has written
+        if self._pool is None:
+            self._write_chunk(list(zip(out, images)))
+        else:
+            for record, image in zip(out, images):
+                super()._queue(record, None, image)
+        return out
 
     def write_rejected(self, record: dict[str, Any]) -> dict:
         record = {"class_name": self.class_names[int(record["label"])], **record, "kept": False}
@@ -366,13 +409,14 @@ class ShardWriter(FolderWriter):
 
     def _write_chunk(self, items: list[tuple[dict, np.ndarray | None]]) -> None:
         """On the writer thread: encode and add each image to the open shard; a full shard is finished."""
+        pngs = iter(_SHARD_KINDS[self.format].encode([image for _, image in items if image is not None]))
         for record, image in items:
             if image is not None:
                 if self._open is None:
                     self._start_shard()
                 row = manifest_json(record)  # the sample's row: where it lies is added below
-                at = self._open.add(record, self._open.encode(image), row.encode())
-                where = self._where + "".join(f', "{k}": {int(v)}' for k, v in at.items()) + "}"  # as json.dumps
+                at = self._open.add(record, next(pngs), row.encode())
+                where = self._where + self._open.where(at)
                 self._lines.append(f"{row[:-1]}, {where[1:]}" if len(row) > 2 else where)
                 if self.watch is not None:
                     self.watch({**record, "file": self._rel, **at})  # the line as the manifest will hold it
@@ -386,7 +430,7 @@ class ShardWriter(FolderWriter):
         rel = f"{SPLIT}/{self.prefix}{self._next:05d}{SUFFIX[self.format]}"
         path = os.path.join(self.out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._open = _TarShard(path) if self.format == "webdataset" else _ParquetShard(path, self.class_names)
+        self._open = _SHARD_KINDS[self.format](path, self.class_names)
         self._where, self._rel = '{"file": ' + json.dumps(rel), rel
         self._next += 1
 

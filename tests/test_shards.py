@@ -378,6 +378,31 @@ def test_a_tar_members_png_is_stored_only_where_it_fits_in_one_block():
     assert len(png_bytes(small)) < stored_png_size(small.shape)  # level 1 would have compressed it, for nothing
 
 
+SHAPES = [(5, 16, 16, 1), (3, 16, 16), (4, 8, 8, 3), (2, 1, 1, 1), (6, 13, 7, 4), (3, 5, 9, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_batch_of_stored_pngs_is_the_bytes_of_each_image_encoded_alone(shape):
+    """The whole-batch encoder (its rows and Adler-32 sums made in numpy) writes each image's PNG exactly as
+    the one-image encoder does, and PIL reads the pixels back; the tar members' batch path equals
+    member_png image by image, stored or not."""
+    import io
+
+    from PIL import Image
+
+    from imgaug_gen.io import encode_png, stored_pngs
+    from imgaug_gen.shards import member_png, member_pngs
+
+    batch = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    pngs = stored_pngs(batch)
+    assert pngs == [encode_png(a, 0) for a in batch]
+    for png, a in zip(pngs, batch):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))).reshape(a.shape), a)
+    assert member_pngs(list(batch)) == [member_png(a) for a in batch]
+    mixed = [batch[0], np.zeros((40, 40, 3), np.uint8), batch[-1]]  # one too large to store: each alone
+    assert member_pngs(mixed) == [member_png(a) for a in mixed]
+
+
 def test_the_writer_thread_by_default_but_inline_for_shards_on_a_cpu():
     from omegaconf import OmegaConf
 

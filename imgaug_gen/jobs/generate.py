@@ -376,12 +376,12 @@ def write_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, writer, s
                 if scorers.scorer is not None
                 else None
             )
-            for k, (it, img) in enumerate(zip(group, images)):
-                rec = _base_record(it, gen, info, real.records)
-                if conf is not None:
-                    rec["scores"] = {"confidence": float(conf[k])}
-                writer.write(rec, _augment(augmenter, it, img, rec))
-                written += 1
+            recs = [_base_record(it, gen, info, real.records) for it in group]
+            if conf is not None:
+                for rec, c in zip(recs, conf.tolist()):
+                    rec["scores"] = {"confidence": c}
+            writer.write_many(recs, [_augment(augmenter, it, img, rec) for it, img, rec in zip(group, images, recs)])
+            written += len(group)
             bar.update(len(group))
     return written
 
