@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -303,12 +304,12 @@ def main():
             f"generate / bare forward of each round (same round, side by side): "
             f"{', '.join(f'{x:.2f}' for x in per_round)}"
         )
-    if {"generate, webdataset", "generate, parquet", "sample()"} <= has:
+    if {"generate, webdataset", "sample()"} <= has:
         print(
             f"generate into WebDataset shards / bare forward = {results['generate, webdataset']['seconds'] / base:.2f} "
             f"(target <= 1.2; sample() alone {results['sample()']['seconds'] / base:.2f}); each round: "
-            f"{', '.join(f'{x:.2f}' for x in per_round_wds)}; Parquet "
-            f"{results['generate, parquet']['seconds'] / base:.2f}"
+            f"{', '.join(f'{x:.2f}' for x in per_round_wds)} (median {statistics.median(per_round_wds):.2f})"
+            + (f"; Parquet {results['generate, parquet']['seconds'] / base:.2f}" if "generate, parquet" in has else "")
         )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         print_table(
