@@ -136,9 +136,12 @@ def member_png(image: np.ndarray) -> bytes:
     about a quarter of level 1's time (16 px grey digits: 340 bytes either way). Larger ones as
     :func:`~imgaug_gen.io.png_bytes` (level 1)."""
     a = np.asarray(image)
-    if _small_png(a) and stored_png_size(a.shape) <= tarfile.BLOCKSIZE:
-        return encode_png(a, 0)
-    return png_bytes(a)
+    return encode_png(a, 0) if _stored_fits(a) else png_bytes(a)
+
+
+def _stored_fits(image: np.ndarray) -> bool:
+    """Whether an image's stored PNG fits in one 512-byte tar block (and :func:`encode_png` can write it)."""
+    return _small_png(image) and stored_png_size(image.shape) <= tarfile.BLOCKSIZE
 
 
 def member_pngs(images) -> list[bytes]:
@@ -146,7 +149,7 @@ def member_pngs(images) -> list[bytes]:
     is encoded at once (:func:`~imgaug_gen.io.stored_pngs`), others image by image."""
     if len(images) > 1 and len({np.shape(a) for a in images}) == 1:
         a = np.stack([np.asarray(x) for x in images])
-        if _small_png(a[0]) and stored_png_size(a.shape[1:]) <= tarfile.BLOCKSIZE:
+        if _stored_fits(a[0]):
             return stored_pngs(a)
     return [member_png(a) for a in images]
 
