@@ -2,7 +2,9 @@
 
 Each variant runs in its own process (so peak RSS is its own):
   bare-forward  the generator network alone on noise, batches of 64 (no seeds, no uint8, no files)
-  sample()      the generator contract: per-image seeds -> uint8 images, no files
+  bare-forward, streams  the same batches rendered one per torch thread at once, each on one thread (as
+                generate renders them on a CPU device: ``render_streams``); the floor under generate's time
+  sample()      the generator contract: per-image seeds -> uint8 images, no files (one stream)
   files only    the folder writer alone: the same count of PNGs + manifest lines, no generator
                 (the floor set by this machine's filesystem: each file costs a create and a rename)
   generate      the whole job (plan, generate, write PNGs + manifest atomically and durably:
@@ -121,14 +123,25 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
             for i, img in enumerate(images):
                 w.write({"id": f"f_{i:07d}", "label": i % 10, "source": "synthetic"}, img)
         seconds = time.perf_counter() - t
-    elif mode in ("bare-forward", "sample()"):
+    elif mode in ("bare-forward", "bare-forward, streams", "sample()"):
         gen = load_generator(Path(run_dir) / "generator")
         labels = torch.arange(n) % 10
+
+        @torch.no_grad()
+        def forward(i):
+            return gen.net(torch.randn(len(labels[i : i + 64]), gen.config["z_dim"]), labels[i : i + 64])
+
         t = time.perf_counter()
         if mode == "bare-forward":
-            with torch.no_grad():
-                for i in range(0, n, 64):
-                    gen.net(torch.randn(len(labels[i : i + 64]), gen.config["z_dim"]), labels[i : i + 64])
+            for i in range(0, n, 64):
+                forward(i)
+        elif mode == "bare-forward, streams":  # one batch per torch thread at once, each on one thread
+            from concurrent.futures import ThreadPoolExecutor
+
+            streams = torch.get_num_threads()
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(streams) as pool:
+                list(pool.map(forward, range(0, n, 64)))
         else:
             gen.sample(labels.numpy(), seeds=0, batch_size=64)
         seconds = time.perf_counter() - t
@@ -207,19 +220,22 @@ def main():
         help="where the generated folders (and the file-system probe) go, in a fresh temporary "
         "subfolder removed afterwards; default: bench_out/bench_generate",
     )
-    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (bare-forward always runs)")
+    p.add_argument(
+        "--only", nargs="+", metavar="VARIANT", help="run only these variants (the two bare forwards always run)"
+    )
     p.add_argument("--worker", nargs=4, metavar=("MODE", "RUN", "OUT", "N"))
     args = p.parse_args()
     if args.worker:
         mode, run_dir, out_dir, n = args.worker
         print("RESULT " + json.dumps(worker(mode, run_dir, out_dir, int(n))))
         return
-    rows, results, per_round, per_round_wds = [], {}, [], []
+    rows, results, per_round, per_round_wds, per_round_streamed = [], {}, [], [], []
     args.dir.mkdir(parents=True, exist_ok=True)
     variants = [
         (m, m, None)
         for m in (
             "bare-forward",
+            "bare-forward, streams",
             "sample()",
             "files only",
             "files only, durable=false",
@@ -232,7 +248,7 @@ def main():
         )
     ]
     if args.only:
-        variants = [v for v in variants if v[0] == "bare-forward" or v[0] in args.only]
+        variants = [v for v in variants if v[0].startswith("bare-forward") or v[0] in args.only]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         make_run(tmp / "run", args.size)
@@ -278,6 +294,8 @@ def main():
                 per_round.append(this_round["generate"] / this_round["bare-forward"])
             if "generate, webdataset" in this_round:
                 per_round_wds.append(this_round["generate, webdataset"] / this_round["bare-forward"])
+                if "bare-forward, streams" in this_round:
+                    per_round_streamed.append(this_round["generate, webdataset"] / this_round["bare-forward, streams"])
     for mode, r in results.items():
         rows.append([mode, r["images"], r["seconds"], r["images"] / r["seconds"], r["wall"], r["peak_rss_mib"]])
     base = results["bare-forward"]["seconds"]
@@ -311,6 +329,13 @@ def main():
             f"{', '.join(f'{x:.2f}' for x in per_round_wds)} (median {statistics.median(per_round_wds):.2f})"
             + (f"; Parquet {results['generate, parquet']['seconds'] / base:.2f}" if "generate, parquet" in has else "")
         )
+        if "bare-forward, streams" in has:  # the job renders as the streamed forward does: its own floor
+            floor = results["bare-forward, streams"]["seconds"]
+            print(
+                f"the streamed bare forward / bare forward = {floor / base:.2f}; generate into WebDataset / the "
+                f"streamed bare forward = {results['generate, webdataset']['seconds'] / floor:.2f} (what the job adds "
+                f"to the forward it runs); each round: {', '.join(f'{x:.2f}' for x in per_round_streamed)}"
+            )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         print_table(
             f"\nThe file system under {args.dir}, per file (2,000 files)",

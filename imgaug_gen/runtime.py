@@ -20,6 +20,7 @@ MMAP_THRESHOLD = 32 << 20
 #: Free memory at the top of a heap is handed back to the kernel only beyond this.
 TRIM_THRESHOLD = 128 << 20
 _done = False
+_flush_denormal = False  # set by prepare_process: each new thread sets it again (prepare_thread)
 
 
 def prepare_process() -> None:
@@ -28,8 +29,18 @@ def prepare_process() -> None:
 
     # Weights drifting towards zero produce denormal floats, which slow CPU steps late in training
     # (benchmarks/README.md); flushing them changes nothing visible.
-    torch.set_flush_denormal(True)
+    global _flush_denormal
+    _flush_denormal = torch.set_flush_denormal(True)
     keep_freed_memory()
+
+
+def prepare_thread() -> None:
+    """The float mode :func:`prepare_process` set, on a thread it did not run on (the flush-to-zero flag
+    is each CPU thread's own: a thread rendering batches must compute the bits the main thread does)."""
+    if _flush_denormal:
+        import torch
+
+        torch.set_flush_denormal(True)
 
 
 def keep_freed_memory() -> bool:

@@ -132,6 +132,7 @@ class Generate(_Block):
     sample_kwargs: Optional[dict[str, Any]]  # checked by the generator kind (each declares its keys)
     batch_size: int = Field(ge=1, le=65536)
     io_workers: Optional[int] = Field(ge=0, le=64)  # null: io_workers_for's choice
+    render_streams: Optional[int] = Field(default=None, ge=1, le=64)  # null: render_streams_for's choice
     device: str
     score: bool
     progress: bool

@@ -413,3 +413,59 @@ def test_the_writer_thread_by_default_but_inline_for_shards_on_a_cpu():
     assert [io_workers_for(cfg(f), "cpu") for f in FORMATS] == [0, 0]
     assert [io_workers_for(cfg(f), "cuda") for f in FORMATS] == [1, 1]
     assert io_workers_for(cfg("webdataset", 2), "cpu") == 2 and io_workers_for(cfg("folder", 0), "cuda") == 0
+
+
+def test_batches_rendered_on_several_streams_are_the_bytes_of_one_stream(trained_cgan, tmp_path):
+    """render_streams=3 (three batches at once, one torch thread each) writes the shards, the manifest and the
+    images of render_streams=1, real copies and augmentation included; the process's thread count comes back."""
+    import torch
+
+    from imgaug_gen.jobs.generate import generate
+
+    threads = torch.get_num_threads()
+    a, b = tmp_path / "one", tmp_path / "three"
+    for out, n in ((a, 1), (b, 3)):
+        extra = ("score=false", "augment=light", "format=webdataset", "shard_size=9", "batch_size=4")
+        generate(gen_cfg(trained_cgan, out, *extra, f"render_streams={n}"))
+    assert torch.get_num_threads() == threads
+    assert shard_bytes(a) == shard_bytes(b) and len(shard_bytes(a)) > 1
+    assert (a / "manifest.jsonl").read_bytes() == (b / "manifest.jsonl").read_bytes()
+    assert {r["source"] for r in read_manifest(a)} == {"real", "synthetic"}
+
+
+@pytest.mark.parametrize("kind", ["cgan", "ddpm"])
+def test_concurrent_sampling_gives_each_batch_its_own_images(trained_cgan, kind):
+    """Batches rendered on a pool, ahead of the consumer, come back in order with the images of sample() run
+    alone on one thread, from a generator left in training mode (the pool holds it in eval mode, and puts it
+    back); the process's thread count comes back."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from imgaug_gen.generators.base import load_generator
+    from imgaug_gen.jobs.generate import _render
+    from imgaug_gen.jobs.plan import Item
+    from imgaug_gen.jobs.render import render_pool, render_streams_for, rendered
+
+    from factories_ddpm import make_generator
+
+    gen = load_generator(trained_cgan / "generator") if kind == "cgan" else make_generator()
+    assert gen.concurrent_sampling
+    gen.train()
+    cfg = OmegaConf.create({"sample_kwargs": {"guidance_scale": None}, "render_streams": None})
+    items = [Item(id=f"s{i}", label=i % 3, source="synthetic", mode="sample", seed=100 + i) for i in range(10)]
+    groups = [items[i : i + 3] for i in range(0, 10, 3)]
+    threads_before = torch.get_num_threads()
+    with render_pool(gen, 2) as pool:
+        got = [(g, x) for g, x in rendered(lambda g: _render(gen, g, None, cfg), groups, pool, 2)]
+    assert torch.get_num_threads() == threads_before
+    assert gen.training and all(m.training for m in gen.modules())
+    gen.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each stream computes on one thread (a DDPM's sums round by the thread count)
+    want = gen.sample([it.label for it in items], seeds=[it.seed for it in items], batch_size=3)
+    torch.set_num_threads(threads)
+    assert [g for g, _ in got] == groups
+    assert np.array_equal(np.concatenate([x for _, x in got]), want)
+    assert render_streams_for(OmegaConf.create({"render_streams": 4}), gen) == 4
+    gen.concurrent_sampling = False  # a kind whose calls share state (sd_lora's pipeline): one stream always
+    assert render_streams_for(OmegaConf.create({"render_streams": 4}), gen) == 1

@@ -247,6 +247,9 @@ class ConditionalGenerator(nn.Module):
     #: the keys of this kind's config.json (checked before anything is built from it)
     config_schema: ClassVar[type[BaseModel]] = GeneratorConfig
     supports_edit: ClassVar[bool] = False
+    #: ``sample`` / ``edit`` may run on several threads at once (no state shared between calls but the
+    #: weights, read only); generate.py then renders several batches at once on a CPU device
+    concurrent_sampling: ClassVar[bool] = False
     #: the keyword options ``sample`` / ``edit`` accept (generate.py's ``sample_kwargs``); any other is refused
     sample_kwargs: ClassVar[tuple[str, ...]] = ()
 

@@ -102,6 +102,7 @@ class DDPMGenerator(ConditionalGenerator):
     """
 
     supports_edit = True
+    concurrent_sampling = True  # a scheduler copied per batch (make_scheduler), generators made per call
     sample_kwargs = SAMPLE_KWARGS
     config_schema = DDPMConfig
 

@@ -61,6 +61,7 @@ class GANGenerator(ConditionalGenerator):
     """The EMA generator network of a cGAN run, behind the generator contract."""
 
     config_schema = GANConfig
+    concurrent_sampling = True  # noise from a generator made per call, the network read only
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)

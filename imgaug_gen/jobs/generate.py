@@ -38,6 +38,7 @@ from imgaug_gen.jobs.plan import (  # noqa: F401  (split_counts, plan_items: par
     split_counts,
     synthetic_counts,
 )
+from imgaug_gen.jobs.render import render_pool, render_streams_for, rendered
 from imgaug_gen.jobs.scoring import ManifestTally, Scorers, build_scorers, write_report
 from imgaug_gen.runtime import prepare_process
 
@@ -361,16 +362,25 @@ def _generator_info(cfg: DictConfig, gen) -> dict:
     return info
 
 
-def write_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, writer, scorers: Scorers, augmenter, bar) -> int:
-    """Generate (or copy) the plain items not yet in the folder, batch by batch; returns how many."""
-    todo = [it for it in plan.plain if not writer.has(it.id)]
-    info, written = _generator_info(cfg, gen), 0
-    for batch in _batches(todo, int(cfg.batch_size)):
+def _mode_groups(items: list[Item], size: int):
+    """Each batch's items split by mode (a batch renders one mode at a time), batch after batch."""
+    for batch in _batches(items, size):
         by_mode: dict[str, list[Item]] = {}
         for it in batch:
             by_mode.setdefault(it.mode, []).append(it)
-        for group in by_mode.values():
-            images = _render(gen, group, real.images, cfg)
+        yield from by_mode.values()
+
+
+def write_items(cfg: DictConfig, gen, real: RealData, plan: ShardPlan, writer, scorers: Scorers, augmenter, bar) -> int:
+    """Generate (or copy) the plain items not yet in the folder, batch by batch, in plan order (rendered
+    ``render_streams`` batches at once); returns how many."""
+    todo = [it for it in plan.plain if not writer.has(it.id)]
+    info, written = _generator_info(cfg, gen), 0
+    streams = render_streams_for(cfg, gen)
+    with render_pool(gen, streams) as pool:
+        for group, images in rendered(
+            lambda g: _render(gen, g, real.images, cfg), _mode_groups(todo, int(cfg.batch_size)), pool, streams
+        ):
             conf = (
                 scorers.confidence.predict_proba(images)[np.arange(len(group)), [it.label for it in group]]
                 if scorers.scorer is not None
