@@ -127,6 +127,8 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
         gen = load_generator(Path(run_dir) / "generator")
         labels = torch.arange(n) % 10
 
+        from imgaug_gen.jobs.render import render_pool, rendered  # before the clock, as the job's imports are
+
         @torch.no_grad()
         def forward(i):
             return gen.net(torch.randn(len(labels[i : i + 64]), gen.config["z_dim"]), labels[i : i + 64])
@@ -135,13 +137,11 @@ def worker(mode: str, run_dir: str, out_dir: str, n_per_class: int) -> dict:
         if mode == "bare-forward":
             for i in range(0, n, 64):
                 forward(i)
-        elif mode == "bare-forward, streams":  # one batch per torch thread at once, each on one thread
-            from concurrent.futures import ThreadPoolExecutor
-
+        elif mode == "bare-forward, streams":  # the job's render pool: one batch per torch thread, each on one
             streams = torch.get_num_threads()
-            torch.set_num_threads(1)
-            with ThreadPoolExecutor(streams) as pool:
-                list(pool.map(forward, range(0, n, 64)))
+            with render_pool(gen, streams) as pool:
+                for _ in rendered(forward, range(0, n, 64), pool, streams):
+                    pass
         else:
             gen.sample(labels.numpy(), seeds=0, batch_size=64)
         seconds = time.perf_counter() - t
