@@ -61,10 +61,12 @@ DDPM = [
 ]
 CGAN = ["experiment=digits_cgan", "logger=none", f"trainer.max_steps={SCRATCH_STEPS['cgan']}"]
 SAMPLE = ["n_per_class=50", "sample_kwargs.num_inference_steps=10"]
+# img2img edits of every shot (SDEdit, as DA-Fusion does with SD): noised to 50-70 % of the schedule, then
+# denoised by the prior, so the shot's shape stays and the prior redraws its strokes
 EDITS = [
     "mode=img2img",
-    "img2img.edits_per_image=10",
-    "img2img.strengths=[0.4,0.6]",
+    "img2img.edits_per_image=20",
+    "img2img.strengths=[0.5,0.7]",
     "sample_kwargs.num_inference_steps=10",
 ]
 
@@ -87,7 +89,9 @@ def grid(out: Path) -> dict[str, dict]:
         # from scratch on the shots
         "ddpm_scratch": {"train": DDPM, "generate": SAMPLE, "policies": both},
         "cgan_scratch": {"train": CGAN, "generate": ["n_per_class=50"], "policies": both},
-        # from the base-class prior: two fine-tuning modes, and edits of the shots by the fine-tuned model
+        # from the base-class prior: two fine-tuning modes, and edits of the shots by the prior with the learnt
+        # class rows (textual-inversion analogue, guidance 1.5) or the null row alone (guidance 0: the prior's
+        # unconditional model)
         "ddpm_prior_full": {
             "train": from_prior("ddpm", "model.finetune=full", "model.lr=3e-4", emb_lr),
             "generate": SAMPLE,
@@ -98,7 +102,12 @@ def grid(out: Path) -> dict[str, dict]:
             "generate": SAMPLE,
             "policies": both,
         },
-        "ddpm_prior_edits": {"run_of": "ddpm_prior_full", "generate": EDITS, "policies": both},
+        "ddpm_prior_edits": {"run_of": "ddpm_prior_emb", "generate": EDITS, "policies": both},
+        "ddpm_prior_sdedit": {
+            "run_of": "ddpm_prior_emb",
+            "generate": [*EDITS, "sample_kwargs.guidance_scale=0"],
+            "policies": both,
+        },
         "cgan_prior_full": {
             "train": from_prior("cgan", "model.finetune=full", "model.freeze_d=1"),
             "generate": ["n_per_class=50"],
