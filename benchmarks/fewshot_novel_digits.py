@@ -37,6 +37,7 @@ from _common import (
     ROOT,
     benchmark_args,
     evaluation_overrides,
+    fmt_gain,
     gain_verdict,
     generator_rows,
     markdown_table,
@@ -224,30 +225,38 @@ def _csv_rows(path: Path) -> list[dict]:
 
 
 def verdicts(ev: dict) -> list[str]:
-    """The acceptance lines: the validation-chosen prior-started recipe vs the chosen baseline, and the
-    prior-started vs the from-scratch generator's copy rate and CAS at 1 and 2 shots."""
+    """The acceptance lines: the validation-chosen prior-started recipe vs the chosen baseline (chosen per shots
+    value, as a user with that many shots chooses, and one recipe for every shots value beside it), and the
+    chosen prior-started generator vs the from-scratch one's copy rate and CAS at 1 and 2 shots."""
     out = []
     results, gens = ev["results"], ev["generators"]
     prior_methods = [m for m in results[next(iter(results))] if "_prior" in m]
-    score = {
-        m: sum(results[s][m]["val_gain"]["mean"] for s in results if "val_gain" in results[s].get(m, {}))
-        for m in prior_methods
-    }
-    if not score:
+    if not prior_methods:
         return ["no prior-started method was evaluated"]
-    best = max(score, key=score.get)
-    out.append(f"validation-chosen prior-started recipe: {best}")
-    for s, target in TARGETS.items():
-        g = results.get(s, {}).get(best, {}).get("gain")
-        if g is None:
-            continue
-        out.append(gain_verdict(f"{s} shots vs `{ev['baselines'][s]['method']}`", g, target))
-    if "10" in results and best in results["10"]:
-        g = results["10"][best]["gain"]
-        out.append(f"  10 shots (reported): {100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]")
-    gen = best.split("+")[1]
-    kind = gen.split("_")[0]
+
+    def val(s: str, m: str) -> float:
+        return results[s].get(m, {}).get("val_gain", {}).get("mean", float("-inf"))
+
+    def line(s: str, m: str, target: float | None) -> str:
+        g = results[s][m]["gain"]
+        label = f"{s} shots: {m} vs `{ev['baselines'][s]['method']}`"
+        if target is None:
+            return f"  {label} (reported): {fmt_gain(g)}"
+        return gain_verdict(label, g, target)
+
+    out.append("validation-chosen prior-started recipe, per shots value:")
+    chosen = {s: max(prior_methods, key=lambda m: val(s, m)) for s in results}
+    for s in results:
+        out.append(line(s, chosen[s], TARGETS.get(s)))
+    overall = max(prior_methods, key=lambda m: sum(val(s, m) for s in results))
+    out.append(f"one recipe for every shots value (the best mean validation gain): {overall}")
+    for s in results:
+        out.append(line(s, overall, None))
     for s in ("1", "2"):
+        if s not in chosen:
+            continue
+        gen = chosen[s].split("+")[1]
+        kind = gen.split("_")[0]
         if s not in gens or gen not in gens[s] or f"{kind}_scratch" not in gens[s]:
             continue
         mine, theirs = gens[s][gen], gens[s][f"{kind}_scratch"]
