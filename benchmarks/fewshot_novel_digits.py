@@ -92,7 +92,7 @@ def grid(out: Path) -> dict[str, dict]:
         "cgan_scratch": {"train": CGAN, "generate": ["n_per_class=50"], "policies": both},
         # from the base-class prior: two fine-tuning modes, and edits of the shots by the prior with the learnt
         # class rows (textual-inversion analogue, guidance 1.5) or the null row alone (guidance 0: the prior's
-        # unconditional model)
+        # unconditional model, its null row tuned in the same run through label dropout)
         "ddpm_prior_full": {
             "train": from_prior("ddpm", "model.finetune=full", "model.lr=3e-4", emb_lr),
             "generate": SAMPLE,
