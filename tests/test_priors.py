@@ -13,7 +13,15 @@ import torch
 from imgaug_gen.errors import ConfigError
 from imgaug_gen.generators.base import load_generator
 
-from conftest import ROOT, TINY_CALLBACKS, TINY_METRICS, gen_cfg, train_killed_and_resumed, write_digit_folder
+from conftest import (
+    ROOT,
+    TINY_CALLBACKS,
+    TINY_METRICS,
+    digits_images,
+    gen_cfg,
+    train_killed_and_resumed,
+    write_digit_folder,
+)
 from factories_ddpm import TINY_DDPM, TINY_UNET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -319,6 +327,42 @@ def test_classifier_init_reinitialises_only_the_head(tmp_path):
     assert all(torch.equal(v, head[k]) for k, v in fresh.head.state_dict().items())  # the new head, untouched
     with pytest.raises(ConfigError, match=r"was trained with widths=.*this recipe has widths="):
         load_features(SmallCNN(3, 1, (8, 16)), path, {**RECIPE, "widths": (8, 16)})
+
+
+def test_init_lr_scale_zero_freezes_the_transferred_features(tmp_path):
+    """`init_lr_scale`: the transferred layers learn at lr x scale, the new head at lr; 0 leaves the features'
+    weights bit-identical to the init's, 1 trains them; a value outside [0, 1] is refused by name."""
+    from safetensors.torch import load_file
+
+    from imgaug_gen.metrics.downstream import SmallCNN, save_classifier, train_and_test
+
+    torch.manual_seed(1)
+    path = save_classifier(SmallCNN(5, 1), tmp_path / "base.safetensors", input_size=16)
+    base = load_file(str(path))
+    images, labels = digits_images(8, classes=(5, 6, 7), size=16, channels=1)
+    x, y = np.stack(images)[..., None], np.asarray(labels) - 5
+
+    def features(scale):
+        model = train_and_test(
+            x,
+            y,
+            x,
+            y,
+            3,
+            return_details=True,
+            return_model=True,
+            steps=5,
+            input_size=16,
+            init=str(path),
+            init_lr_scale=scale,
+        )["model"]
+        state = model.features.state_dict()
+        return {f"features.{k}": v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+
+    assert all(torch.equal(v, base[k]) for k, v in features(0.0).items())
+    assert any(not torch.equal(v, base[k]) for k, v in features(1.0).items())
+    with pytest.raises(ConfigError, match=r"`recipe.init_lr_scale` = 2"):
+        features(2)
 
 
 def test_evaluate_transfer_and_the_chosen_baseline(tmp_path):

@@ -154,13 +154,14 @@ def fit_classifier_steps(
 ) -> None:
     """The fixed recipe shared by the feature network and the downstream classifier: AdamW with a
     one-cycle schedule for ``steps`` steps over reshuffled batches, random shifts, label smoothing.
-    All randomness comes from ``gen``.
+    All randomness comes from ``gen``. ``params`` may be parameter groups with their own ``lr`` (peak).
 
     ``batches(step) -> index tensor`` replaces the reshuffled batches (a consumption policy's
     sampler), and ``loss_fn(logits, idx) -> loss`` the label-smoothed cross-entropy."""
     n = x.shape[0]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    peaks = [g["lr"] for g in opt.param_groups]  # parameter groups may set their own peak
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=steps, pct_start=0.15)
     perm, pos = torch.randperm(n, generator=gen), 0
     for step in range(steps):
         if batches is not None:

@@ -63,6 +63,7 @@ RECIPE: dict[str, Any] = {
     "max_shift": 2,  # pixels at input_size; 0 disables the train-time shift
     "init": None,  # a classifier of this recipe trained on other classes (save_classifier): its features start
     # the network, the head is new (transfer); None: from scratch
+    "init_lr_scale": 1.0,  # with an init: the transferred feature layers learn at lr x this, the new head at lr
 }
 
 
@@ -130,6 +131,11 @@ def check_recipe(overrides: Mapping[str, Any], key: str = "recipe") -> dict[str,
     require(
         r["init"] is None or isinstance(r["init"], (str, os.PathLike)),
         f"`{key}.init` = {r['init']!r}; give the path of a saved classifier (save_classifier) or null.",
+    )
+    require(
+        isinstance(r["init_lr_scale"], (int, float)) and 0 <= r["init_lr_scale"] <= 1,
+        f"`{key}.init_lr_scale` = {r['init_lr_scale']!r}; give a number in [0, 1] (0 freezes the transferred "
+        "features, 1 trains them at `lr` like the head).",
     )
     return r
 
@@ -294,12 +300,16 @@ def _fit_small_cnn(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallCNN(num_classes, channels, tuple(r["widths"]))
+    params: list = list(model.parameters())
     if r["init"] is not None:
         load_features(model, r["init"], r)
+        head = list(model.head.parameters())
+        features = [p for p in params if all(p is not h for h in head)]
+        params = [{"params": features, "lr": r["lr"] * float(r["init_lr_scale"])}, {"params": head, "lr": r["lr"]}]
     model.train()
     fit_classifier_steps(
         model,
-        list(model.parameters()),
+        params,
         xtr,
         ytr_t,
         steps=steps,

@@ -118,14 +118,17 @@ class Classifiers:
     ) -> str:
         """The cache key of a run: everything that decides its result."""
         pol = None if policy is None else policy.to_dict()
+        transfer = transfer and self.init is not None
+        # init_lr_scale decides only transfer runs, and at 1.0 they train as before the key existed
+        recipe = {k: v for k, v in self.recipe.items() if k != "init_lr_scale" or (transfer and v != 1.0)}
         return digest(
             *real.astuple(),
             *(synthetic.astuple() if synthetic is not None else ()),
             pol,
-            self.recipe,
+            recipe,
             int(seed),
             self.split_key,
-            *([self.init_key] if transfer and self.init is not None else []),
+            *([self.init_key] if transfer else []),
         )
 
     def teacher_model(self, seed: int, data: TrainingSet):

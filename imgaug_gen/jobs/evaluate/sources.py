@@ -274,7 +274,8 @@ def resolve_init(cfg: DictConfig, init: Any, recipe: dict, root: Path) -> str | 
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.update(classes=list(init["classes"]), shots=None, seed=0)
-    base_recipe = {**recipe, **({"steps": int(init["steps"])} if init.get("steps") else {})}
+    base_recipe = {k: v for k, v in recipe.items() if k != "init_lr_scale"}  # trained without an init
+    base_recipe.update({"steps": int(init["steps"])} if init.get("steps") else {})
     path = root / "classifier_init" / f"{digest(data, base_recipe)[:16]}.safetensors"
     if path.is_file():
         return str(path)
