@@ -298,3 +298,12 @@ def test_true_labels_only_where_the_pixels_are_known():
     assert _true_labels(pool, ref, np.array([0, 1, 2, 2])).tolist() == [1, 2, -1]
     assert _true_labels(pool, ref, np.array([0, 1, 2, 0])).tolist() == [1, -1, -1]  # two labels: unknown
     assert _true_labels(pool[2:], ref, np.array([0, 1, 2, 2])) is None  # a user folder: not known
+
+
+def test_no_generator_entry_evaluates_the_baselines_only():
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.jobs.evaluate.config import check_evaluate_config
+
+    cfg = compose_config("evaluate", ["out_dir=/tmp/unused", "~generators", "+generators={}"])
+    entries, _ = check_evaluate_config(cfg)
+    assert entries == {}

@@ -33,7 +33,8 @@ PSEUDO_BASELINE = "real+pseudo+classical"
 
 
 def generator_entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str, dict]:
-    gens = OmegaConf.to_container(cfg.get("generators") or {}, resolve=True)  # typed by schemas.Evaluate
+    given = cfg.get("generators")  # typed by schemas.Evaluate; {} (no generator) evaluates the baselines only
+    gens = OmegaConf.to_container(given, resolve=True) if given is not None else {}
     out = {}
     for name, e in gens.items():
         if e is None or not e.get("enabled", True):
