@@ -158,7 +158,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     )
 
 
-def generator_rows(ev: dict) -> list[list]:
+def generator_rows(ev: dict, since: float | None = None) -> list[list]:
+    """One row per (shots, generator); a training time is marked "(earlier run)" when the run was reused
+    from before ``since`` (the benchmark's start, as time.time(); None: whenever evaluate reused it)."""
+
+    def earlier(info: dict) -> bool:
+        if since is None:
+            return bool(info.get("reused_run"))
+        return info.get("trained_at") is None or info["trained_at"] < since
+
     rows = []
     for shots, gens in ev["generators"].items():
         for g, info in gens.items():
@@ -173,7 +181,7 @@ def generator_rows(ev: dict) -> list[list]:
                     fmt(info.get("copy_rate")),
                     fmt(info.get("memorisation")),
                     fmt(info.get("train_seconds"), ".0f")
-                    if not info.get("reused_run")
+                    if not earlier(info)
                     else fmt(info.get("train_seconds"), ".0f") + " (earlier run)",
                 ]
             )

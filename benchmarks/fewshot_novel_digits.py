@@ -300,6 +300,7 @@ def main(argv=None) -> dict:
     from imgaug_gen.jobs.evaluate import evaluate
 
     t0 = time.perf_counter()
+    started = time.time()  # runs trained before it are marked as reused
     if args.unit:
         return evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     prior_seconds = train_priors(Path(args.out).resolve())
@@ -313,7 +314,7 @@ def main(argv=None) -> dict:
     print_table(
         "Generators (means over subsets): folder FID (domain features), CAS, copy rate, memorisation, training seconds",
         GENERATOR_COLUMNS,
-        generator_rows(ev),
+        generator_rows(ev, started),
     )
     print(f"\npriors: ddpm {prior_seconds.get('ddpm')} s, cgan {prior_seconds.get('cgan')} s (training, base classes)")
     if steps:
@@ -326,7 +327,7 @@ def main(argv=None) -> dict:
     lines = verdicts(ev)
     print("\n" + "\n".join(lines))
     print(f"\nwall time: {minutes:.1f} min (budget 90 min on 2 CPU cores)\nfiles: {ev['files']}")
-    write_docs(args.docs, table, generator_rows(ev), steps, lines, minutes, prior_seconds)
+    write_docs(args.docs, table, generator_rows(ev, started), steps, lines, minutes, prior_seconds)
     return ev
 
 

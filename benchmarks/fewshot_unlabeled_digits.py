@@ -183,6 +183,7 @@ def main(argv=None) -> dict:
     from imgaug_gen.jobs.evaluate import evaluate
 
     t0 = time.perf_counter()
+    started = time.time()  # runs trained before it are marked as reused
     if args.unit:
         return evaluate(compose_config("evaluate", overrides_for(args, args.shots, args.subsets)))
     needs_prior = not args.generators or "ddpm_pre" in args.generators
@@ -193,7 +194,7 @@ def main(argv=None) -> dict:
     minutes = (time.perf_counter() - t0) / 60
     table = Path(ev["files"]["table"]).read_text()
     print("\n" + table)
-    gens = generator_rows(ev)
+    gens = generator_rows(ev, started)
     print_table("Generators (means over subsets)", GENERATOR_COLUMNS, gens)
     print(f"\npool prior: {prior_seconds} s (training on the unlabelled images alone)")
     lines = verdicts(ev)

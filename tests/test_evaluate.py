@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import fastcli
 import numpy as np
@@ -163,6 +164,8 @@ def test_evaluate_rerun_reuses_runs_and_results(evaluated, tmp_path):
     lines = (out / "classifier_runs.jsonl").read_text().splitlines()
     again = evaluate(eval_cfg(out, *EVALUATED, f"metrics.cache_dir={out / 'cache'}"))
     assert all(s["reused_run"] for s in again["generators"]["3"]["cgan"]["subsets"].values())
+    first = again["generators"]["3"]["cgan"]
+    assert first["trained_at"] == ev["generators"]["3"]["cgan"]["trained_at"] <= time.time()  # when it was trained
     assert (out / "classifier_runs.jsonl").read_text().splitlines() == lines  # nothing retrained
     assert again["results"] == ev["results"]  # read back from the cache, seconds included
 
@@ -284,3 +287,25 @@ def test_copy_rate_separates_copies_from_new_images_of_the_class():
     new = _memorisation(fresh, train, heldout)
     assert new["copy_rate"] == pytest.approx(COPY_QUANTILE, abs=0.06)  # another fresh sample: near the quantile
     assert _memorisation(fresh, train, heldout[:0])["copy_rate"] is None  # no held-out images: not measured
+
+
+def test_benchmark_tables_mark_only_runs_trained_before_they_started(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _common import generator_rows
+
+    ev = {
+        "generators": {
+            "2": {
+                "old": {"train_seconds": 50.0, "trained_at": 100.0, "reused_run": True},
+                "new": {
+                    "train_seconds": 30.0,
+                    "trained_at": 200.0,
+                    "reused_run": True,
+                },  # a unit of this run trained it
+                "legacy": {"train_seconds": 40.0, "reused_run": True},  # no trained_at: before the field existed
+            }
+        }
+    }
+    seconds = {r[1]: r[-1] for r in generator_rows(ev, since=150.0)}
+    assert seconds == {"old": "50 (earlier run)", "new": "30", "legacy": "40 (earlier run)"}
+    assert all(r[-1].endswith("(earlier run)") for r in generator_rows(ev))  # without a start: evaluate's flag

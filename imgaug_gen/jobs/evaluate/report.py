@@ -28,6 +28,9 @@ def generator_summary(per_subset: Mapping[str, dict], cas: dict | None) -> dict:
     for k in ("run_dir", "folder", "reused_run", "train_seconds"):
         if k in first:
             out[k] = first[k]
+    if "trained_at" in first:  # the oldest subset's run (None: one was trained before the field existed)
+        times = [s.get("trained_at") for s in subsets]
+        out["trained_at"] = None if None in times else min(times)
     return out
 
 

@@ -117,6 +117,7 @@ def train_entry(
     info = {
         "fingerprint": fingerprint,
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "trained_at": round(time.time(), 1),  # when it finished (a later job may reuse it)
         "train_metrics": metrics,
         "overrides": overrides,
         "reused": False,
@@ -213,7 +214,12 @@ def synthetic_sets(
             run_dir = root / "runs" / name / tag
             info = train_entry(cfg, name, e, shots, data, run_dir, data_seed)
             runs[name] = (run_dir, not info["reused"])
-            out[name] = {"run_dir": str(run_dir), "train_seconds": info["train_seconds"], "reused_run": info["reused"]}
+            out[name] = {
+                "run_dir": str(run_dir),
+                "train_seconds": info["train_seconds"],
+                "trained_at": info.get("trained_at"),
+                "reused_run": info["reused"],
+            }
         elif e["source"] == "run_dir":
             run_dir = Path(e["run_dir"]).resolve()
             check_run_data(run_dir, shots, data, f"generators.{name}.run_dir")
