@@ -164,8 +164,8 @@ def test_evaluate_rerun_reuses_runs_and_results(evaluated, tmp_path):
     lines = (out / "classifier_runs.jsonl").read_text().splitlines()
     again = evaluate(eval_cfg(out, *EVALUATED, f"metrics.cache_dir={out / 'cache'}"))
     assert all(s["reused_run"] for s in again["generators"]["3"]["cgan"]["subsets"].values())
-    first = again["generators"]["3"]["cgan"]
-    assert first["trained_at"] == ev["generators"]["3"]["cgan"]["trained_at"] <= time.time()  # when it was trained
+    reused = again["generators"]["3"]["cgan"]
+    assert reused["trained_at"] == ev["generators"]["3"]["cgan"]["trained_at"] <= time.time()  # when it was trained
     assert (out / "classifier_runs.jsonl").read_text().splitlines() == lines  # nothing retrained
     assert again["results"] == ev["results"]  # read back from the cache, seconds included
 
@@ -293,19 +293,10 @@ def test_benchmark_tables_mark_only_runs_trained_before_they_started(monkeypatch
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from _common import generator_rows
 
-    ev = {
-        "generators": {
-            "2": {
-                "old": {"train_seconds": 50.0, "trained_at": 100.0, "reused_run": True},
-                "new": {
-                    "train_seconds": 30.0,
-                    "trained_at": 200.0,
-                    "reused_run": True,
-                },  # a unit of this run trained it
-                "legacy": {"train_seconds": 40.0, "reused_run": True},  # no trained_at: before the field existed
-            }
-        }
-    }
+    old = {"train_seconds": 50.0, "trained_at": 100.0, "reused_run": True}
+    new = {"train_seconds": 30.0, "trained_at": 200.0, "reused_run": True}  # a unit of this run trained it
+    legacy = {"train_seconds": 40.0, "reused_run": True}  # no trained_at: before the field existed
+    ev = {"generators": {"2": {"old": old, "new": new, "legacy": legacy}}}
     seconds = {r[1]: r[-1] for r in generator_rows(ev, since=150.0)}
     assert seconds == {"old": "50 (earlier run)", "new": "30", "legacy": "40 (earlier run)"}
     assert all(r[-1].endswith("(earlier run)") for r in generator_rows(ev))  # without a start: evaluate's flag

@@ -303,9 +303,10 @@ def _fit_small_cnn(
     params: list = list(model.parameters())
     if r["init"] is not None:
         load_features(model, r["init"], r)
-        head = list(model.head.parameters())
-        features = [p for p in params if all(p is not h for h in head)]
-        params = [{"params": features, "lr": r["lr"] * float(r["init_lr_scale"])}, {"params": head, "lr": r["lr"]}]
+        params = [
+            {"params": list(model.features.parameters()), "lr": r["lr"] * float(r["init_lr_scale"])},
+            {"params": list(model.head.parameters()), "lr": r["lr"]},
+        ]
     model.train()
     fit_classifier_steps(
         model,

@@ -16,6 +16,12 @@ import numpy as np
 from imgaug_gen.jobs.evaluate.config import BASELINE, TRANSFER_BASELINE, method_name
 
 
+def deciding_recipe(recipe: Mapping[str, Any], transfer: bool) -> dict[str, Any]:
+    """The recipe keys that decide a run's result, for its cache key: ``init_lr_scale`` only in a transfer run,
+    and not at 1.0 (how transfer runs trained before the key existed, so their cached results stay valid)."""
+    return {k: v for k, v in recipe.items() if k != "init_lr_scale" or (transfer and v != 1.0)}
+
+
 @dataclass
 class TrainingSet:
     """Images a classifier trains on: uint8 ``[N, H, W, C]``, their labels, and their groups (the real
@@ -119,13 +125,11 @@ class Classifiers:
         """The cache key of a run: everything that decides its result."""
         pol = None if policy is None else policy.to_dict()
         transfer = transfer and self.init is not None
-        # init_lr_scale decides only transfer runs, and at 1.0 they train as before the key existed
-        recipe = {k: v for k, v in self.recipe.items() if k != "init_lr_scale" or (transfer and v != 1.0)}
         return digest(
             *real.astuple(),
             *(synthetic.astuple() if synthetic is not None else ()),
             pol,
-            recipe,
+            deciding_recipe(self.recipe, transfer),
             int(seed),
             self.split_key,
             *([self.init_key] if transfer else []),

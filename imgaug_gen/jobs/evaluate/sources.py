@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgaug_gen.errors import require
-from imgaug_gen.jobs.evaluate.classifiers import SyntheticSet, TrainingSet, digest
+from imgaug_gen.jobs.evaluate.classifiers import SyntheticSet, TrainingSet, deciding_recipe, digest
 from imgaug_gen.jobs.evaluate.config import SEED_STRIDE
 from imgaug_gen.metrics.memorisation import memorisation
 
@@ -280,8 +280,10 @@ def resolve_init(cfg: DictConfig, init: Any, recipe: dict, root: Path) -> str | 
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.update(classes=list(init["classes"]), shots=None, seed=0)
-    base_recipe = {k: v for k, v in recipe.items() if k != "init_lr_scale"}  # trained without an init
-    base_recipe.update({"steps": int(init["steps"])} if init.get("steps") else {})
+    base_recipe = {
+        **deciding_recipe(recipe, transfer=False),
+        **({"steps": int(init["steps"])} if init.get("steps") else {}),
+    }
     path = root / "classifier_init" / f"{digest(data, base_recipe)[:16]}.safetensors"
     if path.is_file():
         return str(path)
