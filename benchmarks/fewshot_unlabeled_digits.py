@@ -41,6 +41,7 @@ from _common import (
     gain_verdict,
     generator_rows,
     print_table,
+    reuse_note,
     run_units,
     unit_argv,
     write_results_page,
@@ -146,9 +147,11 @@ def train_prior(out: Path) -> float:
 def verdicts(ev: dict) -> list[str]:
     """The acceptance lines: the validation-chosen generative recipe on the semi-supervised side vs
     ``real+classical`` (>= +3.0) and vs ``real+pseudo+classical`` (>= +1.0), intervals excluding 0."""
+    from imgaug_gen.jobs.evaluate.config import is_control
+
     results = ev["results"]
     first = results[next(iter(results))]
-    generative = [m for m in first if "@" in m and "cas:" not in m and "scratch" not in m]
+    generative = [m for m in first if "@" in m and "cas:" not in m and "scratch" not in m and not is_control(m)]
     score = {
         m: sum(r[m]["val_gain"]["mean"] for r in results.values() if "val_gain" in r.get(m, {})) for m in generative
     }
@@ -199,11 +202,12 @@ def main(argv=None) -> dict:
     print(f"\npool prior: {prior_seconds} s (training on the unlabelled images alone)")
     lines = verdicts(ev)
     print("\n" + "\n".join(lines))
-    print(f"\nwall time: {minutes:.1f} min (budget 90 min on 2 CPU cores)\nfiles: {ev['files']}")
+    reuse = reuse_note(ev, started)
+    print(f"\nwall time: {minutes:.1f} min (budget 90 min on 2 CPU cores; {reuse})\nfiles: {ev['files']}")
     command = " ".join(argv or sys.argv[1:])
     by = (
         f"Written by `python benchmarks/fewshot_unlabeled_digits.py {command}` "
-        f"({minutes:.1f} min on 2 CPU cores; pool prior {prior_seconds} s)."
+        f"({minutes:.1f} min on 2 CPU cores, {reuse}; pool prior {prior_seconds} s)."
     )
     write_results_page(args.docs, "Unlabelled digits as a prior", by, table, gens, lines)
     return ev

@@ -282,6 +282,7 @@ class Evaluate(_Block):
     methods: Optional[list[str]]
     synthetic_copies: int = Field(ge=0)
     cas_seeds: int = Field(ge=0)
+    distill_control: bool = True
     classifier: dict[str, Any]  # the fixed recipe: checked by metrics.downstream.check_recipe
     policies: dict[str, Any] = Field(min_length=1)  # each checked by data.mixed.MixPolicy.from_config
     generators: dict[str, Optional[GeneratorEntry]]

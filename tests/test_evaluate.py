@@ -39,6 +39,7 @@ TINY_EVAL = [
 METHODS = [
     "real",
     "real+classical",
+    "real+copies+classical@kd",  # the distilling policy's control: the shots as its synthetic images
     "real+cgan+classical@concat",
     "real+cgan+classical@replace",
     "real+cgan+classical@kd",
@@ -72,7 +73,9 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
         # copies: 2 classical copies per real image, 4 synthetic per class (+1 classical copy each)
         assert r["real"]["n_train"] == n_real
         assert r["real+classical"]["n_train"] == 3 * n_real
-        for m in METHODS[2:]:
+        # the control: real+classical plus the shots again (+1 classical copy each), under the same policy
+        assert r["real+copies+classical@kd"]["n_train"] == 3 * n_real + 2 * n_real
+        for m in METHODS[3:]:
             assert r[m]["n_train"] == 3 * n_real + 80
         for m in r.values():
             # one accuracy per (subset, seed) pair, tested and validated
@@ -83,7 +86,7 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
             assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
         # the baseline is the non-generative recipe with the best validation mean; gains pair with it
         chosen = ev["baselines"][str(shots)]
-        val_means = {m: r[m]["val_mean"] for m in METHODS[:2]}
+        val_means = {m: r[m]["val_mean"] for m in METHODS[:3]}  # the control is non-generative: it competes
         assert chosen["method"] == max(val_means, key=val_means.get) and chosen["val_means"] == pytest.approx(val_means)
         base = chosen["method"]
         assert "gain" not in r[base]
@@ -108,7 +111,7 @@ def test_evaluate_writes_every_method_per_shots(evaluated):
             assert data["shots"] == shots and data["seed"] == int(d)
     # the headline is the generative method with the best mean validation gain
     sel = ev["selected"]
-    val = {m: np.mean([ev["results"][s][m]["val_gain"]["mean"] for s in ("3", "4")]) for m in METHODS[2:]}
+    val = {m: np.mean([ev["results"][s][m]["val_gain"]["mean"] for s in ("3", "4")]) for m in METHODS[3:]}
     assert sel["method"] == max(val, key=val.get) and sel["val_gain"] == pytest.approx(val[sel["method"]])
     assert ev["dataset"]["n_test"] == 355 and ev["dataset"]["n_val"] > 300  # fixed, never trained on
     on_disk = json.loads((out / "eval.json").read_text())
@@ -230,6 +233,7 @@ def test_evaluate_existing_run_and_folder_entries(trained_cgan, tmp_path):
         (["policies.replace.name=swap"], "policies.replace.name"),
         (["+policies.replace.q=1"], "policies.replace.*q"),
         (["+generators.cgan.policies=[nope]"], "generators.cgan.policies"),
+        (["+generators.copies.folder=/tmp"], "generators.copies.*copies control"),
     ],
 )
 def test_evaluate_config_errors_before_work(tmp_path, extra, match):
@@ -238,6 +242,41 @@ def test_evaluate_config_errors_before_work(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         evaluate(eval_cfg(tmp_path / "ev", *extra))
     assert not (tmp_path / "ev").exists()  # nothing written
+
+
+def test_the_copies_control_comes_with_each_distilling_policy_in_use(tmp_path):
+    from imgaug_gen.jobs.evaluate.config import check_evaluate_config, control_methods
+
+    def controls(*extra):
+        cfg = eval_cfg(tmp_path / "ev", *extra)
+        return control_methods(cfg, *check_evaluate_config(cfg))
+
+    assert controls() == ["real+copies+classical@kd"]
+    assert controls("distill_control=false") == []
+    assert controls("+generators.cgan.policies=[concat,replace]") == []  # kd unused: no teacher to control for
+    assert controls("+policies.kd2={name:replace,p:0.5,distill:1.0}") == [
+        "real+copies+classical@kd",
+        "real+copies+classical@kd2",
+    ]
+
+
+def test_a_copies_control_with_the_best_validation_accuracy_is_the_baseline():
+    from imgaug_gen.jobs.evaluate.selection import choose_baseline, select_headline
+
+    def runs(val):
+        return {(0, s): {"val_accuracy": val + 0.01 * s, "accuracy": val} for s in range(3)}
+
+    by_method = {
+        "real": runs(0.5),
+        "real+classical": runs(0.6),
+        "real+copies+classical@kd": runs(0.7),
+        "real+g+classical@kd": runs(0.8),
+    }
+    assert choose_baseline(by_method, with_init=False)["method"] == "real+copies+classical@kd"
+    # never the headline: it generates nothing
+    gain = {"val_gain": {"mean": 0.1}}
+    results = {"5": {"real+copies+classical@kd": {"val_gain": {"mean": 0.5}}, "real+g+classical@kd": gain}}
+    assert select_headline(results)["method"] == "real+g+classical@kd"
 
 
 def test_evaluate_run_dir_of_other_subset_is_refused(trained_cgan, tmp_path):
@@ -300,3 +339,16 @@ def test_benchmark_tables_mark_only_runs_trained_before_they_started(monkeypatch
     seconds = {r[1]: r[-1] for r in generator_rows(ev, since=150.0)}
     assert seconds == {"old": "50 (earlier run)", "new": "30", "legacy": "40 (earlier run)"}
     assert all(r[-1].endswith("(earlier run)") for r in generator_rows(ev))  # without a start: evaluate's flag
+    # the results page's by-line counts the subsets' generator runs this benchmark trained (edits entries: none)
+    from _common import reuse_note
+
+    for info in (old, new, legacy):
+        info["subsets"] = {"0": dict(info), "1": dict(info)}
+    ev["generators"]["2"]["edits"] = {"subsets": {"0": {"n_synthetic": 10}}}  # run_of: trains nothing
+    assert (
+        reuse_note(ev, since=150.0)
+        == "2 of 6 generator runs trained in this run, the others reused from an earlier run"
+    )
+    assert (
+        reuse_note(ev, since=50.0) == "4 of 6 generator runs trained in this run, the others reused from an earlier run"
+    )

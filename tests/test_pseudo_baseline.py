@@ -28,7 +28,8 @@ TINY = [
     "pseudo.copies=1",
 ]
 POOL = ["data.unlabeled=rest", "data.unlabeled_share=0"]
-OLD = ["real", "real+classical", "real+made+classical@replace", "real+made+classical@kd"]
+CONTROL = "real+copies+classical@kd"  # the distilling policy's control (the shots as its synthetic images)
+OLD = ["real", "real+classical", CONTROL, "real+made+classical@replace", "real+made+classical@kd"]
 NEW = ["real+pseudo+classical", "real+pseudo+made+classical@replace", "real+pseudo+made+classical@kd"]
 
 
@@ -73,7 +74,7 @@ def test_pseudo_methods_appear_only_with_a_pool(evaluated):
     out, plain, plain_lines, pooled = evaluated
     assert list(plain["results"]["2"]) == OLD and "pseudo" not in plain
     assert all("gains" not in r for r in plain["results"]["2"].values())
-    assert list(pooled["results"]["2"]) == OLD[:2] + NEW[:1] + OLD[2:] + NEW[1:]
+    assert list(pooled["results"]["2"]) == OLD[:2] + NEW[:1] + OLD[2:] + NEW[1:]  # controls after the baselines
     # the old methods: the same training sets, so the same cache keys and results
     for m in OLD:
         assert pooled["results"]["2"][m]["accs"] == plain["results"]["2"][m]["accs"]
@@ -107,7 +108,7 @@ def test_threshold_is_chosen_on_validation(evaluated):
     assert kept == sorted(kept, reverse=True) and kept[0] > 0
     assert 0.0 <= p["grid"][f"{THRESHOLDS[0]:g}"]["purity"] <= 1.0
     # the baseline choice counts real+pseudo+classical among the non-generative recipes
-    assert set(ev["baselines"]["2"]["val_means"]) == {"real", "real+classical", "real+pseudo+classical"}
+    assert set(ev["baselines"]["2"]["val_means"]) == {"real", "real+classical", "real+pseudo+classical", CONTROL}
 
 
 def test_recorded_pseudo_labels_are_data_with_confidence(evaluated):
@@ -144,7 +145,7 @@ def test_generative_gains_against_both_baselines(evaluated):
                 np.mean(np.asarray(r[m]["val_accs"]) - np.asarray(r[ref]["val_accs"]))
             )
     assert all("gains" not in r[m] for m in ("real", "real+classical", "real+pseudo+classical"))
-    assert ev["selected"]["method"] in OLD[2:] + NEW[1:]
+    assert ev["selected"]["method"] in OLD[3:] + NEW[1:]  # never the control: it generates nothing
     md = (out / "results.md").read_text()
     assert "pseudo-labels (`real+pseudo+classical`)" in md and "beyond the pseudo-labels" in md
     assert "| real+pseudo+made+classical@kd |" in md and "vs `real+pseudo+classical`" in md

@@ -56,6 +56,7 @@ from imgaug_gen.jobs.evaluate.classifiers import Classifiers, ResultCache, Train
 from imgaug_gen.jobs.evaluate.config import (
     BASELINE,
     check_evaluate_config,
+    control_methods,
     method_name,
     method_names,
     pseudo_settings,
@@ -118,8 +119,13 @@ def _evaluate_subset(
     for s in sets.values():
         s.mixed = s.images.plus(classical_copies(augmenter, s.images, int(cfg.synthetic_copies), data_seed + 1))
     # 4. Classifier runs (then, with an unlabelled pool, the pseudo-label ones: imgaug_gen.jobs.evaluate.pseudo).
+    # the copies controls: the shots as the synthetic images (+ the same classical copies a generator's get)
+    control_set = real.plus(classical_copies(augmenter, real, int(cfg.synthetic_copies), data_seed + 1))
+    controls = {m: (control_set, policies[m.split("@", 1)[1]]) for m in control_methods(cfg, entries, policies)}
     clf = Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed, init)
-    rows = runs_for_subset(clf, seeds, real, classical, sets, entries, policies, wanted, int(cfg.cas_seeds))
+    rows = runs_for_subset(
+        clf, seeds, real, classical, sets, entries, policies, wanted, int(cfg.cas_seeds), controls=controls
+    )
     settings = pseudo_settings(cfg)
     pool = load_pool(dm, real_x.shape[1:]) if settings and wants_pseudo(entries, wanted) else None
     if pool is None:
@@ -182,7 +188,7 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
 
         # 5. Statistics per shots.
         results[str(shots)], baselines[str(shots)] = _shots_statistics(
-            rows, seeds, init, entries, wanted, generators[str(shots)], shots
+            rows, seeds, init, entries, wanted, generators[str(shots)], shots, control_methods(cfg, entries, policies)
         )
         if pseudo_subsets:
             settings = pseudo_settings(cfg)
@@ -214,14 +220,14 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
 
 
 def _shots_statistics(
-    rows: list[dict], seeds: list[int], init: str | None, entries: dict, wanted, gens: dict, shots
+    rows: list[dict], seeds: list[int], init: str | None, entries: dict, wanted, gens: dict, shots, controls: list[str]
 ) -> tuple[dict, dict]:
     """Step 5 for one shots value: the methods' results and the baseline; ``gens`` becomes the generators' facts."""
     summary, baseline = summarise(rows, seeds, init is not None)
     for g, per_subset in gens.items():
         cas = summary.pop(f"cas:{g}", None)
         gens[g] = generator_summary(per_subset, cas)
-    names = method_names(entries, init is not None, pseudo=True)  # the pseudo-label ones: with a pool only
+    names = method_names(entries, init is not None, pseudo=True, controls=controls)  # pseudo ones: with a pool only
     if wanted:
         summary = {k: summary[k] for k in names if (k in wanted or k == baseline["method"]) and k in summary}
     results = {k: summary[k] for k in names if k in summary}

@@ -209,8 +209,10 @@ def runs_for_subset(
     policies: Mapping[str, Any],
     wanted: list[str] | None,
     cas_seeds: int,
+    controls: Mapping[str, tuple[TrainingSet, Any]] | None = None,
 ) -> list[dict]:
-    """Every (method, seed) row of one (shots, subset), CAS rows included."""
+    """Every (method, seed) row of one (shots, subset), CAS rows included; ``controls``: the copies controls
+    (``{method: (the shots and their classical copies, policy)}``), run like a generative method."""
     rows = []
     clf.teacher_data = classical
 
@@ -226,6 +228,9 @@ def runs_for_subset(
         ):
             if want(m) or m == clf.teacher and distills:
                 rows.append(clf.run(m, seed, data, transfer=transfer))
+        for m, (copies, policy) in (controls or {}).items():  # with any wanted method of its policy
+            if want(m) or any(x.endswith(m[m.index("@") :]) for x in wanted or ()):
+                rows.append({**clf.run(m, seed, classical, copies, policy, transfer=True), "method": m})
         for g, sets in syn.items():
             for pname in entries[g]["policies"]:
                 m = method_name(g, pname)

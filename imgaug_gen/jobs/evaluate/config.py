@@ -32,6 +32,26 @@ TRANSFER_BASELINE = "transfer+classical"
 PSEUDO_BASELINE = "real+pseudo+classical"
 
 
+#: the control of a distilling policy: the shots themselves as its synthetic images (a generator that only copies;
+#: under distillation, self-distillation from the same teacher); a non-generative recipe, so it competes for the
+#: baseline (`distill_control`)
+COPIES = "copies"
+
+
+def is_control(method: str) -> bool:
+    """Whether ``method`` is a copies control (``real+copies+classical@<P>``): non-generative."""
+    return method.startswith(f"real+{COPIES}+")
+
+
+def control_methods(cfg: DictConfig, entries: Mapping[str, Mapping], policies: Mapping[str, Any]) -> list[str]:
+    """``real+copies+classical@<P>`` for each distilling policy ``P`` an entry uses, in ``policies`` order
+    (none with ``distill_control: false``)."""
+    if not cfg.get("distill_control", True):
+        return []
+    used = {p for e in entries.values() for p in e["policies"]}
+    return [method_name(COPIES, p) for p, pol in policies.items() if p in used and pol.distill > 0]
+
+
 def generator_entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str, dict]:
     given = cfg.get("generators")  # typed by schemas.Evaluate; {} (no generator) evaluates the baselines only
     gens = OmegaConf.to_container(given, resolve=True) if given is not None else {}
@@ -44,6 +64,10 @@ def generator_entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str,
         require(
             "/" not in str(name) and "@" not in str(name) and not str(name).startswith("."),
             f"`{where}`: the entry name is used as a folder name; use letters, digits, '_' or '-'.",
+        )
+        require(
+            str(name) != COPIES,
+            f"`{where}`: the name {COPIES!r} is the copies control's (`distill_control`); rename the entry.",
         )
         pols = e.get("policies")
         require(
@@ -106,10 +130,13 @@ def method_name(generator: str, policy: str, pseudo: bool = False) -> str:
     return f"real+{'pseudo+' if pseudo else ''}{generator}+classical@{policy}"
 
 
-def method_names(entries: Mapping[str, Mapping], with_init: bool = False, pseudo: bool = False) -> list[str]:
+def method_names(
+    entries: Mapping[str, Mapping], with_init: bool = False, pseudo: bool = False, controls: list[str] = ()
+) -> list[str]:
     """The methods, in report order, for these generator entries (``{name: {"policies": [...]}}``);
-    ``pseudo``: with the pseudo-label methods of an unlabelled pool."""
-    names = baseline_methods(with_init, pseudo)
+    ``pseudo``: with the pseudo-label methods of an unlabelled pool; ``controls``: the copies controls
+    (:func:`control_methods`), after the baselines."""
+    names = baseline_methods(with_init, pseudo) + list(controls)
     for g, e in entries.items():
         names += [method_name(g, p) for p in e["policies"]]
     if pseudo:
@@ -198,7 +225,7 @@ def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, A
         )
     pseudo = pseudo_settings(cfg)
     _check_pseudo(cfg, pseudo)
-    known = method_names(entries, init is not None, pseudo is not None)
+    known = method_names(entries, init is not None, pseudo is not None, control_methods(cfg, entries, policies))
     dup = sorted({m for m in known if known.count(m) > 1})
     require(not dup, f"the generator entries make the method name(s) {dup} twice; rename the entries.")
     bad = sorted(set(wanted_methods(cfg) or []) - set(known))

@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from imgaug_gen.jobs.evaluate.config import BASELINE, PSEUDO_BASELINE, TRANSFER_BASELINE, baseline_methods, method_name
+from imgaug_gen.jobs.evaluate.config import (
+    BASELINE,
+    PSEUDO_BASELINE,
+    TRANSFER_BASELINE,
+    baseline_methods,
+    is_control,
+    method_name,
+)
 
 
 def generator_summary(per_subset: Mapping[str, dict], cas: dict | None) -> dict:
@@ -39,7 +46,7 @@ def chart_methods(
 ) -> list[str]:
     """The non-generative recipes, the headline, and each generator's best policy on validation (or its first)."""
     first = next(iter(results.values()))
-    shown = [m for m in baseline_methods(True, pseudo=True) if m in first]
+    shown = [m for m in baseline_methods(True, pseudo=True) if m in first] + [m for m in first if is_control(m)]
     for g, e in entries.items():
         ms = [method_name(g, p) for p in e["policies"] if method_name(g, p) in first]
         if ms:
@@ -149,12 +156,21 @@ def _intro_lines(ev: Mapping[str, Any], shots: list[str], base: dict[str, str]) 
         if ev.get("classifier_init")
         else ""
     )
+    first = ev["results"][shots[0]] if shots else {}
+    controls = [m for m in first if is_control(m)]
+    control = (
+        " " + ", ".join(f"`{m}`" for m in controls) + ": the distilling policy with the shots themselves as the "
+        "synthetic images (self-distillation from the same teacher), a non-generative recipe that competes for "
+        "the baseline, so a gain under that policy is the generated images', not the teacher's."
+        if controls
+        else ""
+    )
     return [
         f"Fixed-recipe classifier on {ev['dataset'].get('n_test', '?')} held-out real test images; "
         f"{n_sub} few-shot subset(s) x {n_seeds} classifier seeds per shots value.{init} The baseline of each "
         "shots value is the non-generative recipe with the best validation accuracy ("
         + ", ".join(f"{s} shots: `{base[s]}`" for s in shots)
-        + "). Gains are paired differences to it (same "
+        + f").{control} Gains are paired differences to the baseline (same "
         "subset, same seed), mean [95 % cluster-bootstrap interval] in accuracy points; * = the interval "
         "excludes 0.",
         "",

@@ -6,13 +6,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from imgaug_gen.jobs.evaluate.config import BASELINE, TRANSFER_BASELINE, baseline_methods
+from imgaug_gen.jobs.evaluate.config import BASELINE, TRANSFER_BASELINE, baseline_methods, is_control
 
 
 def choose_baseline(by_method: Mapping[str, Mapping[tuple, dict]], with_init: bool) -> dict:
-    """The baseline of one shots value: the non-generative recipe with the best mean validation accuracy
-    (without a validation split: ``transfer+classical`` with an init, else ``real+classical``)."""
+    """The baseline of one shots value: the non-generative recipe (the copies controls included) with the best
+    mean validation accuracy (without a validation split: ``transfer+classical`` with an init, else
+    ``real+classical``)."""
     cands = [m for m in baseline_methods(with_init, pseudo=True) if m in by_method]  # pseudo: with a pool only
+    cands += [m for m in by_method if is_control(m)]
     fixed = TRANSFER_BASELINE if with_init and TRANSFER_BASELINE in by_method else BASELINE
     val = {m: [r.get("val_accuracy") for r in by_method[m].values()] for m in cands}
     if not cands or any(v is None for vs in val.values() for v in vs):
@@ -74,7 +76,11 @@ def select_headline(results: Mapping[str, Mapping[str, dict]]) -> dict | None:
     """The generative method with the best mean validation gain over each shots value's chosen baseline,
     averaged over shots."""
     shots = list(results)
-    cands = [m for m in results[shots[0]] if "@" in m and all("val_gain" in results[s].get(m, {}) for s in shots)]
+    cands = [
+        m
+        for m in results[shots[0]]
+        if "@" in m and not is_control(m) and all("val_gain" in results[s].get(m, {}) for s in shots)
+    ]
     if not cands:
         return None
     score = {m: float(np.mean([results[s][m]["val_gain"]["mean"] for s in shots])) for m in cands}
