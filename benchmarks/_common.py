@@ -188,6 +188,21 @@ def generator_rows(ev: dict, since: float | None = None) -> list[list]:
     return rows
 
 
+def reuse_note(ev: dict, since: float) -> str:
+    """How many of the evaluation's generator runs this benchmark run trained (the rest were reused from an
+    earlier run of the same command), for a results page's by-line: its wall time depends on it."""
+    runs = [
+        sub
+        for gens in ev["generators"].values()
+        for info in gens.values()
+        for sub in (info.get("subsets") or {}).values()
+        if "train_seconds" in sub
+    ]
+    fresh = sum(1 for sub in runs if sub.get("trained_at") is not None and sub["trained_at"] >= since)
+    rest = "" if fresh == len(runs) else ", the others reused from an earlier run"
+    return f"{fresh} of {len(runs)} generator runs trained in this run{rest}"
+
+
 def fmt_gain(g: dict | None) -> str:
     """A gain in points with its 95 % interval: ``+1.2 [+0.3, +2.0]``."""
     return "—" if not g else f"{100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}]"
