@@ -339,8 +339,8 @@ def write_docs(
     """The result page the docs site shows (docs/results/)."""
     header = ["shots", "scratch steps", "scratch final FID", "prior: step: FID", "prior reaches it at", "<= a quarter"]
     more = (("FID by optimiser steps", markdown_table(header, steps)),) if steps else ()
-    by = f"Written by `python benchmarks/fewshot_novel_digits.py` ({wall} on 2 CPU cores, {reuse}; priors "
-    by += f"{prior_seconds} s)."
+    priors = ", ".join(f"{kind} {seconds} s" for kind, seconds in prior_seconds.items())
+    by = f"Written by `python benchmarks/fewshot_novel_digits.py` ({wall} on 2 CPU cores, {reuse}; priors: {priors})."
     write_results_page(path, "Novel digits from a prior", by, table, gen_rows, lines, more)
 
 
