@@ -127,6 +127,7 @@ def test_03_does_it_help(tmp_path, monkeypatch):
         "real+cgan+classical@kd",
         "real+cgan+classical@replace",
         "real+classical",
+        "real+copies+classical@kd",  # the distilling policy's control
     ]
     outputs = json.dumps(nb.cells[-3].get("outputs", []))
     assert _has_image(nb) >= 1 and "real+cgan+classical@replace" in outputs and "headline" in outputs
