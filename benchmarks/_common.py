@@ -163,9 +163,7 @@ def generator_rows(ev: dict, since: float | None = None) -> list[list]:
     from before ``since`` (the benchmark's start, as time.time(); None: whenever evaluate reused it)."""
 
     def earlier(info: dict) -> bool:
-        if since is None:
-            return bool(info.get("reused_run"))
-        return info.get("trained_at") is None or info["trained_at"] < since
+        return bool(info.get("reused_run")) if since is None else _trained_before(info, since)
 
     rows = []
     for shots, gens in ev["generators"].items():
@@ -188,6 +186,11 @@ def generator_rows(ev: dict, since: float | None = None) -> list[list]:
     return rows
 
 
+def _trained_before(info: dict, since: float) -> bool:
+    """Whether a generator run was trained before ``since`` (or before runs recorded when: no ``trained_at``)."""
+    return info.get("trained_at") is None or info["trained_at"] < since
+
+
 def reuse_note(ev: dict, since: float) -> str:
     """How many of the evaluation's generator runs this benchmark run trained (the rest were reused from an
     earlier run of the same command), for a results page's by-line: its wall time depends on it."""
@@ -198,7 +201,7 @@ def reuse_note(ev: dict, since: float) -> str:
         for sub in (info.get("subsets") or {}).values()
         if "train_seconds" in sub
     ]
-    fresh = sum(1 for sub in runs if sub.get("trained_at") is not None and sub["trained_at"] >= since)
+    fresh = sum(1 for sub in runs if not _trained_before(sub, since))
     rest = "" if fresh == len(runs) else ", the others reused from an earlier run"
     return f"{fresh} of {len(runs)} generator runs trained in this run{rest}"
 

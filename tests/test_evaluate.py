@@ -249,7 +249,7 @@ def test_the_copies_control_comes_with_each_distilling_policy_in_use(tmp_path):
 
     def controls(*extra):
         cfg = eval_cfg(tmp_path / "ev", *extra)
-        return control_methods(cfg, *check_evaluate_config(cfg))
+        return list(control_methods(cfg, *check_evaluate_config(cfg)))
 
     assert controls() == ["real+copies+classical@kd"]
     assert controls("distill_control=false") == []

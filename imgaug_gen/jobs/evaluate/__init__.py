@@ -116,12 +116,22 @@ def _evaluate_subset(
     }
     # 3. Synthetic sets (+ classical copies of each synthetic image, same groups).
     facts, sets = synthetic_sets(cfg, entries, shots, data_seed, data, root, dm)
+
+    def with_copies(images: TrainingSet) -> TrainingSet:
+        return images.plus(classical_copies(augmenter, images, int(cfg.synthetic_copies), data_seed + 1))
+
     for s in sets.values():
-        s.mixed = s.images.plus(classical_copies(augmenter, s.images, int(cfg.synthetic_copies), data_seed + 1))
+        s.mixed = with_copies(s.images)
     # 4. Classifier runs (then, with an unlabelled pool, the pseudo-label ones: imgaug_gen.jobs.evaluate.pseudo).
-    # the copies controls: the shots as the synthetic images (+ the same classical copies a generator's get)
-    control_set = real.plus(classical_copies(augmenter, real, int(cfg.synthetic_copies), data_seed + 1))
-    controls = {m: (control_set, policies[m.split("@", 1)[1]]) for m in control_methods(cfg, entries, policies)}
+    # the copies controls (when asked for, or a method of their policy is): the shots as the synthetic images,
+    # with the same classical copies a generator's images get
+    wanted_controls = {
+        m: policies[p]
+        for m, p in control_methods(cfg, entries, policies).items()
+        if wanted is None or m in wanted or any(w.endswith(f"@{p}") for w in wanted)
+    }
+    copies = with_copies(real) if wanted_controls else None
+    controls = {m: (copies, policy) for m, policy in wanted_controls.items()}
     clf = Classifiers(cache, recipe, dm.num_classes, test, val, shots, data_seed, init)
     rows = runs_for_subset(
         clf, seeds, real, classical, sets, entries, policies, wanted, int(cfg.cas_seeds), controls=controls
@@ -172,6 +182,7 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
     dataset: dict[str, Any] = {}
     plot_x: dict[str, int] = {}
     pseudo: dict[str, dict] = {}
+    controls = list(control_methods(cfg, entries, policies))
     for shots in all_shots:
         rows: list[dict] = []
         generators[str(shots)], pseudo_subsets = {}, {}
@@ -188,7 +199,7 @@ def _evaluate(cfg: DictConfig, entries: dict, policies: dict, root: Path) -> dic
 
         # 5. Statistics per shots.
         results[str(shots)], baselines[str(shots)] = _shots_statistics(
-            rows, seeds, init, entries, wanted, generators[str(shots)], shots, control_methods(cfg, entries, policies)
+            rows, seeds, init, entries, wanted, generators[str(shots)], shots, controls
         )
         if pseudo_subsets:
             settings = pseudo_settings(cfg)

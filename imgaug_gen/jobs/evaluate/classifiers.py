@@ -211,8 +211,8 @@ def runs_for_subset(
     cas_seeds: int,
     controls: Mapping[str, tuple[TrainingSet, Any]] | None = None,
 ) -> list[dict]:
-    """Every (method, seed) row of one (shots, subset), CAS rows included; ``controls``: the copies controls
-    (``{method: (the shots and their classical copies, policy)}``), run like a generative method."""
+    """Every (method, seed) row of one (shots, subset), CAS rows included; ``controls``: the copies controls to
+    run (``{method: (the shots and their classical copies, policy)}``), each like a generative method."""
     rows = []
     clf.teacher_data = classical
 
@@ -228,9 +228,8 @@ def runs_for_subset(
         ):
             if want(m) or m == clf.teacher and distills:
                 rows.append(clf.run(m, seed, data, transfer=transfer))
-        for m, (copies, policy) in (controls or {}).items():  # with any wanted method of its policy
-            if want(m) or any(x.endswith(m[m.index("@") :]) for x in wanted or ()):
-                rows.append({**clf.run(m, seed, classical, copies, policy, transfer=True), "method": m})
+        for m, (copies, policy) in (controls or {}).items():
+            rows.append({**clf.run(m, seed, classical, copies, policy, transfer=True), "method": m})
         for g, sets in syn.items():
             for pname in entries[g]["policies"]:
                 m = method_name(g, pname)

@@ -43,13 +43,13 @@ def is_control(method: str) -> bool:
     return method.startswith(f"real+{COPIES}+")
 
 
-def control_methods(cfg: DictConfig, entries: Mapping[str, Mapping], policies: Mapping[str, Any]) -> list[str]:
-    """``real+copies+classical@<P>`` for each distilling policy ``P`` an entry uses, in ``policies`` order
+def control_methods(cfg: DictConfig, entries: Mapping[str, Mapping], policies: Mapping[str, Any]) -> dict[str, str]:
+    """``{real+copies+classical@<P>: P}`` for each distilling policy ``P`` an entry uses, in ``policies`` order
     (none with ``distill_control: false``)."""
     if not cfg.get("distill_control", True):
-        return []
+        return {}
     used = {p for e in entries.values() for p in e["policies"]}
-    return [method_name(COPIES, p) for p, pol in policies.items() if p in used and pol.distill > 0]
+    return {method_name(COPIES, p): p for p, pol in policies.items() if p in used and pol.distill > 0}
 
 
 def generator_entries(cfg: DictConfig, policies: Mapping[str, Any]) -> dict[str, dict]:
@@ -225,7 +225,7 @@ def check_evaluate_config(cfg: DictConfig) -> tuple[dict[str, dict], dict[str, A
         )
     pseudo = pseudo_settings(cfg)
     _check_pseudo(cfg, pseudo)
-    known = method_names(entries, init is not None, pseudo is not None, control_methods(cfg, entries, policies))
+    known = method_names(entries, init is not None, pseudo is not None, list(control_methods(cfg, entries, policies)))
     dup = sorted({m for m in known if known.count(m) > 1})
     require(not dup, f"the generator entries make the method name(s) {dup} twice; rename the entries.")
     bad = sorted(set(wanted_methods(cfg) or []) - set(known))
