@@ -415,3 +415,19 @@ def test_the_ddpm_defaults_a_prior_overrides_are_the_yaml_defaults():
     assert OmegaConf.to_container(yaml.unet) == DEFAULT_UNET
     sched = OmegaConf.to_container(yaml.train_scheduler)
     assert {k: sched[k] for k in DEFAULT_TRAIN_SCHEDULER} == DEFAULT_TRAIN_SCHEDULER
+
+
+def test_a_cgan_prior_discriminator_loads_with_or_without_an_unconditional_head():
+    from imgaug_gen.generators.gan import load_grown
+    from imgaug_gen.nets.cgan import ProjectionDiscriminator
+
+    torch.manual_seed(0)
+    plain = ProjectionDiscriminator(5, image_size=16, channels=1, width=8)
+    headed = ProjectionDiscriminator(3, image_size=16, channels=1, width=8, unconditional_head=True)
+    own_head = headed.uncond.weight_orig.detach().clone()
+    load_grown(headed, plain.state_dict(), 3, "class_mean")  # the head is the run's own, the trunk the prior's
+    assert torch.equal(headed.uncond.weight_orig, own_head)
+    assert torch.equal(headed.final.conv1.weight_orig, plain.final.conv1.weight_orig)
+    back = ProjectionDiscriminator(2, image_size=16, channels=1, width=8)
+    load_grown(back, headed.state_dict(), 2, "class_mean")  # a prior's head is dropped
+    assert torch.equal(back.linear.weight_orig, headed.linear.weight_orig)

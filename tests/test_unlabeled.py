@@ -131,6 +131,54 @@ def test_the_ddpm_trains_unlabelled_images_as_the_null_class_only():
     assert (got[:, 8:][kept] == labels[8:].expand_as(got[:, 8:])[kept]).all()
 
 
+def test_the_cgan_reads_pool_images_with_its_unconditional_head_only():
+    from imgaug_gen.generators.gan import CGANModule, semi_d_losses
+
+    torch.manual_seed(0)
+    m = CGANModule(num_classes=3, class_names=["a", "b", "c"], image_shape=[1, 16, 16], d_width=8, unlabeled_weight=1)
+    d = m.discriminator
+    real, fake = torch.rand(8, 1, 16, 16) * 2 - 1, torch.rand(8, 1, 16, 16) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])  # the fakes' labels; the real images' own where labelled
+    with torch.no_grad():  # spectral norm's power iteration converged, then held still (eval) between the calls
+        for _ in range(30):
+            d(real, labels)
+    d.eval()
+    labelled = torch.tensor([True] * 4 + [False] * 4)
+
+    def losses(real):
+        with torch.no_grad():
+            return semi_d_losses(d, torch.cat([real, fake]), labels, labelled)
+
+    cond, unc, real_logits, _ = losses(real)
+    assert real_logits.shape == (4,)  # only the labelled real images' conditional logits
+    other_pool = real.clone()
+    other_pool[4:] = torch.rand(4, 1, 16, 16)
+    cond2, unc2, _, _ = losses(other_pool)
+    assert torch.equal(cond, cond2) and not torch.equal(unc, unc2)  # the pool reaches the unconditional head only
+    other_shot = real.clone()
+    other_shot[0] = -real[0]
+    assert not torch.equal(losses(other_shot)[2][0], real_logits[0])  # a shot reaches the conditional term
+    none_labelled = semi_d_losses(d, torch.cat([real, fake]), labels, torch.zeros(8, dtype=torch.bool))[0]
+    assert torch.isfinite(none_labelled)  # a batch of pool images only still gives a loss
+
+
+def test_a_cgan_with_an_unconditional_head_trains_on_pool_batches(tmp_path):
+    from imgaug_gen.config import compose_config
+    from imgaug_gen.jobs.train import train
+    from imgaug_gen.nets.cgan import ProjectionDiscriminator
+
+    run_dir = tmp_path / "run"
+    pool = ["data.unlabeled=rest", "data.shots=2", "data.unlabeled_share=0.5"]
+    with pytest.raises(ConfigError, match="`model.unlabeled_weight` > 0"):
+        train(compose_config("train", train_overrides("cgan", run_dir, *pool)))
+    _, objects = train(compose_config("train", train_overrides("cgan", run_dir, *pool, "model.unlabeled_weight=1")))
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    d = objects["module"].discriminator
+    assert isinstance(d, ProjectionDiscriminator) and d.uncond is not None
+    assert torch.equal(state["discriminator.uncond.weight_orig"], d.uncond.weight_orig.detach())
+    assert objects["module"].batches_seen > 0 and (run_dir / "generator" / "config.json").is_file()
+
+
 def test_kinds_without_a_null_class_refuse_pool_batches_and_take_pseudo_labels(tmp_path):
     from imgaug_gen.config import compose_config
     from imgaug_gen.jobs.train import train
@@ -162,7 +210,12 @@ def test_evaluate_keeps_the_pool_out_of_the_batches_of_kinds_without_a_null_clas
     seen = {}
     monkeypatch.setattr(train_job, "train", lambda cfg: seen.setdefault("data", dict(cfg.data)) and ({}, {}))
     data = dict(compose_config("evaluate", ["out_dir=x", "data.unlabeled=rest"]).data)
-    for kind, own, share in (("cgan", [], 0.0), ("ddpm", [], 0.5), ("cgan", ["data.unlabeled_share=0.25"], 0.25)):
+    for kind, own, share in (
+        ("cgan", [], 0.0),
+        ("ddpm", [], 0.5),
+        ("cgan", ["data.unlabeled_share=0.25"], 0.25),
+        ("cgan", ["model.unlabeled_weight=1"], 0.5),  # its unconditional head learns from the pool
+    ):
         seen.clear()
         train_entry(None, kind, {"train": [f"model={kind}", *own]}, 2, data, tmp_path / f"{kind}{share}", 0)
         assert seen["data"]["unlabeled"] == "rest" and seen["data"]["unlabeled_share"] == share

@@ -11,7 +11,7 @@ so Lightning's ``global_step`` (and ``trainer.max_steps``) counts 2 per batch.
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -134,7 +134,9 @@ def load_grown(net, state: dict, num_classes: int, init: str) -> None:
     the prior's rows, or the no-class value); a spectral norm's power-iteration vector over the classes
     starts afresh."""
     mine = net.state_dict()
-    grown = {}
+    # the unconditional head (``model.unlabeled_weight``) is the run's own: a prior's is dropped, a new one fresh
+    state = {k: v for k, v in state.items() if not k.startswith("uncond.") or k in mine}
+    grown = {k: v for k, v in mine.items() if k.startswith("uncond.")}
     for k, v in state.items():
         if k not in mine:
             raise ConfigError(
@@ -195,6 +197,18 @@ def lecam_loss(
     return F.relu(real_logits - ema_fake).pow(2).mean() + F.relu(ema_real - fake_logits).pow(2).mean()
 
 
+def semi_d_losses(discriminator, x: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor):
+    """The discriminator's hinge losses on ``x`` = real then fake images (``labels`` for the fakes, the real
+    images' own or any where ``labelled`` is false): the conditional loss reads the labelled real images and
+    every fake, the unconditional head's every image. Returns (conditional loss, unconditional loss, the
+    labelled real images' conditional logits, the fakes')."""
+    logits, unc = discriminator.both(x, torch.cat([labels, labels]))
+    real_logits, fake_logits = logits.chunk(2)
+    real_logits = real_logits[labelled]  # a batch may hold no labelled image: sum / count, not mean
+    real_term = F.relu(1.0 - real_logits).sum() / max(real_logits.numel(), 1)
+    return real_term + F.relu(1.0 + fake_logits).mean(), hinge_d_loss(*unc.chunk(2)), real_logits, fake_logits
+
+
 class CGANModule(GeneratorModule):
     """Training logic only; networks are plain modules from :mod:`imgaug_gen.nets`."""
 
@@ -228,6 +242,7 @@ class CGANModule(GeneratorModule):
         init_class_embeddings: InitMode = "class_mean",
         freeze_d: Annotated[int, Field(ge=0, le=16)] = 0,
         lora: Optional[AdapterOptions] = None,
+        unlabeled_weight: Annotated[float, Field(ge=0)] = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -254,7 +269,9 @@ class CGANModule(GeneratorModule):
             pretrained, pretrained_discriminator, image_shape, z_dim, g_width, d_width, finetune, freeze_d
         )
         self.generator = _GeneratorNet(num_classes, image_size=h, channels=c, z_dim=z_dim, width=g_width)
-        self.discriminator = ProjectionDiscriminator(num_classes, image_size=h, channels=c, width=d_width)
+        self.discriminator = ProjectionDiscriminator(
+            num_classes, image_size=h, channels=c, width=d_width, unconditional_head=unlabeled_weight > 0
+        )
         if freeze_d > len(self.discriminator.blocks):
             raise ConfigError(
                 f"`model.freeze_d` = {freeze_d}; this discriminator has {len(self.discriminator.blocks)} "
@@ -281,6 +298,11 @@ class CGANModule(GeneratorModule):
         if self.hparams.channels_last:
             for net in (self.generator, self.discriminator, self.ema):
                 net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def accepts_unlabeled(cls, args: Mapping[str, Any]) -> bool:
+        """Unlabelled images train the discriminator's unconditional head: with ``unlabeled_weight`` > 0."""
+        return float(args.get("unlabeled_weight") or 0) > 0
 
     # -- what the rest of the framework needs ---------------------------------------
     def to_generator(self) -> GANGenerator:
@@ -314,6 +336,11 @@ class CGANModule(GeneratorModule):
         opt_d, opt_g = self.optimizers()
         g = self.training_noise()  # noise and augmentations of this batch: (seed, batch, rank) only
         z = torch.randn(real.shape[0], self.hparams.z_dim, device=self.device, generator=g)
+        uw = float(self.hparams.unlabeled_weight)
+        labelled = labels >= 0  # unlabelled images (label -1, `data.unlabeled`) only reach the unconditional head
+        if uw > 0:  # the fakes in their places take random classes
+            drawn = torch.randint(0, self.hparams.num_classes, labels.shape, device=self.device, generator=g)
+            labels = torch.where(labelled, labels, drawn)
         # One generator forward serves both steps (its graph is kept for the G step), and the
         # discriminator sees real and fake in one batch (it has no batch statistics, so this is
         # the same function as two calls, at about half the per-call overhead on CPU).
@@ -321,17 +348,21 @@ class CGANModule(GeneratorModule):
 
         # 1. Discriminator step: real vs fake of the same labels.
         self.toggle_optimizer(opt_d)
-        logits = self.discriminator(self._augment(torch.cat([real, fake.detach()]), g), torch.cat([labels, labels]))
-        real_logits, fake_logits = logits.chunk(2)
-        d_loss = hinge_d_loss(real_logits, fake_logits)
-        if self.hparams.lecam_lambda > 0:
+        d_in = self._augment(torch.cat([real, fake.detach()]), g)
+        if uw > 0:
+            cond_loss, unc_loss, real_logits, fake_logits = semi_d_losses(self.discriminator, d_in, labels, labelled)
+            d_loss = cond_loss + uw * unc_loss
+        else:
+            real_logits, fake_logits = self.discriminator(d_in, torch.cat([labels, labels])).chunk(2)
+            d_loss = hinge_d_loss(real_logits, fake_logits)
+        if self.hparams.lecam_lambda > 0 and real_logits.numel():
             d_loss = d_loss + self.hparams.lecam_lambda * lecam_loss(
                 real_logits, fake_logits, self.lecam_ema_real, self.lecam_ema_fake
             )
             decay = self.hparams.lecam_ema_decay
             self.lecam_ema_real.mul_(decay).add_((1 - decay) * real_logits.detach().mean())
             self.lecam_ema_fake.mul_(decay).add_((1 - decay) * fake_logits.detach().mean())
-        if self.ada is not None:
+        if self.ada is not None and real_logits.numel():
             self.ada.update(real_logits)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
@@ -340,7 +371,11 @@ class CGANModule(GeneratorModule):
 
         # 2. Generator step (the updated discriminator on the same fakes).
         self.toggle_optimizer(opt_g)
-        g_loss = hinge_g_loss(self.discriminator(self._augment(fake, g), labels))
+        if uw > 0:
+            logits, unc = self.discriminator.both(self._augment(fake, g), labels)
+            g_loss = hinge_g_loss(logits) + uw * hinge_g_loss(unc)
+        else:
+            g_loss = hinge_g_loss(self.discriminator(self._augment(fake, g), labels))
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
         opt_g.step()

@@ -68,6 +68,12 @@ class GeneratorModule(pl.LightningModule):
         self.batches_seen = int((checkpoint.get("training_noise") or {}).get("batches_seen", 0))
 
     @classmethod
+    def accepts_unlabeled(cls, args: Mapping[str, Any]) -> bool:
+        """Whether a model built from the ``model`` block ``args`` trains on unlabelled images in its batches
+        (label -1); by default the kind's :attr:`trains_unlabeled`."""
+        return bool(cls.trains_unlabeled)
+
+    @classmethod
     def check_config(cls, args: Mapping[str, Any], image_shape: Sequence[int]) -> None:
         """Checks of the ``model`` block against the data's (C, H, W) that ``train.py`` runs before any
         image is read (a prior of another size, say); ``args`` are the block's arguments. None here."""

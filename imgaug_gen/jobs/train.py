@@ -64,12 +64,14 @@ def check_model_against_data(cfg: DictConfig) -> None:
     data = cfg.get("data") or {}
     pool = data.get("unlabeled") is not None or data.get("unlabeled_root") is not None
     share = data.get("unlabeled_share", 0.5)
-    if pool and share and not getattr(cls, "trains_unlabeled", False):
+    accepts = getattr(cls, "accepts_unlabeled", None)
+    if pool and share and not (accepts is not None and accepts(model)):
         raise ConfigError(
             f"`model` = {model['_target_']} trains on labelled images only, and `data.unlabeled_share` = {share} "
             "would put unlabelled images in its batches. Set `data.unlabeled_share=0` (with "
-            "`pseudo_labels.enabled=true` it then trains on the images a teacher labels confidently), or use "
-            "model=ddpm, whose null class learns from unlabelled images."
+            "`pseudo_labels.enabled=true` it then trains on the images a teacher labels confidently), use "
+            "model=ddpm, whose null class learns from unlabelled images, or, with model=cgan, set "
+            "`model.unlabeled_weight` > 0 (its discriminator's unconditional head learns from them)."
         )
     if (cfg.get("pseudo_labels") or {}).get("enabled") and not pool:
         raise ConfigError(

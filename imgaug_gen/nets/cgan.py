@@ -3,8 +3,9 @@
 Generator: noise -> 4x4 -> residual up-blocks with class-conditional batch norm
 (per-class gain and bias) -> image in [-1, 1]. Discriminator: spectrally
 normalised residual down-blocks, global sum pooling, an unconditional logit plus
-the projection term <embed(y), h> (Miyato & Koyama, 2018). Both work at any
-power-of-two size >= 8 and with 1 or 3 channels.
+the projection term <embed(y), h> (Miyato & Koyama, 2018), and optionally a
+second, purely unconditional head on the same features for images without a
+label. Both work at any power-of-two size >= 8 and with 1 or 3 channels.
 """
 
 from __future__ import annotations
@@ -90,7 +91,17 @@ class DBlock(nn.Module):
 
 
 class ProjectionDiscriminator(nn.Module):
-    def __init__(self, num_classes: int, image_size: int = 32, channels: int = 1, width: int = 64):
+    """``unconditional_head=True`` adds ``uncond``: real vs fake for any image, labelled or not, from the
+    features the projection term reads (:meth:`both`)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int = 32,
+        channels: int = 1,
+        width: int = 64,
+        unconditional_head: bool = False,
+    ):
         super().__init__()
         n = num_blocks(image_size)
         chans = [channels] + [width * min(2**i, 4) for i in range(n)]
@@ -98,7 +109,20 @@ class ProjectionDiscriminator(nn.Module):
         self.final = DBlock(chans[-1], chans[-1], downsample=False)
         self.linear = spectral_norm(nn.Linear(chans[-1], 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, chans[-1]))
+        self.uncond = spectral_norm(nn.Linear(chans[-1], 1)) if unconditional_head else None
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.final(self.blocks(x))).sum(dim=[2, 3])
+
+    def _projection(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.final(self.blocks(x))).sum(dim=[2, 3])
-        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)
+        return self._projection(self._features(x), y)
+
+    def both(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional logits (labels ``y``) and the unconditional head's, from one pass of the trunk."""
+        if self.uncond is None:
+            raise RuntimeError("this discriminator was built without `unconditional_head`")
+        h = self._features(x)
+        return self._projection(h, y), self.uncond(h).squeeze(1)

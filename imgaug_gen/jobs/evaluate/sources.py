@@ -127,10 +127,12 @@ def train_entry(
 
 
 def _trains_unlabeled(tcfg: DictConfig) -> bool:
-    """Whether the entry's generator kind learns from unlabelled images in its batches (the DDPM's null class)."""
+    """Whether the entry's generator learns from unlabelled images in its batches (the DDPM's null class, the
+    cGAN's unconditional head)."""
     from hydra.utils import get_class
 
-    return bool(getattr(get_class(tcfg.model._target_), "trains_unlabeled", False))
+    accepts = getattr(get_class(tcfg.model._target_), "accepts_unlabeled", None)
+    return accepts is not None and accepts(OmegaConf.to_container(tcfg.model, resolve=True))
 
 
 def generate_entry(
