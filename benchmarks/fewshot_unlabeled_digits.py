@@ -16,7 +16,8 @@ The protocol (16 px digits, all 10 classes):
   the null class of classifier-free guidance; its guidance scale chosen on validation between the entries
   ``ddpm_semi`` and ``ddpm_semi_g3``), ``ddpm_pre`` (a DDPM pretrained on the pool alone, fine-tuned on the
   shots through ``model.pretrained``), ``ddpm_pseudo`` (a DDPM on the shots + the teacher's confident
-  pseudo-labels, as labelled images) and ``cgan_pseudo`` (a cGAN on the same).
+  pseudo-labels, as labelled images), ``cgan_pseudo`` (a cGAN on the same) and ``cgan_pseudo_u`` (that cGAN with
+  an unconditional discriminator head that also reads the pool, ``model.unlabeled_weight``).
 
 It runs the real jobs (``train.py`` for the pool prior, ``evaluate.py`` for the rest), one (shots, subset) unit
 per single-threaded worker process, then assembles the tables from their finished work; re-running the same
@@ -106,6 +107,21 @@ def grid(out: Path) -> dict[str, dict]:
                 "experiment=digits_cgan",
                 "logger=none",
                 shots_only,
+                "pseudo_labels.enabled=true",
+                "pseudo_labels.threshold=0.9",
+                f"trainer.max_steps={STEPS['cgan']}",
+            ],
+            "generate": ["n_per_class=50"],
+            "policies": ["replace"],
+        },
+        # the same cGAN, its discriminator with a second, unconditional head that also reads the pool (real vs
+        # fake, no label), weighted 0.3 against the conditional loss
+        "cgan_pseudo_u": {
+            "train": [
+                "experiment=digits_cgan",
+                "logger=none",
+                "data.unlabeled_share=0.5",
+                "model.unlabeled_weight=0.3",
                 "pseudo_labels.enabled=true",
                 "pseudo_labels.threshold=0.9",
                 f"trainer.max_steps={STEPS['cgan']}",
