@@ -54,6 +54,15 @@ def check_train_config(cfg: DictConfig) -> None:
         check_checkpoint_paths(ckpt)
 
 
+def model_accepts_unlabeled(model: dict) -> bool:
+    """Whether the model a ``model`` block (``_target_`` and arguments) builds trains on unlabelled images in
+    its batches (the DDPM's null class, the cGAN's unconditional head)."""
+    from hydra.utils import get_class
+
+    accepts = getattr(get_class(model["_target_"]), "accepts_unlabeled", None)
+    return accepts is not None and bool(accepts(model))
+
+
 def check_model_against_data(cfg: DictConfig) -> None:
     """The model class's own checks against the data's shape (``GeneratorModule.check_config``: a prior of
     another image size or channel count), from the config alone: before any image is read."""
@@ -64,8 +73,7 @@ def check_model_against_data(cfg: DictConfig) -> None:
     data = cfg.get("data") or {}
     pool = data.get("unlabeled") is not None or data.get("unlabeled_root") is not None
     share = data.get("unlabeled_share", 0.5)
-    accepts = getattr(cls, "accepts_unlabeled", None)
-    if pool and share and not (accepts is not None and accepts(model)):
+    if pool and share and not model_accepts_unlabeled(model):
         raise ConfigError(
             f"`model` = {model['_target_']} trains on labelled images only, and `data.unlabeled_share` = {share} "
             "would put unlabelled images in its batches. Set `data.unlabeled_share=0` (with "

@@ -127,12 +127,10 @@ def train_entry(
 
 
 def _trains_unlabeled(tcfg: DictConfig) -> bool:
-    """Whether the entry's generator learns from unlabelled images in its batches (the DDPM's null class, the
-    cGAN's unconditional head)."""
-    from hydra.utils import get_class
+    """Whether the entry's generator learns from unlabelled images in its batches."""
+    from imgaug_gen.jobs.train import model_accepts_unlabeled
 
-    accepts = getattr(get_class(tcfg.model._target_), "accepts_unlabeled", None)
-    return accepts is not None and accepts(OmegaConf.to_container(tcfg.model, resolve=True))
+    return model_accepts_unlabeled(OmegaConf.to_container(tcfg.model, resolve=True))
 
 
 def generate_entry(
